@@ -1,0 +1,54 @@
+"""The ``wclip`` command line: one subcommand per module in :mod:`pipeline.commands`.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``; modules keep heavy imports inside ``run`` so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline import __version__
+
+COMMANDS = ("fit", "score", "filter", "card", "demo", "world", "train-demo")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flags, wrong stats file); printed without a traceback."""
+
+
+def _module(name: str):
+    return importlib.import_module(f"pipeline.commands.{name.replace('-', '_')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wclip",
+        description="Score, filter and document image-caption datasets with the Whitened CLIP likelihood.")
+    parser.add_argument("--version", action="version", version=f"wclip {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        mod = _module(name)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"wclip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wclip {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130

@@ -1,0 +1,12 @@
+"""`wclip demo` (placeholder until its issue lands)."""
+
+HELP = "demo: not implemented yet"
+
+
+def add_arguments(parser):
+    parser.add_argument("rest", nargs="*")
+
+
+def run(args):
+    print("wclip demo is not implemented yet in this version.")
+    return 1
