@@ -1,0 +1,358 @@
+"""A procedurally generated image–caption world, written as img2dataset-style WebDataset shards.
+
+Scenes are coloured shapes on a background; captions describe them in varied phrasing.
+Labelled anomalies (image, caption or pair) can be injected, so scores can be checked
+against ground truth. Output is deterministic for a given seed: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64                      # image side in pixels
+JPEG_QUALITY = 90
+TAR_MTIME = 946684800          # 2000-01-01, fixed so tars are byte-identical across runs
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+UNSEEN_SHAPES = ("star", "cross")
+COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (35, 65, 215),
+           "yellow": (235, 215, 35), "white": (242, 242, 242), "black": (18, 18, 18)}
+UNSEEN_COLOURS = {"orange": (250, 135, 0), "purple": (140, 40, 190), "pink": (250, 120, 190),
+                  "cyan": (0, 215, 215)}
+BACKGROUNDS = {"white": (242, 242, 242), "black": (18, 18, 18), "gray": (128, 128, 128),
+               "blue": (35, 65, 215), "green": (35, 165, 55), "yellow": (235, 215, 35)}
+SIZES = {"small": (5.0, 7.5), "large": (11.0, 15.0)}   # radius range in pixels
+POSITIONS = {"top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48),
+             "bottom right": (48, 48), "center": (32, 32)}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+IMAGE_ANOMALIES = ("noise", "blank", "damaged", "unseen_shape", "unseen_colour")
+CAPTION_ANOMALIES = ("gibberish", "ungrammatical")
+PAIR_ANOMALIES = ("mismatch",)
+ANOMALY_KINDS = IMAGE_ANOMALIES + CAPTION_ANOMALIES + PAIR_ANOMALIES
+
+
+def anomaly_modality(kind: str | None) -> str | None:
+    """Which side a kind of anomaly lives on: ``"image"``, ``"caption"``, ``"pair"`` or None."""
+    if kind is None:
+        return None
+    for name, kinds in (("image", IMAGE_ANOMALIES), ("caption", CAPTION_ANOMALIES), ("pair", PAIR_ANOMALIES)):
+        if kind in kinds:
+            return name
+    raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {', '.join(ANOMALY_KINDS)}")
+
+
+@dataclass
+class Scene:
+    """A background and groups of identical objects: each object is (shape, colour, size, x, y, r)."""
+
+    background: str
+    objects: list = field(default_factory=list)
+    position: str | None = None    # named position of a single object, when there is one
+
+    def groups(self) -> list[tuple[str, str, str, int]]:
+        """(shape, colour, size, count) per distinct group, in drawing order."""
+        out: dict = {}
+        for shape, colour, size, *_ in self.objects:
+            out[(shape, colour, size)] = out.get((shape, colour, size), 0) + 1
+        return [(*k, n) for k, n in out.items()]
+
+
+@dataclass
+class WorldSample:
+    """One generated pair: JPEG bytes, caption and the labels stored in its .json."""
+
+    image: bytes
+    caption: str
+    labels: dict
+
+
+def _plural(shape: str, n: int) -> str:
+    if n == 1:
+        return shape
+    return shape + ("es" if shape.endswith(("s", "x")) else "s")
+
+
+def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS) -> Scene:
+    background = str(rng.choice(list(BACKGROUNDS)))
+    palette = [c for c in colours if c != background]
+    if rng.random() < 0.3:                                   # two different single objects
+        s = rng.choice(len(shapes), 2, replace=False)
+        c = rng.choice(len(palette), 2, replace=False)
+        specs = [(shapes[s[i]], palette[c[i]], str(rng.choice(list(SIZES))), 1) for i in range(2)]
+    else:
+        count = int(rng.choice([1, 1, 2, 3]))
+        specs = [(str(rng.choice(shapes)), str(rng.choice(palette)), str(rng.choice(list(SIZES))), count)]
+    scene = Scene(background=background)
+    total = sum(n for *_, n in specs)
+    if total == 1:
+        scene.position = str(rng.choice(list(POSITIONS)))
+    placed: list = []
+    for shape, colour, size, count in specs:
+        for _ in range(count):
+            r = float(rng.uniform(*SIZES[size]))
+            if scene.position:
+                cx, cy = (v + rng.uniform(-3, 3) for v in POSITIONS[scene.position])
+            else:
+                for _attempt in range(20):
+                    cx, cy = rng.uniform(r + 1, SIZE - r - 1, 2)
+                    if all(math.hypot(cx - x, cy - y) > r + pr for x, y, pr in placed):
+                        break
+            placed.append((cx, cy, r))
+            scene.objects.append((shape, colour, size, float(cx), float(cy), r))
+    return scene
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        d = r * 0.85
+        return [(cx - d, cy - d), (cx + d, cy - d), (cx + d, cy + d), (cx - d, cy + d)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
+                 cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+    if shape == "cross":
+        a, b = r, r * 0.35
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b),
+                (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b),
+                (cx - a, cy - b), (cx - b, cy - b)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 18) -> tuple[int, ...]:
+    return tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255))
+
+
+def render(scene: Scene, rng: np.random.Generator, scale: int = 4) -> np.ndarray:
+    """Draw ``scene`` as a ``(SIZE, SIZE, 3)`` uint8 array (supersampled, then downsized)."""
+    big = SIZE * scale
+    img = Image.new("RGB", (big, big), _jitter(rng, BACKGROUNDS[scene.background], 10))
+    draw = ImageDraw.Draw(img)
+    all_colours = {**COLOURS, **UNSEEN_COLOURS}
+    for shape, colour, _size, cx, cy, r in scene.objects:
+        fill = _jitter(rng, all_colours[colour])
+        if shape == "circle":
+            draw.ellipse([(cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale], fill=fill)
+        else:
+            draw.polygon([(x * scale, y * scale) for x, y in _polygon(shape, cx, cy, r)], fill=fill)
+    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX))
+
+
+_TEMPLATES_ONE = ("a {size} {colour} {shape}", "a photo of a {size} {colour} {shape} in the {pos}",
+                  "a {colour} {shape} on a {bg} background", "a {size} {colour} {shape} in the {pos} of the picture",
+                  "an image of a {colour} {shape} in the {pos}, {bg} background",
+                  "a picture of a {size} {colour} {shape} on {bg}")
+_TEMPLATES_MANY = ("{num} {size} {colour} {shapes} on a {bg} background", "a photo of {num} {colour} {shapes}",
+                   "{num} {colour} {shapes} against a {bg} background", "there are {num} {size} {colour} {shapes}",
+                   "an image with {num} {size} {colour} {shapes}")
+_TEMPLATES_TWO = ("a {c1} {s1} and a {c2} {s2} on a {bg} background", "a photo of a {z1} {c1} {s1} next to a {z2} {c2} {s2}",
+                  "a {c1} {s1} and a {c2} {s2}", "an image of a {c1} {s1} and a {z2} {c2} {s2} on {bg}")
+
+
+def describe(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption for ``scene`` in one of several phrasings."""
+    groups = scene.groups()
+    if len(groups) == 2:
+        (s1, c1, z1, _), (s2, c2, z2, _) = groups
+        return str(rng.choice(_TEMPLATES_TWO)).format(s1=s1, c1=c1, z1=z1, s2=s2, c2=c2, z2=z2, bg=scene.background)
+    shape, colour, size, n = groups[0]
+    if n == 1:
+        return str(rng.choice(_TEMPLATES_ONE)).format(size=size, colour=colour, shape=shape,
+                                                      pos=scene.position, bg=scene.background)
+    return str(rng.choice(_TEMPLATES_MANY)).format(num=NUMBERS[n], size=size, colour=colour,
+                                                   shapes=_plural(shape, n), bg=scene.background)
+
+
+def _damage(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = img.copy()
+    if rng.random() < 0.5:                       # truncated download: rows below a cut are flat filler
+        filler = (128, 128, 128) if abs(int(out[-1, 0].astype(int).sum()) - 384) > 60 else (0, 135, 0)
+        out[int(rng.integers(SIZE // 4, SIZE // 2)):] = filler
+    else:                                        # a large block of 8x8 tiles turned to coloured garbage
+        h, w = 8 * rng.integers(4, 7, 2)
+        y, x = 8 * rng.integers(0, (SIZE - h) // 8 + 1), 8 * rng.integers(0, (SIZE - w) // 8 + 1)
+        tiles = rng.integers(0, 256, (h // 8, w // 8, 1, 1, 3))
+        noise = rng.integers(-40, 41, (h // 8, w // 8, 8, 8, 3))
+        block = np.clip(tiles + noise, 0, 255).transpose(0, 2, 1, 3, 4).reshape(h, w, 3)
+        out[y:y + h, x:x + w] = block
+    return out
+
+
+def _gibberish(rng: np.random.Generator) -> str:
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    return " ".join("".join(rng.choice(letters, int(rng.integers(2, 9)))) for _ in range(int(rng.integers(3, 8))))
+
+
+def _shuffled(caption: str, rng: np.random.Generator) -> str:
+    words = caption.replace(",", "").split()
+    for _ in range(10):
+        out = " ".join(words[i] for i in rng.permutation(len(words)))
+        if out != caption.replace(",", ""):
+            return out
+    return " ".join(reversed(words))
+
+
+def make_pair(rng: np.random.Generator, anomaly: str | None = None) -> tuple[np.ndarray, str, Scene]:
+    """One ``(image array, caption, scene)``; ``anomaly`` (a kind name or None) corrupts it."""
+    anomaly_modality(anomaly)
+    shapes = UNSEEN_SHAPES if anomaly == "unseen_shape" else SHAPES
+    colours = UNSEEN_COLOURS if anomaly == "unseen_colour" else COLOURS
+    scene = _random_scene(rng, shapes, colours)
+    image, caption = render(scene, rng), describe(scene, rng)
+    if anomaly == "noise":
+        image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    elif anomaly == "blank":
+        image = np.full((SIZE, SIZE, 3), _jitter(rng, BACKGROUNDS[str(rng.choice(list(BACKGROUNDS)))], 10), np.uint8)
+    elif anomaly == "damaged":
+        image = _damage(image, rng)
+    elif anomaly == "gibberish":
+        caption = _gibberish(rng)
+    elif anomaly == "ungrammatical":
+        caption = _shuffled(caption, rng)
+    elif anomaly == "mismatch":
+        key = {g[:2] for g in scene.groups()}
+        while True:
+            other = _random_scene(rng)
+            if not key & {g[:2] for g in other.groups()}:
+                break
+        caption = describe(other, rng)
+    return image, caption, scene
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    """JPEG bytes of a uint8 RGB array at the world's quality."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _plan(rng: np.random.Generator, n: int, rate: float, kinds: Sequence[str]) -> list[str | None]:
+    """Exactly ``round(rate * n)`` anomalies, kinds spread evenly, at random positions."""
+    plan: list[str | None] = [None] * n
+    count = int(round(rate * n)) if kinds else 0
+    order = list(rng.permutation(len(kinds)))
+    for j, pos in enumerate(rng.choice(n, count, replace=False)):
+        plan[int(pos)] = kinds[order[j % len(kinds)]]
+    return plan
+
+
+def _validate(anomaly_rate: float, anomaly_kinds) -> tuple[str, ...]:
+    if not 0.0 <= anomaly_rate <= 1.0:
+        raise ValueError(f"anomaly_rate must be in [0, 1], got {anomaly_rate!r}")
+    kinds = tuple(ANOMALY_KINDS if anomaly_kinds is None else anomaly_kinds)
+    for kind in kinds:
+        anomaly_modality(kind)
+    return kinds
+
+
+def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
+               anomaly_kinds: Sequence[str] | None = None, key_digits: int = 4) -> Iterator[tuple[str, WorldSample]]:
+    """The ``(key, sample)`` pairs of one shard, in memory; what :func:`generate_world` writes."""
+    kinds = _validate(anomaly_rate, anomaly_kinds)
+    plan = _plan(np.random.default_rng([seed, shard, 1]), n, anomaly_rate, kinds)
+    for i, anomaly in enumerate(plan):
+        key = f"{shard * 10 ** key_digits + i:0{5 + key_digits}d}"
+        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly)
+        jpeg = encode_jpeg(image)
+        groups = scene.groups()
+        labels = {
+            "url": f"https://world.wclip.invalid/s{seed}/{key}.jpg",
+            "uid": hashlib.md5(f"wclip-world:{seed}:{key}".encode()).hexdigest(),
+            "key": key, "caption": caption, "status": "success", "error_message": None,
+            "width": SIZE, "height": SIZE, "original_width": SIZE, "original_height": SIZE,
+            "sha256": hashlib.sha256(jpeg).hexdigest(),
+            "anomaly": anomaly, "anomaly_modality": anomaly_modality(anomaly),
+            "background": scene.background, "count": len(scene.objects), "position": scene.position,
+            "shapes": ",".join(g[0] for g in groups), "colours": ",".join(g[1] for g in groups),
+            "sizes": ",".join(g[2] for g in groups),
+            "objects": [dict(zip(("shape", "colour", "size", "x", "y", "r"), (*o[:3], *(round(v, 2) for v in o[3:]))))
+                        for o in scene.objects],
+        }
+        yield key, WorldSample(jpeg, caption, labels)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, WorldSample]]) -> dict:
+    """Write one tar plus its ``.parquet`` and ``_stats.json`` beside it; return the stats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start, rows = time.time(), []
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, sample in samples:
+            _add(tar, f"{key}.jpg", sample.image)
+            _add(tar, f"{key}.txt", sample.caption.encode())
+            _add(tar, f"{key}.json", json.dumps(sample.labels, sort_keys=True).encode())
+            rows.append({k: (json.dumps(v) if k == "objects" else v) for k, v in sample.labels.items()})
+    os.replace(tmp, path)
+    pq.write_table(pa.Table.from_pylist(rows), path.with_suffix(".parquet"))
+    anomalies: dict = {}
+    for row in rows:
+        if row["anomaly"]:
+            anomalies[row["anomaly"]] = anomalies.get(row["anomaly"], 0) + 1
+    end = time.time()
+    stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
+             "duration": end - start, "start_time": start, "end_time": end,
+             "status_dict": {"success": len(rows)}, "anomalies": anomalies}
+    path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    return stats
+
+
+def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
+                   anomaly_rate: float = 0.0, anomaly_kinds: Sequence[str] | None = None) -> list[Path]:
+    """Write ``shards`` tar shards of ``samples_per_shard`` pairs each; return the tar paths."""
+    if shards < 1 or samples_per_shard < 1:
+        raise ValueError(f"shards and samples_per_shard must be >= 1, got {shards} and {samples_per_shard}")
+    kinds = _validate(anomaly_rate, anomaly_kinds)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shard_digits = max(5, len(str(shards - 1)))
+    key_digits = max(4, math.ceil(math.log10(samples_per_shard)))
+    paths = []
+    for shard in range(shards):
+        path = out / f"{shard:0{shard_digits}d}.tar"
+        write_shard(path, iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits))
+        paths.append(path)
+    return paths
+
+
+def read_labels(path) -> list[dict]:
+    """The labels of every sample under ``path`` (a world folder, a ``.tar`` or a ``.parquet``), by key."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+    elif path.suffix == ".tar" and not path.with_suffix(".parquet").exists():
+        with tarfile.open(path) as tar:
+            rows = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        return sorted(rows, key=lambda r: r["key"])
+    else:
+        files = [path.with_suffix(".parquet")]
+    rows = [row for f in files for row in pq.read_table(f).to_pylist()]
+    for row in rows:
+        row["objects"] = json.loads(row["objects"])
+    return sorted(rows, key=lambda r: r["key"])
