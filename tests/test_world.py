@@ -1,0 +1,161 @@
+"""The synthetic world: determinism, img2dataset layout, labelled anomalies, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import world
+from pipeline.cli import main as cli_main
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _decode(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Two shards of 64 pairs, half of them anomalies of every kind."""
+    out = tmp_path_factory.mktemp("world")
+    return out, world.generate_world(out, shards=2, samples_per_shard=64, seed=7, anomaly_rate=0.5)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = world.generate_world(tmp_path / "a", 2, 20, seed=1, anomaly_rate=0.3)
+    b = world.generate_world(tmp_path / "b", 2, 20, seed=1, anomaly_rate=0.3)
+    c = world.generate_world(tmp_path / "c", 2, 20, seed=2, anomaly_rate=0.3)
+    for pa, pb, pc in zip(a, b, c):
+        assert pa.read_bytes() == pb.read_bytes()
+        assert pa.with_suffix(".parquet").read_bytes() == pb.with_suffix(".parquet").read_bytes()
+        assert pa.read_bytes() != pc.read_bytes()
+    for info, _ in _members(a[0]):
+        assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == \
+               (world.TAR_MTIME, 0, 0, "", "", 0o644)
+
+
+def test_layout_keys_and_json_fields(labelled):
+    out, paths = labelled
+    assert [p.name for p in paths] == ["00000.tar", "00001.tar"]
+    uids = set()
+    for shard, path in enumerate(paths):
+        assert path.with_suffix(".parquet").exists()
+        stats = json.loads((out / f"{path.stem}_stats.json").read_text())
+        assert stats["count"] == stats["successes"] == 64 and stats["status_dict"] == {"success": 64}
+        members = _members(path)
+        names = [m.name for m, _ in members]
+        keys = sorted({n.split(".")[0] for n in names})
+        assert keys == [f"{shard:05d}{i:04d}" for i in range(64)]
+        assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")]
+        data = {m.name: d for m, d in members}
+        for key in keys:
+            meta = json.loads(data[f"{key}.json"])
+            assert meta["key"] == key and meta["caption"] == data[f"{key}.txt"].decode()
+            assert re.fullmatch(r"[0-9a-f]{32}", meta["uid"]) and meta["url"].endswith(f"{key}.jpg")
+            assert (meta["width"], meta["height"]) == (64, 64) == Image.open(io.BytesIO(data[f"{key}.jpg"])).size
+            assert meta["anomaly"] in (None, *world.ANOMALY_KINDS)
+            assert meta["anomaly_modality"] == world.anomaly_modality(meta["anomaly"])
+            assert meta["background"] in world.BACKGROUNDS and meta["count"] == len(meta["objects"]) >= 1
+            uids.add(meta["uid"])
+    assert len(uids) == 128
+
+
+def test_labels_match_rate_and_read_back(labelled):
+    out, paths = labelled
+    rows = world.read_labels(out)
+    assert len(rows) == 128 and [r["key"] for r in rows] == sorted(r["key"] for r in rows)
+    counts = Counter(r["anomaly"] for r in rows)
+    assert counts[None] == 64                                   # exactly round(0.5 * 64) per shard
+    assert set(counts) - {None} == set(world.ANOMALY_KINDS)
+    assert all(c == 8 for k, c in counts.items() if k)          # kinds spread evenly
+    tar_rows = [json.loads(d) for m, d in _members(paths[0]) if m.name.endswith(".json")]
+    parquet_rows = world.read_labels(paths[0].with_suffix(".parquet"))
+    assert len(parquet_rows) == 64
+    assert [r["anomaly"] for r in tar_rows] == [r["anomaly"] for r in parquet_rows]
+    assert [r["objects"] for r in tar_rows] == [r["objects"] for r in parquet_rows]
+
+
+def test_small_rate_is_exact_per_shard(tmp_path):
+    world.generate_world(tmp_path, 3, 100, seed=0, anomaly_rate=0.15, anomaly_kinds=["noise", "gibberish"])
+    counts = Counter(r["anomaly"] for r in world.read_labels(tmp_path))
+    assert counts == {None: 255, "noise": counts["noise"], "gibberish": counts["gibberish"]}
+    assert counts["noise"] + counts["gibberish"] == 45 and abs(counts["noise"] - counts["gibberish"]) <= 3
+
+
+def _clean_twin(seed, key):
+    """The same sample generated without its anomaly (the anomaly is applied last)."""
+    shard, index = int(key[:5]), int(key[5:])
+    image, caption, _ = world.make_pair(np.random.default_rng([seed, shard, 0, index]), None)
+    return _decode(world.encode_jpeg(image)), caption
+
+
+def test_each_anomaly_kind_is_what_its_label_says(labelled):
+    out, paths = labelled
+    seen = set()
+    for path in paths:
+        data = {m.name: d for m, d in _members(path)}
+        for row in world.read_labels(path):
+            kind, key = row["anomaly"], row["key"]
+            img, caption = _decode(data[f"{key}.jpg"]), row["caption"]
+            twin_img, twin_caption = _clean_twin(7, key)
+            seen.add(kind)
+            if kind is None or kind in ("noise", "blank", "damaged"):
+                assert caption == twin_caption
+            if kind is None:
+                assert np.abs(img - twin_img).max() == 0
+                assert set(row["shapes"].split(",")) <= set(world.SHAPES)
+            elif kind == "noise":
+                assert img.std() > 40 and np.abs(np.diff(img, axis=1)).mean() > 25
+            elif kind == "blank":
+                assert img.std(axis=(0, 1)).max() < 2
+            elif kind == "damaged":
+                assert np.abs(img - twin_img).mean() > 10
+            elif kind == "unseen_shape":
+                assert set(row["shapes"].split(",")) <= set(world.UNSEEN_SHAPES)
+                assert any(s in caption for s in world.UNSEEN_SHAPES)
+            elif kind == "unseen_colour":
+                assert set(row["colours"].split(",")) <= set(world.UNSEEN_COLOURS)
+                assert any(c in caption for c in world.UNSEEN_COLOURS)
+            elif kind == "gibberish":
+                assert not set(caption.split()) & set(twin_caption.split())
+            elif kind == "ungrammatical":
+                assert caption != twin_caption.replace(",", "")
+                assert sorted(caption.split()) == sorted(twin_caption.replace(",", "").split())
+            elif kind == "mismatch":
+                described = {(s, c) for s in world.SHAPES for c in world.COLOURS if f"{c} {s}" in caption}
+                actual = set(zip(row["shapes"].split(","), row["colours"].split(",")))
+                assert described and not described & actual
+            if kind in ("gibberish", "ungrammatical", "mismatch"):
+                assert np.abs(img - twin_img).max() == 0
+    assert seen == {None, *world.ANOMALY_KINDS}
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown anomaly kind"):
+        world.generate_world(tmp_path, 1, 4, 0, 0.5, ["sparkles"])
+    with pytest.raises(ValueError, match="anomaly_rate"):
+        world.generate_world(tmp_path, 1, 4, 0, 1.5)
+    with pytest.raises(ValueError, match="shards"):
+        world.generate_world(tmp_path, 0, 4, 0)
+
+
+def test_cli_writes_shards(tmp_path, capsys):
+    rc = cli_main(["world", "--output", str(tmp_path), "--shards", "2", "--samples-per-shard", "10",
+                   "--seed", "3", "--anomaly-rate", "0.2", "--anomalies", "noise,mismatch"])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
+    assert Counter(r["anomaly"] for r in world.read_labels(tmp_path)) == {None: 16, "noise": 2, "mismatch": 2}
+    assert cli_main(["world", "--output", str(tmp_path), "--anomalies", "noise,sparkles"]) == 2
+    assert "sparkles" in capsys.readouterr().err
