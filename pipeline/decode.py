@@ -1,0 +1,182 @@
+"""Sample -> model inputs: decode the image and run CLIP's preprocessing up to the pixel tensor, read the
+caption and metadata; every problem becomes a per-sample ``status``/``error`` instead of an exception."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from pipeline.shards import RawSample
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Which tar members hold what, and the limits applied while decoding."""
+
+    image_exts: tuple = ("jpg", "jpeg", "png", "webp")  # first present wins
+    caption_exts: tuple = ("txt",)  # first present wins
+    meta_ext: str = "json"  # img2dataset metadata (url, uid, ...)
+    max_image_pixels: int = 89_478_485  # width*height above this is refused as a decompression bomb
+    max_caption_chars: int = 10_000  # longer captions are cut (the tokenizer keeps its context length anyway)
+
+    def __post_init__(self):
+        if not self.image_exts or not self.caption_exts:
+            raise ValueError("image_exts and caption_exts must each name at least one member extension")
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+
+
+class Preprocessor:
+    """open_clip's eval transform split in two: a PIL stage (resize, crop, RGB) run on CPU workers that
+    yields uint8 pixels, and ``to_tensor_normalize`` (ToTensor + Normalize) run where the model is.
+
+    When the transform does not have that shape, the whole transform runs on the CPU and images travel as
+    float32 (``self.split`` is False).
+    """
+
+    def __init__(self, preprocess):
+        from torchvision import transforms as T
+
+        steps = list(getattr(preprocess, "transforms", []))
+        idx = next((i for i, s in enumerate(steps) if isinstance(s, T.ToTensor)), None)
+        tail = steps[idx + 1:] if idx is not None else []
+        self.split = idx is not None and len(tail) == 1 and isinstance(tail[0], T.Normalize)
+        self.preprocess = preprocess
+        if self.split:
+            self.pil_stage = T.Compose(steps[:idx]) if idx else (lambda im: im)
+            self.mean = tuple(float(v) for v in tail[0].mean)
+            self.std = tuple(float(v) for v in tail[0].std)
+
+    def __call__(self, image) -> np.ndarray:
+        """PIL image -> uint8 (3, H, W) when split, else float32 (3, H, W)."""
+        if self.split:
+            arr = np.asarray(self.pil_stage(image), dtype=np.uint8)
+            if arr.ndim == 2:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+            return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return self.preprocess(image).numpy().astype(np.float32, copy=False)
+
+    def to_tensor_normalize(self, pixels, device=None, dtype=None):
+        """Batch of preprocessed images (uint8 when split) -> normalised float tensor, as ToTensor+Normalize."""
+        import torch
+
+        x = torch.as_tensor(pixels)
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        if self.split:
+            x = x.float().div(255)
+            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            x = x.sub(mean).div(std)
+        return x.to(dtype) if dtype is not None else x
+
+
+@dataclass
+class PreparedSample:
+    """One output row's metadata plus whatever model input could be made for it."""
+
+    row: dict  # key, index, url, uid, caption, status, error
+    pixels: Optional[np.ndarray] = None
+    caption: Optional[str] = None
+    problems: list = field(default_factory=list)  # (stage, message)
+
+
+def _load_image(data: bytes, cfg: InputConfig):
+    from PIL import Image
+
+    if not data:
+        raise ValueError("the image member is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning / palette warnings: we check ourselves
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > cfg.max_image_pixels:
+            raise ValueError(f"image is {width}x{height} = {width * height} pixels, over the "
+                             f"{cfg.max_image_pixels}-pixel limit (decompression bomb?); raise "
+                             f"--max-image-pixels if such images are legitimate")
+        image.load()
+        if image.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in image.info:
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+
+
+def _meta(members: dict, cfg: InputConfig, problems: list) -> dict:
+    raw = members.get(cfg.meta_ext)
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+        return meta
+    except (UnicodeDecodeError, ValueError) as exc:
+        problems.append(("metadata", f".{cfg.meta_ext} is not valid JSON ({exc}); url/uid left empty"))
+        return {}
+
+
+def _as_str(value) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def prepare_sample(sample: RawSample, url: str, cfg: InputConfig, preprocessor: Preprocessor) -> PreparedSample:
+    """Decode one sample. Never raises for bad data: problems end up in the row's status and error."""
+    problems: list = []
+    meta = _meta(sample.members, cfg, problems)
+    row = {"key": sample.key, "shard": url, "index": sample.index,
+           "url": _as_str(meta.get("url")), "uid": _as_str(meta.get("uid")), "caption": None}
+    prepared = PreparedSample(row=row, problems=problems)
+    if sample.error:
+        problems.append(("read", sample.error))
+
+    image_ext = next((e for e in cfg.image_exts if e in sample.members), None)
+    if image_ext is None:
+        if not sample.error:
+            problems.append(("missing", f"no image member (.{'/.'.join(cfg.image_exts)}); members: "
+                                        f"{sorted(sample.members) or 'none'}"))
+    else:
+        try:
+            prepared.pixels = preprocessor(_load_image(sample.members[image_ext], cfg))
+        except Exception as exc:  # any decoder failure is data, not a crash
+            problems.append(("decode", f"image .{image_ext} could not be decoded: {type(exc).__name__}: {exc}"))
+
+    caption_ext = next((e for e in cfg.caption_exts if e in sample.members), None)
+    if caption_ext is None:
+        if not sample.error:
+            problems.append(("missing", f"no caption member (.{'/.'.join(cfg.caption_exts)})"))
+    else:
+        data = sample.members[caption_ext]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = data.decode("utf-8", errors="replace")
+            problems.append(("decode", f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                                       f"scored with replacement characters"))
+        text = text.strip()
+        if not text:
+            problems.append(("decode", "caption is empty"))
+        else:
+            if len(text) > cfg.max_caption_chars:
+                text = text[: cfg.max_caption_chars]
+            prepared.caption = text
+            row["caption"] = text
+    return prepared
+
+
+# Statuses, most severe first: the row's status is the first failed stage in this order.
+STATUS_ORDER = ("read", "missing", "decode", "encode")
+
+
+def finalize_status(prepared: PreparedSample) -> None:
+    """Set ``status``/``error`` from the collected problems (``metadata`` problems are warnings on an ok row)."""
+    stages = [s for s, _ in prepared.problems if s != "metadata"]
+    status = next((s for s in STATUS_ORDER if s in stages), "ok")
+    messages = [f"{s}: {m}" if s != status else m for s, m in prepared.problems]
+    prepared.row["status"] = status
+    prepared.row["error"] = "; ".join(messages) if messages else None

@@ -1,0 +1,171 @@
+"""The encoder: CLIP image and text towers on batches of preprocessed samples, then whitening scores.
+Knows nothing about Ray; :mod:`pipeline.runtime` wraps it in an actor."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from pipeline.decode import Preprocessor
+from pipeline.models import ModelSpec, load_spec
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """How the towers run."""
+
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    precision: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
+    batch_size: int = 256  # samples per forward pass
+    normalize: bool = False  # L2-normalise embeddings before whitening (must match the fit)
+    channels_last: bool = True  # NHWC memory format for conv stems on CUDA
+    compile: bool = False  # torch.compile the towers (slow first batch, faster after)
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+class Encoder:
+    """Holds one CLIP model on one device; turns chunks of preprocessed samples into embeddings/scores."""
+
+    def __init__(self, spec: ModelSpec, cfg: EncodeConfig, stats=None):
+        import torch
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.cfg = cfg
+        self.spec = spec
+        self.model, self.preprocess, self.tokenizer = load_spec(spec, device=self.device)
+        self.preprocessor = Preprocessor(self.preprocess)
+        on_cuda = self.device.type == "cuda"
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_cuda else "fp32")
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.precision = precision
+        if on_cuda and cfg.channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
+        self._encode_image = self.model.encode_image
+        self._encode_text = self.model.encode_text
+        if cfg.compile:
+            self._encode_image = torch.compile(self._encode_image)
+            self._encode_text = torch.compile(self._encode_text)
+        self.stats = stats  # StatsFile or None (fit mode)
+        self.whiteners = {}
+        if stats is not None:
+            from pipeline.kernels import make_whitener
+
+            for tower, ws in stats.towers.items():
+                self.whiteners[tower] = make_whitener(ws.mean, ws.whitening, self.device)
+
+    # -- towers ---------------------------------------------------------------------------------
+    def _autocast(self):
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def embed_images(self, pixels: np.ndarray):
+        """(n, 3, H, W) preprocessed pixels -> (n, d) float32 torch tensor on the device."""
+        import torch
+
+        outs = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(pixels), self.cfg.batch_size):
+                batch = pixels[start:start + self.cfg.batch_size]
+                if self.device.type == "cuda":
+                    batch = torch.from_numpy(np.ascontiguousarray(batch)).pin_memory()
+                x = self.preprocessor.to_tensor_normalize(batch, device=self.device)
+                if self.device.type == "cuda" and self.cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                outs.append(self._encode_image(x).float())
+        return self._post(torch.cat(outs))
+
+    def embed_texts(self, tokens: np.ndarray):
+        """(n, context) token ids -> (n, d) float32 torch tensor on the device."""
+        import torch
+
+        outs = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(tokens), self.cfg.batch_size):
+                batch = torch.as_tensor(tokens[start:start + self.cfg.batch_size]).to(self.device, non_blocking=True)
+                outs.append(self._encode_text(batch).float())
+        return self._post(torch.cat(outs))
+
+    def _post(self, emb):
+        if self.cfg.normalize:
+            emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return emb
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def process(self, chunk: dict, keep_embeddings: bool = False) -> dict:
+        """Encode a chunk built by :func:`pipeline.runtime.build_chunk` and score it.
+
+        Returns per-tower arrays aligned with ``chunk['image_rows']`` / ``chunk['text_rows']``; a failing
+        tower yields ``{tower}_error`` instead of raising.
+        """
+        import torch
+
+        out: dict = {}
+        embs = {}
+        for tower, key, fn in (("image", "pixels", self.embed_images), ("text", "tokens", self.embed_texts)):
+            data = chunk.get(key)
+            if data is None or len(data) == 0:
+                continue
+            try:
+                emb = fn(data)
+            except Exception as exc:  # a failing forward pass is recorded per row, not fatal
+                out[f"{tower}_error"] = f"{tower} tower failed: {type(exc).__name__}: {exc}"
+                continue
+            finite = torch.isfinite(emb).all(dim=1)
+            out[f"{tower}_finite"] = finite.cpu().numpy()
+            embs[tower] = emb
+            if keep_embeddings:
+                out[f"{tower}_emb"] = emb.cpu().numpy()
+            if tower in self.whiteners:
+                sqnorm, loglik = self.whiteners[tower].score(emb)
+                sqnorm = sqnorm.double().cpu().numpy()
+                out[f"{tower}_sqnorm"] = sqnorm
+                out[f"{tower}_loglik"] = loglik.double().cpu().numpy()
+                out[f"{tower}_pvalue"] = self.stats.towers[tower].pvalue_from_sqnorm(sqnorm)
+        out["clip_score"] = self._clip_score(chunk, embs)
+        return out
+
+    @staticmethod
+    def _clip_score(chunk: dict, embs: dict) -> Optional[np.ndarray]:
+        """Cosine of image and text embeddings for rows that have both; NaN elsewhere."""
+        import torch
+
+        n = int(chunk["n"])
+        score = np.full(n, np.nan, dtype=np.float64)
+        if "image" not in embs or "text" not in embs:
+            return score
+        img_pos = {int(r): i for i, r in enumerate(chunk["image_rows"])}
+        pairs = [(img_pos[int(r)], j, int(r)) for j, r in enumerate(chunk["text_rows"]) if int(r) in img_pos]
+        if not pairs:
+            return score
+        ii, jj, rows = (list(t) for t in zip(*pairs))
+        a = torch.nn.functional.normalize(embs["image"][ii].double(), dim=1)
+        b = torch.nn.functional.normalize(embs["text"][jj].double(), dim=1)
+        score[rows] = (a * b).sum(1).cpu().numpy()
+        return score
+
+
+def loglik_constant(m: int) -> float:
+    """The per-row constant of the log-likelihood: -0.5 * m * log(2*pi)."""
+    return -0.5 * m * math.log(2 * math.pi)

@@ -1,0 +1,122 @@
+"""The fit job: whitening statistics of a reference corpus, for both towers, merged exactly in shard order."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections import Counter
+
+import numpy as np
+
+import pipeline
+from pipeline.config import FitConfig
+from pipeline.models import model_identity
+from pipeline.score import check_unique_names, shards_digest, summarize
+from pipeline.whitening import Moments, StatsFile, WhiteningStats, holdout_mask
+
+log = logging.getLogger("wclip")
+TOWERS = ("image", "text")
+
+
+class ReferenceAccumulator:
+    """Merges shard results in input order (so the reference set, and the file, do not depend on timing),
+    splitting each row into the fit or the held-out set by a hash of its key."""
+
+    def __init__(self, cfg: FitConfig):
+        self.cfg = cfg
+        self.moments: dict = {}
+        self.heldout: dict = {t: [] for t in TOWERS}
+        self.buffer: dict = {}
+        self.next_index = 0
+        self.samples = 0
+        self.used_shards: list = []
+        self.status = Counter()
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.max_samples is not None and self.samples >= self.cfg.max_samples
+
+    def add(self, index: int, url: str, result: dict) -> None:
+        self.buffer[index] = (url, result)
+        while self.next_index in self.buffer and not self.full:
+            url, res = self.buffer.pop(self.next_index)
+            self._merge(url, res)
+            self.next_index += 1
+
+    def skip(self, index: int) -> None:
+        """A shard that failed: later shards may merge past it."""
+        self.add(index, None, None)
+
+    def _merge(self, url, res) -> None:
+        if res is None:
+            return
+        keys, _ = res["towers"]["image"]
+        take = len(keys)
+        if self.cfg.max_samples is not None:
+            take = min(take, self.cfg.max_samples - self.samples)
+        if take <= 0:
+            return
+        self.used_shards.append(url)
+        self.status.update(res["summary"]["status_counts"])
+        for tower in TOWERS:
+            tkeys, emb = res["towers"][tower]
+            tkeys, emb = tkeys[:take], emb[:take].astype(np.float64)
+            if not len(tkeys):
+                continue
+            mask = holdout_mask(tkeys, self.cfg.holdout, self.cfg.seed)
+            if tower not in self.moments:
+                self.moments[tower] = Moments.empty(emb.shape[1])
+            self.moments[tower].update(emb[~mask])
+            self.heldout[tower].append(emb[mask])
+        self.samples += take
+
+
+def fit(cfg: FitConfig) -> dict:
+    """Run the fit job and write the stats file; returns a summary dict."""
+    from pipeline import runtime
+
+    run = cfg.run
+    check_unique_names(run.shards)
+    identity = model_identity(run.model)  # fails early on an unreadable checkpoint
+    acc = ReferenceAccumulator(cfg)
+    with runtime.ray_session(run.ray):
+        encoders = runtime.start_encoders(run)
+        info = runtime.ray_get(encoders[0].info.remote())
+        log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
+
+        def on_result(index, url, result):
+            acc.add(index, url, result)
+
+        report = runtime.run_shards(run, list(run.shards), encoders, "fit", on_result=on_result,
+                                    should_stop=lambda: acc.full, on_failure=lambda i, url: acc.skip(i))
+    if acc.samples == 0:
+        raise ValueError("no usable reference samples: every sample failed or the shards are empty; "
+                         "check the inputs with `wclip score` or the shard paths")
+    towers = {}
+    for tower in TOWERS:
+        if tower not in acc.moments:
+            raise ValueError(f"no usable {tower} embeddings in the reference shards")
+        parts = [h for h in acc.heldout[tower] if len(h)]
+        heldout = np.concatenate(parts) if parts else None
+        towers[tower] = WhiteningStats.from_moments(acc.moments[tower], heldout=heldout,
+                                                    components=cfg.components, shrinkage=cfg.shrinkage,
+                                                    seed=cfg.seed)
+    metadata = {
+        "model": run.model.name, "pretrained": run.model.pretrained,
+        "checkpoint_sha256": identity["weights"].split("sha256:")[-1] if run.model.checkpoint else None,
+        "random_init_seed": run.model.seed if run.model.random_init else None,
+        "model_identity": identity, "normalize": run.encode.normalize, "precision": info["precision"],
+        "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
+        "seed": cfg.seed, "n_reference": acc.samples,
+        "n_heldout": {t: towers[t].n_heldout for t in TOWERS},
+        "components": {t: towers[t].components for t in TOWERS},
+        "reference_shards": len(acc.used_shards), "reference_digest": shards_digest(acc.used_shards),
+        "max_samples": cfg.max_samples, "wclip_version": pipeline.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    StatsFile(towers=towers, metadata=metadata).save(cfg.output)
+    summary = summarize(report, 0)
+    summary.update(reference_samples=acc.samples, stats=str(cfg.output),
+                   towers={t: {k: v for k, v in towers[t].summary().items() if not isinstance(v, dict)}
+                           for t in TOWERS})
+    return summary

@@ -1,0 +1,246 @@
+"""Execution on Ray — the only module that talks to Ray.
+
+A job is a set of shards. Each shard is one Ray task that reads and decodes it on a CPU, sends chunks
+of model inputs to encoder actors (one per GPU, or one on CPU-only machines), and writes the shard's
+output (score) or returns its embeddings (fit). The driver keeps a bounded number of shard tasks in
+flight, retries failed shards, records the ones that keep failing, and shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import ray
+
+from pipeline.config import RayOptions, RunConfig
+from pipeline.decode import Preprocessor
+from pipeline.encode import Encoder
+from pipeline.progress import Progress
+from pipeline.stages import ShardAssembler, read_chunks
+from pipeline.shards import ShardReader
+
+log = logging.getLogger("wclip")
+
+OUTSTANDING_CHUNKS = 2  # chunks a shard task may have at the encoders at once (bounds memory)
+
+
+# -- session ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ray_session(options: RayOptions = RayOptions()):
+    """Attach to ``options.address`` / ``RAY_ADDRESS``, or start a private, quiet local Ray.
+
+    A Ray that is already initialised in this process (tests, notebooks) is reused and left running.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False,
+                        configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=options.num_cpus, num_gpus=options.num_gpus, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+ray_get = ray.get
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+# -- generic bounded task map (used by filter's resharding) -----------------------------------------
+@dataclass
+class TaskOutcome:
+    """What became of one item: its result, or the error after the last retry."""
+
+    item: Any
+    ok: bool
+    result: Any = None
+    error: Optional[str] = None
+
+
+def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: int = 2,
+              max_in_flight: Optional[int] = None, num_cpus: float = 1,
+              progress: Optional[bool] = None) -> list:
+    """Run ``fn(item)`` as a Ray task per item, at most ``max_in_flight`` at once, each retried up to
+    ``max_retries`` times; return a :class:`TaskOutcome` per item, in input order."""
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
+    limit = max_in_flight or cluster_cpus()
+    outcomes: list = [None] * len(items)
+    queue = deque(range(len(items)))
+    running: dict = {}
+    with Progress(total=len(items), desc=desc, enabled=progress) as bar:
+        while queue or running:
+            while queue and len(running) < limit:
+                i = queue.popleft()
+                running[remote.remote(items[i])] = i
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i = running.pop(ref)
+                try:
+                    outcomes[i] = TaskOutcome(items[i], True, ray.get(ref))
+                except Exception as exc:  # recorded, the other items go on
+                    outcomes[i] = TaskOutcome(items[i], False, error=_describe(exc))
+                bar.update(1)
+    return outcomes
+
+
+def _describe(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}".strip()[:2000]
+
+
+# -- encoders -------------------------------------------------------------------------------------------
+class EncoderActor:
+    """One CLIP model on one device (a GPU, or this node's CPUs)."""
+
+    def __init__(self, spec, encode_cfg, stats=None):
+        logging.getLogger().setLevel(logging.WARNING)
+        self.encoder = Encoder(spec, encode_cfg, stats)
+
+    def transforms(self):
+        return self.encoder.preprocess, self.encoder.tokenizer
+
+    def info(self) -> dict:
+        import torch
+
+        enc = self.encoder
+        with torch.inference_mode():
+            dims = {"image": int(enc.model.encode_image(torch.zeros(
+                        1, 3, *_image_size(enc), device=enc.device)).shape[1]),
+                    "text": int(enc.model.encode_text(torch.zeros(
+                        1, int(enc.model.context_length or 77), dtype=torch.long, device=enc.device)).shape[1])}
+        return {"device": str(enc.device), "precision": enc.precision, "dims": dims,
+                "preprocess_split": enc.preprocessor.split}
+
+    def process(self, chunk, keep_embeddings=False):
+        return self.encoder.process(chunk, keep_embeddings)
+
+
+def _image_size(enc) -> tuple:
+    size = getattr(enc.model.visual, "image_size", 224)
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def start_encoders(run: RunConfig, stats=None) -> list:
+    """Create the encoder actors: one per GPU, else ``run.encoders`` (default 1) sharing the CPUs."""
+    gpus = cluster_gpus()
+    count = run.encoders or (gpus if gpus else 1)
+    encode_cfg = run.encode
+    if gpus:
+        options = dict(num_gpus=1, num_cpus=1)
+    else:
+        # On CPU the encoder shares cores with the reader tasks: it reserves none, so reading and
+        # encoding overlap; torch gets the node's cores.
+        options = dict(num_cpus=0)
+        if encode_cfg.threads is None:
+            from dataclasses import replace
+
+            encode_cfg = replace(encode_cfg, threads=max(1, cluster_cpus() // count))
+    actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(EncoderActor)
+    return [actor_cls.options(**options).remote(run.model, encode_cfg, stats) for _ in range(count)]
+
+
+# -- the shard task -----------------------------------------------------------------------------------
+def _shard_task(url, run: RunConfig, encoders: list, transforms, mode: str, sink: Optional[Callable]):
+    """Read one shard, encode it on the actors, then ``sink(assembler, damage)`` (score) or return
+    the fit's reference rows (fit)."""
+    preprocess, tokenizer = transforms
+    preprocessor = Preprocessor(preprocess)
+    keep = mode == "fit" or bool(getattr(sink, "keep_embeddings", False))
+    assembler = ShardAssembler(url, keep_embeddings=keep)
+    reader = ShardReader(url)
+    pending: deque = deque()
+    offset = hash(url) % len(encoders)
+    for i, (prepared, chunk) in enumerate(read_chunks(url, run.inputs, preprocessor, tokenizer,
+                                                      run.chunk_size, reader)):
+        actor = encoders[(offset + i) % len(encoders)]
+        pending.append((prepared, chunk, actor.process.remote(chunk, keep)))
+        while len(pending) > OUTSTANDING_CHUNKS:
+            p, c, ref = pending.popleft()
+            assembler.add(p, c, ray.get(ref))
+    while pending:
+        p, c, ref = pending.popleft()
+        assembler.add(p, c, ray.get(ref))
+    summary = assembler.summary(reader.damage)
+    if mode == "fit":
+        towers = {t: assembler.ok_embeddings(t) for t in ("image", "text")}
+        return {"summary": summary, "towers": towers}
+    sink(assembler, reader.damage)
+    return {"summary": summary}
+
+
+@dataclass
+class JobReport:
+    """Outcome of a streaming job."""
+
+    done: list  # per-shard summaries (or fit results), in completion order
+    failed: list  # (url, error)
+    skipped: int
+    elapsed: float
+
+    @property
+    def rows(self) -> int:
+        return sum(d["summary"]["rows"] for d in self.done)
+
+
+def run_shards(run: RunConfig, urls: list, encoders: list, mode: str, sink=None,
+               on_result: Optional[Callable] = None, should_stop: Optional[Callable] = None,
+               skipped: int = 0, on_failure: Optional[Callable] = None) -> JobReport:
+    """Process ``urls`` with bounded concurrency; call ``on_result(index, url, result)`` as shards finish
+    and ``on_failure(index, url)`` for shards that failed every attempt."""
+    transforms = ray.get(encoders[0].transforms.remote())
+    transforms_ref = ray.put(transforms)
+    task = ray.remote(num_cpus=1, max_retries=run.retries, retry_exceptions=True)(_shard_task)
+    limit = run.max_in_flight or cluster_cpus()
+    queue = deque(enumerate(urls))
+    running: dict = {}
+    done, failed = [], []
+    started = time.time()
+    with Progress(total=len(urls) + skipped, initial=skipped, desc=mode, enabled=run.progress) as bar:
+        while (queue and not (should_stop and should_stop())) or running:
+            while queue and len(running) < limit and not (should_stop and should_stop()):
+                i, url = queue.popleft()
+                running[task.remote(url, run, encoders, transforms_ref, mode, sink)] = (i, url)
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                i, url = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:
+                    error = _describe(exc)
+                    log.debug("shard %s failed: %s", url, traceback.format_exc())
+                    failed.append((url, error))
+                    if on_failure:
+                        on_failure(i, url)
+                    bar.write(f"shard failed after {run.retries} retries: {url}: {error.splitlines()[0]}")
+                    continue
+                done.append(result)
+                if on_result:
+                    on_result(i, url, result)
+                bar.update(1, samples=result["summary"]["rows"])
+    return JobReport(done=done, failed=failed, skipped=skipped, elapsed=time.time() - started)
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,60 @@
+"""Build small, real WebDataset tar shards (good and deliberately broken) for tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+
+def image_bytes(seed: int = 0, size=(40, 40), mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    """A small random-ish image (smooth gradient + noise) encoded as ``fmt``."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    base = np.linspace(0, 255, w, dtype=np.float64)[None, :, None] * rng.uniform(0.2, 1.0, 3)
+    arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sample(i: int, caption: str = None, **extra) -> tuple:
+    """(key, members) of a clean img2dataset-style sample."""
+    key = f"{i:09d}"
+    members = {"jpg": image_bytes(i), "txt": (caption or f"a photo number {i} of a gradient").encode(),
+               "json": json.dumps({"url": f"http://example.com/{i}.jpg", "uid": f"{i:032x}"}).encode()}
+    members.update(extra)
+    return key, members
+
+
+def write_shard(path, samples, truncate_to: int = None) -> str:
+    """Write ``samples`` [(key, {ext: bytes})] as a tar; optionally cut the file to ``truncate_to`` bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
+                info.size = len(data)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if truncate_to is not None:
+        data = data[:truncate_to]
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return str(path)
+
+
+def clean_shards(folder, shards: int, per_shard: int, start: int = 0) -> list:
+    """Several clean shards named 00000.tar, 00001.tar, ... with globally unique keys."""
+    urls = []
+    for s in range(shards):
+        samples = [sample(start + s * per_shard + j) for j in range(per_shard)]
+        urls.append(write_shard(folder / f"{s:05d}.tar", samples))
+    return urls
