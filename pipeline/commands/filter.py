@@ -1,12 +1,93 @@
-"""`wclip filter` (placeholder until its issue lands)."""
+"""`wclip filter`: keep the rows of a scores folder that pass thresholds; write kept rows,
+a DataComp uid list and, with ``--input``, new shards holding exactly the kept samples."""
 
-HELP = "filter: not implemented yet"
+HELP = "select samples by score thresholds or top fractions; writes kept rows, uids.npy, new shards"
+
+EPILOG = """\
+conditions (all must hold; repeat each flag as needed):
+  --min COLUMN=V             keep rows with COLUMN >= V
+  --max COLUMN=V             keep rows with COLUMN <= V
+  --keep-fraction COLUMN=F   keep the best fraction F (0.3 or 30%) of the eligible rows:
+                             the HIGHEST values (clip_score, *_loglik, *_pvalue: higher = more
+                             likely/aligned), except *_sqnorm columns, where LOWER is more likely
+                             and the lowest are kept. Force a direction with COLUMN:highest=F or
+                             COLUMN:lowest=F (e.g. image_loglik:lowest=0.01 for the outliers).
+  Each fraction is resolved on its own over all eligible rows with a value (as in DataComp's
+  baselines), exactly: the threshold is the k-th best value, k = ceil(F * n). Rows tied with the
+  threshold are all kept, so a fraction keeps at least k rows. Only rows with status "ok" are
+  eligible unless --include-failed; a missing value fails a condition.
+
+outputs in OUTPUT/: kept/*.parquet (kept rows, one file per score file), uids.npy (sorted
+DataComp uids, dtype u8,u8), filter.json (conditions, thresholds, counts), and with --input
+shards/*.tar (exact member bytes, --samples-per-shard per tar; rerun to resume).
+
+example:
+  wclip filter --scores scores/ --output keep30/ --keep-fraction clip_score=0.3 \\
+      --min image_loglik=-420 --input 'data/{00000..00127}.tar'
+"""
 
 
-def add_arguments(parser):
-    parser.add_argument("rest", nargs="*")
+def add_arguments(p):
+    import argparse
+
+    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p.formatter_class = _Formatter
+    p.epilog = EPILOG
+    p.add_argument("--scores", required=True, help="folder of score files from `wclip score`")
+    p.add_argument("--output", required=True, help="output folder (local)")
+    g = p.add_argument_group("conditions")
+    g.add_argument("--min", action="append", default=[], metavar="COLUMN=V", help="keep COLUMN >= V")
+    g.add_argument("--max", action="append", default=[], metavar="COLUMN=V", help="keep COLUMN <= V")
+    g.add_argument("--keep-fraction", action="append", default=[], metavar="COLUMN[:DIR]=F",
+                   help="keep the best fraction F by COLUMN (see below)")
+    g.add_argument("--include-failed", action="store_true",
+                   help="rows whose status is not 'ok' are eligible too")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--input", nargs="+", metavar="SHARDS",
+                   help="the scored shards (URLs, brace patterns, folders): also write new shards")
+    o.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per output shard")
+    o.add_argument("--samples-per-task", type=int,
+                   help="kept samples copied per Ray task (default: 4 output shards' worth)")
+    o.add_argument("--no-uids", action="store_true", help="do not write uids.npy")
+    r = p.add_argument_group("execution")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--num-cpus", type=int, help="local Ray: CPUs to use")
+    r.add_argument("--max-in-flight", type=int, help="copy tasks at once (default: CPUs)")
+    r.add_argument("--retries", type=int, default=2, help="extra attempts for a failed copy task")
+    r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
 
 def run(args):
-    print("wclip filter is not implemented yet in this version.")
-    return 1
+    import json
+    import sys
+
+    from pipeline.cli import UserError
+    from pipeline.config import RayOptions
+    from pipeline.filter import Condition, FilterConfig, format_report, run_filter
+
+    try:
+        conditions = tuple(Condition.parse(kind, text)
+                           for kind, texts in (("min", args.min), ("max", args.max),
+                                               ("fraction", args.keep_fraction))
+                           for text in texts)
+        inputs = ()
+        if args.input:
+            from pipeline.shards import expand_shards
+
+            inputs = tuple(expand_shards(args.input))
+        cfg = FilterConfig(
+            scores=args.scores, output=args.output, conditions=conditions,
+            include_failed=args.include_failed, inputs=inputs,
+            samples_per_shard=args.samples_per_shard, samples_per_task=args.samples_per_task,
+            uids=not args.no_uids, ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
+            max_in_flight=args.max_in_flight, retries=args.retries,
+            progress=False if args.no_progress else None)
+        report = run_filter(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from exc
+    print(format_report(report), file=sys.stderr)
+    print(json.dumps(report))
+    shards = report.get("shards") or {}
+    return 1 if shards.get("failed") else 0
