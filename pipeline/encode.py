@@ -4,7 +4,7 @@ Knows nothing about Ray; :mod:`pipeline.runtime` wraps it in an actor."""
 from __future__ import annotations
 
 import contextlib
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,6 +14,9 @@ from pipeline.decode import Preprocessor
 from pipeline.models import ModelSpec, load_spec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Chunks arrive as read-only arrays from Ray's object store; the towers never write to their inputs.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,3 @@ class Encoder:
         b = torch.nn.functional.normalize(embs["text"][jj].double(), dim=1)
         score[rows] = (a * b).sum(1).cpu().numpy()
         return score
-
-
-def loglik_constant(m: int) -> float:
-    """The per-row constant of the log-likelihood: -0.5 * m * log(2*pi)."""
-    return -0.5 * m * math.log(2 * math.pi)
