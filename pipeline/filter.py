@@ -184,7 +184,7 @@ def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = T
     out_dir = Path(out_dir)
     (out_dir / "kept").mkdir(parents=True, exist_ok=True)
     result = FilterResult()
-    collector, malformed, missing = UidCollector(), 0, 0
+    collector, malformed, missing = UidCollector(spill_parent=out_dir), 0, 0
     for path in files:
         target = out_dir / "kept" / path.name
         tmp = target.with_name(f".{target.name}.tmp")

@@ -296,7 +296,7 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, samples_per_shard: int,
     jobs, plan = make_plan(pairs, shards, kept_dir, out_dir, samples_per_shard, samples_per_task)
     check_plan(out_dir, plan)
     todo = [job for job in jobs if pending(job)]
-    failed = []
+    failed, ready = [], []
     assemble_items = [s for s in straddling(jobs) if not marker_path(Path(s[1]), s[0], s[2]).exists()] \
         if jobs else []
     if todo or assemble_items:
@@ -317,7 +317,7 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, samples_per_shard: int,
     finished = sum(marker_path(Path(out_dir), n, plan["width"]).exists() for n in range(plan["shards"]))
     return {"dir": str(out_dir), "shards": plan["shards"], "finished": finished,
             "samples": plan["samples"], "samples_per_shard": samples_per_shard,
-            "tasks": len(jobs), "tasks_run": len(todo), "failed": failed,
+            "tasks": len(jobs), "tasks_run": len(todo), "assembled": len(ready), "failed": failed,
             "inputs_matched": len(pairs), "inputs_unmatched": len(unmatched),
             "unmatched_examples": unmatched[:5],
             "kept_not_in_inputs": sum(shards[v]["kept"] for v in unused)}

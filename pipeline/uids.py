@@ -62,8 +62,9 @@ def sort_uids(uids: np.ndarray) -> np.ndarray:
 class UidCollector:
     """Collect uid arrays and write them sorted to one ``.npy``; memory stays near ``run_rows``."""
 
-    def __init__(self, run_rows: int = 1 << 24):
+    def __init__(self, run_rows: int = 1 << 24, spill_parent=None):
         self.run_rows = run_rows
+        self.spill_parent = spill_parent   # where sorted runs go (default: the system temp folder)
         self.count = 0
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
@@ -84,7 +85,7 @@ class UidCollector:
 
     def _spill(self) -> None:
         if self._spill_dir is None:
-            self._spill_dir = tempfile.mkdtemp(prefix="wclip-uids-")
+            self._spill_dir = tempfile.mkdtemp(prefix=".wclip-uids-", dir=self.spill_parent)
         path = Path(self._spill_dir) / f"run-{len(self._runs):05d}.npy"
         np.save(path, self._take_buffer())
         self._runs.append(path)

@@ -228,6 +228,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     report = run_filter(cfg)
     s = report["shards"]
     assert not s["failed"] and s["finished"] == s["shards"] == math.ceil(report["kept"] / 7)
+    assert s["tasks"] > 1 and s["assembled"] > 0     # some shards span two tasks (pieces joined)
 
     kept_keys = set(pq.read_table(tmp_path / "out/kept").column("key").to_pylist())
     assert "../../escape" in kept_keys
@@ -258,6 +259,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     tars[0].with_name(tars[0].name[:-4] + ".stats.json").unlink()
     again = run_filter(cfg)["shards"]
     assert again["tasks_run"] == 1 < again["tasks"] and again["finished"] == s["shards"]
+    assert again["assembled"] == 0
     after = sorted(out.glob("*.tar"))
     assert {t.name: t.read_bytes() for t in after} == before
     assert all(t.stat().st_mtime_ns == stamps[t.name] for t in after if t.name != tars[0].name)
