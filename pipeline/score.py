@@ -11,7 +11,7 @@ from pipeline.config import ScoreConfig
 from pipeline.models import model_identity
 from pipeline.shards import shard_name
 from pipeline.writer import (FAILURES_FILE, append_failure, build_table, completed_names, filesystem, join,
-                             write_shard_outputs)
+                             remove_stale_temporaries, write_shard_outputs)
 
 log = logging.getLogger("wclip")
 
@@ -77,6 +77,7 @@ def score(cfg: ScoreConfig, stats) -> dict:
     fs.makedirs(out, exist_ok=True)
     if fs.exists(join(out, FAILURES_FILE)):
         fs.rm(join(out, FAILURES_FILE))
+    remove_stale_temporaries(cfg.output)
     if skipped:
         log.info("resuming: %d of %d shards already done in %s (--overwrite redoes them)",
                  skipped, len(run.shards), cfg.output)

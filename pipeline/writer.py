@@ -82,6 +82,18 @@ def completed_names(output: str) -> set:
     return names
 
 
+def remove_stale_temporaries(output: str) -> int:
+    """Delete temporary files a killed run left behind (never visible as outputs); returns how many."""
+    fs, p = filesystem(output)
+    if not fs.exists(p):
+        return 0
+    stale = [e for e in fs.ls(p, detail=False)
+             if posixpath.basename(e.rstrip("/")).startswith(".") and e.endswith(".tmp")]
+    for entry in stale:
+        fs.rm(entry)
+    return len(stale)
+
+
 def build_table(rows: list, scores: dict) -> pa.Table:
     """Rows (dicts of metadata/status) + score columns (float arrays, NaN = null) -> Arrow table in SCHEMA."""
     n = len(rows)

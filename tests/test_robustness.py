@@ -1,0 +1,154 @@
+"""Bad input, failing shards and crashes, on real Ray with real tar shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import FitConfig, RunConfig, ScoreConfig
+from pipeline.fit import fit
+from pipeline.models import ModelSpec
+from pipeline.score import score
+from pipeline.whitening import StatsFile
+from shardkit import clean_shards, image_bytes, sample, write_shard
+from test_decode import png_bomb
+
+TINY = ModelSpec("wclip-tiny", random_init=True, seed=0)
+
+
+def run_cfg(urls, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("chunk_size", 8)
+    return RunConfig(shards=tuple(urls), model=TINY, **kw)
+
+
+@pytest.fixture(scope="module")
+def stats_path(tmp_path_factory, ray_local):
+    folder = tmp_path_factory.mktemp("ref")
+    urls = clean_shards(folder, shards=2, per_shard=40, start=1000)
+    path = str(folder / "stats.safetensors")
+    fit(FitConfig(run=run_cfg(urls), output=path, components=8, holdout=0.2))
+    return path
+
+
+def bad_samples():
+    samples = [sample(0)]
+    samples.append(("000000001", {"jpg": b"", "txt": b"zero-byte image"}))
+    samples.append(("000000002", {"jpg": image_bytes(2)[:150], "txt": b"truncated image"}))
+    samples.append(("000000003", {"png": png_bomb(), "txt": b"bomb"}))
+    samples.append(("000000004", {"jpg": image_bytes(4)}))  # no caption
+    samples.append(("000000005", {"txt": b"no image"}))
+    samples.append(("000000006", {"jpg": image_bytes(6), "txt": b"\xff\xfe bad utf8"}))
+    samples.append(("000000007", {"jpg": image_bytes(7), "txt": b""}))
+    samples.append(("000000008", {"jpg": image_bytes(8, mode="L", fmt="PNG")[:0] or image_bytes(8, fmt="PNG"),
+                                  "txt": b"png", "json": b"{broken"}))
+    samples.append(("000000009", {"jpg": image_bytes(9, mode="CMYK"), "txt": b"cmyk", "weird.xyz": b"?"}))
+    samples.append(sample(10))
+    return samples
+
+
+def test_every_sample_read_yields_exactly_one_row(tmp_path, stats_path):
+    url = write_shard(tmp_path / "00000.tar", bad_samples())
+    out = tmp_path / "scores"
+    stats = StatsFile.load(stats_path)
+    summary = score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out)), stats)
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(11)]
+    status = {int(r["key"]): r["status"] for r in rows}
+    assert status == {0: "ok", 1: "decode", 2: "decode", 3: "decode", 4: "missing", 5: "missing",
+                      6: "decode", 7: "decode", 8: "ok", 9: "ok", 10: "ok"}
+    by = {int(r["key"]): r for r in rows}
+    # each tower that can be scored is scored
+    assert by[1]["image_loglik"] is None and by[1]["text_loglik"] is not None
+    assert by[4]["image_loglik"] is not None and by[4]["text_loglik"] is None
+    assert by[5]["image_loglik"] is None and by[5]["text_loglik"] is not None
+    assert by[6]["text_loglik"] is not None and "UTF-8" in by[6]["error"]
+    assert by[7]["text_loglik"] is None and by[7]["image_loglik"] is not None
+    assert by[8]["url"] is None and "not valid JSON" in by[8]["error"]
+    assert all(by[k]["clip_score"] is not None for k in (0, 6, 8, 9, 10))
+    assert by[1]["clip_score"] is None
+    assert summary["status_counts"] == {"decode": 5, "missing": 2, "ok": 4}
+    marker = json.loads((out / "00000.stats.json").read_text())
+    assert marker["rows"] == 11 and marker["status_counts"] == summary["status_counts"]
+
+
+def test_truncated_tar_keeps_rows_and_records_damage(tmp_path, stats_path):
+    full = write_shard(tmp_path / "full.tar", [sample(i) for i in range(10)])
+    cut = os.path.getsize(full) // 2 + 700  # inside a member's data
+    url = write_shard(tmp_path / "00001.tar", [sample(i) for i in range(10)], truncate_to=cut)
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out)),
+                    StatsFile.load(stats_path))
+    rows = pq.read_table(out / "00001.parquet").to_pylist()
+    assert 3 <= len(rows) < 10
+    assert all(r["status"] == "ok" for r in rows[:-1])
+    assert rows[-1]["status"] == "read" and "truncated" in rows[-1]["error"]
+    assert summary["damaged"] and summary["damaged"][0][0] == url
+    marker = json.loads((out / "00001.stats.json").read_text())
+    assert marker["damage"]
+
+
+def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path):
+    good = clean_shards(tmp_path, shards=1, per_shard=5)
+    missing = str(tmp_path / "00007.tar")
+    junk = tmp_path / "00008.tar"
+    junk.write_bytes(b"garbage" * 100)
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(run=run_cfg([good[0], missing, str(junk)], retries=1), stats_path=stats_path,
+                                output=str(out)), StatsFile.load(stats_path))
+    assert summary["rows"] == 5
+    failed = {f["shard"]: f["error"] for f in summary["failed"]}
+    assert set(failed) == {missing, str(junk)}
+    assert "No such file" in failed[missing] and "not a readable tar" in failed[str(junk)]
+    lines = [json.loads(l) for l in (out / "_failures.jsonl").read_text().splitlines()]
+    assert {l["shard"] for l in lines} == {missing, str(junk)} and all(l["attempts"] == 2 for l in lines)
+    assert not (out / "00007.parquet").exists() and (out / "00000.parquet").exists()
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _tables(folder):
+    return {p.name: pq.read_table(p) for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_killed_run_resumes_to_the_same_output(tmp_path, stats_path):
+    urls = clean_shards(tmp_path, shards=6, per_shard=24)
+    common = ["score", "--input", str(tmp_path / "{00000..00005}.tar"), "--stats", stats_path,
+              "--num-cpus", "1", "--max-in-flight", "1", "--chunk-size", "8", "--no-progress", "--random-init"]
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    proc = _cli(common + ["--output", str(clean)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["rows"] == 144
+
+    proc = _cli(common + ["--output", str(crashed)])
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(crashed.glob("*.stats.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(crashed.glob("*.stats.json")))
+    assert 2 <= done_before < 6, "the kill should land mid-run"
+
+    proc = _cli(common + ["--output", str(crashed)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["shards_skipped"] == done_before
+    assert summary["shards_done"] == 6 - done_before
+    a, b = _tables(clean), _tables(crashed)
+    assert list(a) == list(b) == [f"{i:05d}.parquet" for i in range(6)]
+    for name in a:
+        assert a[name].drop(["shard"]).equals(b[name].drop(["shard"])), name
+    assert not [p for p in crashed.iterdir() if p.name.endswith(".tmp")]
