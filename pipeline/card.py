@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.score_reader import SCORE_COLUMNS, float_values, iter_batches, list_score_files, ok_mask
 from pipeline.sketch import Extremes, Histogram, Histogram2D, QuantileSketch
@@ -79,18 +81,18 @@ def summarize(files, rel_err: float = 0.001, k: int = 8) -> CorpusSummary:
     for path in files:
         for batch in iter_batches(path, ["status", "error", *payload, *SCORE_COLUMNS]):
             rows += batch.num_rows
-            st = batch.column("status").to_pylist()
-            status.update(s if s is not None else "(null)" for s in st)
-            bad = [i for i, s in enumerate(st) if s != "ok"]
-            if bad:
-                err = batch.column("error")
-                for i in bad:
-                    kind = (st[i] or "(null)", error_kind(err[i].as_py()))
+            st = pc.fill_null(batch.column("status"), "(null)")
+            for item in pc.value_counts(st).to_pylist():
+                status[item["values"]] += item["counts"]
+            ok = ok_mask(batch)
+            if not ok.all():
+                bad = pa.array(~ok)
+                for s, e in zip(st.filter(bad).to_pylist(), batch.column("error").filter(bad).to_pylist()):
+                    kind = (s, error_kind(e))
                     if kind in errors or len(errors) < MAX_ERROR_KINDS:
                         errors[kind] += 1
                     else:
-                        errors[(kind[0], "(other kinds)")] += 1
-            ok = ok_mask(batch)
+                        errors[(s, "(other kinds)")] += 1
             for c in SCORE_COLUMNS:
                 sketches[c].update(float_values(batch, c)[ok])
             ll = np.where(ok, float_values(batch, "image_loglik"), np.nan)

@@ -127,17 +127,23 @@ def thumbnails(rows: list, inputs=()) -> tuple[list, list]:
         shard = row.get("shard") or ""
         url = shard if shard in inputs else by_name.get(shard_name(shard), shard) if inputs else shard
         wanted.setdefault(url, {}).setdefault(row.get("key"), []).append(i)
-    thumbs, notes = [None] * len(rows), []
+    thumbs, failures, missing = [None] * len(rows), [], []
     for url, keys in wanted.items():
         try:
             for key, data in _find_images(url, set(keys)):
                 for i in keys[key]:
                     thumbs[i] = _thumbnail(data)
         except Exception as exc:  # unreachable or broken shard: placeholders, and say so
-            notes.append(f"thumbnails from {url} unavailable ({type(exc).__name__}: {exc})")
-        missing = [k for k, idx in keys.items() if thumbs[idx[0]] is None]
-        if missing and not any(url in n for n in notes):
-            notes.append(f"{len(missing)} image(s) not found or not decodable in {url}")
+            failures.append(f"{url} ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        missing += [url for k, idx in keys.items() if thumbs[idx[0]] is None]
+    notes = []
+    if failures:
+        notes.append(f"thumbnails unavailable from {len(failures)} shard(s), placeholders shown: "
+                     + "; ".join(failures[:3]) + (" ..." if len(failures) > 3 else ""))
+    if missing:
+        notes.append(f"{len(missing)} image(s) not found or not decodable in their shards, "
+                     f"e.g. in {missing[0]}")
     return thumbs, notes
 
 

@@ -210,6 +210,8 @@ def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = T
     if collector.count:
         result.uids["written"] = collector.write(out_dir / "uids.npy")
         result.uids["path"] = str(out_dir / "uids.npy")
+    else:
+        (out_dir / "uids.npy").unlink(missing_ok=True)   # never leave a stale list behind
     return result
 
 

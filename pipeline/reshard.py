@@ -314,6 +314,9 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, samples_per_shard: int,
                                      max_in_flight=max_in_flight, progress=progress):
                 if not outcome.ok:
                     failed.append({"shard": outcome.item[0], "error": outcome.error})
+    pieces_dir = Path(out_dir) / PIECES
+    if pieces_dir.is_dir() and not any(pieces_dir.iterdir()):
+        pieces_dir.rmdir()
     finished = sum(marker_path(Path(out_dir), n, plan["width"]).exists() for n in range(plan["shards"]))
     return {"dir": str(out_dir), "shards": plan["shards"], "finished": finished,
             "samples": plan["samples"], "samples_per_shard": samples_per_shard,

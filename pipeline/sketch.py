@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def key_to_float(key: int) -> float:
 
 
 class RadixSelect:
-    """Exact k-th largest of a streamed float column, with k = ceil(fraction * n).
+    """Exact k-th largest of a streamed float column, with k = ceil(fraction * n) (decimal fraction).
 
     Call :meth:`update` with every batch of finite values, then :meth:`finish_pass`; repeat
     the pass until :attr:`done`. :attr:`threshold` is then the k-th largest value (``+inf``
@@ -90,7 +91,7 @@ class RadixSelect:
             return
         if self.n is None:
             self.n = int(self._hist.sum())
-            self.k = math.ceil(self.fraction * self.n - 1e-9) if self.n else 0
+            self.k = math.ceil(Fraction(repr(self.fraction)) * self.n)   # exact: 0.3 is 3/10
             self._rank = self.k
             if self.k == 0:
                 self.threshold = math.inf
