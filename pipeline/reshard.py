@@ -173,6 +173,12 @@ class _Sink:
         self.write(header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         self.write(data + b"\0" * (-len(data) % 512))
 
+    def abort(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.tmp.unlink(missing_ok=True)
+            self.fh = None
+
     def close(self) -> None:
         if self.fh is None:
             return
@@ -200,43 +206,54 @@ def _kept_keys(part: InputPart) -> set:
 
 def copy_job(job: CopyJob) -> dict:
     """Ray task: copy the kept samples of ``job``'s input shards; returns counts."""
-    targets = job.targets()
-    out = Path(job.out_dir)
-    sink, t, pos, copied = None, -1, job.start, 0
-    for part in job.parts:
-        keys, found, current, kept = _kept_keys(part), 0, None, False
-        with open_shard(part.url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _ = split_member(info.name)
-                if key.startswith("__") or not posixpath.basename(key):
-                    continue
-                if key != current:
-                    current, kept = key, key in keys
-                    if kept:
-                        if found == part.count:
-                            raise RuntimeError(f"{part.url}: more kept samples than the scores say "
-                                               f"({part.count}); was key {key!r} split or repeated?")
-                        if sink is None or pos >= targets[t][2]:
-                            if sink is not None:
-                                sink.close()
-                            t += 1
-                            n, _, _, path, whole = targets[t]
-                            sink = _Sink(path, whole, marker_path(out, n, job.width) if whole else None,
+    targets, out = job.targets(), Path(job.out_dir)
+    state = {"sink": None, "t": -1, "pos": job.start}
+
+    def sink_for_next_sample() -> _Sink:
+        sink = state["sink"]
+        if sink is None or state["pos"] >= targets[state["t"]][2]:
+            if sink is not None:
+                sink.close()
+            state["t"] += 1
+            n, _, _, path, whole = targets[state["t"]]
+            sink = state["sink"] = _Sink(path, whole, marker_path(out, n, job.width) if whole else None,
                                          skip=_done(job, n, path))
-                        sink.samples += 1
-                        pos, found = pos + 1, found + 1
-                if kept:
-                    data = tar.extractfile(info).read()
-                    sink.add(info, data)
-                    copied += len(data)
-        if found != part.count:
-            raise RuntimeError(f"{part.url}: found {found} of its {part.count} kept samples; "
-                               "the shard differs from the one that was scored")
-    if sink is not None:
-        sink.close()
-    return {"samples": pos - job.start, "member_bytes": copied}
+        state["pos"] += 1
+        sink.samples += 1
+        return sink
+
+    copied = 0
+    try:
+        for part in job.parts:
+            keys, found, current, sink = _kept_keys(part), 0, None, None
+            with open_shard(part.url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    key, _ = split_member(info.name)
+                    if key.startswith("__") or not posixpath.basename(key):
+                        continue
+                    if key != current:
+                        current, sink = key, None
+                        if key in keys:
+                            if found == part.count:
+                                raise RuntimeError(f"{part.url}: more kept samples than the scores "
+                                                   f"say ({part.count}); is key {key!r} repeated?")
+                            sink, found = sink_for_next_sample(), found + 1
+                    if sink is not None and not sink.skip:
+                        data = tar.extractfile(info).read()
+                        sink.add(info, data)
+                        copied += len(data)
+            if found != part.count:
+                raise RuntimeError(f"{part.url}: found {found} of its {part.count} kept samples; "
+                                   "the shard differs from the one that was scored")
+    except BaseException:
+        if state["sink"] is not None:
+            state["sink"].abort()
+        raise
+    if state["sink"] is not None:
+        state["sink"].close()
+    return {"samples": state["pos"] - job.start, "member_bytes": copied}
 
 
 def straddling(jobs: list) -> list:

@@ -289,3 +289,21 @@ def test_cli_filter_and_user_errors(tmp_path, capsys):
     assert main(["filter", "--scores", str(score_dir), "--output", str(out),
                  "--keep-fraction", "clip_score=1.5"]) == 2
     assert main(["filter", "--scores", str(tmp_path / "missing"), "--output", str(out)]) == 2
+
+
+def test_reshard_matches_inputs_by_name_and_reports_a_changed_shard(tmp_path, ray_local):
+    urls, score_dir, _ = make_corpus(tmp_path, n_shards=2, per_shard=10)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for url in urls:
+        os.rename(url, moved / os.path.basename(url))
+    write_tar(moved / "00001.tar", [("0000100", {"txt": b"only one"})])   # no longer what was scored
+    inputs = (str(moved / "00000.tar"), str(moved / "00001.tar"), str(moved / "00007.tar"))
+    report = run_filter(FilterConfig(str(score_dir), str(tmp_path / "out"), (), inputs=inputs,
+                                     samples_per_shard=4, samples_per_task=4, retries=0,
+                                     progress=False))["shards"]
+    assert (report["inputs_matched"], report["inputs_unmatched"]) == (2, 1)
+    assert [f["inputs"] for f in report["failed"]] == [[inputs[1]]]
+    assert "differs from the one that was scored" in report["failed"][0]["error"]
+    assert report["finished"] < report["shards"]
+    assert not list((tmp_path / "out/shards").glob("**/*.tmp"))
