@@ -55,12 +55,13 @@ def _exts(value: str) -> tuple:
 def model_spec(args, default=None):
     from pipeline.models import ModelSpec
 
-    name = args.model or (default or {}).get("model")
+    default = default or {}
+    name = args.model or default.get("model") or (default.get("model_identity") or {}).get("model")
     if name is None:
         raise UserError("--model is required")
     pretrained, checkpoint, random_init = args.pretrained, args.checkpoint, args.random_init
     seed = args.model_seed
-    if args.model is None and default is not None and not (pretrained or checkpoint or random_init):
+    if args.model is None and default and not (pretrained or checkpoint or random_init):
         pretrained, random_init = default.get("pretrained"), default.get("random_init_seed") is not None
         seed = default.get("random_init_seed") or 0
         checkpoint = None
