@@ -56,6 +56,9 @@ def open_shard(url: str):
         return open(url[7:] if url.startswith("file://") else url, "rb")
     import fsspec
 
+    if url.startswith(("http://", "https://")):
+        # One streaming GET: tar members are read in order, and servers without range requests work too.
+        return fsspec.open(url, "rb", block_size=0).open()
     return fsspec.open(url, "rb").open()
 
 

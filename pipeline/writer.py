@@ -64,14 +64,21 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def _uncached(path: str):
+    """:func:`filesystem`, minus any cached listing of ``path``: other processes write these folders."""
+    fs, p = filesystem(path)
+    fs.invalidate_cache(p)
+    return fs, p
+
+
 def is_complete(output: str, name: str) -> bool:
-    fs, p = filesystem(marker_path(output, name))
+    fs, p = _uncached(marker_path(output, name))
     return fs.exists(p)
 
 
 def completed_names(output: str) -> set:
     """Names of shards whose completion marker exists under ``output``."""
-    fs, p = filesystem(output)
+    fs, p = _uncached(output)
     if not fs.exists(p):
         return set()
     names = set()
@@ -84,7 +91,7 @@ def completed_names(output: str) -> set:
 
 def remove_stale_temporaries(output: str) -> int:
     """Delete temporary files a killed run left behind (never visible as outputs); returns how many."""
-    fs, p = filesystem(output)
+    fs, p = _uncached(output)
     if not fs.exists(p):
         return 0
     stale = [e for e in fs.ls(p, detail=False)
