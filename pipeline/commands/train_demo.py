@@ -1,12 +1,36 @@
-"""`wclip train-demo` (placeholder until its issue lands)."""
+"""`wclip train-demo`: retrain the shipped wclip-demo model on the synthetic world."""
 
-HELP = "train-demo: not implemented yet"
+HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world and evaluate it"
 
 
 def add_arguments(parser):
-    parser.add_argument("rest", nargs="*")
+    from pipeline.demo_train import WEIGHTS_PATH
+
+    parser.add_argument("--steps", type=int, default=450, help="optimiser steps (batch of --batch-size pairs)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds model init and the training world")
+    parser.add_argument("--output", default=str(WEIGHTS_PATH),
+                        help="weights file (.safetensors); the training record goes beside it as .train.json")
+    parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--eval-samples", type=int, default=3000,
+                        help="reference and target pairs for the held-out evaluation (0 skips it)")
 
 
 def run(args):
-    print("wclip train-demo is not implemented yet in this version.")
-    return 1
+    import json
+
+    from pipeline.cli import UserError
+    from pipeline.demo_train import main
+
+    if args.steps < 1 or args.batch_size < 2 or args.threads < 1 or args.eval_samples < 0:
+        raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0 (got "
+                        f"{args.steps}, {args.batch_size}, {args.threads}, {args.eval_samples})")
+    if not args.output.endswith(".safetensors"):
+        raise UserError(f"--output must end with .safetensors (got {args.output})")
+    record = main(steps=args.steps, seed=args.seed, output=args.output, eval_samples=args.eval_samples,
+                  batch_size=args.batch_size, threads=args.threads)
+    print(f"wrote {args.output} ({record['weights_bytes'] / 1e6:.1f} MB) after {record['train_seconds']}s, "
+          f"final loss {record['final_loss']}")
+    if "eval" in record:
+        print(json.dumps(record["eval"], indent=2))
+    return 0

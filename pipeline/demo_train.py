@@ -1,0 +1,236 @@
+"""Train, save and evaluate ``wclip-demo``: a small open_clip model for the synthetic world.
+
+The shipped weights (``pipeline/assets/wclip-demo.safetensors``) come from :func:`main` with
+its default arguments; ``pipeline/assets/wclip-demo.train.json`` records how, and how well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline import world
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODEL_NAME = "wclip-demo"
+CONFIG_PATH = ASSETS / f"{MODEL_NAME}.json"
+WEIGHTS_PATH = ASSETS / f"{MODEL_NAME}.safetensors"
+EVAL_SEED = 20_250_506           # held-out world for evaluation, never used in training
+
+log = logging.getLogger(__name__)
+
+
+def create_model():
+    """A randomly initialised ``wclip-demo`` with its open_clip preprocess and tokenizer."""
+    from pipeline._imports import require
+
+    open_clip = require("open_clip", "the wclip-demo model")
+    open_clip.add_model_config(str(CONFIG_PATH))
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=None)
+    return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
+
+
+def load_weights(model, path) -> None:
+    """Load a saved state dict into ``model`` strictly, as :func:`pipeline.models.load_clip` does."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    model.eval()
+
+
+def save_weights(model, path) -> str:
+    """Write the state dict as float16 safetensors; return its sha256."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").half().contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"model": MODEL_NAME, "dtype": "float16"})
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def to_batch(jpegs: Sequence[bytes], captions: Sequence[str], preprocess, tokenizer):
+    """Decode JPEGs through the model's own preprocess and tokenize captions: ``(images, tokens)``."""
+    import torch
+    from PIL import Image
+
+    images = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
+    return images, tokenizer(list(captions))
+
+
+def train_batch(seed: int, step: int, batch_size: int) -> tuple[list[bytes], list[str]]:
+    """The clean world pairs seen at ``step``: shard ``step`` of the world with ``seed``."""
+    pairs = [s for _, s in world.iter_world(seed, step, batch_size)]
+    return [s.image for s in pairs], [s.caption for s in pairs]
+
+
+def train(steps: int = 450, seed: int = 0, batch_size: int = 256, lr: float = 1e-3,
+          weight_decay: float = 0.1, warmup: int = 30, threads: int = 2):
+    """Train ``wclip-demo`` with the CLIP contrastive loss on clean world data; return (model, info)."""
+    import torch
+    import open_clip
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model, preprocess, tokenizer = create_model()
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
+                                              (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    loss_fn = open_clip.ClipLoss()
+    start, losses = time.time(), []
+    for step in range(steps):
+        images, tokens = to_batch(*train_batch(seed, step, batch_size), preprocess, tokenizer)
+        image_features, text_features, logit_scale = model(images, tokens)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        if step % 25 == 0 or step == steps - 1:
+            log.info("step %d/%d loss %.4f logit_scale %.1f %.0fs", step + 1, steps, losses[-1],
+                     float(model.logit_scale.exp()), time.time() - start)
+    model.eval()
+    tail = losses[-min(20, len(losses)):]
+    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+            "warmup": warmup, "threads": threads, "train_seconds": round(time.time() - start, 1),
+            "final_loss": round(float(np.mean(tail)), 4), "first_loss": round(losses[0], 4),
+            "logit_scale": round(float(model.logit_scale.exp()), 2)}
+    return model, info
+
+
+def embed(model, preprocess, tokenizer, samples, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (not L2-normalised) float64 image and text embeddings of world samples."""
+    import torch
+
+    img, txt = [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            images, tokens = to_batch([s.image for s in chunk], [s.caption for s in chunk], preprocess, tokenizer)
+            img.append(model.encode_image(images, normalize=False).double().numpy())
+            txt.append(model.encode_text(tokens, normalize=False).double().numpy())
+    return np.concatenate(img), np.concatenate(txt)
+
+
+def fit_whitening(x: np.ndarray, shrinkage: float = 0.01, holdout: float = 0.2, seed: int = 0) -> dict:
+    """Mean, whitening matrix and sorted held-out sqnorms of reference embeddings ``x``."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    n_hold = int(round(holdout * len(x)))
+    fit, hold = x[order[n_hold:]], x[order[:n_hold]]
+    mu = fit.mean(0)
+    cov = np.cov(fit - mu, rowvar=False)
+    cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+    lam, vec = np.linalg.eigh(cov)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    w = vec / np.sqrt(lam)
+    held = np.sort((((hold - mu) @ w) ** 2).sum(1))
+    return {"mean": mu, "W": w, "held": held, "m": w.shape[1], "held_sqnorm_per_m": float(held.mean() / w.shape[1])}
+
+
+def score(stats: dict, x: np.ndarray) -> dict:
+    """Per-row sqnorm, loglik and empirical p-value (fraction of held-out sqnorms >= the row's)."""
+    sq = (((x - stats["mean"]) @ stats["W"]) ** 2).sum(1)
+    held = stats["held"]
+    pvalue = 1.0 - np.searchsorted(held, sq, side="left") / len(held)
+    return {"sqnorm": sq, "loglik": -0.5 * (stats["m"] * math.log(2 * math.pi) + sq), "pvalue": pvalue}
+
+
+def auroc(anomalous: np.ndarray, normal: np.ndarray) -> float:
+    """Probability that an anomalous row scores higher than a normal one (ties count half)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([anomalous, normal]))
+    n1, n0 = len(anomalous), len(normal)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def evaluate(model, preprocess, tokenizer, n_reference: int = 3000, n_target: int = 3000,
+             anomaly_rate: float = 0.2, seed: int = EVAL_SEED, shrinkage: float = 0.01) -> dict:
+    """Fit whitening on a clean held-out world, score a labelled one; AUROC per anomaly kind."""
+    reference = [s for _, s in world.iter_world(seed, 0, n_reference)]
+    target = [s for _, s in world.iter_world(seed, 1, n_target, anomaly_rate)]
+    ref_img, ref_txt = embed(model, preprocess, tokenizer, reference)
+    tgt_img, tgt_txt = embed(model, preprocess, tokenizer, target)
+    fits = {"image": fit_whitening(ref_img, shrinkage), "text": fit_whitening(ref_txt, shrinkage)}
+    scores = {"image": score(fits["image"], tgt_img), "text": score(fits["text"], tgt_txt)}
+    cos = (tgt_img * tgt_txt).sum(1) / (np.linalg.norm(tgt_img, axis=1) * np.linalg.norm(tgt_txt, axis=1))
+    kinds = np.array([s.labels["anomaly"] or "" for s in target])
+    clean = kinds == ""
+    anomaly_score = {"image": -scores["image"]["loglik"], "caption": -scores["text"]["loglik"], "pair": -cos}
+    per_kind = {}
+    for kind in world.ANOMALY_KINDS:
+        if (kinds == kind).any():
+            s = anomaly_score[world.anomaly_modality(kind)]
+            per_kind[kind] = round(auroc(s[kinds == kind], s[clean]), 4)
+
+    def pooled(modality, only=None):
+        sel = np.isin(kinds, [k for k in world.ANOMALY_KINDS if world.anomaly_modality(k) == modality
+                              and (only is None or k in only)])
+        return round(auroc(anomaly_score[modality][sel], anomaly_score[modality][clean]), 4)
+
+    return {
+        "eval_seed": seed, "n_reference": n_reference, "n_target": n_target, "anomaly_rate": anomaly_rate,
+        "embeddings": "raw (not L2-normalised)", "shrinkage": shrinkage, "components": fits["image"]["m"],
+        "held_out": len(fits["image"]["held"]),
+        "held_sqnorm_per_m": {t: round(f["held_sqnorm_per_m"], 3) for t, f in fits.items()},
+        "clean_target_sqnorm_per_m": {t: round(float(scores[t]["sqnorm"][clean].mean() / fits[t]["m"]), 3)
+                                      for t in fits},
+        "auroc": per_kind,
+        "auroc_image_obvious": pooled("image", ("noise", "blank", "damaged")),
+        "auroc_image_all": pooled("image"), "auroc_caption": pooled("caption"), "auroc_pair": pooled("pair"),
+        "noise_frac_p_below_0.01": round(float((scores["image"]["pvalue"][kinds == "noise"] < 0.01).mean()), 4),
+        "gibberish_frac_p_below_0.01": round(float((scores["text"]["pvalue"][kinds == "gibberish"] < 0.01).mean()), 4),
+        "clean_frac_p_below_0.01": {t: round(float((scores[t]["pvalue"][clean] < 0.01).mean()), 4) for t in scores},
+        "clip_score_clean_mean": round(float(cos[clean].mean()), 4),
+        "clip_score_mismatch_mean": round(float(cos[kinds == "mismatch"].mean()), 4),
+    }
+
+
+def main(steps: int = 450, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 3000, **train_kwargs) -> dict:
+    """Train, save to ``output`` (+ ``.train.json`` beside it), reload as shipped, evaluate; return the record."""
+    import open_clip
+    import torch
+
+    wall = time.time()
+    model, info = train(steps=steps, seed=seed, **train_kwargs)
+    output = Path(output)
+    sha = save_weights(model, output)
+    model, preprocess, tokenizer = create_model()
+    load_weights(model, output)
+    record = {"model": MODEL_NAME, "config": json.loads(CONFIG_PATH.read_text()), "weights": output.name,
+              "weights_sha256": sha, "weights_bytes": output.stat().st_size, **info,
+              "command": f"wclip train-demo --steps {steps} --seed {seed} --output {output.name}",
+              "world_seed": seed, "samples_seen": steps * info["batch_size"],
+              "torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version(),
+              "machine": platform.machine()}
+    if eval_samples > 0:
+        t = time.time()
+        record["eval"] = evaluate(model, preprocess, tokenizer, n_reference=eval_samples, n_target=eval_samples)
+        record["eval_seconds"] = round(time.time() - t, 1)
+    record["wall_seconds"] = round(time.time() - wall, 1)
+    output.with_name(output.name.removesuffix(".safetensors") + ".train.json").write_text(
+        json.dumps(record, indent=2) + "\n")
+    return record
