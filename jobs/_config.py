@@ -84,15 +84,14 @@ def _values(flag: str, action, value) -> list:
     """The argument tokens for one config entry."""
     if value is None or value is False:
         return []
-    takes_value = action.nargs != 0
-    if not takes_value:
+    if action.nargs == 0:
         if value is not True:
             raise JobConfigError(f"{flag} is an on/off flag: use true or false, got {value!r}")
         return [flag]
     if isinstance(action, argparse._AppendAction):
-        items = value.items() if isinstance(value, dict) else (value if isinstance(value, (list, tuple)) else [value])
         if isinstance(value, dict):
-            return [t for k, v in items for t in (flag, f"{k}={_scalar(flag, v)}")]
+            return [t for k, v in value.items() for t in (flag, f"{k}={_scalar(flag, v)}")]
+        items = value if isinstance(value, (list, tuple)) else [value]
         return [t for v in items for t in (flag, _scalar(flag, v))]
     if isinstance(value, (list, tuple)):
         if action.nargs not in ("+", "*") and not isinstance(action.nargs, int):
