@@ -98,3 +98,57 @@ def test_score_refuses_a_different_model_before_any_work(fitted, tmp_path):
     with pytest.raises(ConfigError, match="model mismatch.*random-init:seed=0.*random-init:seed=1"):
         score(ScoreConfig(run=other, stats_path=stats_path, output=str(out)), stats)
     assert not out.exists() or not any(out.iterdir())
+
+
+def _direct_embeddings(urls):
+    """Keys ('<shard>/<key>') and raw embeddings of every sample, by open_clip directly."""
+    import io
+    import tarfile
+
+    import pipeline
+    import torch
+    from PIL import Image
+
+    model, preprocess, tokenizer = pipeline.load_clip("wclip-tiny", random_init=True)
+    keys, imgs, caps = [], [], []
+    for url in urls:
+        name = url.rsplit("/", 1)[1][:-4]
+        with tarfile.open(url) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for k in sorted({n.split(".")[0] for n in members}):
+            keys.append(f"{name}/{k}")
+            imgs.append(preprocess(Image.open(io.BytesIO(members[k + ".jpg"]))))
+            caps.append(members[k + ".txt"].decode())
+    with torch.no_grad():
+        return keys, {"image": model.encode_image(torch.stack(imgs)).double().numpy(),
+                      "text": model.encode_text(tokenizer(caps)).double().numpy()}
+
+
+def test_distributed_fit_equals_a_single_pass_fit(fitted):
+    from pipeline.whitening import WhiteningStats
+
+    urls, stats_path, _ = fitted
+    stats = StatsFile.load(stats_path)
+    keys, emb = _direct_embeddings(urls)
+    for tower in ("image", "text"):
+        ref = WhiteningStats.fit(emb[tower], components=16, holdout=0.2, seed=0, keys=keys)
+        got = stats.towers[tower]
+        assert got.n_fit == ref.n_fit and got.n_heldout == ref.n_heldout
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.eigenvalues, ref.eigenvalues, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(got.calibration, ref.calibration, rtol=1e-4)
+
+
+def test_max_samples_caps_the_reference_set_deterministically(fitted, tmp_path):
+    urls, _, _ = fitted
+    sizes = []
+    for attempt in range(2):
+        path = str(tmp_path / f"capped{attempt}.safetensors")
+        fit(FitConfig(run=run_cfg(urls), output=path, components=8, holdout=0.2, max_samples=70))
+        sizes.append(StatsFile.load(path))
+    a, b = sizes
+    assert a.metadata["n_reference"] == 70 and a.metadata["reference_shards"] == 2
+    for tower in ("image", "text"):
+        assert a.towers[tower].n_fit + a.towers[tower].n_heldout == 70
+        np.testing.assert_array_equal(a.towers[tower].mean, b.towers[tower].mean)
+        np.testing.assert_array_equal(a.towers[tower].calibration, b.towers[tower].calibration)
