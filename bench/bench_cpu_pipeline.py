@@ -193,7 +193,7 @@ def main(argv=None):
     }
     a, b = args.memory_shards
     results["memory_ratio"] = mem[b]["peak_pss_mb"] / mem[a]["peak_pss_mb"]
-    print(f"\n| measure | value |\n|---|---|")
+    print("\n| measure | value |\n|---|---|")
     print(f"| bare loop (1 process) | {results['bare_samples_per_s']:.1f} samples/s |")
     print(f"| wclip score, steady (excl. Ray start) | {results['pipeline_samples_per_s_steady']:.1f} samples/s |")
     print(f"| wclip score, wall (incl. Ray start) | {results['pipeline_samples_per_s_wall']:.1f} samples/s |")

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.decode import InputConfig, PreparedSample, Preprocessor, finalize_status, prepare_sample
+from pipeline.decode import InputConfig, Preprocessor, finalize_status, prepare_sample
 from pipeline.shards import ShardReader, shard_name
 from pipeline.writer import SCORE_COLUMNS
 

@@ -58,3 +58,13 @@ def clean_shards(folder, shards: int, per_shard: int, start: int = 0) -> list:
         samples = [sample(start + s * per_shard + j) for j in range(per_shard)]
         urls.append(write_shard(folder / f"{s:05d}.tar", samples))
     return urls
+
+
+def tiny_run(urls, chunk_size: int = 16, **kw):
+    """A RunConfig for the tiny random-init test model (wclip-tiny, seed 0), without progress bars."""
+    from pipeline.config import RunConfig
+    from pipeline.models import ModelSpec
+
+    kw.setdefault("progress", False)
+    return RunConfig(shards=tuple(urls), model=ModelSpec("wclip-tiny", random_init=True, seed=0),
+                     chunk_size=chunk_size, **kw)

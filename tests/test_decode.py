@@ -1,13 +1,10 @@
 """Every kind of bad sample becomes a row with a status and an actionable error (no Ray needed)."""
 
-import io
-import json
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import pipeline
 from pipeline.decode import InputConfig, Preprocessor, finalize_status, prepare_sample

@@ -11,15 +11,10 @@ from pipeline.fit import fit
 from pipeline.models import ModelSpec
 from pipeline.score import ConfigError, score
 from pipeline.whitening import StatsFile
-from shardkit import clean_shards
-
-TINY = ModelSpec("wclip-tiny", random_init=True, seed=0)
-
+from shardkit import tiny_run, clean_shards
 
 def run_cfg(urls, **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("chunk_size", 16)
-    return RunConfig(shards=tuple(urls), model=TINY, **kw)
+    return tiny_run(urls, chunk_size=16, **kw)
 
 
 @pytest.fixture(scope="module")

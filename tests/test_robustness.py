@@ -7,25 +7,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import FitConfig, RunConfig, ScoreConfig
+from pipeline.config import FitConfig, ScoreConfig
 from pipeline.fit import fit
-from pipeline.models import ModelSpec
 from pipeline.score import score
 from pipeline.whitening import StatsFile
-from shardkit import clean_shards, image_bytes, sample, write_shard
+from shardkit import tiny_run, clean_shards, image_bytes, sample, write_shard
 from test_decode import png_bomb
 
-TINY = ModelSpec("wclip-tiny", random_init=True, seed=0)
-
-
 def run_cfg(urls, **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("chunk_size", 8)
-    return RunConfig(shards=tuple(urls), model=TINY, **kw)
+    return tiny_run(urls, chunk_size=8, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +116,7 @@ def _tables(folder):
 
 
 def test_killed_run_resumes_to_the_same_output(tmp_path, stats_path):
-    urls = clean_shards(tmp_path, shards=6, per_shard=24)
+    clean_shards(tmp_path, shards=6, per_shard=24)
     common = ["score", "--input", str(tmp_path / "{00000..00005}.tar"), "--stats", stats_path,
               "--num-cpus", "1", "--max-in-flight", "1", "--chunk-size", "8", "--no-progress", "--random-init"]
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
