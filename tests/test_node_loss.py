@@ -158,8 +158,9 @@ def _scenario(work: Path) -> None:
             raise RuntimeError("the run ended before the worker node could be removed mid-run")
         if "error" in outcome or thread.is_alive():
             raise RuntimeError(f"the score job did not finish after the node loss: {outcome}")
-        kill["encoder_restarts"] = sum(a["NumRestarts"] for a in ray_state.actors().values()
-                                       if a["ActorClassName"] == "EncoderActor" and a["State"] == "ALIVE")
+        # the job's actors are gone by now, but the actor table remembers them (earlier runs': 0 restarts)
+        kill["encoder_restarts"] = sum(int(a["NumRestarts"]) for a in ray_state.actors().values()
+                                       if a["ActorClassName"] == "EncoderActor")
         report.update(lost=outcome["summary"], kill=kill,
                       alive_nodes_after=sum(1 for n in ray.nodes() if n["Alive"]))
         (work / "report.json").write_text(json.dumps(report, default=str))
