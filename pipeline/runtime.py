@@ -30,6 +30,7 @@ from pipeline.shards import ShardReader
 log = logging.getLogger("wclip")
 
 OUTSTANDING_CHUNKS = 2  # chunks a shard task may have at the encoders at once (bounds memory)
+ENCODER_RESTARTS = 20  # restarts of one encoder actor over a job (node losses)
 
 
 # -- session ----------------------------------------------------------------------------------------
@@ -143,9 +144,11 @@ def _image_size(enc) -> tuple:
 def start_encoders(run: RunConfig, stats=None) -> list:
     """Create the encoder actors: one per GPU, else ``run.encoders`` (default 1) sharing the CPUs."""
     gpus = cluster_gpus()
-    count = run.encoders or (gpus if gpus else 1)
     encode_cfg = run.encode
-    if gpus:
+    on_gpu = encode_cfg.device.startswith("cuda") or (encode_cfg.device == "auto" and gpus > 0)
+    count = run.encoders or (max(gpus, 1) if on_gpu else 1)
+    if on_gpu:
+        # Asking for a GPU also makes an autoscaling cluster with no GPU node yet start one.
         options = dict(num_gpus=1, num_cpus=1)
     else:
         # On CPU the encoder shares the cores with the reader tasks (one per CPU): it reserves none,
@@ -157,7 +160,9 @@ def start_encoders(run: RunConfig, stats=None) -> list:
             from dataclasses import replace
 
             encode_cfg = replace(encode_cfg, threads=max(1, cluster_cpus() // (4 * count)))
-    actor_cls = ray.remote(max_restarts=3, max_task_retries=3)(EncoderActor)
+    # Restarted when their node dies (spot instances come and go), each call retried on the new one;
+    # bounded so that an encoder that cannot start (bad weights, no memory) fails the job, not loops.
+    actor_cls = ray.remote(max_restarts=ENCODER_RESTARTS, max_task_retries=ENCODER_RESTARTS)(EncoderActor)
     return [actor_cls.options(**options).remote(run.model, encode_cfg, stats) for _ in range(count)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pipeline.cli import UserError
@@ -80,8 +81,16 @@ def run_config(args, spec, normalize: bool):
     from pipeline.shards import expand_shards
 
     try:
+        shards = tuple(expand_shards(args.input))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    missing = [u for u in shards if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise UserError(f"{len(missing)} of {len(shards)} input shards do not exist: {', '.join(missing[:3])}{more}")
+    try:
         return RunConfig(
-            shards=tuple(expand_shards(args.input)), model=spec,
+            shards=shards, model=spec,
             encode=EncodeConfig(device=args.device, precision=args.precision, batch_size=args.batch_size,
                                 normalize=normalize, compile=args.compile),
             inputs=InputConfig(image_exts=_exts(args.image_ext), caption_exts=_exts(args.caption_ext),

@@ -33,6 +33,9 @@ def run(args):
     from pipeline.config import FitConfig
     from pipeline.fit import fit
 
+    if "://" in args.output:
+        raise UserError(f"--output {args.output}: `wclip fit` writes the stats file locally; give a local path "
+                        f"and copy it, or run `python -m jobs.fit`, which uploads it")
     spec = _common.model_spec(args)
     try:
         cfg = FitConfig(run=_common.run_config(args, spec, normalize=args.normalize), output=args.output,

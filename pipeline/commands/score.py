@@ -27,6 +27,9 @@ def run(args):
     from pipeline.score import score
     from pipeline.whitening import StatsFile
 
+    if "://" in args.stats:
+        raise UserError(f"--stats {args.stats}: give a local stats file (copy it first), or run "
+                        f"`python -m jobs.score`, which downloads it")
     try:
         stats = StatsFile.load(args.stats)
     except ValueError as exc:
