@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -145,3 +146,22 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, stats_path):
     for name in a:
         assert a[name].drop(["shard"]).equals(b[name].drop(["shard"])), name
     assert not [p for p in crashed.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_saved_embeddings_are_row_aligned(tmp_path, stats_path):
+    from safetensors.numpy import load_file
+
+    url = write_shard(tmp_path / "00000.tar", bad_samples())
+    out = tmp_path / "scores"
+    stats = StatsFile.load(stats_path)
+    score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out), save_embeddings=True), stats)
+    table = pq.read_table(out / "00000.parquet")
+    emb = load_file(str(out / "00000.embeddings.safetensors"))
+    assert set(emb) == {"image", "text"}
+    for tower in ("image", "text"):
+        assert emb[tower].shape == (table.num_rows, 32)
+        sq = table[f"{tower}_sqnorm"].to_numpy(zero_copy_only=False)
+        scored = ~np.isnan(sq)
+        assert np.isnan(emb[tower][~scored]).all() and np.isfinite(emb[tower][scored]).all()
+        np.testing.assert_allclose(stats.towers[tower].sqnorm(emb[tower][scored].astype(np.float64)),
+                                   sq[scored], rtol=1e-5)
