@@ -17,18 +17,14 @@ Conventions fixed here:
   the sample keys. Held-out rows are not used in ``mu``/``S``; their sorted sqnorms are the
   calibration table behind :meth:`WhiteningStats.pvalue`.
 
-Stats files are safetensors (never pickle); see :class:`StatsFile`.
+Stats files are safetensors (never pickle); see :mod:`pipeline.statsfile` (re-exported here).
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import json
 import math
 import numbers
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +36,6 @@ from pipeline.diagnostics import normality_pass_rates
 __all__ = ["Moments", "WhiteningStats", "StatsFile", "StatsFileError", "holdout_mask",
            "FORMAT", "DEFAULT_TOL", "SINGULAR_RTOL"]
 
-FORMAT = "wclip-stats/1"
 #: Default tolerance of the "auto" rules: accept held-out ``sqnorm/m <= 1 + DEFAULT_TOL``.
 DEFAULT_TOL = 0.1
 #: A kept eigenvalue must exceed ``SINGULAR_RTOL * largest eigenvalue``.
@@ -49,11 +44,6 @@ SINGULAR_RTOL = 1e-12
 DIAG_MAX_SAMPLES = 5000
 DIAG_MAX_FEATURES = 256
 _TENSORS = ("mean", "whitening", "eigenvalues", "calibration")
-_TOWER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class StatsFileError(ValueError):
-    """A file is not a valid wclip stats file (or not for this model)."""
 
 
 def _as_rows(X, name: str = "X", dim: int | None = None) -> np.ndarray:
@@ -427,11 +417,15 @@ class WhiteningStats:
     # ---- files ------------------------------------------------------------------------------
     def save(self, path, metadata: dict | None = None, tower: str = "default") -> Path:
         """Write a one-tower stats file (see :class:`StatsFile`)."""
+        from pipeline.statsfile import StatsFile
+
         return StatsFile(towers={tower: self}, metadata=metadata or {}).save(path)
 
     @classmethod
     def load(cls, path, tower: str | None = None, dim: int | None = None) -> "WhiteningStats":
         """Read one tower of a stats file (the only one when ``tower`` is None)."""
+        from pipeline.statsfile import StatsFile, StatsFileError
+
         sf = StatsFile.load(path, dim=dim)
         if tower is None:
             if len(sf.towers) != 1:
@@ -443,112 +437,10 @@ class WhiteningStats:
         return sf.towers[tower]
 
 
-@dataclass(frozen=True)
-class StatsFile:
-    """Whitening statistics of one or more towers (``image``, ``text``) plus JSON metadata.
+def __getattr__(name):
+    """``StatsFile``, ``StatsFileError`` and ``FORMAT`` live in :mod:`pipeline.statsfile`; re-exported."""
+    if name in ("StatsFile", "StatsFileError", "FORMAT"):
+        from pipeline import statsfile
 
-    On disk: safetensors with float64 tensors ``{tower}.mean``, ``{tower}.whitening``,
-    ``{tower}.eigenvalues``, ``{tower}.calibration`` and string metadata ``format``
-    (``wclip-stats/1``) and ``wclip`` (JSON: the caller's metadata plus ``format``,
-    ``towers``, per-tower ``summary``, ``created`` and ``wclip_version`` when missing).
-    """
-
-    towers: dict
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not self.towers:
-            raise ValueError("a stats file needs at least one tower")
-        for name, ws in self.towers.items():
-            if not isinstance(name, str) or not _TOWER_NAME.match(name):
-                raise ValueError(f"tower names must match [A-Za-z0-9_-]+; got {name!r}")
-            if not isinstance(ws, WhiteningStats):
-                raise ValueError(f"tower {name!r} must be a WhiteningStats; got {type(ws).__name__}")
-        try:
-            metadata = json.loads(json.dumps(dict(self.metadata), allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"metadata must be a JSON-able dict: {exc}") from exc
-        object.__setattr__(self, "towers", dict(self.towers))
-        object.__setattr__(self, "metadata", metadata)
-
-    def save(self, path) -> Path:
-        """Write the file atomically (temporary name, then rename); returns its path."""
-        from safetensors.numpy import save_file
-        import pipeline
-
-        path = Path(path)
-        tensors = {f"{t}.{name}": np.ascontiguousarray(getattr(ws, name), dtype="<f8").copy()
-                   for t, ws in self.towers.items() for name in _TENSORS}
-        meta = dict(self.metadata)
-        meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
-        meta.setdefault("wclip_version", pipeline.__version__)
-        meta.update(format=FORMAT, towers=list(self.towers),
-                    summary={t: ws.summary() for t, ws in self.towers.items()})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT,
-                                                   "wclip": json.dumps(meta, allow_nan=False)})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
-
-    @classmethod
-    def load(cls, path, dim: int | None = None) -> "StatsFile":
-        """Read and validate a stats file; ``dim`` (optional) is the embedding size expected.
-
-        Anything else raises :class:`StatsFileError`; nothing is ever unpickled.
-        """
-        path = Path(path)
-        redo = "Re-run `wclip fit` to create a valid stats file."
-
-        def fail(what):
-            return StatsFileError(f"{path} is not a valid wclip stats file: {what}. {redo}")
-
-        if not path.is_file():
-            raise StatsFileError(f"stats file {path} does not exist. Run `wclip fit` to create it.")
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-        if size < 10 or not 2 <= int.from_bytes(head[:8], "little") <= size - 8 or head[8:9] != b"{":
-            raise fail(f"no safetensors header ({size} bytes; a pickle, truncated or foreign file?)")
-        from safetensors import safe_open
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                header, names = f.metadata() or {}, set(f.keys())
-                if header.get("format") != FORMAT:
-                    raise fail(f"format is {header.get('format')!r}, expected {FORMAT!r}")
-                meta = json.loads(header["wclip"])
-                towers = meta["towers"]
-                want = {f"{t}.{n}" for t in towers for n in _TENSORS}
-                if names != want:
-                    raise fail(f"missing tensors {sorted(want - names)}, unexpected "
-                               f"{sorted(names - want)}")
-                arrays = {name: f.get_tensor(name) for name in sorted(names)}
-        except StatsFileError:
-            raise
-        except Exception as exc:  # safetensors, JSON and key errors: all mean a bad file
-            raise fail(f"{type(exc).__name__}: {exc}") from exc
-        out = {}
-        for t in towers:
-            try:
-                summ = meta["summary"][t]
-                if any(arrays[f"{t}.{n}"].dtype != np.float64 for n in _TENSORS):
-                    raise ValueError("tensors must be float64")
-                ws = WhiteningStats(
-                    **{n: arrays[f"{t}.{n}"] for n in _TENSORS}, n_fit=summ["n_fit"],
-                    shrinkage=summ["shrinkage"],
-                    diagnostics={k: summ.get(k) for k in
-                                 ("fit_sqnorm_over_m", "normality_fit", "normality_heldout")})
-                if (summ["dim"], summ["components"], summ["n_heldout"]) != \
-                        (ws.dim, ws.components, ws.n_heldout):
-                    raise ValueError("recorded dim/components/n_heldout do not match the tensors")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise fail(f"tower {t!r}: {exc}") from exc
-            if dim is not None and ws.dim != dim:
-                raise StatsFileError(f"{path}: tower {t!r} was fitted on {ws.dim}-dimensional "
-                                     f"embeddings, but this model produces {dim}. Fit stats for "
-                                     "this model with `wclip fit`.")
-            out[t] = ws
-        return cls(towers=out, metadata=meta)
+        return getattr(statsfile, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
