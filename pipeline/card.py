@@ -142,7 +142,7 @@ def provenance(sf) -> dict:
                         ("dim", "components", "shrinkage", "n_fit", "n_heldout", "log_det")}
         summary = _summary(ws)
         towers[name]["heldout_sqnorm_over_m"] = _clean(summary.get("heldout_sqnorm_over_m"))
-    keys = ("model", "pretrained", "checkpoint_sha256", "normalize", "precision", "reference_digest",
+    keys = ("model", "model_identity", "pretrained", "checkpoint_sha256", "normalize", "precision", "reference_digest",
             "reference_shards", "n_reference", "components_requested", "shrinkage", "holdout",
             "wclip_version", "created")
     return {"metadata": {k: meta.get(k) for k in keys if k in meta}, "towers": towers}

@@ -58,7 +58,7 @@ def render_readme(card: dict) -> str:
            f"the statistics in `{card['stats']}`. Numbers for machines: `card.json`.", ""]
 
     out += ["## Provenance", ""]
-    weights = meta.get("pretrained") or (f"checkpoint sha256 {meta['checkpoint_sha256']}"
+    weights = (meta.get("model_identity") or {}).get("weights") or meta.get("pretrained") or (f"checkpoint sha256 {meta['checkpoint_sha256']}"
                                          if meta.get("checkpoint_sha256") else None)
     out += _table(["item", "value"], [
         ["model", meta.get("model")], ["weights", weights],
