@@ -61,6 +61,15 @@ class Scene:
     background: str
     objects: list = field(default_factory=list)
     position: str | None = None    # named position of a single object, when there is one
+    relation: str | None = None    # where the first of two objects is relative to the second
+
+    def relate(self) -> None:
+        """Set :attr:`relation` from the positions of a two-object scene."""
+        (*_, x0, y0, _r0), (*_, x1, y1, _r1) = self.objects
+        if abs(x0 - x1) >= abs(y0 - y1):
+            self.relation = "to the left of" if x0 < x1 else "to the right of"
+        else:
+            self.relation = "above" if y0 < y1 else "below"
 
     def groups(self) -> list[tuple[str, str, str, int]]:
         """(shape, colour, size, count) per distinct group, in drawing order."""
@@ -112,6 +121,8 @@ def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS) -> S
                         break
             placed.append((cx, cy, r))
             scene.objects.append((shape, colour, size, float(cx), float(cy), r))
+    if len(specs) == 2:
+        scene.relate()
     return scene
 
 
@@ -139,7 +150,7 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 1
 
 
 def render(scene: Scene, rng: np.random.Generator, scale: int = 4) -> np.ndarray:
-    """Draw ``scene`` as a ``(SIZE, SIZE, 3)`` uint8 array (supersampled, then downsized)."""
+    """Draw ``scene`` as a ``(SIZE, SIZE, 3)`` uint8 array with mild lighting gradient and noise."""
     big = SIZE * scale
     img = Image.new("RGB", (big, big), _jitter(rng, BACKGROUNDS[scene.background], 10))
     draw = ImageDraw.Draw(img)
@@ -150,7 +161,11 @@ def render(scene: Scene, rng: np.random.Generator, scale: int = 4) -> np.ndarray
             draw.ellipse([(cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale], fill=fill)
         else:
             draw.polygon([(x * scale, y * scale) for x, y in _polygon(shape, cx, cy, r)], fill=fill)
-    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX))
+    pixels = np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
+    slope = rng.uniform(-14, 14, 2)                          # photographic texture: lighting + sensor noise
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5
+    pixels += (slope[0] * yy + slope[1] * xx)[..., None] + rng.normal(0, 4, pixels.shape)
+    return np.clip(pixels, 0, 255).round().astype(np.uint8)
 
 
 _TEMPLATES_ONE = ("a {size} {colour} {shape}", "a photo of a {size} {colour} {shape} in the {pos}",
@@ -161,7 +176,8 @@ _TEMPLATES_MANY = ("{num} {size} {colour} {shapes} on a {bg} background", "a pho
                    "{num} {colour} {shapes} against a {bg} background", "there are {num} {size} {colour} {shapes}",
                    "an image with {num} {size} {colour} {shapes}")
 _TEMPLATES_TWO = ("a {c1} {s1} and a {c2} {s2} on a {bg} background", "a photo of a {z1} {c1} {s1} next to a {z2} {c2} {s2}",
-                  "a {c1} {s1} and a {c2} {s2}", "an image of a {c1} {s1} and a {z2} {c2} {s2} on {bg}")
+                  "a {c1} {s1} {rel} a {c2} {s2}", "a {z1} {c1} {s1} {rel} a {z2} {c2} {s2} on {bg}",
+                  "an image of a {c1} {s1} {rel} a {z2} {c2} {s2}")
 
 
 def describe(scene: Scene, rng: np.random.Generator) -> str:
@@ -169,7 +185,8 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
     groups = scene.groups()
     if len(groups) == 2:
         (s1, c1, z1, _), (s2, c2, z2, _) = groups
-        return str(rng.choice(_TEMPLATES_TWO)).format(s1=s1, c1=c1, z1=z1, s2=s2, c2=c2, z2=z2, bg=scene.background)
+        return str(rng.choice(_TEMPLATES_TWO)).format(s1=s1, c1=c1, z1=z1, s2=s2, c2=c2, z2=z2, bg=scene.background,
+                                                    rel=scene.relation)
     shape, colour, size, n = groups[0]
     if n == 1:
         return str(rng.choice(_TEMPLATES_ONE)).format(size=size, colour=colour, shape=shape,
@@ -278,6 +295,7 @@ def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
             "sha256": hashlib.sha256(jpeg).hexdigest(),
             "anomaly": anomaly, "anomaly_modality": anomaly_modality(anomaly),
             "background": scene.background, "count": len(scene.objects), "position": scene.position,
+            "relation": scene.relation,
             "shapes": ",".join(g[0] for g in groups), "colours": ",".join(g[1] for g in groups),
             "sizes": ",".join(g[2] for g in groups),
             "objects": [dict(zip(("shape", "colour", "size", "x", "y", "r"), (*o[:3], *(round(v, 2) for v in o[3:]))))
