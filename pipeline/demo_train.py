@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_NAME = "wclip-demo"
 CONFIG_PATH = ASSETS / f"{MODEL_NAME}.json"
 WEIGHTS_PATH = ASSETS / f"{MODEL_NAME}.safetensors"
-EVAL_SEED = 20_250_506           # held-out world for evaluation, never used in training
+EVAL_SEED = 20_250_506           # held-out test world for the recorded evaluation
+VALIDATION_SEED = 4_242          # validation world for checkpoint selection (not the test world)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,20 @@ def train_batch(seed: int, step: int, batch_size: int) -> tuple[list[bytes], lis
     return [s.image for s in pairs], [s.caption for s in pairs]
 
 
-def train(steps: int = 450, seed: int = 0, batch_size: int = 256, lr: float = 1e-3,
-          weight_decay: float = 0.1, warmup: int = 30, threads: int = 2):
-    """Train ``wclip-demo`` with the CLIP contrastive loss on clean world data; return (model, info)."""
+def selection_score(ev: dict) -> float:
+    """Checkpoint-selection score: mean of the pooled obvious-image, caption and pair AUROCs."""
+    return (ev["auroc_image_obvious"] + ev["auroc_caption"] + ev["auroc_pair"]) / 3
+
+
+def train(steps: int = 500, seed: int = 0, batch_size: int = 256, lr: float = 2e-3,
+          weight_decay: float = 0.1, warmup: int = 30, threads: int = 2,
+          select_every: int = 50, select_from: int = 200, val_samples: int = 1000):
+    """Train ``wclip-demo`` with the CLIP contrastive loss on clean world data; return (model, info).
+
+    Weights are trained on clean pairs only. From step ``select_from`` on, every ``select_every``
+    steps (and at the end) the model is scored on a labelled validation world (its own seed,
+    never the test world) and the checkpoint with the best :func:`selection_score` is kept.
+    """
     import torch
     import open_clip
 
@@ -95,7 +108,11 @@ def train(steps: int = 450, seed: int = 0, batch_size: int = 256, lr: float = 1e
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     loss_fn = open_clip.ClipLoss()
+    validation = eval_worlds(VALIDATION_SEED, val_samples, val_samples, 0.3) if select_every > 0 else None
+    best, history = (None, -1.0, 0), []
     start, losses = time.time(), []
+    log.info("training %s: %d steps x %d pairs, seed %d, %d threads, load average %s", MODEL_NAME, steps,
+             batch_size, seed, threads, os.getloadavg())
     for step in range(steps):
         images, tokens = to_batch(*train_batch(seed, step, batch_size), preprocess, tokenizer)
         image_features, text_features, logit_scale = model(images, tokens)
@@ -110,13 +127,29 @@ def train(steps: int = 450, seed: int = 0, batch_size: int = 256, lr: float = 1e
         losses.append(float(loss.detach()))
         if step % 25 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f logit_scale %.1f %.0fs", step + 1, steps, losses[-1],
-                     float(model.logit_scale.exp()), time.time() - start)
+                     model.logit_scale.exp().item(), time.time() - start)
+        if validation and step + 1 >= select_from and ((step + 1) % select_every == 0 or step == steps - 1):
+            model.eval()
+            ev = evaluate(model, preprocess, tokenizer, worlds=validation)
+            model.train()
+            history.append({"step": step + 1, "score": round(selection_score(ev), 4), "auroc": ev["auroc"],
+                            "noise_frac_p_below_0.01": ev["noise_frac_p_below_0.01"]})
+            log.info("validation at step %d: score %.4f %s", step + 1, history[-1]["score"], ev["auroc"])
+            if history[-1]["score"] > best[1]:
+                best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, history[-1]["score"], step + 1)
+    if best[0] is not None:
+        model.load_state_dict(best[0])
     model.eval()
     tail = losses[-min(20, len(losses)):]
     info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "warmup": warmup, "threads": threads, "train_seconds": round(time.time() - start, 1),
             "final_loss": round(float(np.mean(tail)), 4), "first_loss": round(losses[0], 4),
-            "logit_scale": round(float(model.logit_scale.exp()), 2)}
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
+            "logit_scale": round(model.logit_scale.exp().item(), 2),
+            "selection": {"validation_seed": VALIDATION_SEED, "validation_samples": val_samples,
+                          "every": select_every, "from": select_from, "selected_step": best[2] or steps,
+                          "score": "mean of pooled AUROCs: image (noise, blank, damaged), caption, pair",
+                          "history": history} if validation else None}
     return model, info
 
 
@@ -134,7 +167,7 @@ def embed(model, preprocess, tokenizer, samples, batch_size: int = 256) -> tuple
     return np.concatenate(img), np.concatenate(txt)
 
 
-def fit_whitening(x: np.ndarray, shrinkage: float = 0.01, holdout: float = 0.2, seed: int = 0) -> dict:
+def fit_whitening(x: np.ndarray, shrinkage: float = 1e-4, holdout: float = 0.2, seed: int = 0) -> dict:
     """Mean, whitening matrix and sorted held-out sqnorms of reference embeddings ``x``."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
@@ -167,11 +200,19 @@ def auroc(anomalous: np.ndarray, normal: np.ndarray) -> float:
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def evaluate(model, preprocess, tokenizer, n_reference: int = 3000, n_target: int = 3000,
-             anomaly_rate: float = 0.2, seed: int = EVAL_SEED, shrinkage: float = 0.01) -> dict:
-    """Fit whitening on a clean held-out world, score a labelled one; AUROC per anomaly kind."""
-    reference = [s for _, s in world.iter_world(seed, 0, n_reference)]
-    target = [s for _, s in world.iter_world(seed, 1, n_target, anomaly_rate)]
+def eval_worlds(seed: int, n_reference: int, n_target: int, anomaly_rate: float) -> tuple[list, list]:
+    """A clean reference world (shard 0) and a labelled target world (shard 1) for ``seed``."""
+    return ([s for _, s in world.iter_world(seed, 0, n_reference)],
+            [s for _, s in world.iter_world(seed, 1, n_target, anomaly_rate)])
+
+
+def evaluate(model, preprocess, tokenizer, n_reference: int = 4000, n_target: int = 4000,
+             anomaly_rate: float = 0.2, seed: int = EVAL_SEED, shrinkage: float = 1e-4, worlds=None) -> dict:
+    """Fit whitening on a clean held-out world, score a labelled one; AUROC per anomaly kind.
+
+    ``worlds`` (from :func:`eval_worlds`) replaces generating them from the other arguments.
+    """
+    reference, target = worlds or eval_worlds(seed, n_reference, n_target, anomaly_rate)
     ref_img, ref_txt = embed(model, preprocess, tokenizer, reference)
     tgt_img, tgt_txt = embed(model, preprocess, tokenizer, target)
     fits = {"image": fit_whitening(ref_img, shrinkage), "text": fit_whitening(ref_txt, shrinkage)}
@@ -192,7 +233,8 @@ def evaluate(model, preprocess, tokenizer, n_reference: int = 3000, n_target: in
         return round(auroc(anomaly_score[modality][sel], anomaly_score[modality][clean]), 4)
 
     return {
-        "eval_seed": seed, "n_reference": n_reference, "n_target": n_target, "anomaly_rate": anomaly_rate,
+        "eval_seed": None if worlds else seed, "n_reference": len(reference), "n_target": len(target),
+        "anomaly_rate": round(float(np.mean(kinds != "")), 4),
         "embeddings": "raw (not L2-normalised)", "shrinkage": shrinkage, "components": fits["image"]["m"],
         "held_out": len(fits["image"]["held"]),
         "held_sqnorm_per_m": {t: round(f["held_sqnorm_per_m"], 3) for t, f in fits.items()},
@@ -209,7 +251,7 @@ def evaluate(model, preprocess, tokenizer, n_reference: int = 3000, n_target: in
     }
 
 
-def main(steps: int = 450, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 3000, **train_kwargs) -> dict:
+def main(steps: int = 500, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 4000, **train_kwargs) -> dict:
     """Train, save to ``output`` (+ ``.train.json`` beside it), reload as shipped, evaluate; return the record."""
     import open_clip
     import torch
@@ -222,7 +264,7 @@ def main(steps: int = 450, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int
     load_weights(model, output)
     record = {"model": MODEL_NAME, "config": json.loads(CONFIG_PATH.read_text()), "weights": output.name,
               "weights_sha256": sha, "weights_bytes": output.stat().st_size, **info,
-              "command": f"wclip train-demo --steps {steps} --seed {seed} --output {output.name}",
+              "command": f"wclip train-demo --steps {steps} --seed {seed}",
               "world_seed": seed, "samples_seen": steps * info["batch_size"],
               "torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version(),
               "machine": platform.machine()}

@@ -6,14 +6,18 @@ HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world 
 def add_arguments(parser):
     from pipeline.demo_train import WEIGHTS_PATH
 
-    parser.add_argument("--steps", type=int, default=450, help="optimiser steps (batch of --batch-size pairs)")
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps (batch of --batch-size pairs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init and the training world")
     parser.add_argument("--output", default=str(WEIGHTS_PATH),
                         help="weights file (.safetensors); the training record goes beside it as .train.json")
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--eval-samples", type=int, default=3000,
-                        help="reference and target pairs for the held-out evaluation (0 skips it)")
+    parser.add_argument("--select-every", type=int, default=50,
+                        help="score a labelled validation world every N steps from --select-from on and keep "
+                             "the best checkpoint (0: keep the last)")
+    parser.add_argument("--select-from", type=int, default=200, help="first step considered for selection")
+    parser.add_argument("--eval-samples", type=int, default=4000,
+                        help="reference and target pairs for the held-out test evaluation (0 skips it)")
 
 
 def run(args):
@@ -22,13 +26,15 @@ def run(args):
     from pipeline.cli import UserError
     from pipeline.demo_train import main
 
-    if args.steps < 1 or args.batch_size < 2 or args.threads < 1 or args.eval_samples < 0:
-        raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0 (got "
-                        f"{args.steps}, {args.batch_size}, {args.threads}, {args.eval_samples})")
+    if args.steps < 1 or args.batch_size < 2 or args.threads < 1 or min(args.eval_samples, args.select_every) < 0:
+        raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0, "
+                        f"--select-every >= 0 (got {args.steps}, {args.batch_size}, {args.threads}, "
+                        f"{args.eval_samples}, {args.select_every})")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must end with .safetensors (got {args.output})")
     record = main(steps=args.steps, seed=args.seed, output=args.output, eval_samples=args.eval_samples,
-                  batch_size=args.batch_size, threads=args.threads)
+                  batch_size=args.batch_size, threads=args.threads, select_every=args.select_every,
+                  select_from=args.select_from)
     print(f"wrote {args.output} ({record['weights_bytes'] / 1e6:.1f} MB) after {record['train_seconds']}s, "
           f"final loss {record['final_loss']}")
     if "eval" in record:
