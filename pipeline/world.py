@@ -33,10 +33,11 @@ UNSEEN_COLOURS = {"orange": (250, 135, 0), "purple": (140, 40, 190), "pink": (25
                   "cyan": (0, 215, 215)}
 BACKGROUNDS = {"white": (242, 242, 242), "black": (18, 18, 18), "gray": (128, 128, 128),
                "blue": (35, 65, 215), "green": (35, 165, 55), "yellow": (235, 215, 35)}
-SIZES = {"small": (5.0, 7.5), "large": (11.0, 15.0)}   # radius range in pixels
+SIZES = {"small": (5.0, 7.5), "large": (10.0, 13.0)}   # radius range in pixels
 POSITIONS = {"top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48),
              "bottom right": (48, 48), "center": (32, 32)}
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+STYLES = ("photo", "drawing")
 
 IMAGE_ANOMALIES = ("noise", "blank", "damaged", "unseen_shape", "unseen_colour")
 CAPTION_ANOMALIES = ("gibberish", "ungrammatical")
@@ -62,6 +63,7 @@ class Scene:
     objects: list = field(default_factory=list)
     position: str | None = None    # named position of a single object, when there is one
     relation: str | None = None    # where the first of two objects is relative to the second
+    style: str = "photo"           # "photo" (lighting gradient, sensor noise) or "drawing" (flat colours)
 
     def relate(self) -> None:
         """Set :attr:`relation` from the positions of a two-object scene."""
@@ -104,7 +106,7 @@ def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS) -> S
     else:
         count = int(rng.choice([1, 1, 2, 3]))
         specs = [(str(rng.choice(shapes)), str(rng.choice(palette)), str(rng.choice(list(SIZES))), count)]
-    scene = Scene(background=background)
+    scene = Scene(background=background, style=str(rng.choice(STYLES)))
     total = sum(n for *_, n in specs)
     if total == 1:
         scene.position = str(rng.choice(list(POSITIONS)))
@@ -115,7 +117,7 @@ def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS) -> S
             if scene.position:
                 cx, cy = (v + rng.uniform(-3, 3) for v in POSITIONS[scene.position])
             else:
-                for _attempt in range(20):
+                for _attempt in range(100):
                     cx, cy = rng.uniform(r + 1, SIZE - r - 1, 2)
                     if all(math.hypot(cx - x, cy - y) > r + pr for x, y, pr in placed):
                         break
@@ -150,7 +152,7 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 1
 
 
 def render(scene: Scene, rng: np.random.Generator, scale: int = 4) -> np.ndarray:
-    """Draw ``scene`` as a ``(SIZE, SIZE, 3)`` uint8 array with mild lighting gradient and noise."""
+    """Draw ``scene`` as a ``(SIZE, SIZE, 3)`` uint8 array in its style."""
     big = SIZE * scale
     img = Image.new("RGB", (big, big), _jitter(rng, BACKGROUNDS[scene.background], 10))
     draw = ImageDraw.Draw(img)
@@ -162,37 +164,40 @@ def render(scene: Scene, rng: np.random.Generator, scale: int = 4) -> np.ndarray
         else:
             draw.polygon([(x * scale, y * scale) for x, y in _polygon(shape, cx, cy, r)], fill=fill)
     pixels = np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
-    slope = rng.uniform(-14, 14, 2)                          # photographic texture: lighting + sensor noise
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5
-    pixels += (slope[0] * yy + slope[1] * xx)[..., None] + rng.normal(0, 4, pixels.shape)
+    if scene.style == "photo":                               # lighting gradient and sensor noise
+        slope, sigma = rng.uniform(-14, 14, 2), rng.uniform(3, 7)
+        yy, xx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1) - 0.5
+        pixels += (slope[0] * yy + slope[1] * xx)[..., None] + rng.normal(0, sigma, pixels.shape)
     return np.clip(pixels, 0, 255).round().astype(np.uint8)
 
 
-_TEMPLATES_ONE = ("a {size} {colour} {shape}", "a photo of a {size} {colour} {shape} in the {pos}",
-                  "a {colour} {shape} on a {bg} background", "a {size} {colour} {shape} in the {pos} of the picture",
-                  "an image of a {colour} {shape} in the {pos}, {bg} background",
-                  "a picture of a {size} {colour} {shape} on {bg}")
-_TEMPLATES_MANY = ("{num} {size} {colour} {shapes} on a {bg} background", "a photo of {num} {colour} {shapes}",
-                   "{num} {colour} {shapes} against a {bg} background", "there are {num} {size} {colour} {shapes}",
-                   "an image with {num} {size} {colour} {shapes}")
-_TEMPLATES_TWO = ("a {c1} {s1} and a {c2} {s2} on a {bg} background", "a photo of a {z1} {c1} {s1} next to a {z2} {c2} {s2}",
+_TEMPLATES_ONE = ("a {size} {colour} {shape}", "a {size} {colour} {shape} in the {pos}",
+                  "a {colour} {shape} on a {bg} background", "a {size} {colour} {shape} in the {pos} of the image",
+                  "a {colour} {shape} in the {pos}, {bg} background", "a {size} {colour} {shape} on {bg}")
+_TEMPLATES_MANY = ("{num} {size} {colour} {shapes} on a {bg} background", "{num} {colour} {shapes}",
+                   "{num} {colour} {shapes} against a {bg} background", "{num} {size} {colour} {shapes}")
+_TEMPLATES_TWO = ("a {c1} {s1} and a {c2} {s2} on a {bg} background", "a {z1} {c1} {s1} next to a {z2} {c2} {s2}",
                   "a {c1} {s1} {rel} a {c2} {s2}", "a {z1} {c1} {s1} {rel} a {z2} {c2} {s2} on {bg}",
-                  "an image of a {c1} {s1} {rel} a {z2} {c2} {s2}")
+                  "a {c1} {s1} {rel} a {z2} {c2} {s2}")
+_PREFIXES = {"photo": ("a photo of ", "a photograph of "), "drawing": ("a drawing of ", "a flat illustration of ")}
 
 
 def describe(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption for ``scene`` in one of several phrasings."""
+    """A caption for ``scene`` in one of several phrasings, most of them naming its style."""
     groups = scene.groups()
     if len(groups) == 2:
         (s1, c1, z1, _), (s2, c2, z2, _) = groups
-        return str(rng.choice(_TEMPLATES_TWO)).format(s1=s1, c1=c1, z1=z1, s2=s2, c2=c2, z2=z2, bg=scene.background,
-                                                    rel=scene.relation)
-    shape, colour, size, n = groups[0]
-    if n == 1:
-        return str(rng.choice(_TEMPLATES_ONE)).format(size=size, colour=colour, shape=shape,
+        body = str(rng.choice(_TEMPLATES_TWO)).format(s1=s1, c1=c1, z1=z1, s2=s2, c2=c2, z2=z2,
+                                                      bg=scene.background, rel=scene.relation)
+    elif groups[0][3] == 1:
+        shape, colour, size, _ = groups[0]
+        body = str(rng.choice(_TEMPLATES_ONE)).format(size=size, colour=colour, shape=shape,
                                                       pos=scene.position, bg=scene.background)
-    return str(rng.choice(_TEMPLATES_MANY)).format(num=NUMBERS[n], size=size, colour=colour,
-                                                   shapes=_plural(shape, n), bg=scene.background)
+    else:
+        shape, colour, size, n = groups[0]
+        body = str(rng.choice(_TEMPLATES_MANY)).format(num=NUMBERS[n], size=size, colour=colour,
+                                                       shapes=_plural(shape, n), bg=scene.background)
+    return (str(rng.choice(_PREFIXES[scene.style])) if rng.random() < 0.8 else "") + body
 
 
 def _damage(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -200,13 +205,10 @@ def _damage(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:                       # truncated download: rows below a cut are flat filler
         filler = (128, 128, 128) if abs(int(out[-1, 0].astype(int).sum()) - 384) > 60 else (0, 135, 0)
         out[int(rng.integers(SIZE // 4, SIZE // 2)):] = filler
-    else:                                        # a large block of 8x8 tiles turned to coloured garbage
-        h, w = 8 * rng.integers(4, 7, 2)
-        y, x = 8 * rng.integers(0, (SIZE - h) // 8 + 1), 8 * rng.integers(0, (SIZE - w) // 8 + 1)
-        tiles = rng.integers(0, 256, (h // 8, w // 8, 1, 1, 3))
-        noise = rng.integers(-40, 41, (h // 8, w // 8, 8, 8, 3))
-        block = np.clip(tiles + noise, 0, 255).transpose(0, 2, 1, 3, 4).reshape(h, w, 3)
-        out[y:y + h, x:x + w] = block
+    else:                                        # a large block of scrambled (random) bytes
+        h, w = rng.integers(SIZE // 2, SIZE * 3 // 4 + 1, 2)
+        y, x = rng.integers(0, SIZE - h + 1), rng.integers(0, SIZE - w + 1)
+        out[y:y + h, x:x + w] = rng.integers(0, 256, (h, w, 3))
     return out
 
 
@@ -295,7 +297,7 @@ def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
             "sha256": hashlib.sha256(jpeg).hexdigest(),
             "anomaly": anomaly, "anomaly_modality": anomaly_modality(anomaly),
             "background": scene.background, "count": len(scene.objects), "position": scene.position,
-            "relation": scene.relation,
+            "relation": scene.relation, "style": scene.style,
             "shapes": ",".join(g[0] for g in groups), "colours": ",".join(g[1] for g in groups),
             "sizes": ",".join(g[2] for g in groups),
             "objects": [dict(zip(("shape", "colour", "size", "x", "y", "r"), (*o[:3], *(round(v, 2) for v in o[3:]))))

@@ -159,3 +159,15 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert Counter(r["anomaly"] for r in world.read_labels(tmp_path)) == {None: 16, "noise": 2, "mismatch": 2}
     assert cli_main(["world", "--output", str(tmp_path), "--anomalies", "noise,sparkles"]) == 2
     assert "sparkles" in capsys.readouterr().err
+
+
+def test_styles_and_captions_agree():
+    grain = {"photo": [], "drawing": []}
+    for _, sample in world.iter_world(seed=5, shard=0, n=60):
+        style, caption = sample.labels["style"], sample.caption
+        img = _decode(sample.image)
+        grain[style].append(np.median(np.abs(np.diff(img, axis=1))))
+        other = "drawing" if style == "photo" else "photo"
+        assert other not in caption and "illustration" not in caption or style == "drawing"
+    assert min(len(v) for v in grain.values()) >= 15
+    assert np.mean(grain["photo"]) >= 1.5 and np.mean(grain["drawing"]) <= 0.3
