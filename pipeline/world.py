@@ -57,21 +57,12 @@ def anomaly_modality(kind: str | None) -> str | None:
 
 @dataclass
 class Scene:
-    """A background and groups of identical objects: each object is (shape, colour, size, x, y, r)."""
+    """A background and one to three identical objects, each (shape, colour, size, x, y, r)."""
 
     background: str
     objects: list = field(default_factory=list)
     position: str | None = None    # named position of a single object, when there is one
-    relation: str | None = None    # where the first of two objects is relative to the second
     style: str = "photo"           # "photo" (lighting gradient, sensor noise) or "drawing" (flat colours)
-
-    def relate(self) -> None:
-        """Set :attr:`relation` from the positions of a two-object scene."""
-        (*_, x0, y0, _r0), (*_, x1, y1, _r1) = self.objects
-        if abs(x0 - x1) >= abs(y0 - y1):
-            self.relation = "to the left of" if x0 < x1 else "to the right of"
-        else:
-            self.relation = "above" if y0 < y1 else "below"
 
     def groups(self) -> list[tuple[str, str, str, int]]:
         """(shape, colour, size, count) per distinct group, in drawing order."""
@@ -98,33 +89,24 @@ def _plural(shape: str, n: int) -> str:
 
 def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS) -> Scene:
     background = str(rng.choice(list(BACKGROUNDS)))
-    palette = [c for c in colours if c != background]
-    if rng.random() < 0.3:                                   # two different single objects
-        s = rng.choice(len(shapes), 2, replace=False)
-        c = rng.choice(len(palette), 2, replace=False)
-        specs = [(shapes[s[i]], palette[c[i]], str(rng.choice(list(SIZES))), 1) for i in range(2)]
-    else:
-        count = int(rng.choice([1, 1, 2, 3]))
-        specs = [(str(rng.choice(shapes)), str(rng.choice(palette)), str(rng.choice(list(SIZES))), count)]
+    shape = str(rng.choice(shapes))
+    colour = str(rng.choice([c for c in colours if c != background]))
+    size, count = str(rng.choice(list(SIZES))), int(rng.choice([1, 1, 2, 3]))
     scene = Scene(background=background, style=str(rng.choice(STYLES)))
-    total = sum(n for *_, n in specs)
-    if total == 1:
+    if count == 1:
         scene.position = str(rng.choice(list(POSITIONS)))
     placed: list = []
-    for shape, colour, size, count in specs:
-        for _ in range(count):
-            r = float(rng.uniform(*SIZES[size]))
-            if scene.position:
-                cx, cy = (v + rng.uniform(-3, 3) for v in POSITIONS[scene.position])
-            else:
-                for _attempt in range(100):
-                    cx, cy = rng.uniform(r + 1, SIZE - r - 1, 2)
-                    if all(math.hypot(cx - x, cy - y) > r + pr for x, y, pr in placed):
-                        break
-            placed.append((cx, cy, r))
-            scene.objects.append((shape, colour, size, float(cx), float(cy), r))
-    if len(specs) == 2:
-        scene.relate()
+    for _ in range(count):
+        r = float(rng.uniform(*SIZES[size]))
+        if scene.position:
+            cx, cy = (v + rng.uniform(-3, 3) for v in POSITIONS[scene.position])
+        else:
+            for _attempt in range(100):
+                cx, cy = rng.uniform(r + 1, SIZE - r - 1, 2)
+                if all(math.hypot(cx - x, cy - y) > r + pr for x, y, pr in placed):
+                    break
+        placed.append((cx, cy, r))
+        scene.objects.append((shape, colour, size, float(cx), float(cy), r))
     return scene
 
 
@@ -176,25 +158,16 @@ _TEMPLATES_ONE = ("a {size} {colour} {shape}", "a {size} {colour} {shape} in the
                   "a {colour} {shape} in the {pos}, {bg} background", "a {size} {colour} {shape} on {bg}")
 _TEMPLATES_MANY = ("{num} {size} {colour} {shapes} on a {bg} background", "{num} {colour} {shapes}",
                    "{num} {colour} {shapes} against a {bg} background", "{num} {size} {colour} {shapes}")
-_TEMPLATES_TWO = ("a {c1} {s1} and a {c2} {s2} on a {bg} background", "a {z1} {c1} {s1} next to a {z2} {c2} {s2}",
-                  "a {c1} {s1} {rel} a {c2} {s2}", "a {z1} {c1} {s1} {rel} a {z2} {c2} {s2} on {bg}",
-                  "a {c1} {s1} {rel} a {z2} {c2} {s2}")
 _PREFIXES = {"photo": ("a photo of ", "a photograph of "), "drawing": ("a drawing of ", "a flat illustration of ")}
 
 
 def describe(scene: Scene, rng: np.random.Generator) -> str:
     """A caption for ``scene`` in one of several phrasings, most of them naming its style."""
-    groups = scene.groups()
-    if len(groups) == 2:
-        (s1, c1, z1, _), (s2, c2, z2, _) = groups
-        body = str(rng.choice(_TEMPLATES_TWO)).format(s1=s1, c1=c1, z1=z1, s2=s2, c2=c2, z2=z2,
-                                                      bg=scene.background, rel=scene.relation)
-    elif groups[0][3] == 1:
-        shape, colour, size, _ = groups[0]
+    shape, colour, size, n = scene.groups()[0]
+    if n == 1:
         body = str(rng.choice(_TEMPLATES_ONE)).format(size=size, colour=colour, shape=shape,
                                                       pos=scene.position, bg=scene.background)
     else:
-        shape, colour, size, n = groups[0]
         body = str(rng.choice(_TEMPLATES_MANY)).format(num=NUMBERS[n], size=size, colour=colour,
                                                        shapes=_plural(shape, n), bg=scene.background)
     return (str(rng.choice(_PREFIXES[scene.style])) if rng.random() < 0.8 else "") + body
@@ -297,7 +270,7 @@ def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
             "sha256": hashlib.sha256(jpeg).hexdigest(),
             "anomaly": anomaly, "anomaly_modality": anomaly_modality(anomaly),
             "background": scene.background, "count": len(scene.objects), "position": scene.position,
-            "relation": scene.relation, "style": scene.style,
+            "style": scene.style,
             "shapes": ",".join(g[0] for g in groups), "colours": ",".join(g[1] for g in groups),
             "sizes": ",".join(g[2] for g in groups),
             "objects": [dict(zip(("shape", "colour", "size", "x", "y", "r"), (*o[:3], *(round(v, 2) for v in o[3:]))))
