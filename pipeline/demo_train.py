@@ -79,9 +79,13 @@ def train_batch(seed: int, step: int, batch_size: int) -> tuple[list[bytes], lis
     return [s.image for s in pairs], [s.caption for s in pairs]
 
 
+SELECTION_KEYS = ("auroc_image_obvious", "auroc_caption", "auroc_pair",
+                  "noise_frac_p_below_0.01", "gibberish_frac_p_below_0.01")
+
+
 def selection_score(ev: dict) -> float:
-    """Checkpoint-selection score: mean of the pooled obvious-image, caption and pair AUROCs."""
-    return (ev["auroc_image_obvious"] + ev["auroc_caption"] + ev["auroc_pair"]) / 3
+    """Checkpoint-selection score: mean of the pooled AUROCs and the noise/gibberish p<0.01 fractions."""
+    return float(np.mean([ev[k] for k in SELECTION_KEYS]))
 
 
 def train(steps: int = 500, seed: int = 0, batch_size: int = 256, lr: float = 2e-3,
@@ -133,7 +137,7 @@ def train(steps: int = 500, seed: int = 0, batch_size: int = 256, lr: float = 2e
             ev = evaluate(model, preprocess, tokenizer, worlds=validation)
             model.train()
             history.append({"step": step + 1, "score": round(selection_score(ev), 4), "auroc": ev["auroc"],
-                            "noise_frac_p_below_0.01": ev["noise_frac_p_below_0.01"]})
+                            **{k: ev[k] for k in SELECTION_KEYS}})
             log.info("validation at step %d: score %.4f %s", step + 1, history[-1]["score"], ev["auroc"])
             if history[-1]["score"] > best[1]:
                 best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, history[-1]["score"], step + 1)
@@ -148,7 +152,7 @@ def train(steps: int = 500, seed: int = 0, batch_size: int = 256, lr: float = 2e
             "logit_scale": round(model.logit_scale.exp().item(), 2),
             "selection": {"validation_seed": VALIDATION_SEED, "validation_samples": val_samples,
                           "every": select_every, "from": select_from, "selected_step": best[2] or steps,
-                          "score": "mean of pooled AUROCs: image (noise, blank, damaged), caption, pair",
+                          "score": "mean of " + ", ".join(SELECTION_KEYS),
                           "history": history} if validation else None}
     return model, info
 
@@ -264,7 +268,7 @@ def main(steps: int = 500, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int
     load_weights(model, output)
     record = {"model": MODEL_NAME, "config": json.loads(CONFIG_PATH.read_text()), "weights": output.name,
               "weights_sha256": sha, "weights_bytes": output.stat().st_size, **info,
-              "command": f"wclip train-demo --steps {steps} --seed {seed}",
+              "command": f"wclip train-demo --steps {steps} --seed {seed} --lr {info['lr']:g}",
               "world_seed": seed, "samples_seen": steps * info["batch_size"],
               "torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version(),
               "machine": platform.machine()}

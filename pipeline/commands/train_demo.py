@@ -11,6 +11,7 @@ def add_arguments(parser):
     parser.add_argument("--output", default=str(WEIGHTS_PATH),
                         help="weights file (.safetensors); the training record goes beside it as .train.json")
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine schedule)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--select-every", type=int, default=50,
                         help="score a labelled validation world every N steps from --select-from on and keep "
@@ -33,7 +34,7 @@ def run(args):
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must end with .safetensors (got {args.output})")
     record = main(steps=args.steps, seed=args.seed, output=args.output, eval_samples=args.eval_samples,
-                  batch_size=args.batch_size, threads=args.threads, select_every=args.select_every,
+                  batch_size=args.batch_size, lr=args.lr, threads=args.threads, select_every=args.select_every,
                   select_from=args.select_from)
     print(f"wrote {args.output} ({record['weights_bytes'] / 1e6:.1f} MB) after {record['train_seconds']}s, "
           f"final loss {record['final_loss']}")
