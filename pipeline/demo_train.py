@@ -88,9 +88,9 @@ def selection_score(ev: dict) -> float:
     return float(np.mean([ev[k] for k in SELECTION_KEYS]))
 
 
-def train(steps: int = 500, seed: int = 0, batch_size: int = 256, lr: float = 2e-3,
+def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e-3,
           weight_decay: float = 0.1, warmup: int = 30, threads: int = 2,
-          select_every: int = 50, select_from: int = 200, val_samples: int = 1000):
+          select_every: int = 25, select_from: int = 100, val_samples: int = 1000):
     """Train ``wclip-demo`` with the CLIP contrastive loss on clean world data; return (model, info).
 
     Weights are trained on clean pairs only. From step ``select_from`` on, every ``select_every``
@@ -255,7 +255,7 @@ def evaluate(model, preprocess, tokenizer, n_reference: int = 4000, n_target: in
     }
 
 
-def main(steps: int = 500, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 4000, **train_kwargs) -> dict:
+def main(steps: int = 300, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 4000, **train_kwargs) -> dict:
     """Train, save to ``output`` (+ ``.train.json`` beside it), reload as shipped, evaluate; return the record."""
     import open_clip
     import torch
@@ -264,11 +264,15 @@ def main(steps: int = 500, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int
     model, info = train(steps=steps, seed=seed, **train_kwargs)
     output = Path(output)
     sha = save_weights(model, output)
+    sel = info["selection"]
     model, preprocess, tokenizer = create_model()
     load_weights(model, output)
     record = {"model": MODEL_NAME, "config": json.loads(CONFIG_PATH.read_text()), "weights": output.name,
               "weights_sha256": sha, "weights_bytes": output.stat().st_size, **info,
-              "command": f"wclip train-demo --steps {steps} --seed {seed} --lr {info['lr']:g}",
+              "command": (f"wclip train-demo --steps {steps} --seed {seed} --lr {info['lr']:g} "
+                          f"--batch-size {info['batch_size']} --threads {info['threads']} "
+                          f"--select-every {sel['every'] if sel else 0} --select-from {sel['from'] if sel else 0} "
+                          f"--eval-samples {eval_samples}"),
               "world_seed": seed, "samples_seen": steps * info["batch_size"],
               "torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version(),
               "machine": platform.machine()}

@@ -6,17 +6,17 @@ HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world 
 def add_arguments(parser):
     from pipeline.demo_train import WEIGHTS_PATH
 
-    parser.add_argument("--steps", type=int, default=500, help="optimiser steps (batch of --batch-size pairs)")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps (batch of --batch-size pairs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init and the training world")
     parser.add_argument("--output", default=str(WEIGHTS_PATH),
                         help="weights file (.safetensors); the training record goes beside it as .train.json")
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine schedule)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--select-every", type=int, default=50,
+    parser.add_argument("--select-every", type=int, default=25,
                         help="score a labelled validation world every N steps from --select-from on and keep "
                              "the best checkpoint (0: keep the last)")
-    parser.add_argument("--select-from", type=int, default=200, help="first step considered for selection")
+    parser.add_argument("--select-from", type=int, default=100, help="first step considered for selection")
     parser.add_argument("--eval-samples", type=int, default=4000,
                         help="reference and target pairs for the held-out test evaluation (0 skips it)")
 

@@ -1,0 +1,119 @@
+"""The shipped wclip-demo model: loads strictly, preprocesses as trained, separates pairs; retrainable."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import demo_train, world
+from pipeline.cli import main as cli_main
+
+TRAIN_RECORD = demo_train.ASSETS / "wclip-demo.train.json"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model, loaded the way pipeline.models.load_clip loads it."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    open_clip.add_model_config(str(demo_train.CONFIG_PATH))
+    model, _, preprocess = open_clip.create_model_and_transforms("wclip-demo", pretrained=None)
+    missing = model.load_state_dict({k: v.float() for k, v in load_file(str(demo_train.WEIGHTS_PATH)).items()},
+                                    strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer("wclip-demo")
+
+
+def test_weights_file_is_small_and_matches_its_record():
+    size = demo_train.WEIGHTS_PATH.stat().st_size
+    assert size <= 10 * 1024 * 1024
+    record = json.loads(TRAIN_RECORD.read_text())
+    assert record["weights_sha256"] == hashlib.sha256(demo_train.WEIGHTS_PATH.read_bytes()).hexdigest()
+    assert record["weights_bytes"] == size
+    assert record["config"] == json.loads(demo_train.CONFIG_PATH.read_text())
+    assert record["final_loss"] < record["first_loss"] / 2
+
+
+def test_recorded_evaluation_meets_targets():
+    record = json.loads(TRAIN_RECORD.read_text())
+    ev = record["eval"]
+    assert ev["eval_seed"] == demo_train.EVAL_SEED != record["selection"]["validation_seed"]
+    assert ev["n_reference"] == ev["n_target"] == 4000
+    # the issue's targets, met by the shipped model on the held-out test world
+    for kind in ("noise", "damaged", "gibberish", "mismatch"):
+        assert ev["auroc"][kind] >= 0.95, kind
+    assert ev["auroc_image_obvious"] >= 0.95 and ev["auroc_pair"] >= 0.95
+    assert ev["noise_frac_p_below_0.01"] >= 0.95 and ev["gibberish_frac_p_below_0.01"] >= 0.95
+    assert max(ev["clean_frac_p_below_0.01"].values()) <= 0.03        # calibrated on clean rows
+    # kinds below 0.95, guarded where the shipped model stands so a regression shows
+    assert ev["auroc"]["blank"] >= 0.85 and ev["auroc"]["ungrammatical"] >= 0.8
+    assert ev["auroc"]["unseen_colour"] >= 0.9 and "unseen_shape" in ev["auroc"]
+
+
+def test_tokenizer_and_preprocess_are_what_training_used(shipped):
+    model, preprocess, tokenizer = shipped
+    assert tokenizer(["a red circle"]).shape == (1, 32)
+    assert model.token_embedding.num_embeddings == 49408
+    image, _, _ = world.make_pair(np.random.default_rng(0))
+    pil = Image.open(io.BytesIO(world.encode_jpeg(image))).convert("RGB")
+    expected = (torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255
+                - torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]) \
+        / torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    assert torch.allclose(preprocess(pil), expected, atol=1e-5)
+
+
+def test_matching_pairs_score_higher_than_mismatched(shipped):
+    model, preprocess, tokenizer = shipped
+    samples = [s for _, s in world.iter_world(seed=123, shard=0, n=48)]
+    img, txt = demo_train.embed(model, preprocess, tokenizer, samples)
+    assert np.isfinite(img).all() and np.isfinite(txt).all() and img.shape == txt.shape == (48, 64)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    cos = img @ txt.T
+    matching, other = np.diag(cos), cos[~np.eye(48, dtype=bool)]
+    assert matching.mean() - other.mean() > 0.5
+    assert (matching > np.percentile(other, 90)).mean() > 0.95
+    assert (cos.argmax(axis=1) == np.arange(48)).mean() > 0.3         # chance: 1/48; captions are ambiguous
+
+
+def test_small_evaluation_flags_noise_and_gibberish(shipped):
+    ev = demo_train.evaluate(*shipped, n_reference=400, n_target=400, anomaly_rate=0.2)
+    assert ev["auroc"]["noise"] >= 0.95 and ev["auroc"]["gibberish"] >= 0.95
+    assert 0.5 < ev["held_sqnorm_per_m"]["image"] < 2.0
+
+
+def test_auroc_matches_definition():
+    assert demo_train.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert demo_train.auroc(np.array([0.0]), np.array([1.0])) == 0.0
+    assert demo_train.auroc(np.array([1.0, 0.0]), np.array([1.0, 0.0])) == 0.5
+
+
+def test_train_demo_cli_writes_loadable_weights(tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    rc = cli_main(["train-demo", "--steps", "2", "--batch-size", "8", "--eval-samples", "0",
+                   "--output", str(out)])
+    assert rc == 0
+    record = json.loads((tmp_path / "tiny.train.json").read_text())
+    assert record["steps"] == 2 and np.isfinite(record["final_loss"]) and "eval" not in record
+    model, _, _ = demo_train.create_model()
+    demo_train.load_weights(model, out)
+    before = dict(model.state_dict())
+    demo_train.load_weights(model, out)                               # idempotent, strict
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pipeline_load_clip_gives_the_same_model(shipped):
+    models = pytest.importorskip("pipeline.models")
+    model, preprocess, tokenizer = models.load_clip("wclip-demo")
+    sample = next(iter(world.iter_world(seed=9, shard=0, n=1)))[1]
+    ours = demo_train.embed(*shipped, [sample])
+    theirs = demo_train.embed(model, preprocess, tokenizer, [sample])
+    assert np.allclose(ours[0], theirs[0]) and np.allclose(ours[1], theirs[1])
