@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernel import environment, random_whitening, require_gpu, summarize, time_ms  # noqa: E402
+from bench_kernel import (environment, random_whitening, require_gpu, run_and_report,  # noqa: E402
+                          summarize, time_ms)
 from pipeline.kernels.reference import GemmWhitener  # noqa: E402
 
 
@@ -167,13 +167,7 @@ def print_table(report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    report = run(args)
-    print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.json}")
-    return 0
+    return run_and_report(parse_args, run, print_table, argv)
 
 
 if __name__ == "__main__":

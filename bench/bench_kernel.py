@@ -223,14 +223,19 @@ def print_table(report: dict) -> None:
         print(f"  B={f['batch']:>6} d=m={f['d']:>5} {f['dtype']:>5}: {f['method']} ({f['median_ms']:.4f} ms)")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    report = run(args)
-    print_table(report)
+def run_and_report(parse, run_fn, table, argv=None) -> int:
+    """Parse arguments, run the benchmark, print its table and write its JSON report."""
+    args = parse(argv)
+    report = run_fn(args)
+    table(report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_and_report(parse_args, run, print_table, argv)
 
 
 if __name__ == "__main__":
