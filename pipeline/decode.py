@@ -1,5 +1,6 @@
-"""Sample -> model inputs: decode the image and run CLIP's preprocessing up to the pixel tensor, read the
-caption and metadata; every problem becomes a per-sample ``status``/``error`` instead of an exception."""
+"""Sample -> model inputs: decode the image and run CLIP's preprocessing up to the pixel tensor (or, with
+``decode="gpu"``, check a JPEG's header and pass its bytes on to the encoder, :mod:`pipeline.device_decode`),
+read the caption and metadata; every problem becomes a per-sample ``status``/``error`` instead of an exception."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import numpy as np
 from pipeline.shards import RawSample
 
 
+DECODE_PLACES = ("cpu", "gpu")
+JPEG_MODES = ("L", "RGB", "CMYK")  # JPEG colour modes torchvision's decode_jpeg turns into RGB
+
+
 @dataclass(frozen=True)
 class InputConfig:
     """Which tar members hold what, and the limits applied while decoding."""
@@ -23,12 +28,15 @@ class InputConfig:
     meta_ext: str = "json"  # img2dataset metadata (url, uid, ...)
     max_image_pixels: int = 89_478_485  # width*height above this is refused as a decompression bomb
     max_caption_chars: int = 10_000  # longer captions are cut (the tokenizer keeps its context length anyway)
+    decode: str = "cpu"  # where JPEGs are decoded: "cpu" (reader tasks, PIL) or "gpu" (encoder actor, on its device)
 
     def __post_init__(self):
         if not self.image_exts or not self.caption_exts:
             raise ValueError("image_exts and caption_exts must each name at least one member extension")
         if self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.decode not in DECODE_PLACES:
+            raise ValueError(f"decode must be one of {DECODE_PLACES}, got {self.decode!r}")
 
 
 class Preprocessor:
@@ -82,8 +90,17 @@ class PreparedSample:
 
     row: dict  # key, index, url, uid, caption, status, error
     pixels: Optional[np.ndarray] = None
+    jpeg: Optional[bytes] = None  # decode="gpu": the encoded image, decoded by the encoder actor
     caption: Optional[str] = None
     problems: list = field(default_factory=list)  # (stage, message)
+
+
+def _check_size(image, cfg: InputConfig) -> None:
+    width, height = image.size
+    if width * height > cfg.max_image_pixels:
+        raise ValueError(f"image is {width}x{height} = {width * height} pixels, over the "
+                         f"{cfg.max_image_pixels}-pixel limit (decompression bomb?); raise "
+                         f"--max-image-pixels if such images are legitimate")
 
 
 def _load_image(data: bytes, cfg: InputConfig):
@@ -94,17 +111,34 @@ def _load_image(data: bytes, cfg: InputConfig):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning / palette warnings: we check ourselves
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > cfg.max_image_pixels:
-            raise ValueError(f"image is {width}x{height} = {width * height} pixels, over the "
-                             f"{cfg.max_image_pixels}-pixel limit (decompression bomb?); raise "
-                             f"--max-image-pixels if such images are legitimate")
+        _check_size(image, cfg)
         image.load()
         if image.mode in ("P", "PA", "LA", "RGBA", "La") or "transparency" in image.info:
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
         return image.convert("RGB")
+
+
+def _device_jpeg(data: bytes, cfg: InputConfig) -> bool:
+    """True when ``data`` is a JPEG whose header (read by PIL without decoding the pixels) says the encoder
+    can decode it; False for anything else (other formats, unreadable headers), which is decoded here.
+    Raises for a JPEG over the pixel limit."""
+    from PIL import Image
+
+    if not data.startswith(b"\xff\xd8\xff"):  # JPEG SOI marker
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception:  # decoded here, which reports the same error as decode="cpu" does
+            return False
+        with image:
+            if image.format != "JPEG" or image.mode not in JPEG_MODES:
+                return False
+            _check_size(image, cfg)
+    return True
 
 
 def _meta(members: dict, cfg: InputConfig, problems: list) -> dict:
@@ -141,8 +175,12 @@ def prepare_sample(sample: RawSample, url: str, cfg: InputConfig, preprocessor: 
             problems.append(("missing", f"no image member (.{'/.'.join(cfg.image_exts)}); members: "
                                         f"{sorted(sample.members) or 'none'}"))
     else:
+        data = sample.members[image_ext]
         try:
-            prepared.pixels = preprocessor(_load_image(sample.members[image_ext], cfg))
+            if cfg.decode == "gpu" and _device_jpeg(data, cfg):
+                prepared.jpeg = data
+            else:
+                prepared.pixels = preprocessor(_load_image(data, cfg))
         except Exception as exc:  # any decoder failure is data, not a crash
             problems.append(("decode", f"image .{image_ext} could not be decoded: {type(exc).__name__}: {exc}"))
 

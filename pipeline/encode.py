@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.decode import Preprocessor
+from pipeline.device_decode import DeviceImages, unsupported_reason
 from pipeline.models import ModelSpec, load_spec
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -56,6 +57,8 @@ class Encoder:
         self.spec = spec
         self.model, self.preprocess, self.tokenizer = load_spec(spec, device=self.device)
         self.preprocessor = Preprocessor(self.preprocess)
+        self.device_decode_unsupported = unsupported_reason(self.preprocess)  # None: --decode gpu works
+        self._device_images = None
         on_cuda = self.device.type == "cuda"
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_cuda else "fp32")
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -83,15 +86,16 @@ class Encoder:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def embed_images(self, pixels: np.ndarray):
-        """(n, 3, H, W) preprocessed pixels -> (n, d) float32 torch tensor on the device."""
+    def embed_images(self, pixels):
+        """(n, 3, H, W) preprocessed pixels (a NumPy array, or a tensor on the device) -> (n, d) float32 torch
+        tensor on the device."""
         import torch
 
         outs = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(pixels), self.cfg.batch_size):
                 batch = pixels[start:start + self.cfg.batch_size]
-                if self.device.type == "cuda":
+                if self.device.type == "cuda" and isinstance(batch, np.ndarray):
                     batch = torch.from_numpy(np.ascontiguousarray(batch)).pin_memory()
                 x = self.preprocessor.to_tensor_normalize(batch, device=self.device)
                 if self.device.type == "cuda" and self.cfg.channels_last:
@@ -115,6 +119,31 @@ class Encoder:
             emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return emb
 
+    def decode_images(self, chunk: dict) -> tuple:
+        """A chunk's image inputs as one uint8 pixel tensor on the device: its decoded ``pixels`` followed by
+        its ``jpegs`` decoded here. Returns ``(pixels, ok, errors)``: ``ok`` the positions in ``image_rows``
+        that have pixels (None: all), ``errors`` ``{position: message}`` for JPEGs that did not decode."""
+        import torch
+
+        pixels, jpegs = chunk.get("pixels"), chunk.get("jpegs")
+        if not jpegs:
+            return pixels, None, {}
+        if self._device_images is None:
+            self._device_images = DeviceImages(self.preprocess, self.device)
+        before = 0 if pixels is None else len(pixels)
+        parts, ok, errors = [], [np.arange(before)], {}
+        if before:
+            parts.append(torch.as_tensor(pixels).to(self.device))
+        with torch.inference_mode():
+            for start in range(0, len(jpegs), self.cfg.batch_size):  # bounds full-size decoded images in memory
+                decoded, positions, failed = self._device_images.decode(jpegs[start:start + self.cfg.batch_size])
+                if decoded is not None:
+                    parts.append(decoded)
+                ok.append(before + start + positions)
+                errors.update({before + start + i: m for i, m in failed.items()})
+        ok = np.concatenate(ok)
+        return (torch.cat(parts) if parts else None), (ok if errors else None), errors
+
     # -- chunks ---------------------------------------------------------------------------------
     def process(self, chunk: dict, keep_embeddings: bool = False) -> dict:
         """Encode a chunk built by :func:`pipeline.runtime.build_chunk` and score it.
@@ -126,26 +155,33 @@ class Encoder:
 
         out: dict = {}
         embs = {}
-        for tower, key, fn in (("image", "pixels", self.embed_images), ("text", "tokens", self.embed_texts)):
-            data = chunk.get(key)
-            if data is None or len(data) == 0:
-                continue
+        for tower in ("image", "text"):
+            ok = None  # positions in {tower}_rows that have an input (None: all of them)
             try:
-                emb = fn(data)
+                if tower == "image":
+                    data, ok, errors = self.decode_images(chunk)
+                    if errors:
+                        out["image_decode_errors"] = errors
+                else:
+                    data = chunk.get("tokens")
+                if data is None or len(data) == 0:
+                    continue
+                emb = (self.embed_images if tower == "image" else self.embed_texts)(data)
             except Exception as exc:  # a failing forward pass is recorded per row, not fatal
                 out[f"{tower}_error"] = f"{tower} tower failed: {type(exc).__name__}: {exc}"
                 continue
+            n = len(chunk[f"{tower}_rows"])
             finite = torch.isfinite(emb).all(dim=1)
-            out[f"{tower}_finite"] = finite.cpu().numpy()
-            embs[tower] = emb
+            out[f"{tower}_finite"] = _scatter(finite.cpu().numpy(), ok, n, False)
+            embs[tower] = emb if ok is None else _scatter_rows(emb, ok, n)
             if keep_embeddings:
-                out[f"{tower}_emb"] = emb.cpu().numpy()
+                out[f"{tower}_emb"] = _scatter(emb.cpu().numpy(), ok, n, np.nan)
             if tower in self.whiteners:
                 sqnorm, loglik = self.whiteners[tower].score(emb)
                 sqnorm = sqnorm.double().cpu().numpy()
-                out[f"{tower}_sqnorm"] = sqnorm
-                out[f"{tower}_loglik"] = loglik.double().cpu().numpy()
-                out[f"{tower}_pvalue"] = self.stats.towers[tower].pvalue_from_sqnorm(sqnorm)
+                out[f"{tower}_sqnorm"] = _scatter(sqnorm, ok, n, np.nan)
+                out[f"{tower}_loglik"] = _scatter(loglik.double().cpu().numpy(), ok, n, np.nan)
+                out[f"{tower}_pvalue"] = _scatter(self.stats.towers[tower].pvalue_from_sqnorm(sqnorm), ok, n, np.nan)
         out["clip_score"] = self._clip_score(chunk, embs)
         return out
 
@@ -167,3 +203,22 @@ class Encoder:
         b = torch.nn.functional.normalize(embs["text"][jj].double(), dim=1)
         score[rows] = (a * b).sum(1).cpu().numpy()
         return score
+
+
+def _scatter(values: np.ndarray, positions, n: int, fill) -> np.ndarray:
+    """``values`` of rows ``positions`` into a length-``n`` array (``fill`` elsewhere); as is when None."""
+    if positions is None:
+        return values
+    full = np.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+    full[positions] = values
+    return full
+
+
+def _scatter_rows(emb, positions: np.ndarray, n: int):
+    """Torch version of :func:`_scatter` for embeddings (NaN rows where there was no input)."""
+    import torch
+
+    with torch.inference_mode():
+        full = torch.full((n, emb.shape[1]), float("nan"), dtype=emb.dtype, device=emb.device)
+        full[torch.as_tensor(positions, device=emb.device)] = emb
+    return full

@@ -81,7 +81,7 @@ def fit(cfg: FitConfig) -> dict:
     acc = ReferenceAccumulator(cfg)
     with runtime.ray_session(run.ray):
         encoders = runtime.start_encoders(run)
-        info = runtime.ray_get(encoders[0].info.remote())
+        info = runtime.encoder_info(run, encoders)
         log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
 
         def on_result(index, url, result):
@@ -106,6 +106,7 @@ def fit(cfg: FitConfig) -> dict:
         "checkpoint_sha256": identity["weights"].split("sha256:")[-1] if run.model.checkpoint else None,
         "random_init_seed": run.model.seed if run.model.random_init else None,
         "model_identity": identity, "normalize": run.encode.normalize, "precision": info["precision"],
+        "decode": run.inputs.decode,
         "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
         "seed": cfg.seed, "n_reference": acc.samples,
         "n_heldout": {t: towers[t].n_heldout for t in TOWERS},

@@ -130,7 +130,8 @@ class EncoderActor:
                     "text": int(enc.model.encode_text(torch.zeros(
                         1, int(enc.model.context_length or 77), dtype=torch.long, device=enc.device)).shape[1])}
         return {"device": str(enc.device), "precision": enc.precision, "dims": dims,
-                "preprocess_split": enc.preprocessor.split}
+                "preprocess_split": enc.preprocessor.split,
+                "device_decode_unsupported": enc.device_decode_unsupported}
 
     def process(self, chunk, keep_embeddings=False):
         return self.encoder.process(chunk, keep_embeddings)
@@ -164,6 +165,15 @@ def start_encoders(run: RunConfig, stats=None) -> list:
     # bounded so that an encoder that cannot start (bad weights, no memory) fails the job, not loops.
     actor_cls = ray.remote(max_restarts=ENCODER_RESTARTS, max_task_retries=ENCODER_RESTARTS)(EncoderActor)
     return [actor_cls.options(**options).remote(run.model, encode_cfg, stats) for _ in range(count)]
+
+
+def encoder_info(run: RunConfig, encoders: list) -> dict:
+    """The first encoder's :meth:`EncoderActor.info`, once it has started; raises ValueError when the
+    configuration asks for something this model cannot do (``--decode gpu`` with an unusual preprocess)."""
+    info = ray.get(encoders[0].info.remote())
+    if run.inputs.decode == "gpu" and info["device_decode_unsupported"]:
+        raise ValueError(f"--decode gpu: {info['device_decode_unsupported']}; use --decode cpu for this model")
+    return info
 
 
 # -- the shard task -----------------------------------------------------------------------------------

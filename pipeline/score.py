@@ -85,7 +85,7 @@ def score(cfg: ScoreConfig, stats) -> dict:
         return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
     with runtime.ray_session(run.ray):
         encoders = runtime.start_encoders(run, stats)
-        info = runtime.ray_get(encoders[0].info.remote())
+        info = runtime.encoder_info(run, encoders)
         for tower, ws in stats.towers.items():
             if info["dims"][tower] != ws.dim:
                 raise ConfigError(f"the {tower} tower gives {info['dims'][tower]}-d embeddings but the stats "

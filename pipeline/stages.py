@@ -15,13 +15,19 @@ from pipeline.writer import SCORE_COLUMNS
 
 
 def build_chunk(prepared: list, tokenizer) -> dict:
-    """Stack the model inputs of some prepared samples into arrays (what an encoder actor receives)."""
-    image_rows = [i for i, p in enumerate(prepared) if p.pixels is not None]
+    """Stack the model inputs of some prepared samples into arrays (what an encoder actor receives).
+
+    ``image_rows`` lists the rows with decoded ``pixels`` first, then those sent as ``jpegs`` (encoded
+    bytes the encoder decodes on its device, ``decode="gpu"``).
+    """
+    pixel_rows = [i for i, p in enumerate(prepared) if p.pixels is not None]
+    jpeg_rows = [i for i, p in enumerate(prepared) if p.pixels is None and p.jpeg is not None]
     text_rows = [i for i, p in enumerate(prepared) if p.caption is not None]
     chunk = {"n": len(prepared),
-             "image_rows": np.asarray(image_rows, dtype=np.int32),
+             "image_rows": np.asarray(pixel_rows + jpeg_rows, dtype=np.int32),
              "text_rows": np.asarray(text_rows, dtype=np.int32),
-             "pixels": np.stack([prepared[i].pixels for i in image_rows]) if image_rows else None,
+             "pixels": np.stack([prepared[i].pixels for i in pixel_rows]) if pixel_rows else None,
+             "jpegs": [prepared[i].jpeg for i in jpeg_rows] if jpeg_rows else None,
              "tokens": None}
     if text_rows:
         tokens = tokenizer([prepared[i].caption for i in text_rows])
@@ -59,14 +65,18 @@ class ShardAssembler:
         n = len(prepared)
         for tower, rows_key, input_key in (("image", "image_rows", "pixels"), ("text", "text_rows", "tokens")):
             idx = chunk[rows_key]
+            undecoded = np.zeros(len(idx), dtype=bool)
+            for pos, message in result.get(f"{tower}_decode_errors", {}).items():
+                prepared[idx[pos]].problems.append(("decode", message))
+                undecoded[pos] = True
             error = result.get(f"{tower}_error")
             if error:
-                for i in idx:
+                for i in idx[~undecoded]:
                     prepared[i].problems.append(("encode", error))
                 idx = idx[:0]
             finite = result.get(f"{tower}_finite")
             if finite is not None:
-                for i in idx[~finite]:
+                for i in idx[~finite & ~undecoded]:
                     prepared[i].problems.append(("encode", f"{tower} embedding is not finite (NaN/inf)"))
             for col in ("sqnorm", "loglik", "pvalue"):
                 full = np.full(n, np.nan)

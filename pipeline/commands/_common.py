@@ -7,6 +7,7 @@ import os
 import sys
 
 from pipeline.cli import UserError
+from pipeline.decode import DECODE_PLACES
 
 
 def add_input_arguments(p) -> None:
@@ -18,6 +19,10 @@ def add_input_arguments(p) -> None:
     g.add_argument("--caption-ext", default="txt", help="caption member extensions, first present wins")
     g.add_argument("--max-image-pixels", type=int, default=89_478_485,
                    help="refuse images with more pixels (decompression bombs)")
+    g.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
+                   help="where JPEGs are decoded: cpu (reader tasks, PIL; the default) or gpu (the encoder "
+                        "actor, torchvision.io.decode_jpeg on its --device: nvJPEG on CUDA); other formats "
+                        "are always decoded on the CPU")
 
 
 def add_model_arguments(p, required: bool) -> None:
@@ -94,7 +99,7 @@ def run_config(args, spec, normalize: bool):
             encode=EncodeConfig(device=args.device, precision=args.precision, batch_size=args.batch_size,
                                 normalize=normalize, compile=args.compile),
             inputs=InputConfig(image_exts=_exts(args.image_ext), caption_exts=_exts(args.caption_ext),
-                               max_image_pixels=args.max_image_pixels),
+                               max_image_pixels=args.max_image_pixels, decode=args.decode),
             ray=RayOptions(address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus),
             chunk_size=args.chunk_size, max_in_flight=args.max_in_flight, encoders=args.encoders,
             retries=args.retries, progress=False if args.no_progress else None)
