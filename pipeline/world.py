@@ -3,6 +3,11 @@
 Scenes are coloured shapes on a background; captions describe them in varied phrasing.
 Labelled anomalies (image, caption or pair) can be injected, so scores can be checked
 against ground truth. Output is deterministic for a given seed: same seed, same bytes.
+
+Two vocabularies. The ``reference`` world (the default) is the corpus a data team curates: four
+shapes, six colours, every scene holds objects; anomalies are defined against it ("unseen" means
+absent from it). The ``open`` world is what the demo CLIP is pre-trained on, as a real CLIP is
+pre-trained on the web: every shape and colour, and some empty scenes. It holds no anomalies.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ POSITIONS = {"top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48
              "bottom right": (48, 48), "center": (32, 32)}
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 STYLES = ("photo", "drawing")
+
+VOCABULARIES = ("reference", "open")
+OPEN_EMPTY_RATE = 0.05         # share of empty scenes (background only) in the open world
 
 IMAGE_ANOMALIES = ("noise", "blank", "damaged", "unseen_shape", "unseen_colour")
 CAPTION_ANOMALIES = ("gibberish", "ungrammatical")
@@ -87,8 +95,10 @@ def _plural(shape: str, n: int) -> str:
     return shape + ("es" if shape.endswith(("s", "x")) else "s")
 
 
-def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS) -> Scene:
+def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS, empty_rate: float = 0.0) -> Scene:
     background = str(rng.choice(list(BACKGROUNDS)))
+    if empty_rate and rng.random() < empty_rate:
+        return Scene(background=background, style=str(rng.choice(STYLES)))
     shape = str(rng.choice(shapes))
     colour = str(rng.choice([c for c in colours if c != background]))
     size, count = str(rng.choice(list(SIZES))), int(rng.choice([1, 1, 2, 3]))
@@ -158,11 +168,16 @@ _TEMPLATES_ONE = ("a {size} {colour} {shape}", "a {size} {colour} {shape} in the
                   "a {colour} {shape} in the {pos}, {bg} background", "a {size} {colour} {shape} on {bg}")
 _TEMPLATES_MANY = ("{num} {size} {colour} {shapes} on a {bg} background", "{num} {colour} {shapes}",
                    "{num} {colour} {shapes} against a {bg} background", "{num} {size} {colour} {shapes}")
+_TEMPLATES_EMPTY = ("an empty {bg} background", "a plain {bg} background", "nothing on a {bg} background",
+                    "a blank {bg} image")
 _PREFIXES = {"photo": ("a photo of ", "a photograph of "), "drawing": ("a drawing of ", "a flat illustration of ")}
 
 
 def describe(scene: Scene, rng: np.random.Generator) -> str:
     """A caption for ``scene`` in one of several phrasings, most of them naming its style."""
+    if not scene.objects:
+        body = str(rng.choice(_TEMPLATES_EMPTY)).format(bg=scene.background)
+        return (str(rng.choice(_PREFIXES[scene.style])) if rng.random() < 0.8 else "") + body
     shape, colour, size, n = scene.groups()[0]
     if n == 1:
         body = str(rng.choice(_TEMPLATES_ONE)).format(size=size, colour=colour, shape=shape,
@@ -199,9 +214,20 @@ def _shuffled(caption: str, rng: np.random.Generator) -> str:
     return " ".join(reversed(words))
 
 
-def make_pair(rng: np.random.Generator, anomaly: str | None = None) -> tuple[np.ndarray, str, Scene]:
-    """One ``(image array, caption, scene)``; ``anomaly`` (a kind name or None) corrupts it."""
+def make_pair(rng: np.random.Generator, anomaly: str | None = None,
+              vocabulary: str = "reference") -> tuple[np.ndarray, str, Scene]:
+    """One ``(image array, caption, scene)``; ``anomaly`` (a kind name or None) corrupts it.
+
+    ``vocabulary="open"`` draws a clean pair from the pre-training world (see the module doc).
+    """
     anomaly_modality(anomaly)
+    if vocabulary == "open":
+        if anomaly is not None:
+            raise ValueError("the open world holds no anomalies: they are defined against the reference world")
+        scene = _random_scene(rng, SHAPES + UNSEEN_SHAPES, {**COLOURS, **UNSEEN_COLOURS}, OPEN_EMPTY_RATE)
+        return render(scene, rng), describe(scene, rng), scene
+    if vocabulary != "reference":
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
     shapes = UNSEEN_SHAPES if anomaly == "unseen_shape" else SHAPES
     colours = UNSEEN_COLOURS if anomaly == "unseen_colour" else COLOURS
     scene = _random_scene(rng, shapes, colours)
@@ -226,6 +252,20 @@ def make_pair(rng: np.random.Generator, anomaly: str | None = None) -> tuple[np.
     return image, caption, scene
 
 
+def make_twins(rng: np.random.Generator) -> list[tuple[np.ndarray, str, Scene]]:
+    """Two open-world pairs identical but for their objects' shape: a minimal pair for training.
+
+    Same background, colour, size, places, style, lighting, noise and phrasing; only the shape (and
+    the shape's word in the caption) differs, so telling them apart takes seeing the shape.
+    """
+    scene = _random_scene(rng, SHAPES + UNSEEN_SHAPES, {**COLOURS, **UNSEEN_COLOURS})
+    other = str(rng.choice([s for s in SHAPES + UNSEEN_SHAPES if s != scene.objects[0][0]]))
+    twin = Scene(scene.background, [(other, *o[1:]) for o in scene.objects], scene.position, scene.style)
+    render_seed, phrasing_seed = (int(v) for v in rng.integers(0, 2 ** 63, 2))
+    return [(render(s, np.random.default_rng(render_seed)), describe(s, np.random.default_rng(phrasing_seed)), s)
+            for s in (scene, twin)]
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes of a uint8 RGB array at the world's quality."""
     buf = io.BytesIO()
@@ -243,9 +283,14 @@ def _plan(rng: np.random.Generator, n: int, rate: float, kinds: Sequence[str]) -
     return plan
 
 
-def _validate(anomaly_rate: float, anomaly_kinds) -> tuple[str, ...]:
+def _validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference") -> tuple[str, ...]:
     if not 0.0 <= anomaly_rate <= 1.0:
         raise ValueError(f"anomaly_rate must be in [0, 1], got {anomaly_rate!r}")
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
+    if vocabulary == "open" and anomaly_rate > 0:
+        raise ValueError("the open world holds no anomalies (they are defined against the reference "
+                         "world): use anomaly_rate 0 with vocabulary 'open'")
     kinds = tuple(ANOMALY_KINDS if anomaly_kinds is None else anomaly_kinds)
     for kind in kinds:
         anomaly_modality(kind)
@@ -253,18 +298,19 @@ def _validate(anomaly_rate: float, anomaly_kinds) -> tuple[str, ...]:
 
 
 def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
-               anomaly_kinds: Sequence[str] | None = None, key_digits: int = 4) -> Iterator[tuple[str, WorldSample]]:
+               anomaly_kinds: Sequence[str] | None = None, key_digits: int = 4,
+               vocabulary: str = "reference") -> Iterator[tuple[str, WorldSample]]:
     """The ``(key, sample)`` pairs of one shard, in memory; what :func:`generate_world` writes."""
-    kinds = _validate(anomaly_rate, anomaly_kinds)
+    kinds = _validate(anomaly_rate, anomaly_kinds, vocabulary)
     plan = _plan(np.random.default_rng([seed, shard, 1]), n, anomaly_rate, kinds)
     for i, anomaly in enumerate(plan):
         key = f"{shard * 10 ** key_digits + i:0{5 + key_digits}d}"
-        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly)
+        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly, vocabulary)
         jpeg = encode_jpeg(image)
         groups = scene.groups()
         labels = {
-            "url": f"https://world.wclip.invalid/s{seed}/{key}.jpg",
-            "uid": hashlib.md5(f"wclip-world:{seed}:{key}".encode()).hexdigest(),
+            "url": f"https://world.wclip.invalid/{'' if vocabulary == 'reference' else 'open/'}s{seed}/{key}.jpg",
+            "uid": hashlib.md5(f"wclip-world:{'' if vocabulary == 'reference' else 'open:'}{seed}:{key}".encode()).hexdigest(),
             "key": key, "caption": caption, "status": "success", "error_message": None,
             "width": SIZE, "height": SIZE, "original_width": SIZE, "original_height": SIZE,
             "sha256": hashlib.sha256(jpeg).hexdigest(),
@@ -315,11 +361,12 @@ def write_shard(path: Path, samples: Iterable[tuple[str, WorldSample]]) -> dict:
 
 
 def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
-                   anomaly_rate: float = 0.0, anomaly_kinds: Sequence[str] | None = None) -> list[Path]:
+                   anomaly_rate: float = 0.0, anomaly_kinds: Sequence[str] | None = None,
+                   vocabulary: str = "reference") -> list[Path]:
     """Write ``shards`` tar shards of ``samples_per_shard`` pairs each; return the tar paths."""
     if shards < 1 or samples_per_shard < 1:
         raise ValueError(f"shards and samples_per_shard must be >= 1, got {shards} and {samples_per_shard}")
-    kinds = _validate(anomaly_rate, anomaly_kinds)
+    kinds = _validate(anomaly_rate, anomaly_kinds, vocabulary)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     shard_digits = max(5, len(str(shards - 1)))
@@ -327,7 +374,7 @@ def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
     paths = []
     for shard in range(shards):
         path = out / f"{shard:0{shard_digits}d}.tar"
-        write_shard(path, iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits))
+        write_shard(path, iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits, vocabulary))
         paths.append(path)
     return paths
 

@@ -26,14 +26,13 @@ def summary(tmp_path_factory, ray_local):
 
 
 def test_small_demo_ranks_anomalies(summary):
-    # The shipped model reaches the 0.9 on the kinds below and on mismatched pairs; the
-    # image and caption groups include kinds it cannot see well (unseen shapes, shuffled words),
-    # so those group AUROCs are guarded at the level the model reaches (see the closing notes).
+    # The shipped model reaches the 0.9 on every kind but unseen shapes (near chance: it does
+    # not encode shape), which also pull the pooled image group down.
     groups, kinds = summary["groups"], summary["kinds"]
     assert all(groups[g]["n"] > 20 for g in ("image", "caption", "mismatch"))
-    assert groups["mismatch"]["auroc"] >= 0.9, groups
-    assert groups["image"]["auroc"] >= 0.7 and groups["caption"]["auroc"] >= 0.75, groups
-    for kind in ("noise", "gibberish", "mismatch"):
+    assert groups["mismatch"]["auroc"] >= 0.9 and groups["caption"]["auroc"] >= 0.9, groups
+    assert groups["image"]["auroc"] >= 0.8, groups
+    for kind in ("noise", "blank", "damaged", "unseen_colour", "gibberish", "ungrammatical", "mismatch"):
         assert kinds[kind]["auroc"] >= 0.9, (kind, kinds)
     # With 160 held-out reference rows the smallest p-value is 1/161, so "p < 0.01" means beyond
     # every calibration row: a strict test at this size.

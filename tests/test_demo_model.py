@@ -47,15 +47,15 @@ def test_recorded_evaluation_meets_targets():
     ev = record["eval"]
     assert ev["eval_seed"] == demo_train.EVAL_SEED != record["selection"]["validation_seed"]
     assert ev["n_reference"] == ev["n_target"] == 4000
-    # the targets, met by the shipped model on the held-out test world
-    for kind in ("noise", "damaged", "gibberish", "mismatch"):
+    # the targets, met by the shipped model on the held-out test world for every kind but one
+    for kind in ("noise", "blank", "damaged", "unseen_colour", "gibberish", "ungrammatical", "mismatch"):
         assert ev["auroc"][kind] >= 0.95, kind
-    assert ev["auroc_image_obvious"] >= 0.95 and ev["auroc_pair"] >= 0.95
+    assert ev["auroc_image_obvious"] >= 0.95 and ev["auroc_caption"] >= 0.95 and ev["auroc_pair"] >= 0.95
     assert ev["noise_frac_p_below_0.01"] >= 0.95 and ev["gibberish_frac_p_below_0.01"] >= 0.95
     assert max(ev["clean_frac_p_below_0.01"].values()) <= 0.03        # calibrated on clean rows
-    # kinds below 0.95, guarded where the shipped model stands so a regression shows
-    assert ev["auroc"]["blank"] >= 0.85 and ev["auroc"]["ungrammatical"] >= 0.8
-    assert ev["auroc"]["unseen_colour"] >= 0.9 and "unseen_shape" in ev["auroc"]
+    # unseen shapes stay near chance: the 64-pixel model does not encode shape (see the record's notes)
+    assert "unseen_shape" in ev["auroc"] and "shape" in record["notes"]
+    assert record["world"] == "open" and record["hard_negatives"] is True
 
 
 def test_tokenizer_and_preprocess_are_what_training_used(shipped):
@@ -117,3 +117,40 @@ def test_pipeline_load_clip_gives_the_same_model(shipped):
     ours = demo_train.embed(*shipped, [sample])
     theirs = demo_train.embed(model, preprocess, tokenizer, [sample])
     assert np.allclose(ours[0], theirs[0]) and np.allclose(ours[1], theirs[1])
+
+
+def test_hard_negatives_change_only_what_they_say():
+    rng = np.random.default_rng(0)
+    captions = [s.caption for _, s in world.iter_world(seed=4, shard=0, n=200, vocabulary="open")]
+    order = demo_train.word_order_negatives(captions, rng)
+    swapped = demo_train.shape_negatives(captions, rng)
+    shape_words = set(demo_train._SHAPE_WORDS)
+    for caption, o, s in zip(captions, order, swapped):
+        words = caption.replace(",", "").split()
+        assert sorted(o.split()) == sorted(words) and o != " ".join(words)     # same words, other order
+        named = [w.rstrip(",") for w in caption.split() if w.rstrip(",") in shape_words]
+        if not named:                                                      # an empty scene
+            assert sorted(s.split()) == sorted(words) and s != " ".join(words)
+            continue
+        diff = [(a, b) for a, b in zip(caption.split(), s.split()) if a != b]
+        assert len(s.split()) == len(caption.split()) and len(diff) == 1
+        old, new = (w.rstrip(",") for w in diff[0])
+        assert demo_train._SHAPE_WORDS[old][0] != demo_train._SHAPE_WORDS[new][0]
+        assert demo_train._SHAPE_WORDS[old][1] == demo_train._SHAPE_WORDS[new][1]   # number kept
+    assert any(c.split()[-1] == "crosses" or "crosses " in c for c in captions + swapped)
+
+
+def test_contrastive_loss_matches_clip_loss_without_negatives():
+    import open_clip
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    scale = torch.tensor(10.0)
+    ours = demo_train.contrastive_loss(img, txt, None, scale)
+    assert torch.allclose(ours, open_clip.ClipLoss()(img, txt, scale))
+    neg = torch.nn.functional.normalize(torch.randn(16, 16, generator=g), dim=1)
+    with_neg = demo_train.contrastive_loss(img, txt, neg, scale)
+    per_image = torch.nn.functional.cross_entropy(scale * img @ torch.cat([txt, neg]).T, torch.arange(8))
+    per_text = torch.nn.functional.cross_entropy(scale * txt @ img.T, torch.arange(8))
+    assert torch.allclose(with_neg, (per_image + per_text) / 2) and with_neg > ours

@@ -171,3 +171,52 @@ def test_styles_and_captions_agree():
         assert other not in caption and "illustration" not in caption or style == "drawing"
     assert min(len(v) for v in grain.values()) >= 15
     assert np.mean(grain["photo"]) >= 1.5 and np.mean(grain["drawing"]) <= 0.3
+
+
+def test_open_world_is_the_reference_world_and_more():
+    """The pre-training world holds every shape and colour and some empty scenes; no anomalies."""
+    rows = [s.labels for _, s in world.iter_world(seed=11, shard=0, n=400, vocabulary="open")]
+    shapes = {sh for r in rows for sh in r["shapes"].split(",") if sh}
+    colours = {c for r in rows for c in r["colours"].split(",") if c}
+    assert shapes == set(world.SHAPES + world.UNSEEN_SHAPES)
+    assert colours == set(world.COLOURS) | set(world.UNSEEN_COLOURS)
+    empty = [r for r in rows if r["count"] == 0]
+    assert 5 <= len(empty) <= 40                                     # OPEN_EMPTY_RATE = 0.05 of 400
+    assert all(r["background"] in r["caption"] and r["shapes"] == "" for r in empty)
+    assert all(r["anomaly"] is None for r in rows)
+    assert all("/open/" in r["url"] for r in rows)
+    reference = [s.labels for _, s in world.iter_world(seed=11, shard=0, n=400)]
+    assert {r["uid"] for r in rows}.isdisjoint(r["uid"] for r in reference)
+    assert min(r["count"] for r in reference) >= 1
+    # an empty scene is the background alone: flat apart from the photo style's gradient and noise
+    sample = next(s for _, s in world.iter_world(seed=11, shard=0, n=400, vocabulary="open")
+                  if s.labels["count"] == 0 and s.labels["style"] == "drawing")
+    assert np.ptp(_decode(sample.image), axis=(0, 1)).max() <= 8
+
+
+def test_open_world_refuses_anomalies(tmp_path):
+    with pytest.raises(ValueError, match="open world holds no anomalies"):
+        world.generate_world(tmp_path, 1, 4, 0, 0.5, vocabulary="open")
+    with pytest.raises(ValueError, match="unknown vocabulary 'closed'"):
+        world.generate_world(tmp_path, 1, 4, 0, vocabulary="closed")
+    assert cli_main(["world", "--output", str(tmp_path / "o"), "--samples-per-shard", "30", "--seed", "2",
+                     "--vocabulary", "open"]) == 0
+    assert len(world.read_labels(tmp_path / "o")) == 30
+
+
+def test_twins_differ_only_in_shape():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        (a, caption_a, scene_a), (b, caption_b, scene_b) = world.make_twins(rng)
+        shape_a, shape_b = scene_a.objects[0][0], scene_b.objects[0][0]
+        assert shape_a != shape_b and {shape_a, shape_b} <= set(world.SHAPES + world.UNSEEN_SHAPES)
+        assert [o[1:] for o in scene_a.objects] == [o[1:] for o in scene_b.objects]
+        assert (scene_a.background, scene_a.style, scene_a.position) == \
+               (scene_b.background, scene_b.style, scene_b.position)
+        n = len(scene_a.objects)
+        assert caption_a.replace(world._plural(shape_a, n), world._plural(shape_b, n)) == caption_b
+        changed = (a != b).any(axis=2)                      # only pixels around the objects change
+        assert 0 < changed.mean() < 0.3
+        ys, xs = np.nonzero(changed)
+        assert all(any(np.hypot(x + 0.5 - cx, y + 0.5 - cy) <= 1.25 * r + 1 for *_, cx, cy, r in scene_a.objects)
+                   for y, x in zip(ys, xs))                 # a square's corners reach 1.2 r

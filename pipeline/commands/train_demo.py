@@ -17,6 +17,10 @@ def add_arguments(parser):
                         help="score a labelled validation world every N steps from --select-from on and keep "
                              "the best checkpoint (0: keep the last)")
     parser.add_argument("--select-from", type=int, default=100, help="first step considered for selection")
+    parser.add_argument("--shape-negatives", action="store_true",
+                        help="add a shape-swapped hard-negative caption per pair (off in the shipped model)")
+    parser.add_argument("--twins", type=float, default=0.0,
+                        help="share of each batch made of minimal pairs differing only in shape (0 in the shipped model)")
     parser.add_argument("--eval-samples", type=int, default=4000,
                         help="reference and target pairs for the held-out test evaluation (0 skips it)")
 
@@ -31,11 +35,13 @@ def run(args):
         raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0, "
                         f"--select-every >= 0 (got {args.steps}, {args.batch_size}, {args.threads}, "
                         f"{args.eval_samples}, {args.select_every})")
+    if not 0.0 <= args.twins <= 1.0:
+        raise UserError(f"--twins must be between 0 and 1 (got {args.twins})")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must end with .safetensors (got {args.output})")
     record = main(steps=args.steps, seed=args.seed, output=args.output, eval_samples=args.eval_samples,
                   batch_size=args.batch_size, lr=args.lr, threads=args.threads, select_every=args.select_every,
-                  select_from=args.select_from)
+                  select_from=args.select_from, shape_negatives_too=args.shape_negatives, twins=args.twins)
     print(f"wrote {args.output} ({record['weights_bytes'] / 1e6:.1f} MB) after {record['train_seconds']}s, "
           f"final loss {record['final_loss']}")
     if "eval" in record:

@@ -9,6 +9,9 @@ def add_arguments(parser):
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="pairs per shard")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical shards")
     parser.add_argument("--anomaly-rate", type=float, default=0.0, help="fraction of labelled anomalies per shard")
+    parser.add_argument("--vocabulary", choices=("reference", "open"), default="reference",
+                        help="reference: the corpus anomalies are defined against (4 shapes, 6 colours); "
+                             "open: the demo model's pre-training world (every shape and colour, empty scenes)")
     parser.add_argument("--anomalies", default=None,
                         help="comma-separated kinds to inject (default: all): noise, blank, damaged, "
                              "unseen_shape, unseen_colour, gibberish, ungrammatical, mismatch")
@@ -30,8 +33,11 @@ def run(args):
                         f"(got {args.shards} and {args.samples_per_shard})")
     if not 0.0 <= args.anomaly_rate <= 1.0:
         raise UserError(f"--anomaly-rate must be between 0 and 1 (got {args.anomaly_rate})")
+    if args.vocabulary == "open" and args.anomaly_rate > 0:
+        raise UserError("--vocabulary open holds no anomalies (they are defined against the reference "
+                        "world): drop --anomaly-rate")
     paths = generate_world(args.output, args.shards, args.samples_per_shard, args.seed,
-                           anomaly_rate=args.anomaly_rate, anomaly_kinds=kinds)
+                           anomaly_rate=args.anomaly_rate, anomaly_kinds=kinds, vocabulary=args.vocabulary)
     print(f"wrote {len(paths)} shard(s) x {args.samples_per_shard} samples to {args.output} "
           f"({paths[0].name} .. {paths[-1].name})")
     return 0
