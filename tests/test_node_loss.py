@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-SHARDS, PER_SHARD = 8, 32
+SHARDS, PER_SHARD = 12, 32
 FLOAT_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
                  "text_pvalue", "clip_score")
 
@@ -49,7 +49,7 @@ def node_loss_run(tmp_path_factory):
 def test_worker_node_was_lost_mid_run(node_loss_run):
     _, report = node_loss_run
     kill = report["kill"]
-    assert kill["worker_cpus_free"] == 0, "the worker node was not running shard tasks when it was removed"
+    assert kill["worker_cpus_free"] < 2, "the worker node was not running a shard task when it was removed"
     # The encoder actor (num_cpus=0) lands on either node; when it was on the lost one it was restarted
     # on the head and its in-flight calls retried (printed, so a run's path can be told from its log).
     print(f"encoder actor on the lost node: {kill['encoder_on_lost_node']}, restarts: {kill['encoder_restarts']}")
@@ -145,7 +145,9 @@ def _scenario(work: Path) -> None:
         while thread.is_alive() and time.time() < deadline:
             markers = len(list(lost_dir.glob("*.stats.json"))) if lost_dir.exists() else 0
             cpus_free = available_resources_per_node().get(worker_id, {}).get("CPU", 0.0)
-            if markers >= 1 and cpus_free == 0:
+            # at least one of the worker's two CPUs busy with a shard task (both, on a loaded
+            # machine, may never be seen between two polls before the short run ends)
+            if markers >= 1 and cpus_free < 2:
                 encoder_nodes = [a["Address"]["NodeID"] for a in ray_state.actors().values()
                                  if a["ActorClassName"] == "EncoderActor" and a["State"] == "ALIVE"]
                 cluster.remove_node(worker, allow_graceful=False)
