@@ -163,6 +163,10 @@ def _scenario(work: Path) -> None:
         # the job's actors are gone by now, but the actor table remembers them (earlier runs': 0 restarts)
         kill["encoder_restarts"] = sum(int(a["NumRestarts"]) for a in ray_state.actors().values()
                                        if a["ActorClassName"] == "EncoderActor")
+        # The job can finish before the health checks (3 x 500 ms) mark the removed node dead.
+        alive_deadline = time.time() + 30
+        while sum(1 for n in ray.nodes() if n["Alive"]) > 1 and time.time() < alive_deadline:
+            time.sleep(0.2)
         report.update(lost=outcome["summary"], kill=kill,
                       alive_nodes_after=sum(1 for n in ray.nodes() if n["Alive"]))
         (work / "report.json").write_text(json.dumps(report, default=str))
