@@ -114,7 +114,7 @@ def word_order_negatives(captions: Sequence[str], rng: np.random.Generator) -> l
     return out
 
 
-_SHAPE_WORDS = {world._plural(shape, n): (shape, n) for shape in world.SHAPES + world.UNSEEN_SHAPES for n in (1, 2)}
+_SHAPE_WORDS = {world._plural(shape, n): (shape, n) for shape in world.OPEN_SHAPES for n in (1, 2)}
 
 
 def shape_negatives(captions: Sequence[str], rng: np.random.Generator) -> list[str]:
@@ -123,7 +123,6 @@ def shape_negatives(captions: Sequence[str], rng: np.random.Generator) -> list[s
     Trained against, they make the image tower see shapes, not only colours, sizes and places. A
     caption naming no shape (an empty scene) gets a word-order negative instead.
     """
-    shapes = world.SHAPES + world.UNSEEN_SHAPES
     out = []
     for caption in captions:
         words = caption.split()
@@ -132,7 +131,7 @@ def shape_negatives(captions: Sequence[str], rng: np.random.Generator) -> list[s
             out.extend(word_order_negatives([caption], rng))
             continue
         shape, n = _SHAPE_WORDS[words[at[0]].rstrip(",")]
-        other = str(rng.choice([s for s in shapes if s != shape]))
+        other = str(rng.choice([s for s in world.OPEN_SHAPES if s != shape]))
         for i in at:
             words[i] = world._plural(other, n) + ("," if words[i].endswith(",") else "")
         out.append(" ".join(words))

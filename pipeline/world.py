@@ -44,6 +44,8 @@ POSITIONS = {"top left": (16, 16), "top right": (48, 16), "bottom left": (16, 48
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 STYLES = ("photo", "drawing")
 
+OPEN_SHAPES = SHAPES + UNSEEN_SHAPES                 # the open (pre-training) world's vocabulary
+OPEN_COLOURS = {**COLOURS, **UNSEEN_COLOURS}
 VOCABULARIES = ("reference", "open")
 OPEN_EMPTY_RATE = 0.05         # share of empty scenes (background only) in the open world
 
@@ -148,9 +150,8 @@ def render(scene: Scene, rng: np.random.Generator, scale: int = 4) -> np.ndarray
     big = SIZE * scale
     img = Image.new("RGB", (big, big), _jitter(rng, BACKGROUNDS[scene.background], 10))
     draw = ImageDraw.Draw(img)
-    all_colours = {**COLOURS, **UNSEEN_COLOURS}
     for shape, colour, _size, cx, cy, r in scene.objects:
-        fill = _jitter(rng, all_colours[colour])
+        fill = _jitter(rng, OPEN_COLOURS[colour])
         if shape == "circle":
             draw.ellipse([(cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale], fill=fill)
         else:
@@ -224,10 +225,9 @@ def make_pair(rng: np.random.Generator, anomaly: str | None = None,
     if vocabulary == "open":
         if anomaly is not None:
             raise ValueError("the open world holds no anomalies: they are defined against the reference world")
-        scene = _random_scene(rng, SHAPES + UNSEEN_SHAPES, {**COLOURS, **UNSEEN_COLOURS}, OPEN_EMPTY_RATE)
+        scene = _random_scene(rng, OPEN_SHAPES, OPEN_COLOURS, OPEN_EMPTY_RATE)
         return render(scene, rng), describe(scene, rng), scene
-    if vocabulary != "reference":
-        raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
+    _check_vocabulary(vocabulary)
     shapes = UNSEEN_SHAPES if anomaly == "unseen_shape" else SHAPES
     colours = UNSEEN_COLOURS if anomaly == "unseen_colour" else COLOURS
     scene = _random_scene(rng, shapes, colours)
@@ -258,8 +258,8 @@ def make_twins(rng: np.random.Generator) -> list[tuple[np.ndarray, str, Scene]]:
     Same background, colour, size, places, style, lighting, noise and phrasing; only the shape (and
     the shape's word in the caption) differs, so telling them apart takes seeing the shape.
     """
-    scene = _random_scene(rng, SHAPES + UNSEEN_SHAPES, {**COLOURS, **UNSEEN_COLOURS})
-    other = str(rng.choice([s for s in SHAPES + UNSEEN_SHAPES if s != scene.objects[0][0]]))
+    scene = _random_scene(rng, OPEN_SHAPES, OPEN_COLOURS)
+    other = str(rng.choice([s for s in OPEN_SHAPES if s != scene.objects[0][0]]))
     twin = Scene(scene.background, [(other, *o[1:]) for o in scene.objects], scene.position, scene.style)
     render_seed, phrasing_seed = (int(v) for v in rng.integers(0, 2 ** 63, 2))
     return [(render(s, np.random.default_rng(render_seed)), describe(s, np.random.default_rng(phrasing_seed)), s)
@@ -283,11 +283,15 @@ def _plan(rng: np.random.Generator, n: int, rate: float, kinds: Sequence[str]) -
     return plan
 
 
+def _check_vocabulary(vocabulary: str) -> None:
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
+
+
 def _validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference") -> tuple[str, ...]:
     if not 0.0 <= anomaly_rate <= 1.0:
         raise ValueError(f"anomaly_rate must be in [0, 1], got {anomaly_rate!r}")
-    if vocabulary not in VOCABULARIES:
-        raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
+    _check_vocabulary(vocabulary)
     if vocabulary == "open" and anomaly_rate > 0:
         raise ValueError("the open world holds no anomalies (they are defined against the reference "
                          "world): use anomaly_rate 0 with vocabulary 'open'")
