@@ -99,7 +99,6 @@ def word_order_negatives(captions: Sequence[str], rng: np.random.Generator) -> l
     out = []
     for caption in captions:
         words = caption.replace(",", "").split()
-        negative = " ".join(words)
         for _ in range(10):
             if rng.random() < 0.5:
                 i, j = rng.choice(len(words), 2, replace=False)

@@ -110,6 +110,15 @@ def test_train_demo_cli_writes_loadable_weights(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_train_demo_cli_refuses_bad_options(tmp_path, capsys):
+    out = tmp_path / "w.safetensors"
+    assert cli_main(["train-demo", "--steps", "1", "--twins", "1.5", "--output", str(out)]) == 2
+    assert "--twins must be between 0 and 1 (got 1.5)" in capsys.readouterr().err
+    assert cli_main(["train-demo", "--steps", "1", "--output", str(tmp_path / "w.pt")]) == 2
+    assert "--output must end with .safetensors" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "w.pt").exists()
+
+
 def test_pipeline_load_clip_gives_the_same_model(shipped):
     models = pytest.importorskip("pipeline.models")
     model, preprocess, tokenizer = models.load_clip("wclip-demo")

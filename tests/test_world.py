@@ -202,6 +202,8 @@ def test_open_world_refuses_anomalies(tmp_path):
     assert cli_main(["world", "--output", str(tmp_path / "o"), "--samples-per-shard", "30", "--seed", "2",
                      "--vocabulary", "open"]) == 0
     assert len(world.read_labels(tmp_path / "o")) == 30
+    assert cli_main(["world", "--output", str(tmp_path / "p"), "--vocabulary", "open", "--anomaly-rate", "0.2"]) == 2
+    assert not (tmp_path / "p").exists()                             # refused before anything is written
 
 
 def test_twins_differ_only_in_shape():
