@@ -27,6 +27,7 @@ CONFIG_PATH = ASSETS / f"{MODEL_NAME}.json"
 WEIGHTS_PATH = ASSETS / f"{MODEL_NAME}.safetensors"
 EVAL_SEED = 20_250_506           # held-out test world for the recorded evaluation
 VALIDATION_SEED = 4_242          # validation world for checkpoint selection (not the test world)
+WARM_START_STEPS = (450, 150)    # supervised image-tower steps: concepts alone, then every attribute
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,12 @@ def to_batch(jpegs: Sequence[bytes], captions: Sequence[str], preprocess, tokeni
     return images, tokenizer(list(captions))
 
 
-def train_batch(seed: int, step: int, batch_size: int, twins: float = 0.0) -> tuple[list[bytes], list[str]]:
+def train_batch(seed: int, step: int, batch_size: int, twins: float = 0.0) -> tuple[list[bytes], list[str], list]:
     """The pairs seen at ``step``: shard ``step`` of the open (pre-training) world with ``seed``.
 
+    Returns JPEGs, captions and the world samples (with labels) that the first pairs come from.
     A ``twins`` share of the batch is minimal pairs (:func:`pipeline.world.make_twins`): scenes drawn
-    twice, identical but for the shape, each the other's hardest negative.
+    twice, identical but for the shape, each the other's hardest negative; they come last.
     """
     n_twins = 2 * int(round(twins * batch_size / 2))
     pairs = [s for _, s in world.iter_world(seed, step, batch_size - n_twins, vocabulary="open")]
@@ -87,7 +89,7 @@ def train_batch(seed: int, step: int, batch_size: int, twins: float = 0.0) -> tu
         for image, caption, _scene in world.make_twins(rng):
             jpegs.append(world.encode_jpeg(image))
             captions.append(caption)
-    return jpegs, captions
+    return jpegs, captions, pairs
 
 
 def word_order_negatives(captions: Sequence[str], rng: np.random.Generator) -> list[str]:
@@ -161,28 +163,42 @@ def selection_score(ev: dict) -> float:
 def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e-3,
           weight_decay: float = 0.1, warmup: int = 30, threads: int = 2,
           select_every: int = 25, select_from: int = 100, val_samples: int = 1000, hard_negatives: bool = True,
-          shape_negatives_too: bool = False, twins: float = 0.0):
-    """Train ``wclip-demo`` with the CLIP contrastive loss on the open world; return (model, info).
+          shape_negatives_too: bool = True, twins: float = 0.0,
+          warm_start_steps: tuple[int, int] = WARM_START_STEPS, warm_start_batch: int = 128,
+          warm_start_lr: float = 3e-3, concept_weight: float = 0.3):
+    """Warm-start the image tower, then train ``wclip-demo`` with CLIP's loss; return (model, info).
 
-    Weights are trained on clean pairs of the open (pre-training) world only, with a word-order
-    hard-negative caption per pair (:func:`word_order_negatives`) unless ``hard_negatives`` is False.
-    Two options aimed at shape recognition, off by default because they did not help the shipped
-    model (see its ``.train.json`` notes): ``shape_negatives_too`` (a second negative per pair,
-    :func:`shape_negatives`) and a ``twins`` share of each batch made of minimal pairs
-    (:func:`train_batch`). From step ``select_from`` on, every ``select_every``
+    First the image tower alone learns the open world's labels (:mod:`pipeline.demo_warmstart`):
+    ``warm_start_steps[0]`` steps of shapes and colours, each on its own embedding coordinate, then
+    ``warm_start_steps[1]`` of every attribute. Then both towers train contrastively on clean
+    pairs of the open (pre-training) world, each image against its caption, the batch's other
+    captions and hard negatives: a word-order shuffle of its caption (:func:`word_order_negatives`,
+    unless ``hard_negatives`` is False) and its caption with the shape swapped
+    (:func:`shape_negatives`, if ``shape_negatives_too``), while ``concept_weight`` keeps the shape and
+    colour coordinates (0 lets CLIP reuse them). A ``twins`` share of each batch can be minimal pairs
+    (:func:`train_batch`; off: it did not help). From step ``select_from`` on, every ``select_every``
     steps (and at the end) the model is scored on a labelled validation world (its own seed,
     never the test world) and the checkpoint with the best :func:`selection_score` is kept.
     """
     import torch
     import open_clip
 
+    from pipeline import demo_warmstart
+
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     model, preprocess, tokenizer = create_model()
     model.train()
+    begin = time.time()
+    heads = demo_warmstart.AttributeHeads(model.text_projection.shape[1], concepts=demo_warmstart.CONCEPTS)
+    warm = demo_warmstart.warm_start(model, preprocess, tokenizer, heads,
+                                     [(warm_start_steps[0], heads.concepts),
+                                      (warm_start_steps[1], tuple(demo_warmstart.ATTRIBUTES))],
+                                     seed=seed, batch_size=warm_start_batch, lr=warm_start_lr)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    rest += [heads.scale, heads.bias]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
@@ -194,7 +210,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     log.info("training %s: %d steps x %d pairs, seed %d, %d threads, load average %s", MODEL_NAME, steps,
              batch_size, seed, threads, os.getloadavg())
     for step in range(steps):
-        jpegs, captions = train_batch(seed, step, batch_size, twins)
+        jpegs, captions, samples = train_batch(seed, step, batch_size, twins)
         images, tokens = to_batch(jpegs, captions, preprocess, tokenizer)
         image_features, text_features, logit_scale = model(images, tokens)
         negatives = None
@@ -204,9 +220,14 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
                 texts += shape_negatives(captions, negatives_rng)
             negatives = model.encode_text(tokenizer(texts), normalize=True)
         loss = contrastive_loss(image_features, text_features, negatives, logit_scale)
+        if concept_weight:
+            concepts = heads.loss(image_features[:len(samples)], samples, heads.concepts)
+            loss_total = loss + concept_weight * concepts
+        else:
+            loss_total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + [heads.scale, heads.bias], 1.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -231,7 +252,9 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "warmup": warmup, "threads": threads, "world": "open", "hard_negatives": hard_negatives,
             "shape_negatives": shape_negatives_too, "twins": twins,
-            "train_seconds": round(time.time() - start, 1),
+            "warm_start_steps": list(warm_start_steps), "warm_start": warm,
+            "concepts": list(heads.concepts), "concept_weight": concept_weight,
+            "train_seconds": round(time.time() - begin, 1), "contrastive_seconds": round(time.time() - start, 1),
             "final_loss": round(float(np.mean(tail)), 4), "first_loss": round(losses[0], 4),
             "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
             "logit_scale": round(model.logit_scale.exp().item(), 2),
@@ -358,7 +381,9 @@ def main(steps: int = 300, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int
                           f"--batch-size {info['batch_size']} --threads {info['threads']} "
                           f"--select-every {sel['every'] if sel else 0} --select-from {sel['from'] if sel else 0} "
                           f"--eval-samples {eval_samples}"
-                          + (" --shape-negatives" if info["shape_negatives"] else "")
+                          + f" --warm-start {info['warm_start_steps'][0]},{info['warm_start_steps'][1]}"
+                          + f" --concept-weight {info['concept_weight']:g}"
+                          + ("" if info["shape_negatives"] else " --no-shape-negatives")
                           + (f" --twins {info['twins']:g}" if info["twins"] else "")),
               "world_seed": seed, "samples_seen": steps * info["batch_size"],
               "torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version(),

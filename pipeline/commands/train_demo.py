@@ -4,6 +4,8 @@ HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world 
 
 
 def add_arguments(parser):
+    import argparse
+
     from pipeline.demo_train import WEIGHTS_PATH
 
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps (batch of --batch-size pairs)")
@@ -17,8 +19,14 @@ def add_arguments(parser):
                         help="score a labelled validation world every N steps from --select-from on and keep "
                              "the best checkpoint (0: keep the last)")
     parser.add_argument("--select-from", type=int, default=100, help="first step considered for selection")
-    parser.add_argument("--shape-negatives", action="store_true",
-                        help="add a shape-swapped hard-negative caption per pair (off in the shipped model)")
+    parser.add_argument("--warm-start", default="450,150", metavar="CONCEPTS,ALL",
+                        help="supervised image-tower steps before CLIP: on shapes and colours (each on its own "
+                             "embedding coordinate), then on every labelled attribute (0,0 skips it)")
+    parser.add_argument("--concept-weight", type=float, default=0.3,
+                        help="weight, during CLIP, of the loss that keeps each shape and colour on its own "
+                             "embedding coordinate (0: off)")
+    parser.add_argument("--shape-negatives", action=argparse.BooleanOptionalAction, default=True,
+                        help="add a shape-swapped hard-negative caption per pair (on in the shipped model)")
     parser.add_argument("--twins", type=float, default=0.0,
                         help="share of each batch made of minimal pairs differing only in shape (0 in the shipped model)")
     parser.add_argument("--eval-samples", type=int, default=4000,
@@ -37,11 +45,21 @@ def run(args):
                         f"{args.eval_samples}, {args.select_every})")
     if not 0.0 <= args.twins <= 1.0:
         raise UserError(f"--twins must be between 0 and 1 (got {args.twins})")
+    try:
+        warm_start = tuple(int(v) for v in args.warm_start.split(","))
+    except ValueError:
+        warm_start = ()
+    if len(warm_start) != 2 or min(warm_start) < 0:
+        raise UserError(f"--warm-start takes two step counts >= 0, CONCEPTS,ALL such as 450,150 "
+                        f"(got {args.warm_start!r})")
+    if args.concept_weight < 0:
+        raise UserError(f"--concept-weight must be >= 0 (got {args.concept_weight})")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must end with .safetensors (got {args.output})")
     record = main(steps=args.steps, seed=args.seed, output=args.output, eval_samples=args.eval_samples,
                   batch_size=args.batch_size, lr=args.lr, threads=args.threads, select_every=args.select_every,
-                  select_from=args.select_from, shape_negatives_too=args.shape_negatives, twins=args.twins)
+                  select_from=args.select_from, shape_negatives_too=args.shape_negatives, twins=args.twins,
+                  warm_start_steps=warm_start, concept_weight=args.concept_weight)
     print(f"wrote {args.output} ({record['weights_bytes'] / 1e6:.1f} MB) after {record['train_seconds']}s, "
           f"final loss {record['final_loss']}")
     if "eval" in record:
