@@ -199,6 +199,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     rest += [heads.scale, heads.bias]
+    clipped = decay + rest
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
@@ -227,7 +228,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
             loss_total = loss
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + [heads.scale, heads.bias], 1.0)
+        torch.nn.utils.clip_grad_norm_(clipped, 1.0)
         opt.step()
         sched.step()
         with torch.no_grad():

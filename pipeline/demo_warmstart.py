@@ -60,6 +60,12 @@ def targets(samples, attribute: str) -> torch.Tensor:
     return torch.tensor([values.index(v) for v in found])
 
 
+def _check_known(names: Sequence[str], what: str) -> None:
+    unknown = set(names) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; choose from {sorted(ATTRIBUTES)}")
+
+
 def _coordinate_values(attribute: str) -> tuple:
     values = ATTRIBUTES[attribute]
     return values[1:] if values[0] == "" else values
@@ -74,9 +80,7 @@ class AttributeHeads(nn.Module):
 
     def __init__(self, embed_dim: int, concepts: Sequence[str] = CONCEPTS, concept_weight: float = 10.0):
         super().__init__()
-        unknown = set(concepts) - set(ATTRIBUTES)
-        if unknown:
-            raise ValueError(f"unknown concepts {sorted(unknown)}; choose from {sorted(ATTRIBUTES)}")
+        _check_known(concepts, "concepts")
         self.offsets, n = {}, 0
         for attribute in concepts:
             self.offsets[attribute] = n
@@ -124,9 +128,7 @@ def warm_start(model, preprocess, tokenizer, heads: AttributeHeads, stages, seed
     for steps, attributes in stages:
         if steps <= 0:
             continue
-        unknown = set(attributes) - set(ATTRIBUTES)
-        if unknown:
-            raise ValueError(f"unknown attributes {sorted(unknown)}; choose from {sorted(ATTRIBUTES)}")
+        _check_known(attributes, "attributes")
         params = list(model.visual.parameters()) + list(heads.parameters())
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -6,7 +6,7 @@ HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world 
 def add_arguments(parser):
     import argparse
 
-    from pipeline.demo_train import WEIGHTS_PATH
+    from pipeline.demo_train import WARM_START_STEPS, WEIGHTS_PATH
 
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps (batch of --batch-size pairs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init and the training world")
@@ -19,7 +19,7 @@ def add_arguments(parser):
                         help="score a labelled validation world every N steps from --select-from on and keep "
                              "the best checkpoint (0: keep the last)")
     parser.add_argument("--select-from", type=int, default=100, help="first step considered for selection")
-    parser.add_argument("--warm-start", default="450,150", metavar="CONCEPTS,ALL",
+    parser.add_argument("--warm-start", default=",".join(map(str, WARM_START_STEPS)), metavar="CONCEPTS,ALL",
                         help="supervised image-tower steps before CLIP: on shapes and colours (each on its own "
                              "embedding coordinate), then on every labelled attribute (0,0 skips it)")
     parser.add_argument("--concept-weight", type=float, default=0.3,
@@ -37,7 +37,7 @@ def run(args):
     import json
 
     from pipeline.cli import UserError
-    from pipeline.demo_train import main
+    from pipeline.demo_train import WARM_START_STEPS, main
 
     if args.steps < 1 or args.batch_size < 2 or args.threads < 1 or min(args.eval_samples, args.select_every) < 0:
         raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0, "
@@ -50,8 +50,8 @@ def run(args):
     except ValueError:
         warm_start = ()
     if len(warm_start) != 2 or min(warm_start) < 0:
-        raise UserError(f"--warm-start takes two step counts >= 0, CONCEPTS,ALL such as 450,150 "
-                        f"(got {args.warm_start!r})")
+        raise UserError(f"--warm-start takes two step counts >= 0, CONCEPTS,ALL such as "
+                        f"{','.join(map(str, WARM_START_STEPS))} (got {args.warm_start!r})")
     if args.concept_weight < 0:
         raise UserError(f"--concept-weight must be >= 0 (got {args.concept_weight})")
     if not args.output.endswith(".safetensors"):
