@@ -37,9 +37,9 @@ class DemoConfig:
 
     workdir: str = "wclip-demo"
     reference_shards: int = 4
-    reference_per_shard: int = 500
+    reference_per_shard: int = 1000
     target_shards: int = 2
-    target_per_shard: int = 500
+    target_per_shard: int = 1000
     anomaly_rate: float = 0.3
     seed: int = 7
     num_cpus: int = None  # local Ray CPUs (default: all)

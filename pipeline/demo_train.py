@@ -28,6 +28,9 @@ WEIGHTS_PATH = ASSETS / f"{MODEL_NAME}.safetensors"
 EVAL_SEED = 20_250_506           # held-out test world for the recorded evaluation
 VALIDATION_SEED = 4_242          # validation world for checkpoint selection (not the test world)
 WARM_START_STEPS = (450, 150)    # supervised image-tower steps: concepts alone, then every attribute
+SPLICE_RATE = 0.5                # share of spliced scenes in the warm start's second stage
+SPLICE_KEEP = 16                 # spliced scenes per CLIP step that keep the edge backgrounds readable
+NORM_WEIGHT = 10.0               # weight of the variance of the image embeddings' log-norm during CLIP
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,8 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
           select_every: int = 25, select_from: int = 100, val_samples: int = 1000, hard_negatives: bool = True,
           shape_negatives_too: bool = True, twins: float = 0.0,
           warm_start_steps: tuple[int, int] = WARM_START_STEPS, warm_start_batch: int = 128,
-          warm_start_lr: float = 3e-3, concept_weight: float = 0.3):
+          warm_start_lr: float = 3e-3, concept_weight: float = 0.3, splice_rate: float = SPLICE_RATE,
+          splice_keep: int = SPLICE_KEEP, norm_weight: float = NORM_WEIGHT):
     """Warm-start the image tower, then train ``wclip-demo`` with CLIP's loss; return (model, info).
 
     First the image tower alone learns the open world's labels (:mod:`pipeline.demo_warmstart`):
@@ -175,13 +179,16 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     captions and hard negatives: a word-order shuffle of its caption (:func:`word_order_negatives`,
     unless ``hard_negatives`` is False) and its caption with the shape swapped
     (:func:`shape_negatives`, if ``shape_negatives_too``), while ``concept_weight`` keeps the shape and
-    colour coordinates (0 lets CLIP reuse them). A ``twins`` share of each batch can be minimal pairs
+    colour coordinates (0 lets CLIP reuse them). A ``splice_rate`` share of the warm start's second
+    stage is spliced scenes (:func:`pipeline.demo_warmstart.splice`) that teach the backgrounds at the
+    top and bottom edge, and ``splice_keep`` spliced scenes join each CLIP step's image batch to keep
+    them readable (with weight ``concept_weight``). A ``twins`` share of each batch can be minimal pairs
     (:func:`train_batch`; off: it did not help). From step ``select_from`` on, every ``select_every``
     steps (and at the end) the model is scored on a labelled validation world (its own seed,
     never the test world) and the checkpoint with the best :func:`selection_score` is kept.
     """
     import torch
-    import open_clip
+    import torch.nn.functional as F
 
     from pipeline import demo_warmstart
 
@@ -195,10 +202,11 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     warm = demo_warmstart.warm_start(model, preprocess, tokenizer, heads,
                                      [(warm_start_steps[0], heads.concepts),
                                       (warm_start_steps[1], tuple(demo_warmstart.ATTRIBUTES))],
-                                     seed=seed, batch_size=warm_start_batch, lr=warm_start_lr)
+                                     seed=seed, batch_size=warm_start_batch, lr=warm_start_lr,
+                                     splice_rate=splice_rate)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    rest += [heads.scale, heads.bias]
+    rest += [heads.scale, heads.bias] + [p for e in demo_warmstart.EDGES for p in heads.linear[e].parameters()]
     clipped = decay + rest
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
@@ -213,19 +221,31 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     for step in range(steps):
         jpegs, captions, samples = train_batch(seed, step, batch_size, twins)
         images, tokens = to_batch(jpegs, captions, preprocess, tokenizer)
-        image_features, text_features, logit_scale = model(images, tokens)
+        spliced = []
+        if concept_weight and splice_rate and splice_keep:
+            # spliced scenes join the batch's single image forward, so BatchNorm sees them only as a
+            # small share of one batch (a separate small forward would skew its running statistics)
+            spliced = demo_warmstart.splice(samples[:splice_keep], 1.0, np.random.default_rng([seed, step, 4]))
+            images = torch.cat([images, torch.stack([preprocess(s.image) for s in spliced])])
+        features = model.encode_image(images)
+        image_features = F.normalize(features[:len(jpegs)], dim=-1)
+        text_features = model.encode_text(tokens, normalize=True)
         negatives = None
         if hard_negatives:
             texts = word_order_negatives(captions, negatives_rng)
             if shape_negatives_too:
                 texts += shape_negatives(captions, negatives_rng)
             negatives = model.encode_text(tokenizer(texts), normalize=True)
-        loss = contrastive_loss(image_features, text_features, negatives, logit_scale)
+        loss = contrastive_loss(image_features, text_features, negatives, model.logit_scale.exp())
         if concept_weight:
             concepts = heads.loss(image_features[:len(samples)], samples, heads.concepts)
+            if spliced:
+                concepts = concepts + heads.loss(features[len(jpegs):], spliced, demo_warmstart.EDGES)
             loss_total = loss + concept_weight * concepts
         else:
             loss_total = loss
+        if norm_weight:
+            loss_total = loss_total + norm_weight * features[:len(jpegs)].norm(dim=-1).log().var()
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
         torch.nn.utils.clip_grad_norm_(clipped, 1.0)
@@ -255,6 +275,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
             "shape_negatives": shape_negatives_too, "twins": twins,
             "warm_start_steps": list(warm_start_steps), "warm_start": warm,
             "concepts": list(heads.concepts), "concept_weight": concept_weight,
+            "splice_rate": splice_rate, "splice_keep": splice_keep, "norm_weight": norm_weight,
             "train_seconds": round(time.time() - begin, 1), "contrastive_seconds": round(time.time() - start, 1),
             "final_loss": round(float(np.mean(tail)), 4), "first_loss": round(losses[0], 4),
             "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
@@ -361,6 +382,9 @@ def evaluate(model, preprocess, tokenizer, n_reference: int = 4000, n_target: in
         "clean_frac_p_below_0.01": {t: round(float((scores[t]["pvalue"][clean] < 0.01).mean()), 4) for t in scores},
         "clip_score_clean_mean": round(float(cos[clean].mean()), 4),
         "clip_score_mismatch_mean": round(float(cos[kinds == "mismatch"].mean()), 4),
+        # spread of the raw embeddings' norms: a nuisance that whitening raw embeddings cannot remove
+        "reference_norm_cv": {t: round(float(np.linalg.norm(x, axis=1).std() / np.linalg.norm(x, axis=1).mean()), 4)
+                              for t, x in (("image", ref_img), ("text", ref_txt))},
     }
 
 
@@ -384,6 +408,8 @@ def main(steps: int = 300, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int
                           f"--eval-samples {eval_samples}"
                           + f" --warm-start {info['warm_start_steps'][0]},{info['warm_start_steps'][1]}"
                           + f" --concept-weight {info['concept_weight']:g}"
+                          + f" --splice-rate {info['splice_rate']:g} --splice-keep {info['splice_keep']}"
+                          + f" --norm-weight {info['norm_weight']:g}"
                           + ("" if info["shape_negatives"] else " --no-shape-negatives")
                           + (f" --twins {info['twins']:g}" if info["twins"] else "")),
               "world_seed": seed, "samples_seen": steps * info["batch_size"],

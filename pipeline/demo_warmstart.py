@@ -12,7 +12,12 @@ CLIP from a classification-trained image tower (here it is not frozen afterwards
   one-vs-rest (a *concept*): an unseen shape or colour then moves a coordinate that never moves
   in the reference corpus, so whitening that corpus exposes it;
 * background, object count, size and drawing style are read by linear heads, in a second stage
-  (the first reads the concepts alone, the hardest of the labels to learn).
+  (the first reads the concepts alone, the hardest of the labels to learn);
+* so are the backgrounds at the top and at the bottom edge, taught on *spliced* scenes (the top
+  of one scene above the bottom of another, CutMix-style; :func:`splice`). In a real scene the two
+  agree, so their coordinates move together across the reference corpus; an image whose lower
+  part is something else (a download cut off and padded with flat filler) moves them apart, along
+  a direction whitening finds nearly still.
 
 The heads are scaffolding: they are not part of the shipped weights. The labels come from the
 open world only (``world.iter_world(..., vocabulary="open")``), which includes the shapes and
@@ -22,6 +27,7 @@ that a curated corpus lacks.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -30,6 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from pipeline import world
@@ -42,7 +49,11 @@ ATTRIBUTES = {
     "background": tuple(world.BACKGROUNDS),
     "count": (0, 1, 2, 3),
     "style": tuple(world.STYLES),
+    "top": tuple(world.BACKGROUNDS),        # background at the top and bottom edge: they differ
+    "bottom": tuple(world.BACKGROUNDS),     # only in spliced scenes (see splice)
 }
+EDGES = ("top", "bottom")
+IGNORE = -100                      # target of an attribute a (spliced) scene does not have
 OBJECT_ATTRIBUTES = ("shape", "colour", "size")   # read from the scene's (single-group) objects
 CONCEPTS = ("shape", "colour")     # attributes whose values each own an embedding coordinate
 WARM_START_SHARD = 1_000_000       # warm-start batches are shards WARM_START_SHARD + i of the training seed
@@ -50,14 +61,45 @@ WARM_START_SHARD = 1_000_000       # warm-start batches are shards WARM_START_SH
 log = logging.getLogger(__name__)
 
 
-def targets(samples, attribute: str) -> torch.Tensor:
-    """Class index of ``attribute`` per scene (open-world scenes hold one group of alike objects)."""
-    values = ATTRIBUTES[attribute]
+def _value(labels: dict, attribute: str):
+    if "spliced" in labels:
+        return labels.get(attribute)
     if attribute in OBJECT_ATTRIBUTES:
-        found = [s.labels["objects"][0][attribute] if s.labels["objects"] else "" for s in samples]
-    else:
-        found = [s.labels[attribute] for s in samples]
-    return torch.tensor([values.index(v) for v in found])
+        return labels["objects"][0][attribute] if labels["objects"] else ""
+    return labels["background" if attribute in EDGES else attribute]
+
+
+def targets(samples, attribute: str) -> torch.Tensor:
+    """Class index of ``attribute`` per scene (open-world scenes hold one group of alike objects).
+
+    A spliced scene has only its edges' backgrounds; its other targets are ``IGNORE``.
+    """
+    values = ATTRIBUTES[attribute]
+    found = [_value(s.labels, attribute) for s in samples]
+    return torch.tensor([IGNORE if v is None else values.index(v) for v in found])
+
+
+class Spliced:
+    """The top of one scene above the bottom of another, cut at a random row."""
+
+    def __init__(self, image, top: str, bottom: str):
+        self.image, self.labels = image, {"spliced": True, "top": top, "bottom": bottom}
+
+
+def splice(samples, rate: float, rng: np.random.Generator) -> list:
+    """Replace each of ``samples``, with probability ``rate``, by a :class:`Spliced` scene.
+
+    Its rows above a cut (between 1/8 and 7/8 of the height) are its own, the rest a random
+    sample's of the same batch (possibly itself, a plain scene then).
+    """
+    out = list(samples)
+    for i in np.flatnonzero(rng.random(len(out)) < rate):
+        j = int(rng.integers(len(samples)))
+        a, b = (np.asarray(Image.open(io.BytesIO(samples[k].image)).convert("RGB")) for k in (i, j))
+        cut = int(rng.integers(a.shape[0] // 8, a.shape[0] * 7 // 8))
+        image = np.concatenate([a[:cut], b[cut:]])
+        out[i] = Spliced(Image.fromarray(image), samples[i].labels["background"], samples[j].labels["background"])
+    return out
 
 
 def _check_known(names: Sequence[str], what: str) -> None:
@@ -105,25 +147,29 @@ class AttributeHeads(nn.Module):
         total = features.new_zeros(())
         for attribute in attributes:
             y = targets(samples, attribute)
+            has = y != IGNORE
+            if not has.any():
+                continue
             if attribute in self.offsets:
                 values = ATTRIBUTES[attribute]
-                onehot = F.one_hot(y, len(values)).float()[:, values[0] == "":]   # "" (no object): all zero
+                onehot = F.one_hot(y[has], len(values)).float()[:, values[0] == "":]   # "" (no object): all zero
                 total = total + self.concept_weight * F.binary_cross_entropy_with_logits(
-                    self.concept_logits(features, attribute), onehot)
+                    self.concept_logits(features[has], attribute), onehot)
             else:
-                total = total + F.cross_entropy(self.linear[attribute](features), y)
+                total = total + F.cross_entropy(self.linear[attribute](features), y, ignore_index=IGNORE)
         return total
 
 
 def warm_start(model, preprocess, tokenizer, heads: AttributeHeads, stages, seed: int = 0,
-               batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.05, warmup: int = 20) -> list[dict]:
+               batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.05, warmup: int = 20,
+               splice_rate: float = 0.0) -> list[dict]:
     """Train ``model.visual`` (and ``heads``) on labelled open-world scenes, stage by stage.
 
     ``stages`` is a sequence of ``(steps, attributes)``; each stage has its own AdamW and cosine
-    schedule. Returns one record per stage (steps, attributes, first and final loss, seconds).
+    schedule. In a stage that reads the edges (``EDGES``), each scene is spliced with probability
+    ``splice_rate`` (:func:`splice`). Returns one record per stage (steps, attributes, first and
+    final loss, seconds).
     """
-    from pipeline.demo_train import to_batch
-
     records, batch_index = [], 0
     for steps, attributes in stages:
         if steps <= 0:
@@ -138,7 +184,10 @@ def warm_start(model, preprocess, tokenizer, heads: AttributeHeads, stages, seed
             samples = [s for _, s in world.iter_world(seed, WARM_START_SHARD + batch_index, batch_size,
                                                       vocabulary="open")]
             batch_index += 1
-            images, _ = to_batch([s.image for s in samples], [""] * len(samples), preprocess, tokenizer)
+            if splice_rate and set(EDGES) & set(attributes):
+                samples = splice(samples, splice_rate, np.random.default_rng([seed, batch_index, 3]))
+            images = torch.stack([preprocess(s.image) if isinstance(s, Spliced) else
+                                  preprocess(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples])
             loss = heads.loss(model.encode_image(images), samples, attributes)
             opt.zero_grad(set_to_none=True)
             loss.backward()

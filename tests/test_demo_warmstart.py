@@ -34,11 +34,68 @@ def test_targets_read_the_scene_labels():
     assert (shape == 0).any()                                            # and some empty scenes
 
 
+def decoded(sample):
+    from PIL import Image
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"))
+
+
+def test_splice_joins_the_top_of_one_scene_to_the_bottom_of_another():
+    samples = open_samples(64)
+    spliced = demo_warmstart.splice(samples, 0.5, np.random.default_rng(3))
+    again = demo_warmstart.splice(samples, 0.5, np.random.default_rng(3))
+    assert len(spliced) == 64
+    joined = [i for i, s in enumerate(spliced) if isinstance(s, demo_warmstart.Spliced)]
+    assert 16 <= len(joined) <= 48 and joined == [i for i, s in enumerate(again) if isinstance(s, demo_warmstart.Spliced)]
+    assert all(spliced[i] is samples[i] for i in range(64) if i not in joined)
+    backgrounds = [s.labels["background"] for s in samples]
+    for i in joined:
+        image, top = np.asarray(spliced[i].image), decoded(samples[i])
+        assert image.shape == top.shape == (world.SIZE, world.SIZE, 3)
+        rows = [r for r in range(world.SIZE) if np.array_equal(image[:r + 1], top[:r + 1])]
+        cut = len(rows)                     # the first row that is not the top scene's
+        assert world.SIZE // 8 <= cut < world.SIZE * 7 // 8
+        bottoms = [j for j in range(64) if np.array_equal(image[cut:], decoded(samples[j])[cut:])]
+        assert bottoms and spliced[i].labels == {"spliced": True, "top": backgrounds[i],
+                                                  "bottom": backgrounds[bottoms[0]]}
+    # a spliced scene teaches its edges' backgrounds and nothing else; a clean scene's edges are its background
+    top, bottom = demo_warmstart.targets(spliced, "top"), demo_warmstart.targets(spliced, "bottom")
+    values = demo_warmstart.ATTRIBUTES["background"]
+    for i, s in enumerate(spliced):
+        if i in joined:
+            assert (values[top[i]], values[bottom[i]]) == (s.labels["top"], s.labels["bottom"])
+        else:
+            assert values[top[i]] == values[bottom[i]] == s.labels["background"]
+    for attribute in ("shape", "colour", "size", "background", "count", "style"):
+        y = demo_warmstart.targets(spliced, attribute)
+        assert [i for i in range(64) if y[i] == demo_warmstart.IGNORE] == joined
+    assert demo_warmstart.splice(samples, 0.0, np.random.default_rng(3)) == samples
+
+
+def test_spliced_scenes_add_no_concept_or_label_loss():
+    heads = demo_warmstart.AttributeHeads(64)
+    samples = open_samples(48)
+    spliced = demo_warmstart.splice(samples, 0.5, np.random.default_rng(1))
+    clean = [i for i, s in enumerate(spliced) if not isinstance(s, demo_warmstart.Spliced)]
+    features = torch.randn(48, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for attributes in (["shape", "colour"], ["count", "style"]):
+            assert torch.allclose(heads.loss(features, spliced, attributes),
+                                  heads.loss(features[clean], [spliced[i] for i in clean], attributes))
+        edges = heads.loss(features, spliced, ["top", "bottom"])
+        expected = sum(torch.nn.functional.cross_entropy(heads.linear[e](features), demo_warmstart.targets(spliced, e))
+                       for e in ("top", "bottom"))
+    assert torch.allclose(edges, expected)
+    only_spliced = [s for s in spliced if isinstance(s, demo_warmstart.Spliced)]
+    assert heads.loss(features[:len(only_spliced)], only_spliced, ["shape"]).item() == 0.0
+
+
 def test_each_colour_owns_one_embedding_coordinate():
     heads = demo_warmstart.AttributeHeads(64)
     n_shapes = len(world.OPEN_SHAPES)
     assert heads.concepts == ("shape", "colour") and heads.offsets == {"shape": 0, "colour": n_shapes}
-    assert set(heads.linear) == {"size", "background", "count", "style"}
+    assert set(heads.linear) == {"size", "background", "count", "style", "top", "bottom"}
     features = torch.zeros(2, 64)
     features[0, n_shapes + 3], features[1, 40] = 1.0, 1.0                # unit vectors
     with torch.no_grad():
@@ -88,7 +145,7 @@ def test_warm_start_trains_only_the_image_tower():
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     records = demo_warmstart.warm_start(model, preprocess, tokenizer, heads,
                                         [(2, ("shape",)), (0, ("colour",)), (1, tuple(demo_warmstart.ATTRIBUTES))],
-                                        batch_size=8)
+                                        batch_size=8, splice_rate=0.5)
     assert [(r["steps"], r["attributes"]) for r in records] == [(2, ["shape"]), (1, list(demo_warmstart.ATTRIBUTES))]
     assert all(np.isfinite(r["first_loss"]) and np.isfinite(r["final_loss"]) for r in records)
     after = model.state_dict()

@@ -6,7 +6,7 @@ HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world 
 def add_arguments(parser):
     import argparse
 
-    from pipeline.demo_train import WARM_START_STEPS, WEIGHTS_PATH
+    from pipeline.demo_train import NORM_WEIGHT, SPLICE_KEEP, SPLICE_RATE, WARM_START_STEPS, WEIGHTS_PATH
 
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps (batch of --batch-size pairs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init and the training world")
@@ -25,6 +25,14 @@ def add_arguments(parser):
     parser.add_argument("--concept-weight", type=float, default=0.3,
                         help="weight, during CLIP, of the loss that keeps each shape and colour on its own "
                              "embedding coordinate (0: off)")
+    parser.add_argument("--splice-rate", type=float, default=SPLICE_RATE,
+                        help="share of the warm start's second stage made of spliced scenes (one scene's top above "
+                             "another's bottom) that teach the background at the top and bottom edge (0: off)")
+    parser.add_argument("--splice-keep", type=int, default=SPLICE_KEEP,
+                        help="spliced scenes per CLIP step that keep the edge backgrounds readable (0: none)")
+    parser.add_argument("--norm-weight", type=float, default=NORM_WEIGHT,
+                        help="weight, during CLIP, of the variance of the image embeddings' log-norm: keeps the raw "
+                             "(unnormalised) embeddings that whitening reads free of a spread of norms (0: off)")
     parser.add_argument("--shape-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="add a shape-swapped hard-negative caption per pair (on in the shipped model)")
     parser.add_argument("--twins", type=float, default=0.0,
@@ -54,12 +62,16 @@ def run(args):
                         f"{','.join(map(str, WARM_START_STEPS))} (got {args.warm_start!r})")
     if args.concept_weight < 0:
         raise UserError(f"--concept-weight must be >= 0 (got {args.concept_weight})")
+    if not 0.0 <= args.splice_rate <= 1.0 or args.splice_keep < 0 or args.norm_weight < 0:
+        raise UserError(f"need --splice-rate between 0 and 1, --splice-keep >= 0 and --norm-weight >= 0 "
+                        f"(got {args.splice_rate}, {args.splice_keep}, {args.norm_weight})")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must end with .safetensors (got {args.output})")
     record = main(steps=args.steps, seed=args.seed, output=args.output, eval_samples=args.eval_samples,
                   batch_size=args.batch_size, lr=args.lr, threads=args.threads, select_every=args.select_every,
                   select_from=args.select_from, shape_negatives_too=args.shape_negatives, twins=args.twins,
-                  warm_start_steps=warm_start, concept_weight=args.concept_weight)
+                  warm_start_steps=warm_start, concept_weight=args.concept_weight,
+                  splice_rate=args.splice_rate, splice_keep=args.splice_keep, norm_weight=args.norm_weight)
     print(f"wrote {args.output} ({record['weights_bytes'] / 1e6:.1f} MB) after {record['train_seconds']}s, "
           f"final loss {record['final_loss']}")
     if "eval" in record:
