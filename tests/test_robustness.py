@@ -139,8 +139,10 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, stats_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["shards_skipped"] == done_before
-    assert summary["shards_done"] == 6 - done_before
+    # a Ray worker of the killed run can outlive its driver for a moment and finish the one shard
+    # in flight (atomically: marker last) after the count above; seen once in a clean-clone run
+    assert done_before <= summary["shards_skipped"] <= done_before + 1
+    assert summary["shards_skipped"] + summary["shards_done"] == 6
     a, b = _tables(clean), _tables(crashed)
     assert list(a) == list(b) == [f"{i:05d}.parquet" for i in range(6)]
     for name in a:
