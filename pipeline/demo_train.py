@@ -199,7 +199,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     model.train()
     begin = time.time()
     heads = demo_warmstart.AttributeHeads(model.text_projection.shape[1], concepts=demo_warmstart.CONCEPTS)
-    warm = demo_warmstart.warm_start(model, preprocess, tokenizer, heads,
+    warm = demo_warmstart.warm_start(model, preprocess, heads,
                                      [(warm_start_steps[0], heads.concepts),
                                       (warm_start_steps[1], tuple(demo_warmstart.ATTRIBUTES))],
                                      seed=seed, batch_size=warm_start_batch, lr=warm_start_lr,
@@ -226,7 +226,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
             # spliced scenes join the batch's single image forward, so BatchNorm sees them only as a
             # small share of one batch (a separate small forward would skew its running statistics)
             spliced = demo_warmstart.splice(samples[:splice_keep], 1.0, np.random.default_rng([seed, step, 4]))
-            images = torch.cat([images, torch.stack([preprocess(s.image) for s in spliced])])
+            images = torch.cat([images, demo_warmstart.image_batch(spliced, preprocess)])
         features = model.encode_image(images)
         image_features = F.normalize(features[:len(jpegs)], dim=-1)
         text_features = model.encode_text(tokens, normalize=True)
@@ -383,8 +383,8 @@ def evaluate(model, preprocess, tokenizer, n_reference: int = 4000, n_target: in
         "clip_score_clean_mean": round(float(cos[clean].mean()), 4),
         "clip_score_mismatch_mean": round(float(cos[kinds == "mismatch"].mean()), 4),
         # spread of the raw embeddings' norms: a nuisance that whitening raw embeddings cannot remove
-        "reference_norm_cv": {t: round(float(np.linalg.norm(x, axis=1).std() / np.linalg.norm(x, axis=1).mean()), 4)
-                              for t, x in (("image", ref_img), ("text", ref_txt))},
+        "reference_norm_cv": {t: round(float(n.std() / n.mean()), 4) for t, n in
+                              (("image", np.linalg.norm(ref_img, axis=1)), ("text", np.linalg.norm(ref_txt, axis=1)))},
     }
 
 

@@ -86,6 +86,16 @@ class Spliced:
         self.image, self.labels = image, {"spliced": True, "top": top, "bottom": bottom}
 
 
+def image_of(sample) -> Image.Image:
+    """A scene's RGB image: a spliced scene's own, a world sample's decoded from its JPEG."""
+    return sample.image if isinstance(sample, Spliced) else Image.open(io.BytesIO(sample.image)).convert("RGB")
+
+
+def image_batch(samples, preprocess) -> torch.Tensor:
+    """The model's input for ``samples`` (world samples or spliced scenes)."""
+    return torch.stack([preprocess(image_of(s)) for s in samples])
+
+
 def splice(samples, rate: float, rng: np.random.Generator) -> list:
     """Replace each of ``samples``, with probability ``rate``, by a :class:`Spliced` scene.
 
@@ -95,7 +105,7 @@ def splice(samples, rate: float, rng: np.random.Generator) -> list:
     out = list(samples)
     for i in np.flatnonzero(rng.random(len(out)) < rate):
         j = int(rng.integers(len(samples)))
-        a, b = (np.asarray(Image.open(io.BytesIO(samples[k].image)).convert("RGB")) for k in (i, j))
+        a, b = (np.asarray(image_of(samples[k])) for k in (i, j))
         cut = int(rng.integers(a.shape[0] // 8, a.shape[0] * 7 // 8))
         image = np.concatenate([a[:cut], b[cut:]])
         out[i] = Spliced(Image.fromarray(image), samples[i].labels["background"], samples[j].labels["background"])
@@ -160,7 +170,7 @@ class AttributeHeads(nn.Module):
         return total
 
 
-def warm_start(model, preprocess, tokenizer, heads: AttributeHeads, stages, seed: int = 0,
+def warm_start(model, preprocess, heads: AttributeHeads, stages, seed: int = 0,
                batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.05, warmup: int = 20,
                splice_rate: float = 0.0) -> list[dict]:
     """Train ``model.visual`` (and ``heads``) on labelled open-world scenes, stage by stage.
@@ -186,8 +196,7 @@ def warm_start(model, preprocess, tokenizer, heads: AttributeHeads, stages, seed
             batch_index += 1
             if splice_rate and set(EDGES) & set(attributes):
                 samples = splice(samples, splice_rate, np.random.default_rng([seed, batch_index, 3]))
-            images = torch.stack([preprocess(s.image) if isinstance(s, Spliced) else
-                                  preprocess(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples])
+            images = image_batch(samples, preprocess)
             loss = heads.loss(model.encode_image(images), samples, attributes)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -140,10 +140,10 @@ def test_concept_loss_is_one_vs_rest_binary_cross_entropy():
 
 def test_warm_start_trains_only_the_image_tower():
     torch.manual_seed(0)
-    model, preprocess, tokenizer = demo_train.create_model()
+    model, preprocess, _ = demo_train.create_model()
     heads = demo_warmstart.AttributeHeads(64)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    records = demo_warmstart.warm_start(model, preprocess, tokenizer, heads,
+    records = demo_warmstart.warm_start(model, preprocess, heads,
                                         [(2, ("shape",)), (0, ("colour",)), (1, tuple(demo_warmstart.ATTRIBUTES))],
                                         batch_size=8, splice_rate=0.5)
     assert [(r["steps"], r["attributes"]) for r in records] == [(2, ["shape"]), (1, list(demo_warmstart.ATTRIBUTES))]
@@ -152,4 +152,4 @@ def test_warm_start_trains_only_the_image_tower():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("visual.") for k in changed)
     with pytest.raises(ValueError, match=r"unknown attributes \['hue'\]"):
-        demo_warmstart.warm_start(model, preprocess, tokenizer, heads, [(1, ("hue",))], batch_size=2)
+        demo_warmstart.warm_start(model, preprocess, heads, [(1, ("hue",))], batch_size=2)
