@@ -158,8 +158,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
 
-    from pipeline.whitening import WhiteningStats, StatsFile
     from pipeline.models import ModelSpec, model_identity
+    from pipeline.whitening import StatsFile, WhiteningStats
 
     work = Path(args.workdir)
     n_mem = max(args.memory_shards)

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernel import (environment, random_whitening, require_gpu, run_and_report,  # noqa: E402
-                          summarize, time_ms)
-from pipeline.kernels.reference import GemmWhitener  # noqa: E402
+from bench_kernel import environment, random_whitening, require_gpu, run_and_report, summarize, time_ms  # noqa: E402
+
+from pipeline.whitening.kernels.reference import GemmWhitener  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +93,7 @@ def scorers(dim: int, device: torch.device) -> dict:
     out = {"gemm": GemmWhitener(mean, W, device).score}
     if device.type == "cuda":
         try:
-            from pipeline.kernels.fused import FusedWhitener
+            from pipeline.whitening.kernels.fused import FusedWhitener
             out["fused"] = FusedWhitener(mean, W, device).score
         except ImportError as exc:
             print(f"fused kernel skipped: {exc}")
@@ -120,7 +120,7 @@ def run(args) -> dict:
 
                 def encode():
                     with torch.inference_mode(), autocast(device, args.precision):
-                        return visual(x)
+                        return visual(x)  # noqa: F821 (bound in the loop, deleted after it)
 
                 enc = summarize(time_ms(encode, device, args.warmup, args.repeats))
                 feats = encode()
@@ -129,7 +129,7 @@ def run(args) -> dict:
                     row["encoder_tflops"] = fpi * B / (enc["median_ms"] * 1e-3) / 1e12
                 for sname, fn in score.items():
                     with torch.inference_mode():
-                        t = summarize(time_ms(lambda: fn(feats), device, args.warmup, args.repeats))
+                        t = summarize(time_ms(lambda: fn(feats), device, args.warmup, args.repeats))  # noqa: F821
                     row[sname] = t
                     row[f"{sname}_fraction_of_encoder"] = t["median_ms"] / enc["median_ms"]
                 del x, feats

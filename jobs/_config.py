@@ -154,7 +154,7 @@ def _download(url: str, local: str) -> None:
 
 
 def _upload(local: str, url: str) -> None:
-    from pipeline.writer import write_atomic
+    from pipeline.storage import write_atomic
 
     with open(local, "rb") as fh:
         write_atomic(url, fh.read())
@@ -162,7 +162,7 @@ def _upload(local: str, url: str) -> None:
 
 def _check_writable(url: str) -> None:
     """Fail before any work when the URL's filesystem cannot even be set up (missing s3fs, bad scheme)."""
-    from pipeline.writer import filesystem
+    from pipeline.storage import filesystem
 
     try:
         filesystem(url)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from pipeline.errors import MissingDependency
+
 _HINTS = {
     "cupy": "pip install 'wclip[gpu]'  (CuPy for CUDA 12; use cupy-cuda11x on CUDA 11)",
     "s3fs": "pip install 'wclip[s3]'",
@@ -13,10 +15,6 @@ _HINTS = {
     "open_clip": "pip install open_clip_torch",
     "ray": "pip install 'ray[default]'",
 }
-
-
-class MissingDependency(ImportError):
-    """An optional dependency is not installed."""
 
 
 def require(module: str, purpose: str) -> ModuleType:

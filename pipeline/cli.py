@@ -12,12 +12,9 @@ import logging
 import sys
 
 from pipeline import __version__
+from pipeline.errors import WclipError
 
 COMMANDS = ("fit", "score", "filter", "card", "demo", "world", "train-demo")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad flags, wrong stats file); printed without a traceback."""
 
 
 def _module(name: str):
@@ -46,7 +43,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args._run(args) or 0)
-    except UserError as exc:
+    except WclipError as exc:
         print(f"wclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

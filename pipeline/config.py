@@ -1,13 +1,18 @@
-"""Job configuration: small frozen dataclasses, validated at construction."""
+"""Every job's configuration: small frozen dataclasses validated at construction, naming the field and the
+bad value. The command line reads its defaults from here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
-from pipeline.decode import InputConfig
-from pipeline.encode import EncodeConfig
 from pipeline.models import ModelSpec
+
+DECODE_PLACES = ("cpu", "gpu")  # where JPEGs are decoded
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # encoder precision choices
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image member extensions, first present wins
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
 def _positive(name: str, value, allow_none: bool = False):
@@ -16,6 +21,45 @@ def _positive(name: str, value, allow_none: bool = False):
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Which tar members hold what, and the limits applied while decoding."""
+
+    image_exts: tuple = IMAGE_EXTS  # first present wins
+    caption_exts: tuple = ("txt",)  # first present wins
+    meta_ext: str = "json"  # img2dataset metadata (url, uid, ...)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # width*height above this is refused as a decompression bomb
+    max_caption_chars: int = 10_000  # longer captions are cut (the tokenizer keeps its context length anyway)
+    decode: str = "cpu"  # where JPEGs are decoded: "cpu" (reader tasks, PIL) or "gpu" (encoder actor, on its device)
+
+    def __post_init__(self):
+        if not self.image_exts or not self.caption_exts:
+            raise ValueError("image_exts and caption_exts must each name at least one member extension")
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.decode not in DECODE_PLACES:
+            raise ValueError(f"decode must be one of {DECODE_PLACES}, got {self.decode!r}")
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """How the towers run."""
+
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    precision: str = "auto"  # "auto" = bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
+    batch_size: int = 256  # samples per forward pass
+    normalize: bool = False  # L2-normalise embeddings before whitening (must match the fit)
+    channels_last: bool = True  # NHWC memory format for conv stems on CUDA
+    compile: bool = False  # torch.compile the towers (slow first batch, faster after)
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -89,3 +133,48 @@ class FitConfig:
             raise ValueError(f"components must be None, a positive integer or 'auto', got {self.components!r}")
         if isinstance(self.components, int):
             _positive("components", self.components)
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Everything ``wclip filter`` needs."""
+
+    scores: str                       # scores folder (``*.parquet``)
+    output: str                       # output folder
+    conditions: tuple = ()            # Condition objects, all must pass
+    include_failed: bool = False      # rows whose status is not "ok" are eligible too
+    inputs: tuple = ()                # input shard URLs (expanded): write new shards when given
+    samples_per_shard: int = 10_000   # samples per output shard
+    samples_per_task: int | None = None  # kept samples per copy task (default 4 shards' worth)
+    uids: bool = True                 # write uids.npy when the rows carry uids
+    ray: object = None                # pipeline.config.RayOptions
+    max_in_flight: int | None = None  # copy tasks at once (default: CPUs)
+    retries: int = 2                  # extra attempts for a failed copy task
+    progress: bool | None = None      # progress bars (default: on a terminal)
+
+    def __post_init__(self):
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1; got {self.samples_per_shard}")
+        if self.samples_per_task is not None and self.samples_per_task < 1:
+            raise ValueError(f"samples_per_task must be >= 1; got {self.samples_per_task}")
+        if Path(self.output).resolve() == Path(self.scores).resolve():
+            raise ValueError("--output must be a different folder from --scores")
+
+@dataclass(frozen=True)
+class CardConfig:
+    """Everything ``wclip card`` needs."""
+
+    scores: str                       # scores folder (or a filter's kept/ folder)
+    stats: str                        # stats file from `wclip fit`
+    output: str                       # card folder
+    filter_dir: str | None = None     # output folder of `wclip filter`, for its filter.json
+    inputs: tuple = ()                # shard URLs to read thumbnails from (else the `shard` column)
+    extremes: int = 8                 # images in each of the least / most likely strips
+    rel_err: float = 0.001            # quantile sketch relative error
+    thumbnails: bool = True           # read images from the shards for the strips
+
+    def __post_init__(self):
+        if not 0 < self.rel_err < 0.5:
+            raise ValueError(f"rel_err must be in (0, 0.5); got {self.rel_err}")
+        if self.extremes < 0:
+            raise ValueError(f"extremes must be >= 0; got {self.extremes}")

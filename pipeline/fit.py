@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 from collections import Counter
 
@@ -10,17 +11,24 @@ import numpy as np
 
 import pipeline
 from pipeline.config import FitConfig
+from pipeline.flow.batch import TOWERS
+from pipeline.flow.read import check_unique_names
+from pipeline.flow.write import FitSink
 from pipeline.models import model_identity
-from pipeline.score import check_unique_names, shards_digest, summarize
 from pipeline.whitening import Moments, StatsFile, WhiteningStats, holdout_mask
 
 log = logging.getLogger("wclip")
-TOWERS = ("image", "text")
+
+
+def shards_digest(urls) -> str:
+    """sha256 of the shard URL list (order-independent)."""
+    return hashlib.sha256("\n".join(sorted(urls)).encode()).hexdigest()
 
 
 class ReferenceAccumulator:
-    """Merges shard results in input order (so the reference set, and the file, do not depend on timing),
-    splitting each row into the fit or the held-out set by a hash of its key."""
+    """The fit's collector (:class:`pipeline.runtime.Collector`): merges shard results in input order (so
+    the reference set, and the file, do not depend on timing), splitting each row into the fit or the
+    held-out set by a hash of its key."""
 
     def __init__(self, cfg: FitConfig):
         self.cfg = cfg
@@ -33,17 +41,18 @@ class ReferenceAccumulator:
         self.status = Counter()
 
     @property
-    def full(self) -> bool:
+    def stop(self) -> bool:
+        """Enough reference samples: start no more shards."""
         return self.cfg.max_samples is not None and self.samples >= self.cfg.max_samples
 
     def add(self, index: int, url: str, result: dict) -> None:
         self.buffer[index] = (url, result)
-        while self.next_index in self.buffer and not self.full:
+        while self.next_index in self.buffer and not self.stop:
             url, res = self.buffer.pop(self.next_index)
             self._merge(url, res)
             self.next_index += 1
 
-    def skip(self, index: int) -> None:
+    def failed(self, index: int, url: str) -> None:
         """A shard that failed: later shards may merge past it."""
         self.add(index, None, None)
 
@@ -83,12 +92,7 @@ def fit(cfg: FitConfig) -> dict:
         encoders = runtime.start_encoders(run)
         info = runtime.encoder_info(run, encoders)
         log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
-
-        def on_result(index, url, result):
-            acc.add(index, url, result)
-
-        report = runtime.run_shards(run, list(run.shards), encoders, "fit", on_result=on_result,
-                                    should_stop=lambda: acc.full, on_failure=lambda i, url: acc.skip(i))
+        report = runtime.run_shards(run, list(run.shards), encoders, FitSink(), collector=acc)
     if acc.samples == 0:
         raise ValueError("no usable reference samples: every sample failed or the shards are empty; "
                          "check the inputs with `wclip score` or the shard paths")
@@ -116,7 +120,7 @@ def fit(cfg: FitConfig) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     StatsFile(towers=towers, metadata=metadata).save(cfg.output)
-    summary = summarize(report, 0)
+    summary = report.summary()
     summary.update(reference_samples=acc.samples, stats=str(cfg.output),
                    towers={t: {k: v for k, v in towers[t].summary().items() if not isinstance(v, dict)}
                            for t in TOWERS})

@@ -1,9 +1,9 @@
 """Execution on Ray — the only module that talks to Ray.
 
 A job is a set of shards. Each shard is one Ray task that reads and decodes it on a CPU, sends chunks
-of model inputs to encoder actors (one per GPU, or one on CPU-only machines), and writes the shard's
-output (score) or returns its embeddings (fit). The driver keeps a bounded number of shard tasks in
-flight, retries failed shards, records the ones that keep failing, and shows progress.
+of model inputs to encoder actors (one per GPU, or one on CPU-only machines), and hands the assembled
+shard to the job's sink (:mod:`pipeline.flow.write`). The driver keeps a bounded number of shard tasks
+in flight, retries failed shards, reports the ones that keep failing, and shows progress.
 """
 
 from __future__ import annotations
@@ -11,21 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import ray
 
 from pipeline.config import RayOptions, RunConfig
-from pipeline.decode import Preprocessor
-from pipeline.encode import Encoder
+from pipeline.flow.assemble import ShardAssembler
+from pipeline.flow.batch import Chunk, ChunkResult, read_chunks
+from pipeline.flow.encode import Encoder
+from pipeline.flow.preprocess import Preprocessor
+from pipeline.flow.read import ShardReader
+from pipeline.flow.whiten import ChunkScorer
 from pipeline.progress import Progress
-from pipeline.stages import ShardAssembler, read_chunks
-from pipeline.shards import ShardReader
 
 log = logging.getLogger("wclip")
 
@@ -35,11 +36,12 @@ ENCODER_RESTARTS = 20  # restarts of one encoder actor over a job (node losses)
 
 # -- session ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def ray_session(options: RayOptions = RayOptions()):
+def ray_session(options: Optional[RayOptions] = None):
     """Attach to ``options.address`` / ``RAY_ADDRESS``, or start a private, quiet local Ray.
 
     A Ray that is already initialised in this process (tests, notebooks) is reused and left running.
     """
+    options = options or RayOptions()
     if ray.is_initialized():
         yield
         return
@@ -54,9 +56,6 @@ def ray_session(options: RayOptions = RayOptions()):
         yield
     finally:
         ray.shutdown()
-
-
-ray_get = ray.get
 
 
 def cluster_cpus() -> int:
@@ -115,7 +114,8 @@ class EncoderActor:
 
     def __init__(self, spec, encode_cfg, stats=None):
         logging.getLogger().setLevel(logging.WARNING)
-        self.encoder = Encoder(spec, encode_cfg, stats)
+        self.encoder = Encoder(spec, encode_cfg)
+        self.scorer = ChunkScorer(stats, self.encoder.device)
 
     def transforms(self):
         return self.encoder.preprocess, self.encoder.tokenizer
@@ -133,8 +133,8 @@ class EncoderActor:
                 "preprocess_split": enc.preprocessor.split,
                 "device_decode_unsupported": enc.device_decode_unsupported}
 
-    def process(self, chunk, keep_embeddings=False):
-        return self.encoder.process(chunk, keep_embeddings)
+    def process(self, chunk: Chunk, keep_embeddings: bool = False) -> ChunkResult:
+        return self.scorer.score(chunk, self.encoder.encode(chunk), keep_embeddings)
 
 
 def _image_size(enc) -> tuple:
@@ -177,53 +177,73 @@ def encoder_info(run: RunConfig, encoders: list) -> dict:
 
 
 # -- the shard task -----------------------------------------------------------------------------------
-def _shard_task(url, run: RunConfig, encoders: list, transforms, mode: str, sink: Optional[Callable]):
-    """Read one shard, encode it on the actors, then ``sink(assembler, damage)`` (score) or return
-    the fit's reference rows (fit)."""
+def _shard_task(url, run: RunConfig, encoders: list, transforms, sink):
+    """Read one shard, encode it on the actors, and hand the assembled shard to ``sink.finish``."""
     preprocess, tokenizer = transforms
     preprocessor = Preprocessor(preprocess)
-    keep = mode == "fit" or bool(getattr(sink, "keep_embeddings", False))
-    assembler = ShardAssembler(url, keep_embeddings=keep)
+    assembler = ShardAssembler(url)
     reader = ShardReader(url)
     pending: deque = deque()
     offset = hash(url) % len(encoders)
     for i, (prepared, chunk) in enumerate(read_chunks(url, run.inputs, preprocessor, tokenizer,
                                                       run.chunk_size, reader)):
         actor = encoders[(offset + i) % len(encoders)]
-        pending.append((prepared, chunk, actor.process.remote(chunk, keep)))
+        pending.append((prepared, chunk, actor.process.remote(chunk, sink.keep_embeddings)))
         while len(pending) > OUTSTANDING_CHUNKS:
             p, c, ref = pending.popleft()
             assembler.add(p, c, ray.get(ref))
     while pending:
         p, c, ref = pending.popleft()
         assembler.add(p, c, ray.get(ref))
-    summary = assembler.summary(reader.damage)
-    if mode == "fit":
-        towers = {t: assembler.ok_embeddings(t) for t in ("image", "text")}
-        return {"summary": summary, "towers": towers}
-    sink(assembler, reader.damage)
-    return {"summary": summary}
+    return sink.finish(assembler, reader.damage)
 
 
 @dataclass
 class JobReport:
     """Outcome of a streaming job."""
 
-    done: list  # per-shard summaries (or fit results), in completion order
-    failed: list  # (url, error)
-    skipped: int
+    done: list  # per-shard results (``sink.finish``), in completion order
+    failed: list  # (url, error) of shards that failed every attempt
+    skipped: int  # shards already done before this run
     elapsed: float
 
     @property
     def rows(self) -> int:
         return sum(d["summary"]["rows"] for d in self.done)
 
+    def summary(self) -> dict:
+        """What the command prints: rows by status, damaged and failed shards, throughput."""
+        status: Counter = Counter()
+        damaged = []
+        for d in self.done:
+            status.update(d["summary"]["status_counts"])
+            if d["summary"].get("damage"):
+                damaged.append((d["summary"]["shard"], d["summary"]["damage"]))
+        rows = self.rows
+        return {"rows": rows, "status_counts": dict(sorted(status.items())),
+                "shards_done": len(self.done), "shards_skipped": self.skipped,
+                "failed": [{"shard": u, "error": e} for u, e in self.failed], "damaged": damaged,
+                "elapsed_s": round(self.elapsed, 2),
+                "samples_per_s": round(rows / self.elapsed, 1) if self.elapsed > 0 else None}
 
-def run_shards(run: RunConfig, urls: list, encoders: list, mode: str, sink=None,
-               on_result: Optional[Callable] = None, should_stop: Optional[Callable] = None,
-               skipped: int = 0, on_failure: Optional[Callable] = None) -> JobReport:
-    """Process ``urls`` with bounded concurrency; call ``on_result(index, url, result)`` as shards finish
-    and ``on_failure(index, url)`` for shards that failed every attempt."""
+
+class Collector:
+    """What a job may do with shard results as they arrive (the default keeps nothing and never stops)."""
+
+    stop = False  # True: start no more shards
+
+    def add(self, index: int, url: str, result: dict) -> None:
+        """Shard ``index`` (position in the job's URL list) finished with ``result``."""
+
+    def failed(self, index: int, url: str) -> None:
+        """Shard ``index`` failed every attempt."""
+
+
+def run_shards(run: RunConfig, urls: list, encoders: list, sink, collector: Optional[Collector] = None,
+               skipped: int = 0) -> JobReport:
+    """Process ``urls`` with at most ``run.max_in_flight`` shard tasks at once, each handing its assembled
+    shard to ``sink``; ``collector`` sees the results in completion order."""
+    collector = collector or Collector()
     # The tasks resolve the transforms themselves: the driver never needs torch or open_clip for them.
     transforms_ref = encoders[0].transforms.remote()
     ray.wait([transforms_ref])
@@ -233,11 +253,11 @@ def run_shards(run: RunConfig, urls: list, encoders: list, mode: str, sink=None,
     running: dict = {}
     done, failed = [], []
     started = time.time()
-    with Progress(total=len(urls) + skipped, initial=skipped, desc=mode, enabled=run.progress) as bar:
-        while (queue and not (should_stop and should_stop())) or running:
-            while queue and len(running) < limit and not (should_stop and should_stop()):
+    with Progress(total=len(urls) + skipped, initial=skipped, desc=sink.desc, enabled=run.progress) as bar:
+        while (queue and not collector.stop) or running:
+            while queue and len(running) < limit and not collector.stop:
                 i, url = queue.popleft()
-                running[task.remote(url, run, encoders, transforms_ref, mode, sink)] = (i, url)
+                running[task.remote(url, run, encoders, transforms_ref, sink)] = (i, url)
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1)
@@ -249,16 +269,10 @@ def run_shards(run: RunConfig, urls: list, encoders: list, mode: str, sink=None,
                     error = _describe(exc)
                     log.debug("shard %s failed: %s", url, traceback.format_exc())
                     failed.append((url, error))
-                    if on_failure:
-                        on_failure(i, url)
+                    collector.failed(i, url)
                     bar.write(f"shard failed after {run.retries} retries: {url}: {error.splitlines()[0]}")
                     continue
                 done.append(result)
-                if on_result:
-                    on_result(i, url, result)
+                collector.add(i, url, result)
                 bar.update(1, samples=result["summary"]["rows"])
     return JobReport(done=done, failed=failed, skipped=skipped, elapsed=time.time() - started)
-
-
-def is_terminal() -> bool:
-    return sys.stderr.isatty()

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import Counter
-from dataclasses import dataclass, replace
 
 from pipeline.config import ScoreConfig
+from pipeline.errors import ConfigError
+from pipeline.flow.read import check_unique_names, shard_name
+from pipeline.flow.write import FAILURES_FILE, ScoreSink, append_failure, completed_names
 from pipeline.models import model_identity
-from pipeline.shards import shard_name
-from pipeline.writer import (FAILURES_FILE, append_failure, build_table, completed_names, filesystem, join,
-                             remove_stale_temporaries, write_shard_outputs)
+from pipeline.storage import exists, join, makedirs, remove, remove_stale_temporaries
 
 log = logging.getLogger("wclip")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; raised before any work starts."""
-
-
-def check_unique_names(urls) -> None:
-    seen: dict = {}
-    for url in urls:
-        name = shard_name(url)
-        if name in seen:
-            raise ConfigError(f"two input shards share the output name {name!r}: {seen[name]} and {url}; "
-                              f"score them into different --output folders")
-        seen[name] = url
 
 
 def check_model_matches(stats, run) -> None:
@@ -49,20 +33,6 @@ def check_model_matches(stats, run) -> None:
             f"{'L2-normalised' if run.encode.normalize else 'raw'} ones; drop --normalize/--raw to use the fit's")
 
 
-@dataclass(frozen=True)
-class ScoreSink:
-    """Writes one shard's outputs (runs inside the shard task)."""
-
-    output: str
-    keep_embeddings: bool = False
-
-    def __call__(self, assembler, damage) -> None:
-        table = build_table(assembler.rows, assembler.scores())
-        summary = assembler.summary(damage)
-        embeddings = assembler.embedding_arrays() if self.keep_embeddings else None
-        write_shard_outputs(self.output, assembler.name, table, summary, embeddings)
-
-
 def score(cfg: ScoreConfig, stats) -> dict:
     """Run the score job; returns the summary dict (also printed by the CLI)."""
     from pipeline import runtime
@@ -73,10 +43,9 @@ def score(cfg: ScoreConfig, stats) -> dict:
     done = set() if cfg.overwrite else completed_names(cfg.output)
     todo = [u for u in run.shards if shard_name(u) not in done]
     skipped = len(run.shards) - len(todo)
-    fs, out = filesystem(cfg.output)
-    fs.makedirs(out, exist_ok=True)
-    if fs.exists(join(out, FAILURES_FILE)):
-        fs.rm(join(out, FAILURES_FILE))
+    makedirs(cfg.output)
+    if exists(join(cfg.output, FAILURES_FILE)):
+        remove(join(cfg.output, FAILURES_FILE))
     remove_stale_temporaries(cfg.output)
     if skipped:
         log.info("resuming: %d of %d shards already done in %s (--overwrite redoes them)",
@@ -91,33 +60,8 @@ def score(cfg: ScoreConfig, stats) -> dict:
                 raise ConfigError(f"the {tower} tower gives {info['dims'][tower]}-d embeddings but the stats "
                                   f"were fitted on {ws.dim}-d ones: wrong model or stats file")
         log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
-        report = runtime.run_shards(run, todo, encoders, "score",
-                                    sink=ScoreSink(cfg.output, cfg.save_embeddings), skipped=skipped)
+        report = runtime.run_shards(run, todo, encoders, ScoreSink(cfg.output, cfg.save_embeddings),
+                                    skipped=skipped)
     for url, error in report.failed:
         append_failure(cfg.output, {"shard": url, "error": error, "attempts": run.retries + 1})
-    return summarize(report, skipped)
-
-
-def summarize(report, skipped: int) -> dict:
-    status = Counter()
-    damaged = []
-    for d in report.done:
-        status.update(d["summary"]["status_counts"])
-        if d["summary"].get("damage"):
-            damaged.append((d["summary"]["shard"], d["summary"]["damage"]))
-    rows = report.rows
-    return {"rows": rows, "status_counts": dict(sorted(status.items())),
-            "shards_done": len(report.done), "shards_skipped": skipped,
-            "failed": [{"shard": u, "error": e} for u, e in report.failed], "damaged": damaged,
-            "elapsed_s": round(report.elapsed, 2),
-            "samples_per_s": round(rows / report.elapsed, 1) if report.elapsed > 0 else None}
-
-
-def shards_digest(urls) -> str:
-    """sha256 of the shard URL list (order-independent)."""
-    return hashlib.sha256("\n".join(sorted(urls)).encode()).hexdigest()
-
-
-def with_fit_defaults(run, stats):
-    """The run with the stats' normalisation when none was asked for explicitly."""
-    return replace(run, encode=replace(run.encode, normalize=bool(stats.metadata.get("normalize"))))
+    return report.summary()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import struct
 import tarfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -68,3 +72,14 @@ def tiny_run(urls, chunk_size: int = 16, **kw):
     kw.setdefault("progress", False)
     return RunConfig(shards=tuple(urls), model=ModelSpec("wclip-tiny", random_init=True, seed=0),
                      chunk_size=chunk_size, **kw)
+
+#: PYTHONPATH for scenario scripts a test runs in a subprocess: the checkout (jobs/) and tests/ (shardkit).
+SCRIPT_PATH = os.pathsep.join(str(p) for p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent))
+
+
+def png_bomb(width=100_000, height=100_000) -> bytes:
+    """A tiny PNG whose header claims huge dimensions."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")

@@ -21,11 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # jobs/ lives in the checkout, not in the installed package
+from jobs._config import JobConfigError, build_argv, load_config, run_job
+from pipeline.cli import build_parser
 
-from jobs._config import JobConfigError, build_argv, load_config, run_job  # noqa: E402
-from pipeline.cli import build_parser  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PYTHON_BIN = str(Path(sys.executable).parent)
 
@@ -250,7 +249,6 @@ def local_head():
 
 
 def test_ray_job_submit_runs_fit_then_score(local_head, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from shardkit import clean_shards
 
     shards = tmp_path / "shards"

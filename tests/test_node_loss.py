@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from shardkit import SCRIPT_PATH
 
 SHARDS, PER_SHARD = 12, 32
 FLOAT_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
@@ -34,7 +35,7 @@ FLOAT_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", 
 def node_loss_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("node-loss")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", PYTHONPATH=SCRIPT_PATH)
     started = time.time()
     proc = subprocess.run([sys.executable, __file__, str(work)], env=env, capture_output=True, text=True,
                           timeout=420)
@@ -100,8 +101,6 @@ def _scenario(work: Path) -> None:
     from ray._private import state as ray_state
     from ray._private.state import available_resources_per_node
     from ray.cluster_utils import Cluster
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from shardkit import clean_shards
 
     from pipeline.config import FitConfig, RunConfig, ScoreConfig

@@ -10,13 +10,13 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from shardkit import clean_shards, image_bytes, png_bomb, sample, tiny_run, write_shard
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.fit import fit
 from pipeline.score import score
 from pipeline.whitening import StatsFile
-from shardkit import tiny_run, clean_shards, image_bytes, sample, write_shard
-from test_decode import png_bomb
+
 
 def run_cfg(urls, **kw):
     return tiny_run(urls, chunk_size=8, **kw)
@@ -100,8 +100,8 @@ def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path):
     failed = {f["shard"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {missing, str(junk)}
     assert "No such file" in failed[missing] and "not a readable tar" in failed[str(junk)]
-    lines = [json.loads(l) for l in (out / "_failures.jsonl").read_text().splitlines()]
-    assert {l["shard"] for l in lines} == {missing, str(junk)} and all(l["attempts"] == 2 for l in lines)
+    records = [json.loads(line) for line in (out / "_failures.jsonl").read_text().splitlines()]
+    assert {r["shard"] for r in records} == {missing, str(junk)} and all(r["attempts"] == 2 for r in records)
     assert not (out / "00007.parquet").exists() and (out / "00000.parquet").exists()
 
 

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from pipeline.cli import UserError
-from pipeline.decode import DECODE_PLACES
+from pipeline.config import DECODE_PLACES, PRECISIONS, EncodeConfig, InputConfig, RunConfig
+from pipeline.errors import UserError
 
 
 def add_input_arguments(p) -> None:
@@ -15,11 +15,13 @@ def add_input_arguments(p) -> None:
     g.add_argument("--input", nargs="+", required=True, metavar="SHARDS",
                    help="shard URLs or brace patterns (data/{00000..00099}.tar), local folders, "
                         "s3:// gs:// http(s):// URLs, or pipe:COMMAND")
-    g.add_argument("--image-ext", default="jpg,jpeg,png,webp", help="image member extensions, first present wins")
-    g.add_argument("--caption-ext", default="txt", help="caption member extensions, first present wins")
-    g.add_argument("--max-image-pixels", type=int, default=89_478_485,
+    g.add_argument("--image-ext", default=",".join(InputConfig.image_exts),
+                   help="image member extensions, first present wins")
+    g.add_argument("--caption-ext", default=",".join(InputConfig.caption_exts),
+                   help="caption member extensions, first present wins")
+    g.add_argument("--max-image-pixels", type=int, default=InputConfig.max_image_pixels,
                    help="refuse images with more pixels (decompression bombs)")
-    g.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
+    g.add_argument("--decode", default=InputConfig.decode, choices=DECODE_PLACES,
                    help="where JPEGs are decoded: cpu (reader tasks, PIL; the default) or gpu (the encoder "
                         "actor, torchvision.io.decode_jpeg on its --device: nvJPEG on CUDA); other formats "
                         "are always decoded on the CPU")
@@ -43,13 +45,15 @@ def add_run_arguments(p) -> None:
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     g.add_argument("--num-cpus", type=int, help="local Ray: CPUs to use")
     g.add_argument("--num-gpus", type=int, help="local Ray: GPUs to use")
-    g.add_argument("--device", default="auto", help="encoder device: auto, cpu, cuda")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    g.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
-    g.add_argument("--chunk-size", type=int, default=256, help="samples per message from readers to encoders")
+    g.add_argument("--device", default=EncodeConfig.device, help="encoder device: auto, cpu, cuda")
+    g.add_argument("--precision", default=EncodeConfig.precision, choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--batch-size", type=int, default=EncodeConfig.batch_size, help="samples per forward pass")
+    g.add_argument("--chunk-size", type=int, default=RunConfig.chunk_size,
+                   help="samples per message from readers to encoders")
     g.add_argument("--max-in-flight", type=int, help="shards read at once (default: CPUs)")
     g.add_argument("--encoders", type=int, help="encoder actors (default: one per GPU, else one)")
-    g.add_argument("--retries", type=int, default=2, help="extra attempts for a failed shard")
+    g.add_argument("--retries", type=int, default=RunConfig.retries, help="extra attempts for a failed shard")
     g.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
@@ -80,10 +84,8 @@ def model_spec(args, default=None):
 
 
 def run_config(args, spec, normalize: bool):
-    from pipeline.config import RayOptions, RunConfig
-    from pipeline.decode import InputConfig
-    from pipeline.encode import EncodeConfig
-    from pipeline.shards import expand_shards
+    from pipeline.config import RayOptions
+    from pipeline.flow.read import expand_shards
 
     try:
         shards = tuple(expand_shards(args.input))

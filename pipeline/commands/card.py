@@ -22,13 +22,14 @@ def add_arguments(p):
 def run(args):
     import sys
 
-    from pipeline.card import CardConfig, build_card
-    from pipeline.cli import UserError
+    from pipeline.card.build import build_card
+    from pipeline.config import CardConfig
+    from pipeline.errors import UserError
 
     try:
         inputs = ()
         if args.input:
-            from pipeline.shards import expand_shards
+            from pipeline.flow.read import expand_shards
 
             inputs = tuple(expand_shards(args.input))
         cfg = CardConfig(scores=args.scores, stats=args.stats, output=args.output,

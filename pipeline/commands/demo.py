@@ -17,8 +17,8 @@ def add_arguments(p):
 def run(args):
     import json
 
-    from pipeline.cli import UserError
-    from pipeline.demo import DemoConfig, report, run_demo
+    from pipeline.demo.run import DemoConfig, report, run_demo
+    from pipeline.errors import UserError
 
     if args.reference_samples < 100 or args.target_samples < 50:
         raise UserError("use at least 100 reference and 50 target samples")

@@ -63,9 +63,9 @@ def run(args):
     import json
     import sys
 
-    from pipeline.cli import UserError
-    from pipeline.config import RayOptions
-    from pipeline.filter import Condition, FilterConfig, format_report, run_filter
+    from pipeline.config import FilterConfig, RayOptions
+    from pipeline.curate.filter import Condition, format_report, run_filter
+    from pipeline.errors import UserError
 
     try:
         conditions = tuple(Condition.parse(kind, text)
@@ -74,7 +74,7 @@ def run(args):
                            for text in texts)
         inputs = ()
         if args.input:
-            from pipeline.shards import expand_shards
+            from pipeline.flow.read import expand_shards
 
             inputs = tuple(expand_shards(args.input))
         cfg = FilterConfig(

@@ -29,8 +29,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from pipeline.cli import UserError
     from pipeline.config import FitConfig
+    from pipeline.errors import UserError
     from pipeline.fit import fit
 
     if "://" in args.output:

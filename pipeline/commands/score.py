@@ -22,8 +22,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from pipeline.cli import UserError
     from pipeline.config import ScoreConfig
+    from pipeline.errors import UserError
     from pipeline.score import score
     from pipeline.whitening import StatsFile
 

@@ -6,7 +6,7 @@ HELP = "train-demo: retrain the built-in wclip-demo CLIP on the synthetic world 
 def add_arguments(parser):
     import argparse
 
-    from pipeline.demo_train import NORM_WEIGHT, SPLICE_KEEP, SPLICE_RATE, WARM_START_STEPS, WEIGHTS_PATH
+    from pipeline.demo.train import NORM_WEIGHT, SPLICE_KEEP, SPLICE_RATE, WARM_START_STEPS, WEIGHTS_PATH
 
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps (batch of --batch-size pairs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init and the training world")
@@ -44,8 +44,8 @@ def add_arguments(parser):
 def run(args):
     import json
 
-    from pipeline.cli import UserError
-    from pipeline.demo_train import WARM_START_STEPS, main
+    from pipeline.demo.train import WARM_START_STEPS, main
+    from pipeline.errors import UserError
 
     if args.steps < 1 or args.batch_size < 2 or args.threads < 1 or min(args.eval_samples, args.select_every) < 0:
         raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0, "

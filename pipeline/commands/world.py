@@ -18,8 +18,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from pipeline.cli import UserError
-    from pipeline.world import ANOMALY_KINDS, generate_world
+    from pipeline.demo.world import ANOMALY_KINDS, generate_world
+    from pipeline.errors import UserError
 
     kinds = None
     if args.anomalies:

@@ -1,0 +1,199 @@
+"""PNG plots of a dataset card (matplotlib, Agg canvas, imported lazily) and thumbnails read from
+the shards."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from pipeline._imports import require
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+THUMB = 160
+
+
+def _figure(width: float, height: float):
+    require("matplotlib", "wclip card (plots)")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, out: Path, name: str) -> str:
+    tmp = out / f".{name}.tmp"
+    fig.savefig(tmp, format="png")
+    tmp.replace(out / name)
+    return name
+
+
+def loglik_histograms(out: Path, histograms: dict) -> str | None:
+    panels = [c for c in ("image_loglik", "text_loglik") if c in histograms]
+    if not panels:
+        return None
+    fig = _figure(5 * len(panels), 3.6)
+    for ax, c in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        h = histograms[c]
+        ax.stairs(h.counts, h.edges, fill=True, alpha=0.7)
+        ax.set_xlabel(f"{c} (nats)")
+        ax.set_ylabel("rows")
+        outside = h.below + h.above
+        ax.set_title(c.split("_")[0] + " log-likelihood" + (f"  ({outside} outside)" if outside else ""))
+    return _save(fig, out, "loglik_hist.png")
+
+
+def qq_plot(out: Path, towers: dict) -> tuple[str | None, list]:
+    """Held-out sqnorm quantiles against chi2(m) quantiles, one panel per tower."""
+    from scipy import stats
+
+    notes, usable = [], {}
+    for name, ws in towers.items():
+        cal = np.asarray(ws.calibration, dtype=np.float64)
+        if cal.size:
+            usable[name] = (cal, int(ws.components))
+        else:
+            notes.append(f"{name} tower: no held-out set in the stats file, so no Q-Q plot.")
+    if not usable:
+        return None, notes
+    fig = _figure(4.2 * len(usable), 4)
+    for ax, (name, (cal, m)) in zip(fig.subplots(1, len(usable), squeeze=False)[0], usable.items()):
+        theory = stats.chi2(m).ppf((np.arange(cal.size) + 0.5) / cal.size)
+        ax.plot(theory, cal, ".", ms=3)
+        lim = [0, max(theory.max(), cal.max()) * 1.02]
+        ax.plot(lim, lim, "k--", lw=0.8, label="y = x")
+        ax.set_xlabel(f"chi2({m}) quantile")
+        ax.set_ylabel("held-out sqnorm")
+        ax.set_title(f"{name}: held-out sqnorm/m = {cal.mean() / m:.2f}")
+        ax.legend(loc="upper left")
+    return _save(fig, out, "qq_heldout.png"), notes
+
+
+def spectrum(out: Path, towers: dict) -> str:
+    fig = _figure(5.5, 3.8)
+    ax = fig.subplots()
+    for name, ws in towers.items():
+        lam = np.asarray(ws.eigenvalues, dtype=np.float64)
+        line, = ax.semilogy(np.arange(1, lam.size + 1), np.clip(lam, 1e-300, None), label=name)
+        ax.axvline(int(ws.components), color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("component (dotted: components kept)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title("covariance spectrum")
+    ax.legend()
+    return _save(fig, out, "spectrum.png")
+
+
+def density(out: Path, hist2d) -> str | None:
+    if hist2d is None or not hist2d.counts.any():
+        return None
+    fig = _figure(5.5, 4.2)
+    ax = fig.subplots()
+    counts = hist2d.counts.T.astype(np.float64)
+    shade = np.ma.masked_invalid(np.log10(np.where(counts > 0, counts, np.nan)))
+    mesh = ax.pcolormesh(hist2d.x_edges, hist2d.y_edges, shade, cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label="log10 rows")
+    ax.set_xlabel("image_loglik (nats)")
+    ax.set_ylabel("clip_score")
+    ax.set_title("CLIP score vs image log-likelihood")
+    return _save(fig, out, "clipscore_vs_loglik.png")
+
+
+def strip(out: Path, name: str, title: str, rows: list, thumbs: list) -> str | None:
+    if not rows:
+        return None
+    fig = _figure(1.9 * len(rows), 3.3)
+    for ax, (value, row), thumb in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows, thumbs):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if thumb is not None:
+            ax.imshow(np.asarray(thumb))
+        else:
+            ax.imshow(np.full((THUMB * 3 // 4, THUMB, 3), 215, np.uint8))
+            ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", transform=ax.transAxes)
+        caption = textwrap.shorten(str(row.get("caption") or ""), 70, placeholder="...")
+        ax.set_xlabel("\n".join(textwrap.wrap(caption, 22)[:3]) + f"\n{value:.1f}", fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, out, name)
+
+
+def thumbnails(rows: list, inputs=()) -> tuple[list, list]:
+    """A thumbnail (PIL image or None) per row dict with ``shard`` and ``key``, plus notes."""
+    from pipeline.flow.read import shard_name
+
+    by_name = {shard_name(u): u for u in inputs}
+    wanted: dict = {}
+    for i, row in enumerate(rows):
+        shard = row.get("shard") or ""
+        url = shard if shard in inputs else by_name.get(shard_name(shard), shard) if inputs else shard
+        wanted.setdefault(url, {}).setdefault(row.get("key"), []).append(i)
+    thumbs, failures, missing = [None] * len(rows), [], []
+    for url, keys in wanted.items():
+        try:
+            for key, data in _find_images(url, set(keys)):
+                for i in keys[key]:
+                    thumbs[i] = _thumbnail(data)
+        except Exception as exc:  # unreachable or broken shard: placeholders, and say so
+            failures.append(f"{url} ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        missing += [url for k, idx in keys.items() if thumbs[idx[0]] is None]
+    notes = []
+    if failures:
+        notes.append(f"thumbnails unavailable from {len(failures)} shard(s), placeholders shown: "
+                     + "; ".join(failures[:3]) + (" ..." if len(failures) > 3 else ""))
+    if missing:
+        notes.append(f"{len(missing)} image(s) not found or not decodable in their shards, "
+                     f"e.g. in {missing[0]}")
+    return thumbs, notes
+
+
+def _find_images(url: str, keys: set):
+    import tarfile
+
+    from pipeline.flow.read import open_shard, split_member
+
+    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not keys:
+                return
+            key, ext = split_member(info.name)
+            if info.isfile() and key in keys and ext in IMAGE_EXTS:
+                keys.discard(key)
+                yield key, tar.extractfile(info).read()
+
+
+def _thumbnail(data: bytes):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (THUMB * 2, THUMB * 2))
+            img = img.convert("RGB")
+            img.thumbnail((THUMB, THUMB))
+            return img
+    except Exception:
+        return None
+
+
+def draw_all(out: Path, sf, corpus, card: dict, cfg) -> tuple[dict, list]:
+    """Every plot of the card; returns ``({plot: file name}, notes)``."""
+    plots, notes = {}, []
+    plots["loglik_histograms"] = loglik_histograms(out, corpus.histograms)
+    plots["qq_heldout"], qq_notes = qq_plot(out, sf.towers)
+    notes += qq_notes
+    plots["spectrum"] = spectrum(out, sf.towers)
+    plots["clipscore_vs_loglik"] = density(out, corpus.density)
+    low, high = corpus.extremes.low, corpus.extremes.high
+    rows = [r for _, r in low] + [r for _, r in high]
+    if rows and cfg.thumbnails:
+        thumbs, thumb_notes = thumbnails(rows, tuple(cfg.inputs))
+        notes += thumb_notes
+    else:
+        thumbs = [None] * len(rows)
+        if rows:
+            notes.append("thumbnails were not requested; placeholders shown")
+    plots["least_likely"] = strip(out, "least_likely.png", "least likely images (image_loglik)",
+                                  low, thumbs[:len(low)])
+    plots["most_likely"] = strip(out, "most_likely.png", "most likely images (image_loglik)",
+                                 high, thumbs[len(low):])
+    return {k: v for k, v in plots.items() if v}, notes

@@ -1,0 +1,149 @@
+"""The Markdown of a dataset card (``README.md`` with a Hugging Face YAML header) from ``card.json``."""
+
+from __future__ import annotations
+
+import yaml
+
+CITATION = ('Betser, Levi, Gilboa, "Whitened CLIP as a Likelihood Surrogate of Images and '
+            'Captions", ICML 2025, arXiv:2505.06934')
+
+
+def size_category(n: int) -> str:
+    """Hugging Face ``size_categories`` label for ``n`` rows."""
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+              (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"),
+              (1_000_000_000, "100M<n<1B"), (10_000_000_000, "1B<n<10B"),
+              (100_000_000_000, "10B<n<100B"), (1_000_000_000_000, "100B<n<1T")]
+    return next((label for bound, label in bounds if n < bound), "n>1T")
+
+
+METHOD = (
+    "Each CLIP embedding (image and caption separately) is whitened with the mean and covariance of "
+    "a reference set, `w = (x - mu) W` over the top `m` principal components, so that under a "
+    "Gaussian model `||w||^2` follows chi2(m) and `loglik = -0.5 * (m * log(2*pi) + ||w||^2)` is a "
+    "log-likelihood surrogate of the sample. Low log-likelihood marks atypical samples; `*_pvalue` "
+    "is the fraction of held-out reference samples that were less likely, and `clip_score` the "
+    "image-caption cosine similarity.")
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x).replace("|", "\\|")
+
+
+def _table(header: list, rows: list) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _pct(a, b) -> str:
+    return f"{100 * a / b:.2f}%" if b else "–"
+
+
+def yaml_header(card: dict) -> str:
+    meta = card["provenance"]["metadata"]
+    header = {
+        "license": "other",
+        "task_categories": ["image-to-text", "text-to-image", "zero-shot-image-classification"],
+        "tags": ["wclip", "whitened-clip", "clip", "likelihood", "data-curation"],
+        "size_categories": [size_category(card["rows"])],
+        "pretty_name": f"Whitened CLIP scores ({meta.get('model', 'unknown model')})",
+    }
+    return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n"
+
+
+def render_readme(card: dict) -> str:
+    prov, plots = card["provenance"], card.get("plots", {})
+    meta = prov["metadata"]
+    rows = card["rows"]
+    out = [yaml_header(card), "# Whitened CLIP likelihood card", "",
+           f"{rows:,} rows in {card['score_files']} score files (`{card['scores']}`), scored with "
+           f"the statistics in `{card['stats']}`. Numbers for machines: `card.json`.", ""]
+
+    out += ["## Provenance", ""]
+    weights = (meta.get("model_identity") or {}).get("weights") or meta.get("pretrained") or (f"checkpoint sha256 {meta['checkpoint_sha256']}"
+                                         if meta.get("checkpoint_sha256") else None)
+    out += _table(["item", "value"], [
+        ["model", meta.get("model")], ["weights", weights],
+        ["embeddings", None if meta.get("normalize") is None else
+         ("L2-normalised" if meta["normalize"] else "raw (not normalised)")],
+        ["reference set digest", meta.get("reference_digest")],
+        ["reference samples", meta.get("n_reference")], ["reference shards", meta.get("reference_shards")],
+        ["fitted with", f"wclip {meta.get('wclip_version', '?')} on {meta.get('created', '?')}"]])
+    out += _table(["tower", "dim", "components m", "shrinkage", "fit rows", "held-out rows",
+                   "held-out sqnorm/m", "log det W"],
+                  [[t, v["dim"], v["components"], v["shrinkage"], v["n_fit"], v["n_heldout"],
+                    v["heldout_sqnorm_over_m"], v["log_det"]] for t, v in prov["towers"].items()])
+
+    out += ["## Counts", "", "By status:", ""]
+    out += _table(["status", "rows", "share"],
+                  [[s, n, _pct(n, rows)] for s, n in card["status_counts"].items()])
+    if card["error_kinds"]:
+        out += ["By error kind:", ""]
+        out += _table(["status", "error kind", "rows"],
+                      [[e["status"], e["kind"], e["count"]] for e in card["error_kinds"][:50]])
+
+    q = card["quantile_error"]
+    out += ["## Score quantiles", "",
+            f"Rows with status `ok`. Quantiles come from a streaming sketch: each is within a relative "
+            f"error of {q['rel_err']:g} of the exact order statistic of rank {q['rank']}.", ""]
+    levels = list(next(iter(card["quantiles"].values()))["q"])
+    out += _table(["column", "n", "mean", *levels],
+                  [[c, v["count"], v["mean"], *v["q"].values()] for c, v in card["quantiles"].items()])
+
+    out += ["## Filter", ""]
+    out += _filter_lines(card.get("filter"))
+
+    out += ["## Normality diagnostics", "",
+            "Fraction of whitened coordinates whose marginal is not rejected as normal (level 0.05), "
+            "on the fit rows (in-sample) and on the held-out rows.", ""]
+    norm_rows = []
+    for tower, splits in card["normality"].items():
+        for split, values in splits.items():
+            norm_rows.append([tower, split.replace("_", "-"), values.get("anderson_darling"),
+                              values.get("dagostino_pearson"), values.get("n_samples")])
+    out += _table(["tower", "split", "Anderson–Darling pass rate", "D'Agostino–Pearson pass rate",
+                   "samples"], norm_rows)
+
+    out += ["## Plots", ""]
+    captions = {"loglik_histograms": "Log-likelihood histograms", "qq_heldout":
+                "Q–Q plot: held-out sqnorm against chi2(m)", "spectrum": "Eigenvalue spectrum",
+                "clipscore_vs_loglik": "CLIP score against image log-likelihood",
+                "least_likely": "Least likely images", "most_likely": "Most likely images"}
+    for key, caption in captions.items():
+        if key in plots:
+            out += [f"### {caption}", "", f"![{caption}]({plots[key]})", ""]
+    if card.get("notes"):
+        out += ["Notes:", ""] + [f"- {n}" for n in card["notes"]] + [""]
+
+    out += ["## Method", "", METHOD, "", f"Citation: {CITATION}.", "",
+            "```bibtex", "@inproceedings{betser2025whitened,",
+            "  title={Whitened CLIP as a Likelihood Surrogate of Images and Captions},",
+            "  author={Betser, Roy and Levi, Meir Yossef and Gilboa, Guy},",
+            "  booktitle={International Conference on Machine Learning (ICML)},",
+            "  year={2025}, eprint={2505.06934}, archivePrefix={arXiv}}", "```", ""]
+    return "\n".join(out)
+
+
+def _filter_lines(f) -> list:
+    if not f:
+        return ["No filter given (`wclip card --filter OUT` shows the one `wclip filter` applied).", ""]
+    lines = [f"Kept {_fmt(f['kept'])} of {_fmt(f['rows'])} rows ({_pct(f['kept'], f['rows'])}; "
+             f"{_pct(f['kept'], f['eligible'])} of the {_fmt(f['eligible'])} eligible "
+             f"{'rows' if f.get('include_failed') else 'rows with status ok'}).", ""]
+    lines += _table(["condition", "threshold", "rows passing", "share of eligible"],
+                    [[c["spec"], f"{c['op']} {_fmt(c['threshold'], 6)}", c["passed"],
+                      _pct(c["passed"], f["eligible"])] for c in f.get("conditions") or []])
+    if f.get("shards"):
+        s = f["shards"]
+        lines += [f"New shards: {_fmt(s['shards'])} tars of {_fmt(s['samples_per_shard'])} samples "
+                  f"({_fmt(s['samples'])} samples).", ""]
+    return lines

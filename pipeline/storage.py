@@ -1,0 +1,180 @@
+"""One storage layer for every file wclip reads or writes: local paths and fsspec URLs (``s3://``,
+``gs://``, ``http(s)://``, ``memory://``) alike, and the one crash-safe write.
+
+A crash-safe write goes to a hidden temporary name beside the target (``.NAME.XXXXXXXX.tmp``) and is
+renamed into place when complete, so readers see the whole file or nothing; a failed write removes its
+temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import posixpath
+import uuid
+from typing import Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def is_url(path) -> bool:
+    """True for ``scheme://`` paths (anything fsspec resolves other than a plain local path)."""
+    return "://" in str(path)
+
+
+def filesystem(path):
+    """(fsspec filesystem, path inside it) for a local path or URL."""
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(str(path))
+    return fs, paths[0]
+
+
+def uncached(path):
+    """:func:`filesystem`, minus any cached listing of ``path``: other processes write these folders."""
+    fs, p = filesystem(path)
+    fs.invalidate_cache(p)
+    return fs, p
+
+
+def join(base, *names: str) -> str:
+    """Join file names onto a local folder or URL."""
+    base = str(base)
+    if is_url(base):
+        return posixpath.join(base.rstrip("/"), *names)
+    return os.path.join(base, *names)
+
+
+def basename(path) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def exists(path) -> bool:
+    fs, p = uncached(path)
+    return fs.exists(p)
+
+
+def is_dir(path) -> bool:
+    fs, p = uncached(path)
+    return fs.isdir(p)
+
+
+def makedirs(path) -> None:
+    fs, p = filesystem(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def listdir(path) -> list:
+    """Full paths/URLs of the entries of a folder (empty when it does not exist), sorted by name."""
+    fs, p = uncached(path)
+    if not fs.exists(p):
+        return []
+    return sorted(join(path, basename(entry)) for entry in fs.ls(p, detail=False))
+
+
+def read_bytes(path) -> bytes:
+    fs, p = filesystem(path)
+    return fs.cat_file(p)
+
+
+def open_read(path):
+    """A binary file object for reading ``path``."""
+    fs, p = filesystem(path)
+    return fs.open(p, "rb")
+
+
+def size(path) -> int:
+    fs, p = filesystem(path)
+    return int(fs.size(p))
+
+
+def remove(path) -> None:
+    """Delete a file wclip wrote (callers own that decision)."""
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
+def temporary_name(path) -> str:
+    """The hidden temporary name beside ``path`` used while it is being written."""
+    parent, name = posixpath.split(str(path)) if is_url(path) else os.path.split(str(path))
+    tmp = f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    return posixpath.join(parent, tmp) if is_url(path) else os.path.join(parent, tmp)
+
+
+def is_temporary(name: str) -> bool:
+    name = basename(name)
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+@contextlib.contextmanager
+def open_atomic(path) -> Iterator:
+    """Open ``path`` for writing in binary mode; it appears (by rename) only if the block completes.
+
+    On any error the temporary file is removed and the error propagates.
+    """
+    fs, p = filesystem(path)
+    parent = posixpath.dirname(p)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = posixpath.join(parent, basename(temporary_name(p)))
+    try:
+        with fs.open(tmp, "wb") as fh:
+            yield fh
+        fs.mv(tmp, p)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write bytes so the file appears complete or not at all."""
+    with open_atomic(path) as fh:
+        fh.write(data)
+
+
+def jsonable(value):
+    """Plain-JSON copy of a value: NumPy scalars and arrays become Python numbers and lists, NaN becomes
+    null and infinities the strings ``"inf"`` / ``"-inf"`` (JSON has no non-finite numbers)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return jsonable(value.tolist())
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def dumps_json(obj, indent: int = 1) -> bytes:
+    return json.dumps(jsonable(obj), indent=indent, sort_keys=True, allow_nan=False).encode()
+
+
+def write_json(path, obj, indent: int = 1) -> None:
+    """Write ``obj`` as JSON, crash-safe (see :func:`jsonable` for non-finite numbers)."""
+    write_atomic(path, dumps_json(obj, indent))
+
+
+def read_json(path):
+    return json.loads(read_bytes(path))
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Delete temporary files a killed run of wclip left in ``folder``; returns how many."""
+    stale = [e for e in listdir(folder) if is_temporary(e)]
+    for entry in stale:
+        remove(entry)
+    return len(stale)

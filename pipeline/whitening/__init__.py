@@ -1,0 +1,12 @@
+"""The method: float64 moments, the whitening fit and its scores, stats files, normality diagnostics and
+the fast whitening kernels.
+
+``from pipeline.whitening import WhiteningStats, StatsFile`` is the public numerics API (DESIGN.md).
+"""
+
+from pipeline.whitening.moments import Moments, holdout_mask
+from pipeline.whitening.stats import DEFAULT_TOL, SINGULAR_RTOL, WhiteningStats
+from pipeline.whitening.statsfile import FORMAT, StatsFile, StatsFileError
+
+__all__ = ["Moments", "holdout_mask", "WhiteningStats", "StatsFile", "StatsFileError", "FORMAT",
+           "DEFAULT_TOL", "SINGULAR_RTOL"]

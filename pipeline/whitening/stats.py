@@ -1,0 +1,326 @@
+"""Whitened CLIP likelihood: the PCA-whitening fit, scores and calibration of one tower.
+
+The method (Betser, Levi, Gilboa, ICML 2025): fit the mean ``mu`` and covariance ``S`` of
+reference embeddings, eigendecompose ``S = V diag(lam) V^T`` (float64, descending), keep
+``m`` components, ``W = V[:, :m] diag(lam[:m])^-1/2``. For a row ``x``:
+``sqnorm = ||(x - mu) W||^2`` and ``loglik = -0.5 * (m log(2 pi) + sqnorm)``; the Jacobian
+``log_det = -0.5 * sum(log lam[:m])`` is one constant per fit.
+
+Conventions fixed here:
+
+* ``S`` is the **unbiased covariance** (divisor ``n - 1``, like ``numpy.cov``). With
+  ``components=None, shrinkage=0, holdout=0``, ``loglik(X) + log_det`` equals
+  ``scipy.stats.multivariate_normal(mu, S).logpdf(X)``.
+* Shrinkage ``a`` in ``[0, 1)`` adds ``a * trace(S) / d`` to every eigenvalue
+  (``S + a tr(S)/d I``, DESIGN.md). Eigenvalues below zero (rounding) are clipped to 0.
+* The held-out split is deterministic: a seeded permutation, or :func:`holdout_mask` of
+  the sample keys. Held-out rows are not used in ``mu``/``S``; their sorted sqnorms are the
+  calibration table behind :meth:`WhiteningStats.pvalue`.
+
+Stats files are safetensors (never pickle); see :mod:`pipeline.whitening.statsfile`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import optimize, stats
+
+from pipeline.whitening.diagnostics import normality_pass_rates
+from pipeline.whitening.moments import Moments, as_rows, check_fraction, holdout_mask
+
+__all__ = ["WhiteningStats", "DEFAULT_TOL", "SINGULAR_RTOL", "TENSORS"]
+
+#: Default tolerance of the "auto" rules: accept held-out ``sqnorm/m <= 1 + DEFAULT_TOL``.
+DEFAULT_TOL = 0.1
+#: A kept eigenvalue must exceed ``SINGULAR_RTOL * largest eigenvalue``.
+SINGULAR_RTOL = 1e-12
+#: Caps on the rows/features used by the fit-time normality diagnostics.
+DIAG_MAX_SAMPLES = 5000
+DIAG_MAX_FEATURES = 256
+TENSORS = ("mean", "whitening", "eigenvalues", "calibration")
+
+
+def _check_shrinkage(shrinkage):
+    if shrinkage == "auto":
+        return shrinkage
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, numbers.Real) \
+            or not 0.0 <= float(shrinkage) < 1.0:
+        raise ValueError(f"shrinkage must be a number in [0, 1) or 'auto'; got {shrinkage!r}")
+    return float(shrinkage)
+
+
+def _eigh_descending(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, clipped at 0) and eigenvectors, each column's largest entry > 0."""
+    lam, V = np.linalg.eigh(S)
+    lam, V = np.maximum(lam[::-1], 0.0), V[:, ::-1]
+    signs = np.sign(V[np.abs(V).argmax(axis=0), np.arange(V.shape[1])])
+    return lam, np.ascontiguousarray(V * np.where(signs == 0, 1.0, signs))
+
+
+def _usable(lam: np.ndarray, n_fit: int, shrinkage: float) -> int:
+    """How many leading components can be whitened (non-singular, estimable)."""
+    if lam[0] <= 0:
+        return 0
+    k = int(np.count_nonzero(lam > SINGULAR_RTOL * lam[0]))
+    return k if shrinkage > 0 else min(k, n_fit - 1)
+
+
+def _auto_shrinkage(proj_sq: np.ndarray, lam: np.ndarray, base: float, tol: float) -> float:
+    """Smallest ``a`` in [0, 1) with mean held-out sqnorm/d <= 1 + tol (all d components)."""
+    def excess(a):
+        with np.errstate(divide="ignore"):
+            return float(np.mean(proj_sq / (lam + a * base))) - (1.0 + tol)
+    if lam[-1] > SINGULAR_RTOL * lam[0] and excess(0.0) <= 0:
+        return 0.0
+    lo, hi = 1e-12, 1.0 - 1e-9
+    if excess(lo) <= 0:
+        return lo
+    if excess(hi) > 0:
+        raise ValueError("shrinkage='auto' found no shrinkage in [0, 1) that brings the held-out "
+                         f"sqnorm/m below {1 + tol}: the held-out rows do not look like the fit "
+                         "rows. Check the reference data or pass an explicit shrinkage.")
+    return float(optimize.brentq(excess, lo, hi, xtol=1e-10))
+
+
+def _auto_components(z_sq_mean: np.ndarray, tol: float) -> int:
+    """Largest m with r(m) = sum_{j<=m} mean_i z_ij^2 / m <= 1 + tol (else the m nearest 1)."""
+    r = np.cumsum(z_sq_mean) / np.arange(1, z_sq_mean.size + 1)
+    ok = np.flatnonzero(r <= 1.0 + tol)
+    return int(ok[-1] + 1) if ok.size else int(np.argmin(np.abs(r - 1.0)) + 1)
+
+
+def _jsonable(value):
+    """Plain-Python copy of a summary value (non-finite floats become None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, str):
+        return bool(value) if isinstance(value, np.bool_) else value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True, eq=False)
+class WhiteningStats:
+    """A fitted whitening: mean, whitening matrix, eigenvalues and held-out calibration.
+
+    Build with :meth:`fit` or :meth:`from_moments`; arrays are float64 and read-only.
+    """
+
+    mean: np.ndarray         # (d,) fit-split mean
+    whitening: np.ndarray    # (d, m) W = V[:, :m] / sqrt(lam[:m])
+    eigenvalues: np.ndarray  # (d,) all eigenvalues, descending, after shrinkage
+    calibration: np.ndarray  # (n_heldout,) sorted held-out sqnorms; empty without a hold-out
+    n_fit: int               # rows in the fit split
+    shrinkage: float = 0.0   # a in S + a tr(S)/d I
+    diagnostics: dict = field(default_factory=dict)  # fit-time numbers reported by summary()
+
+    def __post_init__(self):
+        arrays = {}
+        for name in TENSORS:
+            arr = np.array(getattr(self, name), dtype=np.float64, order="C")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{name} contains NaN or infinite values")
+            arr.setflags(write=False)
+            arrays[name] = arr
+            object.__setattr__(self, name, arr)
+        d = arrays["mean"].size
+        W, lam, cal = arrays["whitening"], arrays["eigenvalues"], arrays["calibration"]
+        if arrays["mean"].ndim != 1 or W.ndim != 2 or W.shape[0] != d or not 1 <= W.shape[1] <= d \
+                or lam.shape != (d,) or cal.ndim != 1:
+            raise ValueError(f"inconsistent shapes: mean {arrays['mean'].shape}, whitening "
+                             f"{W.shape}, eigenvalues {lam.shape}, calibration {cal.shape}")
+        if np.any(np.diff(lam) > 0) or lam[W.shape[1] - 1] <= 0 or np.any(lam < 0):
+            raise ValueError("eigenvalues must be non-negative, descending, and positive for "
+                             "the kept components")
+        if np.any(np.diff(cal) < 0) or np.any(cal < 0):
+            raise ValueError("calibration must be sorted non-negative sqnorms")
+        if int(self.n_fit) < 2:
+            raise ValueError(f"n_fit must be >= 2; got {self.n_fit}")
+        object.__setattr__(self, "n_fit", int(self.n_fit))
+        object.__setattr__(self, "shrinkage", _check_shrinkage(self.shrinkage))
+        object.__setattr__(self, "diagnostics", _jsonable(dict(self.diagnostics)))
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def fit(cls, X, components=None, shrinkage=0.0, holdout: float = 0.1, seed: int = 0,
+            keys=None, tol: float = DEFAULT_TOL) -> "WhiteningStats":
+        """Fit on the rows of ``X`` (n, d), holding out a fraction ``holdout`` for calibration.
+
+        ``components``: ``None`` (all d), an int ``m``, or ``"auto"``: the largest ``m`` whose
+        held-out mean ``sqnorm/m`` is at most ``1 + tol`` (cumulative over the leading
+        components; needs a hold-out). ``shrinkage``: a float in [0, 1) or ``"auto"``: the
+        smallest one giving held-out ``sqnorm/d <= 1 + tol``. The split is a permutation
+        seeded by ``seed``, or :func:`holdout_mask` of ``keys`` (one string per row).
+        """
+        X = as_rows(X)
+        n = X.shape[0]
+        fraction = check_fraction(holdout)
+        if keys is not None:
+            if len(keys) != n:
+                raise ValueError(f"got {len(keys)} keys for {n} rows")
+            mask = holdout_mask(keys, fraction, seed)
+        else:
+            mask = np.zeros(n, dtype=bool)
+            mask[np.random.default_rng(seed).permutation(n)[:int(round(fraction * n))]] = True
+        fit_rows = X[~mask]
+        moments = Moments.empty(X.shape[1]).update(fit_rows)
+        return cls.from_moments(moments, heldout=X[mask], components=components,
+                                shrinkage=shrinkage, tol=tol, fit_sample=fit_rows, seed=seed)
+
+    @classmethod
+    def from_moments(cls, moments: Moments, heldout=None, components=None, shrinkage=0.0,
+                     tol: float = DEFAULT_TOL, fit_sample=None, seed: int = 0) -> "WhiteningStats":
+        """Fit from accumulated :class:`Moments` of the fit split plus the held-out rows.
+
+        Same options as :meth:`fit`. ``fit_sample`` (optional rows of the fit split) only feeds
+        the in-sample normality diagnostics of :meth:`summary`.
+        """
+        if not isinstance(moments, Moments):
+            raise ValueError(f"moments must be a Moments instance; got {type(moments).__name__}")
+        d, n = moments.dim, moments.count
+        if n < 2:
+            raise ValueError(f"need at least 2 fit rows to estimate a covariance; have {n}")
+        held = np.empty((0, d)) if heldout is None else as_rows(heldout, "heldout", dim=d)
+        shrinkage = _check_shrinkage(shrinkage)
+        if not (isinstance(tol, numbers.Real) and tol >= 0):
+            raise ValueError(f"tol must be a non-negative number; got {tol!r}")
+        if "auto" in (components, shrinkage) and held.shape[0] == 0:
+            raise ValueError("components='auto' and shrinkage='auto' choose by the held-out rows, "
+                             "but there are none: use holdout > 0 (e.g. 0.1) or fixed values")
+        S = moments.covariance(ddof=1)
+        lam, V = _eigh_descending(S)
+        base = float(np.trace(S)) / d
+        proj = (held - moments.mean) @ V
+        if shrinkage == "auto":
+            shrinkage = _auto_shrinkage(np.mean(proj**2, axis=0), lam, base, float(tol))
+        lam = lam + shrinkage * base
+        usable = _usable(lam, n, shrinkage)
+        if components == "auto":
+            m = _auto_components(np.mean(proj[:, :usable]**2, axis=0) / lam[:usable], float(tol)) \
+                if usable else 1
+        elif components is None:
+            m = d
+        elif isinstance(components, numbers.Integral) and not isinstance(components, bool) \
+                and 1 <= components <= d:
+            m = int(components)
+        else:
+            raise ValueError(f"components must be None, 'auto' or an int in [1, {d}]; "
+                             f"got {components!r}")
+        if m > usable:
+            raise ValueError(f"cannot whiten {m} components: the covariance of the {n} fit rows has "
+                             f"only {usable} usable direction(s) (without shrinkage n_fit must exceed "
+                             f"m, and kept eigenvalues must exceed {SINGULAR_RTOL:g} x the largest). "
+                             f"Request components <= {usable}, add shrinkage (e.g. 0.1), or add "
+                             "reference rows.")
+        W = V[:, :m] / np.sqrt(lam[:m])
+        cal = np.sort(np.sum((proj[:, :m] / np.sqrt(lam[:m]))**2, axis=1))
+        diagnostics = {"fit_sqnorm_over_m": float(np.sum((moments.scatter @ W) * W)) / n / m}
+        rng = np.random.default_rng(seed)
+        for label, rows in (("fit", fit_sample), ("heldout", held)):
+            if rows is not None:
+                rows = as_rows(rows, f"{label} rows", dim=d)
+                if rows.shape[0] > DIAG_MAX_SAMPLES:
+                    rows = rows[np.sort(rng.choice(rows.shape[0], DIAG_MAX_SAMPLES, replace=False))]
+                diagnostics[f"normality_{label}"] = normality_pass_rates(
+                    (rows - moments.mean) @ W, max_features=DIAG_MAX_FEATURES)
+        return cls(mean=moments.mean, whitening=W, eigenvalues=lam, calibration=cal, n_fit=n,
+                   shrinkage=shrinkage, diagnostics=diagnostics)
+
+    # ---- shape ----------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.mean.size
+
+    @property
+    def components(self) -> int:
+        return self.whitening.shape[1]
+
+    @property
+    def n_heldout(self) -> int:
+        return self.calibration.size
+
+    @property
+    def log_det(self) -> float:
+        """``log|det W| = -0.5 * sum(log lam[:m])``: add to :meth:`loglik` for the density of x."""
+        return float(-0.5 * np.sum(np.log(self.eigenvalues[:self.components])))
+
+    # ---- scores ---------------------------------------------------------------------------
+    def sqnorm(self, X) -> np.ndarray:
+        """Squared norm of the whitened rows, ``||(x - mu) W||^2``, float64 (n,)."""
+        Y = (as_rows(X, dim=self.dim) - self.mean) @ self.whitening
+        return np.einsum("ij,ij->i", Y, Y)
+
+    def loglik_from_sqnorm(self, s) -> np.ndarray:
+        """The paper's log-likelihood ``-0.5 * (m log(2 pi) + sqnorm)``."""
+        return -0.5 * (self.components * math.log(2.0 * math.pi) + np.asarray(s, dtype=np.float64))
+
+    def loglik(self, X) -> np.ndarray:
+        """Log-likelihood of each row of ``X`` in the whitened space (without ``log_det``)."""
+        return self.loglik_from_sqnorm(self.sqnorm(X))
+
+    def pvalue_from_sqnorm(self, s) -> np.ndarray:
+        """Empirical upper tail ``(1 + #{cal >= s}) / (n_cal + 1)``: the share of held-out
+        reference rows that were less likely. NaN stays NaN."""
+        if self.calibration.size == 0:
+            raise ValueError("these statistics have no calibration table (fitted with holdout=0), "
+                             "so there are no empirical p-values; refit with holdout > 0 "
+                             "(e.g. 0.1), or use chi2_pvalue as a rough diagnostic")
+        s = np.asarray(s, dtype=np.float64)
+        n_cal = self.calibration.size
+        above = n_cal - np.searchsorted(self.calibration, s, side="left")
+        return np.where(np.isnan(s), np.nan, (1.0 + above) / (n_cal + 1.0))
+
+    def pvalue(self, X) -> np.ndarray:
+        """Empirical p-value of each row of ``X`` against the held-out calibration table."""
+        return self.pvalue_from_sqnorm(self.sqnorm(X))
+
+    def chi2_pvalue_from_sqnorm(self, s) -> np.ndarray:
+        """Diagnostic: ``chi2(m).sf(sqnorm)``, exact only if the embeddings were Gaussian."""
+        return stats.chi2(self.components).sf(np.asarray(s, dtype=np.float64))
+
+    def chi2_pvalue(self, X) -> np.ndarray:
+        """Diagnostic chi-square p-value of each row of ``X`` (see :meth:`chi2_pvalue_from_sqnorm`)."""
+        return self.chi2_pvalue_from_sqnorm(self.sqnorm(X))
+
+    def summary(self) -> dict:
+        """JSON-able numbers describing the fit (sizes, held-out and in-sample sqnorm/m,
+        log_det, normality pass rates)."""
+        m = self.components
+        return _jsonable({
+            "dim": self.dim, "components": m, "shrinkage": self.shrinkage,
+            "n_fit": self.n_fit, "n_heldout": self.n_heldout,
+            "heldout_sqnorm_over_m": float(self.calibration.mean()) / m if self.n_heldout else None,
+            "fit_sqnorm_over_m": self.diagnostics.get("fit_sqnorm_over_m"),
+            "log_det": self.log_det,
+            "normality_fit": self.diagnostics.get("normality_fit"),
+            "normality_heldout": self.diagnostics.get("normality_heldout"),
+        })
+
+    # ---- files ------------------------------------------------------------------------------
+    def save(self, path, metadata: dict | None = None, tower: str = "default") -> Path:
+        """Write a one-tower stats file (see :class:`StatsFile`)."""
+        from pipeline.whitening.statsfile import StatsFile
+
+        return StatsFile(towers={tower: self}, metadata=metadata or {}).save(path)
+
+    @classmethod
+    def load(cls, path, tower: str | None = None, dim: int | None = None) -> "WhiteningStats":
+        """Read one tower of a stats file (the only one when ``tower`` is None)."""
+        from pipeline.whitening.statsfile import StatsFile, StatsFileError
+
+        sf = StatsFile.load(path, dim=dim)
+        if tower is None:
+            if len(sf.towers) != 1:
+                raise StatsFileError(f"{path} holds towers {sorted(sf.towers)}; pass tower=NAME")
+            tower = next(iter(sf.towers))
+        if tower not in sf.towers:
+            raise StatsFileError(f"{path} has no tower {tower!r} (it has {sorted(sf.towers)}); "
+                                 "re-run `wclip fit` for that tower")
+        return sf.towers[tower]

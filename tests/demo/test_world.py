@@ -1,0 +1,224 @@
+"""The synthetic world: determinism, img2dataset layout, labelled anomalies, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main as cli_main
+from pipeline.demo import world
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _decode(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Two shards of 64 pairs, half of them anomalies of every kind."""
+    out = tmp_path_factory.mktemp("world")
+    return out, world.generate_world(out, shards=2, samples_per_shard=64, seed=7, anomaly_rate=0.5)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = world.generate_world(tmp_path / "a", 2, 20, seed=1, anomaly_rate=0.3)
+    b = world.generate_world(tmp_path / "b", 2, 20, seed=1, anomaly_rate=0.3)
+    c = world.generate_world(tmp_path / "c", 2, 20, seed=2, anomaly_rate=0.3)
+    for pa, pb, pc in zip(a, b, c):
+        assert pa.read_bytes() == pb.read_bytes()
+        assert pa.with_suffix(".parquet").read_bytes() == pb.with_suffix(".parquet").read_bytes()
+        assert pa.read_bytes() != pc.read_bytes()
+    for info, _ in _members(a[0]):
+        assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == \
+               (world.TAR_MTIME, 0, 0, "", "", 0o644)
+
+
+def test_layout_keys_and_json_fields(labelled):
+    out, paths = labelled
+    assert [p.name for p in paths] == ["00000.tar", "00001.tar"]
+    uids = set()
+    for shard, path in enumerate(paths):
+        assert path.with_suffix(".parquet").exists()
+        stats = json.loads((out / f"{path.stem}_stats.json").read_text())
+        assert stats["count"] == stats["successes"] == 64 and stats["status_dict"] == {"success": 64}
+        members = _members(path)
+        names = [m.name for m, _ in members]
+        keys = sorted({n.split(".")[0] for n in names})
+        assert keys == [f"{shard:05d}{i:04d}" for i in range(64)]
+        assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")]
+        data = {m.name: d for m, d in members}
+        for key in keys:
+            meta = json.loads(data[f"{key}.json"])
+            assert meta["key"] == key and meta["caption"] == data[f"{key}.txt"].decode()
+            assert re.fullmatch(r"[0-9a-f]{32}", meta["uid"]) and meta["url"].endswith(f"{key}.jpg")
+            assert (meta["width"], meta["height"]) == (64, 64) == Image.open(io.BytesIO(data[f"{key}.jpg"])).size
+            assert meta["anomaly"] in (None, *world.ANOMALY_KINDS)
+            assert meta["anomaly_modality"] == world.anomaly_modality(meta["anomaly"])
+            assert meta["background"] in world.BACKGROUNDS and meta["count"] == len(meta["objects"]) >= 1
+            uids.add(meta["uid"])
+    assert len(uids) == 128
+
+
+def test_labels_match_rate_and_read_back(labelled):
+    out, paths = labelled
+    rows = world.read_labels(out)
+    assert len(rows) == 128 and [r["key"] for r in rows] == sorted(r["key"] for r in rows)
+    counts = Counter(r["anomaly"] for r in rows)
+    assert counts[None] == 64                                   # exactly round(0.5 * 64) per shard
+    assert set(counts) - {None} == set(world.ANOMALY_KINDS)
+    assert all(c == 8 for k, c in counts.items() if k)          # kinds spread evenly
+    tar_rows = [json.loads(d) for m, d in _members(paths[0]) if m.name.endswith(".json")]
+    parquet_rows = world.read_labels(paths[0].with_suffix(".parquet"))
+    assert len(parquet_rows) == 64
+    assert [r["anomaly"] for r in tar_rows] == [r["anomaly"] for r in parquet_rows]
+    assert [r["objects"] for r in tar_rows] == [r["objects"] for r in parquet_rows]
+
+
+def test_small_rate_is_exact_per_shard(tmp_path):
+    world.generate_world(tmp_path, 3, 100, seed=0, anomaly_rate=0.15, anomaly_kinds=["noise", "gibberish"])
+    counts = Counter(r["anomaly"] for r in world.read_labels(tmp_path))
+    assert counts == {None: 255, "noise": counts["noise"], "gibberish": counts["gibberish"]}
+    assert counts["noise"] + counts["gibberish"] == 45 and abs(counts["noise"] - counts["gibberish"]) <= 3
+
+
+def _clean_twin(seed, key):
+    """The same sample generated without its anomaly (the anomaly is applied last)."""
+    shard, index = int(key[:5]), int(key[5:])
+    image, caption, _ = world.make_pair(np.random.default_rng([seed, shard, 0, index]), None)
+    return _decode(world.encode_jpeg(image)), caption
+
+
+def test_each_anomaly_kind_is_what_its_label_says(labelled):
+    out, paths = labelled
+    seen = set()
+    for path in paths:
+        data = {m.name: d for m, d in _members(path)}
+        for row in world.read_labels(path):
+            kind, key = row["anomaly"], row["key"]
+            img, caption = _decode(data[f"{key}.jpg"]), row["caption"]
+            twin_img, twin_caption = _clean_twin(7, key)
+            seen.add(kind)
+            if kind is None or kind in ("noise", "blank", "damaged"):
+                assert caption == twin_caption
+            if kind is None:
+                assert np.abs(img - twin_img).max() == 0
+                assert set(row["shapes"].split(",")) <= set(world.SHAPES)
+            elif kind == "noise":
+                assert img.std() > 40 and np.abs(np.diff(img, axis=1)).mean() > 25
+            elif kind == "blank":
+                assert img.std(axis=(0, 1)).max() < 2
+            elif kind == "damaged":
+                assert np.abs(img - twin_img).mean() > 10
+            elif kind == "unseen_shape":
+                assert set(row["shapes"].split(",")) <= set(world.UNSEEN_SHAPES)
+                assert any(s in caption for s in world.UNSEEN_SHAPES)
+            elif kind == "unseen_colour":
+                assert set(row["colours"].split(",")) <= set(world.UNSEEN_COLOURS)
+                assert any(c in caption for c in world.UNSEEN_COLOURS)
+            elif kind == "gibberish":
+                assert not set(caption.split()) & set(twin_caption.split())
+            elif kind == "ungrammatical":
+                assert caption != twin_caption.replace(",", "")
+                assert sorted(caption.split()) == sorted(twin_caption.replace(",", "").split())
+            elif kind == "mismatch":
+                described = {(s, c) for s in world.SHAPES for c in world.COLOURS if f"{c} {s}" in caption}
+                actual = set(zip(row["shapes"].split(","), row["colours"].split(",")))
+                assert described and not described & actual
+            if kind in ("gibberish", "ungrammatical", "mismatch"):
+                assert np.abs(img - twin_img).max() == 0
+    assert seen == {None, *world.ANOMALY_KINDS}
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown anomaly kind"):
+        world.generate_world(tmp_path, 1, 4, 0, 0.5, ["sparkles"])
+    with pytest.raises(ValueError, match="anomaly_rate"):
+        world.generate_world(tmp_path, 1, 4, 0, 1.5)
+    with pytest.raises(ValueError, match="shards"):
+        world.generate_world(tmp_path, 0, 4, 0)
+
+
+def test_cli_writes_shards(tmp_path, capsys):
+    rc = cli_main(["world", "--output", str(tmp_path), "--shards", "2", "--samples-per-shard", "10",
+                   "--seed", "3", "--anomaly-rate", "0.2", "--anomalies", "noise,mismatch"])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
+    assert Counter(r["anomaly"] for r in world.read_labels(tmp_path)) == {None: 16, "noise": 2, "mismatch": 2}
+    assert cli_main(["world", "--output", str(tmp_path), "--anomalies", "noise,sparkles"]) == 2
+    assert "sparkles" in capsys.readouterr().err
+
+
+def test_styles_and_captions_agree():
+    grain = {"photo": [], "drawing": []}
+    for _, sample in world.iter_world(seed=5, shard=0, n=60):
+        style, caption = sample.labels["style"], sample.caption
+        img = _decode(sample.image)
+        grain[style].append(np.median(np.abs(np.diff(img, axis=1))))
+        other = "drawing" if style == "photo" else "photo"
+        assert other not in caption and "illustration" not in caption or style == "drawing"
+    assert min(len(v) for v in grain.values()) >= 15
+    assert np.mean(grain["photo"]) >= 1.5 and np.mean(grain["drawing"]) <= 0.3
+
+
+def test_open_world_is_the_reference_world_and_more():
+    """The pre-training world holds every shape and colour and some empty scenes; no anomalies."""
+    rows = [s.labels for _, s in world.iter_world(seed=11, shard=0, n=400, vocabulary="open")]
+    shapes = {sh for r in rows for sh in r["shapes"].split(",") if sh}
+    colours = {c for r in rows for c in r["colours"].split(",") if c}
+    assert shapes == set(world.SHAPES + world.UNSEEN_SHAPES)
+    assert colours == set(world.COLOURS) | set(world.UNSEEN_COLOURS)
+    empty = [r for r in rows if r["count"] == 0]
+    assert 5 <= len(empty) <= 40                                     # OPEN_EMPTY_RATE = 0.05 of 400
+    assert all(r["background"] in r["caption"] and r["shapes"] == "" for r in empty)
+    assert all(r["anomaly"] is None for r in rows)
+    assert all("/open/" in r["url"] for r in rows)
+    reference = [s.labels for _, s in world.iter_world(seed=11, shard=0, n=400)]
+    assert {r["uid"] for r in rows}.isdisjoint(r["uid"] for r in reference)
+    assert min(r["count"] for r in reference) >= 1
+    # an empty scene is the background alone: flat apart from the photo style's gradient and noise
+    sample = next(s for _, s in world.iter_world(seed=11, shard=0, n=400, vocabulary="open")
+                  if s.labels["count"] == 0 and s.labels["style"] == "drawing")
+    assert np.ptp(_decode(sample.image), axis=(0, 1)).max() <= 8
+
+
+def test_open_world_refuses_anomalies(tmp_path):
+    with pytest.raises(ValueError, match="open world holds no anomalies"):
+        world.generate_world(tmp_path, 1, 4, 0, 0.5, vocabulary="open")
+    with pytest.raises(ValueError, match="unknown vocabulary 'closed'"):
+        world.generate_world(tmp_path, 1, 4, 0, vocabulary="closed")
+    assert cli_main(["world", "--output", str(tmp_path / "o"), "--samples-per-shard", "30", "--seed", "2",
+                     "--vocabulary", "open"]) == 0
+    assert len(world.read_labels(tmp_path / "o")) == 30
+    assert cli_main(["world", "--output", str(tmp_path / "p"), "--vocabulary", "open", "--anomaly-rate", "0.2"]) == 2
+    assert not (tmp_path / "p").exists()                             # refused before anything is written
+
+
+def test_twins_differ_only_in_shape():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        (a, caption_a, scene_a), (b, caption_b, scene_b) = world.make_twins(rng)
+        shape_a, shape_b = scene_a.objects[0][0], scene_b.objects[0][0]
+        assert shape_a != shape_b and {shape_a, shape_b} <= set(world.SHAPES + world.UNSEEN_SHAPES)
+        assert [o[1:] for o in scene_a.objects] == [o[1:] for o in scene_b.objects]
+        assert (scene_a.background, scene_a.style, scene_a.position) == \
+               (scene_b.background, scene_b.style, scene_b.position)
+        n = len(scene_a.objects)
+        assert caption_a.replace(world._plural(shape_a, n), world._plural(shape_b, n)) == caption_b
+        changed = (a != b).any(axis=2)                      # only pixels around the objects change
+        assert 0 < changed.mean() < 0.3
+        ys, xs = np.nonzero(changed)
+        assert all(any(np.hypot(x + 0.5 - cx, y + 0.5 - cy) <= 1.25 * r + 1 for *_, cx, cy, r in scene_a.objects)
+                   for y, x in zip(ys, xs))                 # a square's corners reach 1.2 r
