@@ -12,6 +12,7 @@ import logging
 import sys
 
 from pipeline import __version__
+from pipeline.commands import HelpFormatter
 from pipeline.errors import WclipError
 
 COMMANDS = ("fit", "score", "filter", "card", "demo", "world", "train-demo")
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         mod = _module(name)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -39,13 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # wclip's own progress at INFO; other libraries (open_clip, fsspec, ...) only when they warn
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("wclip", "pipeline"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args._run(args) or 0)
     except WclipError as exc:
         print(f"wclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a permission, a vanished mount: the message names the path
+        if args.verbose:
+            raise
+        print(f"wclip {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"wclip {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130

@@ -10,9 +10,13 @@ from typing import Optional, Union
 from pipeline.models import ModelSpec
 
 DECODE_PLACES = ("cpu", "gpu")  # where JPEGs are decoded
+INPUT_FORMATS = ("webdataset", "files", "parquet")  # tars; img2dataset's folders; image bytes in Parquet
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # encoder precision choices
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image member extensions, first present wins
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is not read (its sample gets an error)
+STALL_TIMEOUT = 120.0  # seconds without a byte from a remote or piped shard before it counts as stalled
+MAX_ASPECT_RATIO = 50.0  # longer side / shorter side; CLIP's resize of a thinner image would be huge
 
 
 def _positive(name: str, value, allow_none: bool = False):
@@ -32,14 +36,25 @@ class InputConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS  # width*height above this is refused as a decompression bomb
     max_caption_chars: int = 10_000  # longer captions are cut (the tokenizer keeps its context length anyway)
     decode: str = "cpu"  # where JPEGs are decoded: "cpu" (reader tasks, PIL) or "gpu" (encoder actor, on its device)
+    max_member_bytes: int = MAX_MEMBER_BYTES  # a tar member larger than this is not read (its sample gets an error)
+    max_aspect_ratio: float = MAX_ASPECT_RATIO  # images thinner than 1:this are refused before resizing
+    stall_timeout: float = STALL_TIMEOUT  # seconds without a byte from a remote/piped shard: a failed read
+    input_format: str = "webdataset"  # webdataset tars, img2dataset "files" folders, or "parquet" image bytes
+    jpeg_draft: bool = True  # decode JPEGs at the smallest DCT scale that still covers CLIP's input size
 
     def __post_init__(self):
         if not self.image_exts or not self.caption_exts:
             raise ValueError("image_exts and caption_exts must each name at least one member extension")
-        if self.max_image_pixels <= 0:
-            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        for name in ("max_image_pixels", "max_member_bytes", "max_aspect_ratio", "stall_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
         if self.decode not in DECODE_PLACES:
             raise ValueError(f"decode must be one of {DECODE_PLACES}, got {self.decode!r}")
+
 
 @dataclass(frozen=True)
 class EncodeConfig:
@@ -60,6 +75,7 @@ class EncodeConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+
 
 @dataclass(frozen=True)
 class RayOptions:
@@ -160,6 +176,7 @@ class FilterConfig:
         if Path(self.output).resolve() == Path(self.scores).resolve():
             raise ValueError("--output must be a different folder from --scores")
 
+
 @dataclass(frozen=True)
 class CardConfig:
     """Everything ``wclip card`` needs."""
@@ -178,3 +195,57 @@ class CardConfig:
             raise ValueError(f"rel_err must be in (0, 0.5); got {self.rel_err}")
         if self.extremes < 0:
             raise ValueError(f"extremes must be >= 0; got {self.extremes}")
+
+
+EMBEDDING_KEYS = ("l14", "b32")  # DataComp's .npz arrays: {key}_img, {key}_txt
+
+
+@dataclass(frozen=True)
+class EmbeddingRunConfig:
+    """What the embeddings jobs share: precomputed embedding files in, no model, no encoders."""
+
+    paths: tuple  # clip-retrieval folders, DataComp .npz URLs or brace patterns, or folders of .npz
+    key: Optional[str] = None  # DataComp: which arrays ("l14" or "b32"); None for clip-retrieval folders
+    ray: RayOptions = field(default_factory=RayOptions)
+    max_in_flight: Optional[int] = None  # files processed at once (default: CPUs available)
+    retries: int = 2  # extra attempts for a failed file before it is recorded as failed
+    block_rows: int = 16_384  # rows read and scored at a time (bounds a task's memory)
+    progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
+
+    def __post_init__(self):
+        if not self.paths:
+            raise ValueError("no embedding paths given")
+        if self.key is not None and self.key not in EMBEDDING_KEYS:
+            raise ValueError(f"embedding key must be one of {EMBEDDING_KEYS}, got {self.key!r}")
+        _positive("max_in_flight", self.max_in_flight, allow_none=True)
+        _positive("block_rows", self.block_rows)
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+
+
+@dataclass(frozen=True)
+class EmbeddingScoreConfig:
+    """``wclip score --embeddings``: per-file Parquet scores under ``output``."""
+
+    run: EmbeddingRunConfig
+    stats_path: str
+    output: str
+    overwrite: bool = False  # redo files that already have a completion marker
+
+
+@dataclass(frozen=True)
+class EmbeddingFitConfig:
+    """``wclip fit --embeddings``: whitening statistics of precomputed embeddings."""
+
+    run: EmbeddingRunConfig
+    output: str
+    components: Union[None, int, str] = "auto"  # kept components m: None (all), an int, or "auto"
+    shrinkage: float = 0.0  # S + a * trace(S)/d * I
+    holdout: float = 0.1  # fraction held out (by key hash) for calibration
+    max_samples: Optional[int] = None  # cap on rows read (the first rows of the first files)
+    max_heldout: int = 50_000  # held-out rows kept for calibration: those with the smallest key hashes
+    seed: int = 0  # seed of the held-out hash
+
+    def __post_init__(self):
+        FitConfig.__post_init__(self)
+        _positive("max_heldout", self.max_heldout)

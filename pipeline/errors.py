@@ -24,3 +24,8 @@ class StatsFileError(WclipError, ValueError):
 
 class MissingDependency(WclipError, ImportError):
     """An optional dependency is not installed; the message names the package to install."""
+
+
+class TransportError(Exception):
+    """Reading a shard failed in the transport (network, pipe, stall), not in its contents: the shard is
+    retried and, if it keeps failing, recorded as failed; never treated as damage."""

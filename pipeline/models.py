@@ -1,12 +1,28 @@
 """CLIP models: open_clip architectures with pretrained tags, local checkpoints, explicit random
-weights, and the built-in offline ``wclip-demo`` model; plus the model identity recorded in stats."""
+weights, and wclip's built-in models; plus the model identity recorded in stats.
+
+wclip's own models are data, not code:
+
+* ``pipeline/model_configs/<name>.json``: an architecture wclip adds to open_clip's, without weights
+  (``wclip-tiny``, for tests: load it with ``--random-init`` or ``--checkpoint``);
+* ``pipeline/assets/<name>.json``: a *built-in model*, an architecture whose weights ship beside it as
+  ``pipeline/assets/<name>.safetensors`` (``wclip-demo``); it needs no weight source.
+
+A config is a JSON file with open_clip's ``embed_dim``, ``vision_cfg`` and ``text_cfg`` (the test
+open_clip itself applies), so other JSON files beside the configs (training records) are no models.
+
+Models named ``hf-hub:org/name`` (how DataComp's and LAION's open_clip models are published) carry their
+config and weights in a Hugging Face repository, read from the local Hugging Face cache (``--cache-dir`` or
+``HF_HOME``) when offline. :func:`preflight` resolves every model's weights before any work starts, so an
+unknown or unavailable model is one line, not an actor's traceback.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,33 +30,73 @@ from pipeline._imports import require
 
 log = logging.getLogger("wclip")
 
-DEMO_MODEL = "wclip-demo"
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_CONFIG = ASSETS / f"{DEMO_MODEL}.json"
-DEMO_WEIGHTS = ASSETS / f"{DEMO_MODEL}.safetensors"
-MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"  # extra architectures (wclip-tiny for tests)
+PACKAGE = Path(__file__).resolve().parent
+MODEL_CONFIGS = PACKAGE / "model_configs"  # architectures without weights
+ASSETS = PACKAGE / "assets"                # built-in models: <name>.json config + <name>.safetensors weights
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+HF_HUB = "hf-hub:"  # open_clip's prefix for models published as Hugging Face repositories
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, preferred first
+
+
+def _configs_in(folder: Path) -> dict[str, Path]:
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: not a readable model config (%s)", path, exc)
+            continue
+        if isinstance(config, dict) and all(k in config for k in _CONFIG_KEYS):
+            found[path.stem] = path
+    return found
+
+
+def builtin_configs() -> dict[str, Path]:
+    """wclip's own architectures, name -> config file: ``model_configs/`` and the built-in models."""
+    return {**_configs_in(MODEL_CONFIGS), **_configs_in(ASSETS)}
+
+
+def builtin_models() -> tuple[str, ...]:
+    """Names of the built-in models: architectures shipped with their weights (``assets/<name>.json``)."""
+    return tuple(_configs_in(ASSETS))
+
+
+def builtin_weights(name: str) -> Optional[Path]:
+    """Where the built-in model ``name`` keeps its shipped weights; None for any other model."""
+    return ASSETS / f"{name}.safetensors" if name in builtin_models() else None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Which CLIP to load. Exactly one weight source, unless the model is built in."""
 
-    name: str  # open_clip architecture name, e.g. "ViT-B-32", or "wclip-demo"
+    name: str  # open_clip architecture name, e.g. "ViT-B-32", or a built-in model (builtin_models())
     pretrained: Optional[str] = None  # open_clip pretrained tag, e.g. "laion2b_s34b_b79k"
     checkpoint: Optional[str] = None  # local .safetensors / .pt state dict (loaded without unpickling objects)
     random_init: bool = False  # random weights, only when asked (tests, throughput benchmarks)
     seed: int = 0  # seed of the random weights
+    cache_dir: Optional[str] = None  # where downloaded weights are cached (default: open_clip's / HF_HOME)
+
+    @property
+    def hub(self) -> bool:
+        """An ``hf-hub:org/name`` model: its repository holds config and weights."""
+        return self.name.startswith(HF_HUB)
 
     def __post_init__(self):
         sources = [s for s in ("pretrained", "checkpoint") if getattr(self, s)] + \
             (["random_init"] if self.random_init else [])
+        if self.hub and (self.pretrained or self.random_init):
+            raise ValueError(f"model {self.name!r} carries its weights in its repository; drop "
+                             f"--{'pretrained' if self.pretrained else 'random-init'}")
+        if self.hub and not sources:
+            sources = ["hf-hub"]
         if len(sources) > 1:
             raise ValueError(f"choose one weight source for model {self.name!r}, got {', '.join(sources)}")
-        if not sources and self.name != DEMO_MODEL:
+        if not sources and builtin_weights(self.name) is None:
             raise ValueError(
                 f"model {self.name!r} has no weights: pass --pretrained TAG (downloaded by open_clip), "
                 f"--checkpoint PATH (a local file), or --random-init (random weights, meaningless scores); "
-                f"'{DEMO_MODEL}' is the built-in offline model")
+                f"built-in offline models, with their weights: {', '.join(builtin_models()) or 'none'}")
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise ValueError(f"checkpoint {self.checkpoint!r} does not exist or is not a file")
 
@@ -71,25 +127,147 @@ def model_identity(spec: ModelSpec) -> dict:
         weights = f"checkpoint:sha256:{file_sha256(spec.checkpoint)}"
     elif spec.pretrained:
         weights = f"pretrained:{spec.pretrained}"
-    else:  # built-in demo model
-        weights = f"builtin:sha256:{file_sha256(DEMO_WEIGHTS)}"
+    elif spec.hub:
+        weights = f"hf-hub:sha256:{file_sha256(cached_weights(spec))}"
+    else:  # a built-in model: its shipped weights
+        weights = f"builtin:sha256:{file_sha256(builtin_weights(spec.name))}"
     return {"model": spec.name, "weights": weights}
 
 
+def _hub_files(spec: ModelSpec) -> tuple:
+    """(repository, candidate weight files) of an hf-hub model or of a pretrained tag published on the Hub;
+    (None, url) for a tag downloaded from a URL; (None, None) for anything else."""
+    if spec.hub:
+        return spec.name[len(HF_HUB):], HF_WEIGHT_FILES
+    if spec.pretrained:
+        open_clip = require("open_clip", "loading CLIP models")
+        cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+        if cfg.get("hf_hub"):
+            repo, filename = cfg["hf_hub"].rstrip("/"), None
+            if not cfg["hf_hub"].endswith("/"):
+                repo, filename = cfg["hf_hub"].rsplit("/", 1)
+            names = (filename,) if filename else HF_WEIGHT_FILES
+            safe = tuple(n.rsplit(".", 1)[0] + ".safetensors" for n in names if not n.endswith(".safetensors"))
+            return repo, safe + names
+        if cfg.get("url"):
+            return None, cfg["url"]
+    return None, None
+
+
+def cached_weights(spec: ModelSpec) -> Optional[Path]:
+    """The local file holding ``spec``'s downloadable weights, looked up in the caches only (no network);
+    None when they are not cached."""
+    import os
+
+    repo, files = _hub_files(spec)
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in files:
+            found = try_to_load_from_cache(repo, name, cache_dir=spec.cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+        return None
+    if isinstance(files, str):  # a URL: open_clip caches it by file name
+        target = Path(spec.cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(files)
+        return target if target.is_file() else None
+    return None
+
+
+def architectures() -> list:
+    """Every architecture name open_clip and wclip know, read from their config files (without importing
+    open_clip and torch, which takes seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    names = set(builtin_configs())
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        names.update(p.stem for p in (Path(folder) / "model_configs").glob("*.json"))
+    return sorted(names)
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def preflight(spec: ModelSpec) -> None:
+    """Check, before any work, that ``spec`` names a known model whose weights are at hand: cached, or
+    downloadable now (then downloaded here, once). Raises :class:`pipeline.errors.ConfigError`."""
+    import difflib
+    import os
+
+    from pipeline.errors import ConfigError
+
+    known = architectures()
+    if not spec.hub and spec.name not in known:
+        close = difflib.get_close_matches(spec.name, known, n=3)
+        raise ConfigError(f"unknown model {spec.name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                          + "; open_clip.list_models() has the architectures, built-in: "
+                          + ", ".join(builtin_models()) + "; Hub models are named hf-hub:org/name")
+    if not (spec.pretrained or spec.hub):
+        return  # built-in, local checkpoint or random weights: nothing to fetch (open_clip not even imported)
+    open_clip = require("open_clip", "loading CLIP models")
+    if spec.pretrained and not open_clip.get_pretrained_cfg(spec.name, spec.pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        raise ConfigError(f"model {spec.name} has no pretrained tag {spec.pretrained!r}; its tags: "
+                          f"{', '.join(tags) or 'none (use --checkpoint)'}")
+    repo, files = _hub_files(spec)
+    if files is None or spec.random_init or cached_weights(spec) is not None:
+        return
+    what = f"{spec.name}" + (f" ({spec.pretrained})" if spec.pretrained else "")
+    host = "huggingface.co" if repo else files.split("/")[2]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    if (repo and offline) or not _reachable(host):
+        where = spec.cache_dir or ("the Hugging Face cache (HF_HOME)" if repo else "~/.cache/clip")
+        raise ConfigError(f"the weights of {what} are not in {where} and {host} cannot be reached: download them "
+                          f"where there is network (or copy the cache here and pass --cache-dir), or use "
+                          f"--checkpoint PATH")
+    try:  # download once, in the driver, before the workers need it
+        if repo:
+            open_clip.pretrained.download_pretrained_from_hf(repo, filename=files[-1], cache_dir=spec.cache_dir)
+        else:
+            open_clip.pretrained.download_pretrained_from_url(files, cache_dir=spec.cache_dir)
+    except Exception as exc:
+        raise ConfigError(f"the weights of {what} could not be downloaded: {str(exc).splitlines()[0]}") from exc
+
+
+def _hub_offline() -> None:
+    """Make huggingface_hub use its cache only, in this process (a worker whose weights are cached)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
 def register_builtin_configs(open_clip) -> None:
-    """Make wclip's own architectures (``wclip-demo``, ``wclip-tiny``) known to open_clip."""
+    """Make wclip's own architectures (:func:`builtin_configs`) known to open_clip."""
     known = set(open_clip.list_models())
-    for path in [DEMO_CONFIG, *sorted(MODEL_CONFIGS.glob("*.json"))]:
-        if path.is_file() and path.stem not in known:
+    for name, path in builtin_configs().items():
+        if name not in known:
             open_clip.add_model_config(path)
+
+
+def load_weights(model, path) -> None:
+    """Load a safetensors state dict (any float dtype) into ``model`` as float32, strictly; eval mode."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    model.eval()
 
 
 def load_clip(name: str, pretrained: Optional[str] = None, checkpoint: Optional[str] = None,
               random_init: bool = False, device=None, seed: int = 0):
     """Return open_clip's ``(model, preprocess, tokenizer)`` in eval mode on ``device`` (default CPU).
 
-    Never falls back to random weights: without a weight source (and for a model other than the
-    built-in ``wclip-demo``) this raises ``ValueError``.
+    Never falls back to random weights: without a weight source (and for a model other than a
+    built-in one, see :func:`builtin_models`) this raises ``ValueError``.
     """
     spec = ModelSpec(name=name, pretrained=pretrained, checkpoint=checkpoint,
                      random_init=random_init, seed=seed)
@@ -101,11 +279,15 @@ def load_spec(spec: ModelSpec, device=None):
     open_clip = require("open_clip", "loading CLIP models")
     torch = require("torch", "loading CLIP models")
     register_builtin_configs(open_clip)
-    if spec.name == DEMO_MODEL and not DEMO_CONFIG.is_file():
-        raise FileNotFoundError(f"the built-in model config {DEMO_CONFIG} is missing; reinstall wclip")
-    if spec.name not in open_clip.list_models():
+    if spec.hub or spec.pretrained:
+        if cached_weights(spec) is None and spec.hub and not spec.random_init:
+            raise FileNotFoundError(f"the weights of {spec.name} are not in the local cache "
+                                    f"({spec.cache_dir or 'HF_HOME'}); run the command once where there is network")
+        if cached_weights(spec) is not None:
+            _hub_offline()  # cached: open_clip need not ask the Hub for anything (no retries without network)
+    if not spec.hub and spec.name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {spec.name!r}; see open_clip.list_models() "
-                         f"(e.g. ViT-B-32, ViT-L-14) or use '{DEMO_MODEL}'")
+                         f"(e.g. ViT-B-32, ViT-L-14) or use a built-in model: {', '.join(builtin_models())}")
     if spec.random_init:
         torch.manual_seed(spec.seed)
         log.warning("model %s has RANDOM weights (--random-init, seed %d): scores are meaningless",
@@ -114,25 +296,19 @@ def load_spec(spec: ModelSpec, device=None):
     logging.getLogger().addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=spec.pretrained, device="cpu")
+            spec.name, pretrained=spec.pretrained, device="cpu", cache_dir=spec.cache_dir)
     finally:
         logging.getLogger().removeFilter(quiet)
+    shipped = builtin_weights(spec.name)
     if spec.checkpoint:
         open_clip.load_checkpoint(model, spec.checkpoint, strict=True, weights_only=True)
-    elif spec.name == DEMO_MODEL and not spec.random_init:
-        if not DEMO_WEIGHTS.is_file():
-            raise FileNotFoundError(f"the built-in weights {DEMO_WEIGHTS} are missing; run `wclip train-demo`")
-        from safetensors.torch import load_file
-
-        state = {k: v.float() for k, v in load_file(str(DEMO_WEIGHTS)).items()}
-        model.load_state_dict(state, strict=True)
+    elif shipped is not None and not (spec.random_init or spec.pretrained):
+        if not shipped.is_file():
+            raise FileNotFoundError(f"the weights {shipped} of the built-in model {spec.name!r} are missing; "
+                                    "reinstall wclip")
+        load_weights(model, shipped)
     model.eval()
     if device is not None:
         model.to(device)
-    tokenizer = open_clip.get_tokenizer(spec.name)
+    tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=spec.cache_dir)
     return model, preprocess, tokenizer
-
-
-def spec_to_json(spec: ModelSpec) -> str:
-    """JSON form of a spec (for logs and job configs)."""
-    return json.dumps(asdict(spec), sort_keys=True)

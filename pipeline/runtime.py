@@ -11,21 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 import traceback
+import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import ray
 
 from pipeline.config import RayOptions, RunConfig
 from pipeline.flow.assemble import ShardAssembler
-from pipeline.flow.batch import Chunk, ChunkResult, read_chunks
-from pipeline.flow.encode import Encoder
+from pipeline.flow.batch import read_chunks
+from pipeline.flow.formats import open_reader
 from pipeline.flow.preprocess import Preprocessor
-from pipeline.flow.read import ShardReader
-from pipeline.flow.whiten import ChunkScorer
+from pipeline.flow.stage import EncodeStage
 from pipeline.progress import Progress
 
 log = logging.getLogger("wclip")
@@ -42,6 +43,9 @@ def ray_session(options: Optional[RayOptions] = None):
     A Ray that is already initialised in this process (tests, notebooks) is reused and left running.
     """
     options = options or RayOptions()
+    _quiet_ray_notices()
+    if not sys.stderr.isatty():  # worker lines forwarded to a log file or pipe: no colour escape codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if ray.is_initialized():
         yield
         return
@@ -51,11 +55,27 @@ def ray_session(options: Optional[RayOptions] = None):
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Workers inherit this process's environment: torch threads that wait passively, so encoders and
+        # readers sharing cores do not spin against each other.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         ray.init(address="local", num_cpus=options.num_cpus, num_gpus=options.num_gpus, **kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+class _DropNotice(logging.Filter):
+    """Drops Ray's notice that its default token authentication is on: nothing for a user to do."""
+
+    def filter(self, record) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in str(record.msg)
+
+
+def _quiet_ray_notices() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropNotice) for f in logger.filters):
+        logger.addFilter(_DropNotice())
 
 
 def cluster_cpus() -> int:
@@ -109,85 +129,91 @@ def _describe(exc: BaseException) -> str:
 
 
 # -- encoders -------------------------------------------------------------------------------------------
-class EncoderActor:
-    """One CLIP model on one device (a GPU, or this node's CPUs)."""
+@dataclass
+class Encoders:
+    """Where a job's chunks are encoded: encoder actors (one per GPU, or ``--encoders N``), or, on CPU-only
+    clusters, a model inside each reader task (no chunk crosses the object store, no extra process)."""
 
-    def __init__(self, spec, encode_cfg, stats=None):
-        logging.getLogger().setLevel(logging.WARNING)
-        self.encoder = Encoder(spec, encode_cfg)
-        self.scorer = ChunkScorer(stats, self.encoder.device)
+    actors: list  # EncodeStage actors; empty when encoding in the reader tasks
+    local: Optional[tuple] = None  # (token, spec, encode config, stats ref) for in-task encoding
 
-    def transforms(self):
-        return self.encoder.preprocess, self.encoder.tokenizer
+    def __len__(self) -> int:
+        return len(self.actors)
 
-    def info(self) -> dict:
-        import torch
-
-        enc = self.encoder
-        with torch.inference_mode():
-            dims = {"image": int(enc.model.encode_image(torch.zeros(
-                        1, 3, *_image_size(enc), device=enc.device)).shape[1]),
-                    "text": int(enc.model.encode_text(torch.zeros(
-                        1, int(enc.model.context_length or 77), dtype=torch.long, device=enc.device)).shape[1])}
-        return {"device": str(enc.device), "precision": enc.precision, "dims": dims,
-                "preprocess_split": enc.preprocessor.split,
-                "device_decode_unsupported": enc.device_decode_unsupported}
-
-    def process(self, chunk: Chunk, keep_embeddings: bool = False) -> ChunkResult:
-        return self.scorer.score(chunk, self.encoder.encode(chunk), keep_embeddings)
+    def describe(self) -> str:
+        return f"{len(self.actors)} encoder actor(s)" if self.actors else "a model in each reader task"
 
 
-def _image_size(enc) -> tuple:
-    size = getattr(enc.model.visual, "image_size", 224)
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
-
-def start_encoders(run: RunConfig, stats=None) -> list:
-    """Create the encoder actors: one per GPU, else ``run.encoders`` (default 1) sharing the CPUs."""
+def start_encoders(run: RunConfig, stats=None) -> Encoders:
+    """Start the encoders: one actor per GPU (or ``run.encoders``), else the model runs in the reader tasks."""
     gpus = cluster_gpus()
     encode_cfg = run.encode
     on_gpu = encode_cfg.device.startswith("cuda") or (encode_cfg.device == "auto" and gpus > 0)
+    if not on_gpu and run.encoders is None:
+        # One reader task per CPU, each encoding its own chunks with one torch thread: the cores are all
+        # busy without oversubscription, and nothing is copied between processes.
+        if encode_cfg.threads is None:
+            limit = run.max_in_flight or cluster_cpus()
+            encode_cfg = replace(encode_cfg, threads=max(1, cluster_cpus() // limit))
+        return Encoders([], (uuid.uuid4().hex, run.model, encode_cfg, ray.put(stats)))
     count = run.encoders or (max(gpus, 1) if on_gpu else 1)
     if on_gpu:
         # Asking for a GPU also makes an autoscaling cluster with no GPU node yet start one.
         options = dict(num_gpus=1, num_cpus=1)
     else:
-        # On CPU the encoder shares the cores with the reader tasks (one per CPU): it reserves none,
-        # so reading and encoding overlap. Oversubscribed OpenMP threads that spin-wait slow torch
-        # down by 10-50x (measured: 20 ms vs 600 ms per 128-sample chunk on 2 busy cores), hence
-        # few torch threads (a quarter of the node's CPUs) and a passive OpenMP wait policy.
-        options = dict(num_cpus=0, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        # Encoder actors asked for on CPU share the cores with the reader tasks (they reserve none); few
+        # torch threads (a quarter of the node's CPUs): oversubscribed spin-waiting OpenMP threads slow
+        # torch down 10-50x (the job's OMP_WAIT_POLICY is PASSIVE, see ray_session).
+        options = dict(num_cpus=0)
         if encode_cfg.threads is None:
-            from dataclasses import replace
-
             encode_cfg = replace(encode_cfg, threads=max(1, cluster_cpus() // (4 * count)))
     # Restarted when their node dies (spot instances come and go), each call retried on the new one;
     # bounded so that an encoder that cannot start (bad weights, no memory) fails the job, not loops.
-    actor_cls = ray.remote(max_restarts=ENCODER_RESTARTS, max_task_retries=ENCODER_RESTARTS)(EncoderActor)
-    return [actor_cls.options(**options).remote(run.model, encode_cfg, stats) for _ in range(count)]
+    actor_cls = ray.remote(max_restarts=ENCODER_RESTARTS, max_task_retries=ENCODER_RESTARTS)(EncodeStage)
+    return Encoders([actor_cls.options(**options).remote(run.model, encode_cfg, stats) for _ in range(count)])
 
 
-def encoder_info(run: RunConfig, encoders: list) -> dict:
-    """The first encoder's :meth:`EncoderActor.info`, once it has started; raises ValueError when the
+def _local_stage(local: tuple) -> EncodeStage:
+    token, spec, encode_cfg, stats = local
+    if isinstance(stats, ray.ObjectRef):
+        stats = ray.get(stats)
+    return EncodeStage.cached(token, spec, encode_cfg, stats)
+
+
+def _local_info(local: tuple) -> dict:
+    return _local_stage(local).info()
+
+
+def encoder_info(run: RunConfig, encoders: Encoders) -> dict:
+    """The encoders' :meth:`EncodeStage.info`, once one has started; raises ValueError when the
     configuration asks for something this model cannot do (``--decode gpu`` with an unusual preprocess)."""
-    info = ray.get(encoders[0].info.remote())
+    if encoders.actors:
+        info = ray.get(encoders.actors[0].info.remote())
+    else:
+        info = ray.get(ray.remote(num_cpus=1)(_local_info).remote(encoders.local))
     if run.inputs.decode == "gpu" and info["device_decode_unsupported"]:
         raise ValueError(f"--decode gpu: {info['device_decode_unsupported']}; use --decode cpu for this model")
     return info
 
 
 # -- the shard task -----------------------------------------------------------------------------------
-def _shard_task(url, run: RunConfig, encoders: list, transforms, sink):
-    """Read one shard, encode it on the actors, and hand the assembled shard to ``sink.finish``."""
-    preprocess, tokenizer = transforms
+def _shard_task(url, run: RunConfig, encoders: Encoders, transforms, sink):
+    """Read one shard, encode it (on the actors, or here), and hand the assembled shard to ``sink.finish``."""
+    local = _local_stage(encoders.local) if encoders.local else None
+    preprocess, tokenizer = local.transforms() if local else transforms
     preprocessor = Preprocessor(preprocess)
     assembler = ShardAssembler(url)
-    reader = ShardReader(url)
+    reader = open_reader(url, run.inputs)
+    chunks = read_chunks(url, run.inputs, preprocessor, tokenizer, run.chunk_size, reader)
+    if local:
+        for prepared, chunk in chunks:
+            assembler.add(prepared, chunk, local.process(chunk, sink.keep_embeddings))
+        return sink.finish(assembler, reader.damage)
     pending: deque = deque()
-    offset = hash(url) % len(encoders)
-    for i, (prepared, chunk) in enumerate(read_chunks(url, run.inputs, preprocessor, tokenizer,
-                                                      run.chunk_size, reader)):
-        actor = encoders[(offset + i) % len(encoders)]
+    actors = encoders.actors
+    offset = hash(url) % len(actors)
+    for i, (prepared, chunk) in enumerate(chunks):
+        actor = actors[(offset + i) % len(actors)]
         pending.append((prepared, chunk, actor.process.remote(chunk, sink.keep_embeddings)))
         while len(pending) > OUTSTANDING_CHUNKS:
             p, c, ref = pending.popleft()
@@ -239,14 +265,15 @@ class Collector:
         """Shard ``index`` failed every attempt."""
 
 
-def run_shards(run: RunConfig, urls: list, encoders: list, sink, collector: Optional[Collector] = None,
+def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: Optional[Collector] = None,
                skipped: int = 0) -> JobReport:
     """Process ``urls`` with at most ``run.max_in_flight`` shard tasks at once, each handing its assembled
     shard to ``sink``; ``collector`` sees the results in completion order."""
     collector = collector or Collector()
     # The tasks resolve the transforms themselves: the driver never needs torch or open_clip for them.
-    transforms_ref = encoders[0].transforms.remote()
-    ray.wait([transforms_ref])
+    transforms_ref = encoders.actors[0].transforms.remote() if encoders.actors else None
+    if transforms_ref is not None:
+        ray.wait([transforms_ref])
     task = ray.remote(num_cpus=1, max_retries=run.retries, retry_exceptions=True)(_shard_task)
     limit = run.max_in_flight or cluster_cpus()
     queue = deque(enumerate(urls))

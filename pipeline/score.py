@@ -1,15 +1,35 @@
-"""The score job: per-shard Parquet likelihood columns for a corpus, resumable and exactly-once."""
+"""The score job: per-shard Parquet likelihood columns for a corpus, resumable and exactly-once.
+
+Before any work it checks the output folder (:mod:`pipeline.flow.write` describes its layout): it never
+overwrites a file wclip did not write, never mixes scores of two fits or models in one folder, and skips
+exactly the shards whose outputs are complete and were made by the same stats and model.
+"""
 
 from __future__ import annotations
 
+import datetime
 import logging
 
+import pipeline
 from pipeline.config import ScoreConfig
 from pipeline.errors import ConfigError
 from pipeline.flow.read import check_unique_names, shard_name
-from pipeline.flow.write import FAILURES_FILE, ScoreSink, append_failure, completed_names
+from pipeline.flow.write import (
+    EMBEDDING_FILES,
+    STATE_DIR,
+    ScoreSink,
+    append_failure,
+    embeddings_folder,
+    file_sizes,
+    keep_failures_except,
+    markers,
+    run_path,
+    scores_path,
+    state_path,
+)
 from pipeline.models import model_identity
-from pipeline.storage import exists, join, makedirs, remove, remove_stale_temporaries
+from pipeline.storage import exists, join, makedirs, read_json, remove_stale_temporaries, sha256, write_json
+from pipeline.table import read_provenance
 
 log = logging.getLogger("wclip")
 
@@ -17,6 +37,7 @@ log = logging.getLogger("wclip")
 def check_model_matches(stats, run) -> None:
     """Refuse to score with a model or normalisation other than the fit's."""
     meta = stats.metadata
+    refuse_embedding_stats(meta)
     fitted = meta.get("model_identity")
     wanted = model_identity(run.model)
     if fitted is None:
@@ -33,20 +54,111 @@ def check_model_matches(stats, run) -> None:
             f"{'L2-normalised' if run.encode.normalize else 'raw'} ones; drop --normalize/--raw to use the fit's")
 
 
-def score(cfg: ScoreConfig, stats) -> dict:
-    """Run the score job; returns the summary dict (also printed by the CLI)."""
+def refuse_embedding_stats(meta: dict) -> None:
+    """Stats fitted on precomputed embeddings score embeddings only (``wclip score --embeddings``)."""
+    if meta.get("embeddings"):
+        raise ConfigError(f"the stats were fitted on precomputed embeddings ({meta['model_identity']['model']}): score "
+                          f"that kind of embeddings with `wclip score --embeddings PATHS`, or fit on these shards "
+                          f"with `wclip fit --input`")
+
+
+IDENTITY = ("stats_digest", "model", "normalize")  # what must agree for two scores to share a folder
+
+
+def provenance(cfg: ScoreConfig) -> dict:
+    """What makes this run's scores: the stats (by digest), the model identity and the normalisation."""
+    return {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path),
+            "model": model_identity(cfg.run.model), "normalize": cfg.run.encode.normalize,
+            "wclip_version": pipeline.__version__}
+
+
+def _identity(made: dict) -> dict:
+    return {k: made.get(k) for k in IDENTITY}
+
+
+def _describe(made: dict) -> str:
+    model = made.get("model") or {}
+    return (f"stats {str(made.get('stats_digest'))[:12]} ({made.get('stats_path', '?')}), model "
+            f"{model.get('model', '?')} ({model.get('weights', '?')}), "
+            f"{'L2-normalised' if made.get('normalize') else 'raw'} embeddings")
+
+
+def plan_outputs(cfg: ScoreConfig, made: dict) -> list:
+    """The shards to (re)score, after refusing what would overwrite others' files or mix two fits."""
+    urls = list(cfg.run.shards)
+    todo = set(plan_folder(cfg.output, [shard_name(u) for u in urls], made, cfg.overwrite,
+                           need_embeddings=cfg.save_embeddings))
+    return [u for u in urls if shard_name(u) in todo]
+
+
+def plan_folder(out: str, names: list, made: dict, overwrite: bool, need_embeddings: bool = False) -> list:
+    """Of the outputs ``names``, those to (re)make in folder ``out``, after refusing what would overwrite
+    others' files or mix two fits; with ``need_embeddings`` a done output without saved embeddings is redone."""
+    done = markers(out)
+    sizes = file_sizes(out, ".parquet")
+    foreign = sorted(n for n in set(names) if n + ".parquet" in sizes and n not in done
+                     and read_provenance(scores_path(out, n)) is None)
+    if foreign:
+        raise ConfigError(f"--output {out} already holds {len(foreign)} file(s) that wclip did not write and this "
+                          f"run would replace ({', '.join(f + '.parquet' for f in foreign[:3])}; img2dataset's "
+                          f"metadata?); wclip never overwrites them: choose another --output")
+    previous = read_json(run_path(out)) if exists(run_path(out)) else None
+    others = {n for n, m in done.items() if _identity(m.get("provenance") or {}) != _identity(made)}
+    if (previous and _identity(previous) != _identity(made)) or others:
+        old = previous or next(m.get("provenance") or {} for n, m in done.items() if n in others)
+        if not overwrite:
+            raise ConfigError(f"--output {out} holds scores made with {_describe(old)}, but this run uses "
+                              f"{_describe(made)}; one folder never mixes two fits: choose a new --output, or "
+                              f"pass --overwrite to rescore every shard")
+        stray = sorted(others - set(names))
+        if stray:
+            raise ConfigError(f"--overwrite would leave {len(stray)} shard(s) scored with {_describe(old)} in "
+                              f"{out} that this run does not rescore ({', '.join(stray[:3])}); choose a new --output")
+    if overwrite:
+        return list(names)
+    complete = {n for n, m in done.items()
+                if (m.get("parquet") or {}).get("bytes") == sizes.get(n + ".parquet")
+                and (m.get("embeddings") or not need_embeddings)}
+    return [n for n in names if n not in complete]
+
+
+def open_folder(out: str, made: dict, todo: list) -> None:
+    """Record what makes the folder and clear what a killed run left, before the outputs ``todo`` are made."""
+    makedirs(out)
+    write_json(run_path(out), {**_identity(made), "stats_path": made["stats_path"],
+                               "wclip_version": pipeline.__version__, "layout": STATE_DIR,
+                               "updated": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    keep_failures_except(out, set(todo))
+    folders = [out, state_path(out, "shards")] + [join(embeddings_folder(out), sub) for sub, _, _ in
+                                                  EMBEDDING_FILES.values()]
+    for folder in folders:
+        remove_stale_temporaries(folder)
+
+
+def describe_plan(out: str, names: list, todo: list, inputs: str = "shards") -> dict:
+    """What a run would do (``--dry-run``): how many inputs, which are done and skipped, what it writes."""
+    todo_set = set(todo)
+    skipped = [n for n in names if n not in todo_set]
+    return {"dry_run": True, "inputs": len(names), "input_kind": inputs, "to_do": len(todo),
+            "skipped": len(skipped), "skipped_names": skipped[:20], "to_do_names": list(todo)[:20],
+            "writes": [scores_path(out, n) for n in list(todo)[:3]] + (["..."] if len(todo) > 3 else []),
+            "output": out}
+
+
+def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
+    """Run the score job; returns the summary dict (also printed by the CLI). ``dry_run``: only say what
+    it would read, skip and write (no Ray, no model)."""
     from pipeline import runtime
 
     run = cfg.run
     check_unique_names(run.shards)
     check_model_matches(stats, run)
-    done = set() if cfg.overwrite else completed_names(cfg.output)
-    todo = [u for u in run.shards if shard_name(u) not in done]
+    made = provenance(cfg)
+    todo = plan_outputs(cfg, made)
     skipped = len(run.shards) - len(todo)
-    makedirs(cfg.output)
-    if exists(join(cfg.output, FAILURES_FILE)):
-        remove(join(cfg.output, FAILURES_FILE))
-    remove_stale_temporaries(cfg.output)
+    if dry_run:
+        return describe_plan(cfg.output, [shard_name(u) for u in run.shards], [shard_name(u) for u in todo])
+    open_folder(cfg.output, made, [shard_name(u) for u in todo])
     if skipped:
         log.info("resuming: %d of %d shards already done in %s (--overwrite redoes them)",
                  skipped, len(run.shards), cfg.output)
@@ -60,8 +172,10 @@ def score(cfg: ScoreConfig, stats) -> dict:
                 raise ConfigError(f"the {tower} tower gives {info['dims'][tower]}-d embeddings but the stats "
                                   f"were fitted on {ws.dim}-d ones: wrong model or stats file")
         log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
-        report = runtime.run_shards(run, todo, encoders, ScoreSink(cfg.output, cfg.save_embeddings),
-                                    skipped=skipped)
+        sink = ScoreSink(cfg.output, provenance=made, keep_embeddings=cfg.save_embeddings,
+                         dims={t: ws.dim for t, ws in stats.towers.items()})
+        report = runtime.run_shards(run, todo, encoders, sink, skipped=skipped)
     for url, error in report.failed:
-        append_failure(cfg.output, {"shard": url, "error": error, "attempts": run.retries + 1})
+        append_failure(cfg.output, {"shard": url, "name": shard_name(url), "error": error,
+                                    "attempts": run.retries + 1})
     return report.summary()

@@ -75,6 +75,58 @@ def listdir(path) -> list:
     return sorted(join(path, basename(entry)) for entry in fs.ls(p, detail=False))
 
 
+def list_files(folder, suffix: str = "") -> list:
+    """Full paths/URLs of the files (not folders) in a folder whose names end with ``suffix``, sorted by
+    name; empty when the folder does not exist."""
+    fs, p = uncached(folder)
+    if not fs.exists(p):
+        return []
+    return sorted(join(folder, basename(entry["name"])) for entry in fs.ls(p, detail=True)
+                  if entry.get("type") == "file" and basename(entry["name"]).endswith(suffix))
+
+
+def remove_empty_folder(path) -> None:
+    """Remove a local folder wclip made once it is empty; object stores have no folders to remove."""
+    fs, p = uncached(path)
+    if "file" in _protocols(fs) and fs.isdir(p) and not fs.ls(p):
+        fs.rmdir(p)
+
+
+def _protocols(fs) -> tuple:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+@contextlib.contextmanager
+def local_path(path) -> Iterator[str]:
+    """A local file path holding the contents of ``path``: the path itself when it is local, else a
+    temporary copy (removed afterwards) for readers that need a real file."""
+    if not is_url(path):
+        yield str(path)
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="wclip-")
+    local = os.path.join(folder, basename(path) or "download")
+    try:
+        with open_read(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield local
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sha256(path) -> str:
+    """sha256 of a file's bytes, streamed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_read(path) as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_bytes(path) -> bytes:
     fs, p = filesystem(path)
     return fs.cat_file(p)
@@ -114,21 +166,24 @@ def is_temporary(name: str) -> bool:
 def open_atomic(path) -> Iterator:
     """Open ``path`` for writing in binary mode; it appears (by rename) only if the block completes.
 
-    On any error the temporary file is removed and the error propagates.
+    On any error the temporary file is removed and the error propagates; an ``OSError`` (a full disk, a
+    permission) is re-raised naming ``path``, since the operating system's message does not.
     """
     fs, p = filesystem(path)
     parent = posixpath.dirname(p)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, basename(temporary_name(p)))
     try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, "wb") as fh:
             yield fh
         fs.mv(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             if fs.exists(tmp):
                 fs.rm(tmp)
+        if isinstance(exc, OSError) and str(path) not in str(exc):
+            raise OSError(exc.errno, f"{exc.strerror or exc} (writing {path})") from exc
         raise
 
 
@@ -159,13 +214,14 @@ def jsonable(value):
     return value
 
 
-def dumps_json(obj, indent: int = 1) -> bytes:
-    return json.dumps(jsonable(obj), indent=indent, sort_keys=True, allow_nan=False).encode()
+def dumps_json(obj, indent: int = 1, *, sort_keys: bool = True) -> bytes:
+    return json.dumps(jsonable(obj), indent=indent, sort_keys=sort_keys, allow_nan=False).encode()
 
 
-def write_json(path, obj, indent: int = 1) -> None:
-    """Write ``obj`` as JSON, crash-safe (see :func:`jsonable` for non-finite numbers)."""
-    write_atomic(path, dumps_json(obj, indent))
+def write_json(path, obj, indent: int = 1, *, sort_keys: bool = True) -> None:
+    """Write ``obj`` as JSON, crash-safe (see :func:`jsonable` for non-finite numbers); ``sort_keys=False``
+    keeps the dicts' own order (reports meant for people)."""
+    write_atomic(path, dumps_json(obj, indent, sort_keys=sort_keys))
 
 
 def read_json(path):

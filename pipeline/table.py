@@ -1,16 +1,19 @@
 """The scores Parquet contract: schema and columns (DESIGN.md section 3), building a shard's table, and
-reading a scores folder back in bounded-size batches."""
+reading a scores folder (local or any fsspec URL) back in bounded-size batches."""
 
 from __future__ import annotations
 
+import contextlib
 import io
-from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline import storage
 
 SCORE_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue",
                  "text_sqnorm", "text_loglik", "text_pvalue", "clip_score")
@@ -24,38 +27,79 @@ SCHEMA = pa.schema(
 )
 
 BATCH_ROWS = 65_536  # rows per batch when streaming a scores folder
+PROVENANCE_KEY = b"wclip"  # a scores file's metadata key: JSON saying what made it (stats, model, input)
+SCORES_FORMAT = "wclip-scores/2"
 
 
-def list_score_files(directory) -> list[Path]:
-    """The finished score files under ``directory``, sorted by name (temporary files skipped)."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise FileNotFoundError(f"scores directory {str(root)!r} does not exist")
-    return sorted(p for p in root.glob("*.parquet")
-                  if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp"))
+def read_provenance(path):
+    """What made a scores file (the JSON under :data:`PROVENANCE_KEY`), or None when wclip did not write
+    it (or wrote it before provenance was recorded)."""
+    try:
+        metadata = file_schema(path).metadata or {}
+    except Exception:
+        return None
+    return provenance_from(metadata)
 
 
-def file_columns(path) -> list[str]:
-    """Column names of one Parquet file."""
-    return list(pq.ParquetFile(path).schema_arrow.names)
+def provenance_from(metadata) -> Optional[dict]:
+    """:func:`read_provenance` of a file whose schema metadata is ``metadata``."""
+    import json
+
+    raw = (metadata or {}).get(PROVENANCE_KEY)
+    if raw == b"scores/1":  # written by wclip before provenance was recorded
+        return {"format": "wclip-scores/1"}
+    try:
+        made = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return made if isinstance(made, dict) else None
+
+
+def list_score_files(directory) -> list[str]:
+    """The finished score files in ``directory`` (a local folder or URL), sorted by name (temporary files
+    skipped)."""
+    if not storage.is_dir(directory):
+        raise FileNotFoundError(f"scores directory {str(directory)!r} does not exist")
+    return [f for f in storage.list_files(directory, ".parquet")
+            if not storage.basename(f).startswith(".") and not f.endswith(".tmp")]
+
+
+def parquet_file(path) -> pq.ParquetFile:
+    """One Parquet file, local or at a URL, opened for reading (use it as a context manager)."""
+    if storage.is_url(path):
+        fs, inner = storage.filesystem(path)
+        return pq.ParquetFile(inner, filesystem=fs)
+    return pq.ParquetFile(path)
+
+
+def file_schema(path) -> pa.Schema:
+    """The Arrow schema of one Parquet file."""
+    with parquet_file(path) as pf:
+        return pf.schema_arrow
+
+
+def read_columns(path, columns) -> pa.Table:
+    """``columns`` of one Parquet file as a table."""
+    with parquet_file(path) as pf:
+        return pf.read(columns=list(columns))
 
 
 def iter_batches(path, columns, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """Record batches of ``columns`` from one file; a column the file lacks comes back all null."""
-    pf = pq.ParquetFile(path)
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=present or None):
-        if len(present) == len(columns):
-            yield batch.select(list(columns))
-            continue
-        arrays = []
-        for name in columns:
-            if name in present:
-                arrays.append(batch.column(name))
-            else:
-                kind = pa.float32() if name in SCORE_COLUMNS else pa.string()
-                arrays.append(pa.nulls(batch.num_rows, kind))
-        yield pa.RecordBatch.from_arrays(arrays, names=list(columns))
+    with parquet_file(path) as pf:
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=present or None):
+            if len(present) == len(columns):
+                yield batch.select(list(columns))
+                continue
+            arrays = []
+            for name in columns:
+                if name in present:
+                    arrays.append(batch.column(name))
+                else:
+                    kind = pa.float32() if name in SCORE_COLUMNS else pa.string()
+                    arrays.append(pa.nulls(batch.num_rows, kind))
+            yield pa.RecordBatch.from_arrays(arrays, names=list(columns))
 
 
 def float_values(batch: pa.RecordBatch, name: str) -> np.ndarray:
@@ -83,6 +127,85 @@ def build_table(rows: list, scores: dict) -> pa.Table:
 
 
 def table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    """The table as Parquet bytes. An empty table gets no row group at all: a 0-row row group makes
+    Hugging Face ``datasets`` fail ("BatchSize must be greater than 0")."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
+    if table.num_rows == 0:
+        pq.ParquetWriter(sink, table.schema, compression=compression).close()
+    else:
+        pq.write_table(table, sink, compression=compression)
     return sink.getvalue()
+
+
+# -- checking a scores folder before any work ------------------------------------------------------------
+IDENTITY = ("stats_digest", "model", "normalize")  # what the files of one scores folder must share
+
+
+class UnreadableScores(ValueError):
+    """A score file that cannot be read as Parquet (truncated, garbage bytes); the message names it."""
+
+
+@contextlib.contextmanager
+def named_errors(path):
+    """Turn a failure to read ``path`` as Parquet into :class:`UnreadableScores`, one line naming the file."""
+    try:
+        yield
+    except (UnreadableScores, FileNotFoundError):
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnreadableScores(f"cannot read {path} as Parquet ({reason}); if `wclip score` wrote it, rerun that "
+                               f"command to redo its shard, else move it out of the scores folder") from exc
+
+
+def describe_provenance(made: dict) -> str:
+    """One line saying what made a scores file: stats digest and path, model and weights."""
+    model = made.get("model") or {}
+    if not isinstance(model, dict):
+        model = {"model": model}
+    return (f"stats {str(made.get('stats_digest'))[:12]} ({made.get('stats_path', '?')}), model "
+            f"{model.get('model', '?')} ({model.get('weights', '?')})")
+
+
+@dataclass
+class ScoresCheck:
+    """What :func:`check_scores` found: rows, the provenance the files share, the files that record none."""
+
+    files: int = 0
+    rows: int = 0
+    provenance: Optional[dict] = None   # what made the files that record it (all agree)
+    example: Optional[str] = None       # one file made by it
+    unrecorded: list = field(default_factory=list)  # files that record no provenance
+
+    def warnings(self) -> list:
+        if not self.unrecorded:
+            return []
+        shown = ", ".join(storage.basename(f) for f in self.unrecorded[:3])
+        more = f" and {len(self.unrecorded) - 3} more" if len(self.unrecorded) > 3 else ""
+        if self.provenance is None:
+            return [f"no score file records what made it ({shown}{more}: written by an older wclip or another "
+                    f"tool), so the stats and model behind them could not be checked"]
+        return [f"{len(self.unrecorded)} of {self.files} score files record no provenance ({shown}{more}: "
+                f"written by an older wclip or another tool); they could not be checked against the others"]
+
+
+def check_scores(files) -> ScoresCheck:
+    """Read every score file's footer: refuse a file that is not readable Parquet (naming it) and files
+    made by different fits or models (naming both); count the rows."""
+    from pipeline.errors import ConfigError
+
+    check = ScoresCheck(files=len(files))
+    for path in files:
+        with named_errors(path), parquet_file(path) as pf:
+            check.rows += pf.metadata.num_rows
+            made = provenance_from(pf.schema_arrow.metadata)
+        if not made or not made.get("stats_digest"):
+            check.unrecorded.append(path)
+        elif check.provenance is None:
+            check.provenance, check.example = made, path
+        elif any(made.get(k) != check.provenance.get(k) for k in IDENTITY):
+            raise ConfigError(
+                f"the score files were made by different fits or models: {check.example} by "
+                f"{describe_provenance(check.provenance)}, but {path} by {describe_provenance(made)}; one run "
+                f"reads one fit's scores: put each fit's files in a folder of their own")
+    return check

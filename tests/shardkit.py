@@ -70,8 +70,8 @@ def tiny_run(urls, chunk_size: int = 16, **kw):
     from pipeline.models import ModelSpec
 
     kw.setdefault("progress", False)
-    return RunConfig(shards=tuple(urls), model=ModelSpec("wclip-tiny", random_init=True, seed=0),
-                     chunk_size=chunk_size, **kw)
+    kw.setdefault("model", ModelSpec("wclip-tiny", random_init=True, seed=0))
+    return RunConfig(shards=tuple(urls), chunk_size=chunk_size, **kw)
 
 #: PYTHONPATH for scenario scripts a test runs in a subprocess: the checkout (jobs/) and tests/ (shardkit).
 SCRIPT_PATH = os.pathsep.join(str(p) for p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent))
@@ -83,3 +83,13 @@ def png_bomb(width=100_000, height=100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def marker(scores_dir, name: str) -> dict:
+    """The completion marker of shard ``name`` in a local scores folder."""
+    return json.loads((Path(scores_dir) / ".wclip" / "shards" / f"{name}.json").read_text())
+
+
+def marker_files(scores_dir) -> list:
+    """The completion markers present in a local scores folder."""
+    return sorted((Path(scores_dir) / ".wclip" / "shards").glob("*.json"))

@@ -1,11 +1,10 @@
 """End to end on real Ray, real tar shards, real Parquet and a tiny random-init open_clip model."""
 
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, tiny_run
+from shardkit import clean_shards, marker, tiny_run
 
 from pipeline.config import FitConfig, RunConfig, ScoreConfig
 from pipeline.fit import fit
@@ -63,8 +62,8 @@ def test_score_rows_match_direct_encoding(fitted, tmp_path):
     assert [r["index"] for r in rows] == list(range(40))
     assert all(r["status"] == "ok" and r["error"] is None for r in rows)
     assert rows[3]["uid"] == f"{3:032x}" and rows[3]["url"] == "http://example.com/3.jpg"
-    marker = json.loads((out / "00000.stats.json").read_text())
-    assert marker["rows"] == 40 and marker["status_counts"] == {"ok": 40}
+    record = marker(out, "00000")
+    assert record["rows"] == 40 and record["status_counts"] == {"ok": 40}
 
     # Independent reference: open_clip's own preprocess on PIL images, encode_*, WhiteningStats in float64.
     model, preprocess, tokenizer = pipeline.load_clip("wclip-tiny", random_init=True)

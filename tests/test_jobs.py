@@ -249,7 +249,7 @@ def local_head():
 
 
 def test_ray_job_submit_runs_fit_then_score(local_head, tmp_path):
-    from shardkit import clean_shards
+    from shardkit import clean_shards, marker
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -279,5 +279,5 @@ def test_ray_job_submit_runs_fit_then_score(local_head, tmp_path):
         assert table.num_rows == 24
         assert table.column("status").to_pylist() == ["ok"] * 24
         assert np.isfinite(table.column("image_loglik").to_numpy()).all()
-        marker = json.loads((scores / f"{name}.stats.json").read_text())
-        assert marker["rows"] == 24
+        record = marker(scores, name)
+        assert record["rows"] == 24

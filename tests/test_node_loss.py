@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import SCRIPT_PATH
+from shardkit import SCRIPT_PATH, marker, marker_files
 
 SHARDS, PER_SHARD = 12, 32
 FLOAT_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
@@ -78,16 +78,16 @@ def test_scores_equal_a_clean_run_row_for_row(node_loss_run):
         for col in FLOAT_COLUMNS:
             np.testing.assert_allclose(b.column(col).to_numpy(), a.column(col).to_numpy(),
                                        rtol=1e-6, atol=1e-6, err_msg=f"{name} {col}")
-        marker = json.loads((lost / f"{name}.stats.json").read_text())
-        assert marker["rows"] == PER_SHARD and marker["status_counts"] == {"ok": PER_SHARD}
+        record = marker(lost, name)
+        assert record["rows"] == PER_SHARD and record["status_counts"] == {"ok": PER_SHARD}
 
 
 def test_each_shard_has_exactly_one_output_and_marker(node_loss_run):
     work, _ = node_loss_run
     lost = work / "lost"
     visible = sorted(p.name for p in lost.iterdir() if not p.name.startswith("."))
-    expected = sorted([f"{s:05d}.parquet" for s in range(SHARDS)] + [f"{s:05d}.stats.json" for s in range(SHARDS)])
-    assert visible == expected
+    assert visible == sorted(f"{s:05d}.parquet" for s in range(SHARDS))
+    assert [p.stem for p in marker_files(lost)] == [f"{s:05d}" for s in range(SHARDS)]
     keys = [k for s in range(SHARDS) for k in pq.read_table(lost / f"{s:05d}.parquet").column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == SHARDS * PER_SHARD
 
@@ -120,8 +120,9 @@ def _scenario(work: Path) -> None:
         shards = work / "shards"
         shards.mkdir()
         urls = clean_shards(shards, shards=SHARDS, per_shard=PER_SHARD)
+        # one encoder actor, as on GPU nodes (CPU-only runs encode in the reader tasks): its node can be lost too
         run = RunConfig(shards=tuple(urls), model=ModelSpec("wclip-tiny", random_init=True, seed=0),
-                        chunk_size=8, progress=False, retries=2)
+                        chunk_size=8, progress=False, retries=2, encoders=1)
         stats_path = str(work / "stats.safetensors")
         fit(FitConfig(run=run, output=stats_path, components=8, holdout=0.2))
         stats = StatsFile.load(stats_path)
@@ -142,7 +143,7 @@ def _scenario(work: Path) -> None:
         kill = None
         deadline = time.time() + 180
         while thread.is_alive() and time.time() < deadline:
-            markers = len(list(lost_dir.glob("*.stats.json"))) if lost_dir.exists() else 0
+            markers = len(marker_files(lost_dir)) if lost_dir.exists() else 0
             cpus_free = available_resources_per_node().get(worker_id, {}).get("CPU", 0.0)
             # at least one of the worker's two CPUs busy with a shard task (both, on a loaded
             # machine, may never be seen between two polls before the short run ends)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, image_bytes, png_bomb, sample, tiny_run, write_shard
+from shardkit import clean_shards, image_bytes, marker, marker_files, png_bomb, sample, tiny_run, write_shard
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.fit import fit
@@ -68,8 +68,8 @@ def test_every_sample_read_yields_exactly_one_row(tmp_path, stats_path):
     assert all(by[k]["clip_score"] is not None for k in (0, 6, 8, 9, 10))
     assert by[1]["clip_score"] is None
     assert summary["status_counts"] == {"decode": 5, "missing": 2, "ok": 4}
-    marker = json.loads((out / "00000.stats.json").read_text())
-    assert marker["rows"] == 11 and marker["status_counts"] == summary["status_counts"]
+    record = marker(out, "00000")
+    assert record["rows"] == 11 and record["status_counts"] == summary["status_counts"]
 
 
 def test_truncated_tar_keeps_rows_and_records_damage(tmp_path, stats_path):
@@ -84,8 +84,8 @@ def test_truncated_tar_keeps_rows_and_records_damage(tmp_path, stats_path):
     assert all(r["status"] == "ok" for r in rows[:-1])
     assert rows[-1]["status"] == "read" and "truncated" in rows[-1]["error"]
     assert summary["damaged"] and summary["damaged"][0][0] == url
-    marker = json.loads((out / "00001.stats.json").read_text())
-    assert marker["damage"]
+    record = marker(out, "00001")
+    assert record["damage"]
 
 
 def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path):
@@ -100,7 +100,7 @@ def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path):
     failed = {f["shard"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {missing, str(junk)}
     assert "No such file" in failed[missing] and "not a readable tar" in failed[str(junk)]
-    records = [json.loads(line) for line in (out / "_failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / ".wclip" / "failures.jsonl").read_text().splitlines()]
     assert {r["shard"] for r in records} == {missing, str(junk)} and all(r["attempts"] == 2 for r in records)
     assert not (out / "00007.parquet").exists() and (out / "00000.parquet").exists()
 
@@ -128,11 +128,11 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, stats_path):
 
     proc = _cli(common + ["--output", str(crashed)])
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(crashed.glob("*.stats.json"))) < 2:
+    while time.time() < deadline and len(marker_files(crashed)) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(crashed.glob("*.stats.json")))
+    done_before = len(marker_files(crashed))
     assert 2 <= done_before < 6, "the kill should land mid-run"
 
     proc = _cli(common + ["--output", str(crashed)])
@@ -151,15 +151,16 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, stats_path):
 
 
 def test_saved_embeddings_are_row_aligned(tmp_path, stats_path):
-    from safetensors.numpy import load_file
-
     url = write_shard(tmp_path / "00000.tar", bad_samples())
     out = tmp_path / "scores"
     stats = StatsFile.load(stats_path)
     score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out), save_embeddings=True), stats)
     table = pq.read_table(out / "00000.parquet")
-    emb = load_file(str(out / "00000.embeddings.safetensors"))
-    assert set(emb) == {"image", "text"}
+    folder = out / ".wclip" / "embeddings"  # clip-retrieval's layout, N = the shard's name
+    emb = {"image": np.load(folder / "img_emb" / "img_emb_00000.npy"),
+           "text": np.load(folder / "text_emb" / "text_emb_00000.npy")}
+    assert pq.read_table(folder / "metadata" / "metadata_00000.parquet")["key"].to_pylist() == \
+        table["key"].to_pylist()
     for tower in ("image", "text"):
         assert emb[tower].shape == (table.num_rows, 32)
         sq = table[f"{tower}_sqnorm"].to_numpy(zero_copy_only=False)

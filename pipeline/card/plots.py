@@ -1,17 +1,18 @@
-"""PNG plots of a dataset card (matplotlib, Agg canvas, imported lazily) and thumbnails read from
-the shards."""
+"""PNG plots of a dataset card (matplotlib, Agg canvas, imported lazily), written to a local folder or
+URL, and thumbnails read from the shards."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import textwrap
-from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline._imports import require
+from pipeline.config import IMAGE_EXTS, MAX_IMAGE_PIXELS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 THUMB = 160
 
 
@@ -22,14 +23,13 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _save(fig, out: Path, name: str) -> str:
-    tmp = out / f".{name}.tmp"
-    fig.savefig(tmp, format="png")
-    tmp.replace(out / name)
+def _save(fig, out: str, name: str) -> str:
+    with storage.open_atomic(storage.join(out, name)) as fh:
+        fig.savefig(fh, format="png")
     return name
 
 
-def loglik_histograms(out: Path, histograms: dict) -> str | None:
+def loglik_histograms(out: str, histograms: dict) -> str | None:
     panels = [c for c in ("image_loglik", "text_loglik") if c in histograms]
     if not panels:
         return None
@@ -44,7 +44,7 @@ def loglik_histograms(out: Path, histograms: dict) -> str | None:
     return _save(fig, out, "loglik_hist.png")
 
 
-def qq_plot(out: Path, towers: dict) -> tuple[str | None, list]:
+def qq_plot(out: str, towers: dict) -> tuple[str | None, list]:
     """Held-out sqnorm quantiles against chi2(m) quantiles, one panel per tower."""
     from scipy import stats
 
@@ -70,7 +70,7 @@ def qq_plot(out: Path, towers: dict) -> tuple[str | None, list]:
     return _save(fig, out, "qq_heldout.png"), notes
 
 
-def spectrum(out: Path, towers: dict) -> str:
+def spectrum(out: str, towers: dict) -> str:
     fig = _figure(5.5, 3.8)
     ax = fig.subplots()
     for name, ws in towers.items():
@@ -84,7 +84,7 @@ def spectrum(out: Path, towers: dict) -> str:
     return _save(fig, out, "spectrum.png")
 
 
-def density(out: Path, hist2d) -> str | None:
+def density(out: str, hist2d) -> str | None:
     if hist2d is None or not hist2d.counts.any():
         return None
     fig = _figure(5.5, 4.2)
@@ -99,7 +99,7 @@ def density(out: Path, hist2d) -> str | None:
     return _save(fig, out, "clipscore_vs_loglik.png")
 
 
-def strip(out: Path, name: str, title: str, rows: list, thumbs: list) -> str | None:
+def strip(out: str, name: str, title: str, rows: list, thumbs: list) -> str | None:
     if not rows:
         return None
     fig = _figure(1.9 * len(rows), 3.3)
@@ -112,8 +112,9 @@ def strip(out: Path, name: str, title: str, rows: list, thumbs: list) -> str | N
             ax.imshow(np.full((THUMB * 3 // 4, THUMB, 3), 215, np.uint8))
             ax.text(0.5, 0.5, "image\nunavailable", ha="center", va="center", transform=ax.transAxes)
         caption = textwrap.shorten(str(row.get("caption") or ""), 70, placeholder="...")
-        ax.set_xlabel("\n".join(textwrap.wrap(caption, 22)[:3]) + f"\n{value:.1f}", fontsize=7)
-    fig.suptitle(title)
+        # captions are data, drawn as they are: "$5 and $10" is not mathtext
+        ax.set_xlabel("\n".join(textwrap.wrap(caption, 22)[:3]) + f"\n{value:.1f}", fontsize=7, parse_math=False)
+    fig.suptitle(title, parse_math=False)
     return _save(fig, out, name)
 
 
@@ -148,18 +149,16 @@ def thumbnails(rows: list, inputs=()) -> tuple[list, list]:
 
 
 def _find_images(url: str, keys: set):
-    import tarfile
+    """``(key, image bytes)`` for the first image member of each wanted key, until all are found."""
+    from pipeline.flow.read import iter_members
 
-    from pipeline.flow.read import open_shard, split_member
-
-    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
+    with contextlib.closing(iter_members(url)) as members:
+        for member in members:
             if not keys:
                 return
-            key, ext = split_member(info.name)
-            if info.isfile() and key in keys and ext in IMAGE_EXTS:
-                keys.discard(key)
-                yield key, tar.extractfile(info).read()
+            if member.key in keys and member.ext in IMAGE_EXTS:
+                keys.discard(member.key)
+                yield member.key, member.read()
 
 
 def _thumbnail(data: bytes):
@@ -167,6 +166,8 @@ def _thumbnail(data: bytes):
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:   # a decompression bomb: no thumbnail
+                return None
             img.draft("RGB", (THUMB * 2, THUMB * 2))
             img = img.convert("RGB")
             img.thumbnail((THUMB, THUMB))
@@ -175,7 +176,7 @@ def _thumbnail(data: bytes):
         return None
 
 
-def draw_all(out: Path, sf, corpus, card: dict, cfg) -> tuple[dict, list]:
+def draw_all(out: str, sf, corpus, cfg) -> tuple[dict, list]:
     """Every plot of the card; returns ``({plot: file name}, notes)``."""
     plots, notes = {}, []
     plots["loglik_histograms"] = loglik_histograms(out, corpus.histograms)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import yaml
 
+from pipeline.card.hub import DEFAULT_LICENSE, data_section, header_fields
+
 CITATION = ('Betser, Levi, Gilboa, "Whitened CLIP as a Likelihood Surrogate of Images and '
             'Captions", ICML 2025, arXiv:2505.06934')
 
@@ -50,12 +52,15 @@ def _pct(a, b) -> str:
 
 def yaml_header(card: dict) -> str:
     meta = card["provenance"]["metadata"]
+    hub = card.get("hub") or {"license": DEFAULT_LICENSE, "data_files": "*.parquet"}
+    fields = header_fields(hub)
     header = {
-        "license": "other",
+        "license": fields["license"],
         "task_categories": ["image-to-text", "text-to-image", "zero-shot-image-classification"],
         "tags": ["wclip", "whitened-clip", "clip", "likelihood", "data-curation"],
         "size_categories": [size_category(card["rows"])],
         "pretty_name": f"Whitened CLIP scores ({meta.get('model', 'unknown model')})",
+        "configs": fields["configs"],
     }
     return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n"
 
@@ -68,9 +73,12 @@ def render_readme(card: dict) -> str:
            f"{rows:,} rows in {card['score_files']} score files (`{card['scores']}`), scored with "
            f"the statistics in `{card['stats']}`. Numbers for machines: `card.json`.", ""]
 
+    if card.get("hub"):
+        out += ["## Data files", ""] + data_section(card["hub"])
+
     out += ["## Provenance", ""]
-    weights = (meta.get("model_identity") or {}).get("weights") or meta.get("pretrained") or (f"checkpoint sha256 {meta['checkpoint_sha256']}"
-                                         if meta.get("checkpoint_sha256") else None)
+    checkpoint = f"checkpoint sha256 {meta['checkpoint_sha256']}" if meta.get("checkpoint_sha256") else None
+    weights = (meta.get("model_identity") or {}).get("weights") or meta.get("pretrained") or checkpoint
     out += _table(["item", "value"], [
         ["model", meta.get("model")], ["weights", weights],
         ["embeddings", None if meta.get("normalize") is None else
@@ -144,6 +152,9 @@ def _filter_lines(f) -> list:
                       _pct(c["passed"], f["eligible"])] for c in f.get("conditions") or []])
     if f.get("shards"):
         s = f["shards"]
+        lost = s.get("unreadable_count") or 0
         lines += [f"New shards: {_fmt(s['shards'])} tars of {_fmt(s['samples_per_shard'])} samples "
-                  f"({_fmt(s['samples'])} samples).", ""]
+                  f"({_fmt(s['samples'])} samples"
+                  + (f"; {_fmt(lost)} could not be read from their input shards and are not in the tars" if lost
+                     else "") + ").", ""]
     return lines

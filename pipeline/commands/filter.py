@@ -18,8 +18,15 @@ conditions (all must hold; repeat each flag as needed):
   eligible unless --include-failed; a missing value fails a condition.
 
 outputs in OUTPUT/: kept/*.parquet (kept rows, one file per score file), uids.npy (sorted
-DataComp uids, dtype u8,u8), filter.json (conditions, thresholds, counts), and with --input
-shards/*.tar (exact member bytes, --samples-per-shard per tar; rerun to resume).
+DataComp uids, dtype u8,u8; needs a uid per row, which img2dataset records only with
+--save_additional_columns '["uid"]'), filter.json (conditions, thresholds, counts), and with --input
+shards/ in img2dataset's layout: NNNNN.tar (exact member bytes, --samples-per-shard kept rows per
+tar), NNNNN.parquet (a row per kept sample: url, caption, uid, key, status, error_message, ...,
+the scores) and NNNNN_stats.json (count, successes, failed_to_download, ...; written last). Rerun
+the same command to resume. A kept sample that cannot be read (truncated or changed input shard)
+is not copied; its row says why (status failed_to_download) and filter.json lists it. When a key
+occurs twice in an input shard, the copy at the scored position (the scores' `index`) is the one
+copied. The scores must come from one fit and model (checked).
 
 example:
   wclip filter --scores scores/ --output keep30/ --keep-fraction clip_score=0.3 \\
@@ -28,15 +35,13 @@ example:
 
 
 def add_arguments(p):
-    import argparse
+    from pipeline.commands import DescribedHelpFormatter
 
-    class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    p.formatter_class = _Formatter
+    p.formatter_class = DescribedHelpFormatter
     p.epilog = EPILOG
-    p.add_argument("--scores", required=True, help="folder of score files from `wclip score`")
-    p.add_argument("--output", required=True, help="output folder (local)")
+    p.add_argument("--scores", required=True,
+                   help="folder of score files from `wclip score` (local or fsspec URL: s3://, gs://, ...)")
+    p.add_argument("--output", required=True, help="output folder (local or fsspec URL)")
     g = p.add_argument_group("conditions")
     g.add_argument("--min", action="append", default=[], metavar="COLUMN=V", help="keep COLUMN >= V")
     g.add_argument("--max", action="append", default=[], metavar="COLUMN=V", help="keep COLUMN <= V")
@@ -51,6 +56,9 @@ def add_arguments(p):
     o.add_argument("--samples-per-task", type=int,
                    help="kept samples copied per Ray task (default: 4 output shards' worth)")
     o.add_argument("--no-uids", action="store_true", help="do not write uids.npy")
+    o.add_argument("--dry-run", action="store_true",
+                   help="check the flags and the scores, print what would be read and written; write nothing, "
+                        "start no Ray")
     r = p.add_argument_group("execution")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     r.add_argument("--num-cpus", type=int, help="local Ray: CPUs to use")
@@ -64,7 +72,8 @@ def run(args):
     import sys
 
     from pipeline.config import FilterConfig, RayOptions
-    from pipeline.curate.filter import Condition, format_report, run_filter
+    from pipeline.curate.filter import Condition, dry_run, run_filter
+    from pipeline.curate.report import format_plan, format_report
     from pipeline.errors import UserError
 
     try:
@@ -84,10 +93,42 @@ def run(args):
             uids=not args.no_uids, ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
             max_in_flight=args.max_in_flight, retries=args.retries,
             progress=False if args.no_progress else None)
-        report = run_filter(cfg)
+        if args.dry_run:
+            plan = dry_run(cfg)
+            print(format_plan(plan), file=sys.stderr)
+            print(json.dumps(plan))
+            return 0
+        with _RayMapper(cfg.ray) as mapper:
+            report = run_filter(cfg, mapper=mapper)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
     print(format_report(report), file=sys.stderr)
     print(json.dumps(report))
     shards = report.get("shards") or {}
     return 1 if shards.get("failed") else 0
+
+
+class _RayMapper:
+    """:func:`pipeline.runtime.map_tasks` in a Ray session opened on first use (a resumed run with nothing
+    left to copy never starts Ray) and closed with this context."""
+
+    def __init__(self, options):
+        import contextlib
+
+        self.options = options
+        self._stack = contextlib.ExitStack()
+        self._started = False
+
+    def __call__(self, fn, items, **kwargs):
+        from pipeline import runtime
+
+        if not self._started:
+            self._stack.enter_context(runtime.ray_session(self.options))
+            self._started = True
+        return runtime.map_tasks(fn, items, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)

@@ -1,8 +1,8 @@
-"""`wclip fit`: whitening statistics of a reference corpus."""
+"""`wclip fit`: whitening statistics of a reference corpus (tar shards, or precomputed embeddings)."""
 
 from pipeline.commands import _common
 
-HELP = "fit whitening statistics (mean, whitening matrix, calibration) on reference shards"
+HELP = "fit whitening statistics (mean, whitening matrix, calibration) on reference shards or embeddings"
 
 
 def _components(value: str):
@@ -13,14 +13,20 @@ def _components(value: str):
 
 def add_arguments(p):
     _common.add_input_arguments(p)
+    _common.add_embedding_arguments(p)
     p.add_argument("--output", required=True, help="stats file to write (.safetensors)")
     _common.add_model_arguments(p, required=True)
+    _common.not_required(p, "model")  # --embeddings needs no model
     g = p.add_argument_group("fit")
     g.add_argument("--components", type=_components, default="auto",
                    help="kept components m: an integer, 'all', or 'auto' (held-out sqnorm/m close to 1)")
     g.add_argument("--shrinkage", type=float, default=0.0, help="covariance shrinkage a: S + a*trace(S)/d*I")
     g.add_argument("--holdout", type=float, default=0.1, help="fraction held out (by key hash) for calibration")
-    g.add_argument("--max-samples", type=int, help="cap on reference samples (first shards first)")
+    g.add_argument("--max-samples", type=int,
+                   help="cap on reference samples (first shards first; with --embeddings: the first rows read)")
+    g.add_argument("--max-heldout", type=int, default=50_000,
+                   help="--embeddings: held-out rows kept for calibration (those with the smallest key hashes), "
+                        "so memory stays bounded whatever the corpus size")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     norm = g.add_mutually_exclusive_group()
     norm.add_argument("--normalize", action="store_true", help="L2-normalise embeddings before fitting")
@@ -29,19 +35,49 @@ def add_arguments(p):
 
 
 def run(args):
-    from pipeline.config import FitConfig
     from pipeline.errors import UserError
-    from pipeline.fit import fit
 
     if "://" in args.output:
         raise UserError(f"--output {args.output}: `wclip fit` writes the stats file locally; give a local path "
                         f"and copy it, or run `python -m jobs.fit`, which uploads it")
-    spec = _common.model_spec(args)
+    embeddings = _common.uses_embeddings(args, needs=("--model",))
     try:
-        cfg = FitConfig(run=_common.run_config(args, spec, normalize=args.normalize), output=args.output,
-                        components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
-                        max_samples=args.max_samples, seed=args.seed)
-        summary = fit(cfg)
+        summary = _fit_embeddings(args) if embeddings else _fit_shards(args)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    if summary.get("dry_run"):
+        return _common.print_plan(f"fit -> {args.output}", summary)
     return _common.print_summary(f"fit -> {args.output}", summary)
+
+
+def _fit_shards(args) -> dict:
+    from pipeline.config import FitConfig
+    from pipeline.fit import fit
+
+    spec = _common.model_spec(args)
+    cfg = FitConfig(run=_common.run_config(args, spec, normalize=args.normalize), output=args.output,
+                    components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
+                    max_samples=args.max_samples, seed=args.seed)
+    if args.dry_run:
+        from pipeline.storage import exists
+
+        return {"dry_run": True, "inputs": len(cfg.run.shards), "input_kind": "shards", "to_do": len(cfg.run.shards),
+                "output": args.output, "replaces": exists(args.output), "model": spec.name}
+    return fit(cfg)
+
+
+def _fit_embeddings(args) -> dict:
+    from pipeline.config import EmbeddingFitConfig
+    from pipeline.embedded import fit_embeddings
+    from pipeline.errors import UserError
+
+    given = [f for f, v in (("--model", args.model), ("--pretrained", args.pretrained),
+                            ("--checkpoint", args.checkpoint), ("--random-init", args.random_init),
+                            ("--normalize", args.normalize), ("--raw", args.raw)) if v]
+    if given:
+        raise UserError(f"{given[0]} does not apply to --embeddings: precomputed embeddings are fitted as they are, "
+                        f"with no model (the stats record whether they are L2-normalised)")
+    cfg = EmbeddingFitConfig(run=_common.embedding_run_config(args), output=args.output,
+                             components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
+                             max_samples=args.max_samples, max_heldout=args.max_heldout, seed=args.seed)
+    return fit_embeddings(cfg, dry_run=args.dry_run)

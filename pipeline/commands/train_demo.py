@@ -36,9 +36,13 @@ def add_arguments(parser):
     parser.add_argument("--shape-negatives", action=argparse.BooleanOptionalAction, default=True,
                         help="add a shape-swapped hard-negative caption per pair (on in the shipped model)")
     parser.add_argument("--twins", type=float, default=0.0,
-                        help="share of each batch made of minimal pairs differing only in shape (0 in the shipped model)")
+                        help="share of each batch made of minimal pairs differing only in shape "
+                             "(0 in the shipped model)")
     parser.add_argument("--eval-samples", type=int, default=4000,
                         help="reference and target pairs for the held-out test evaluation (0 skips it)")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="no training: evaluate the weights at --output again (--eval-samples, --threads) and "
+                             "rewrite the evaluation in the .train.json beside them")
 
 
 def run(args):
@@ -47,6 +51,8 @@ def run(args):
     from pipeline.demo.train import WARM_START_STEPS, main
     from pipeline.errors import UserError
 
+    if args.evaluate_only:
+        return _evaluate_only(args)
     if args.steps < 1 or args.batch_size < 2 or args.threads < 1 or min(args.eval_samples, args.select_every) < 0:
         raise UserError(f"need --steps >= 1, --batch-size >= 2, --threads >= 1, --eval-samples >= 0, "
                         f"--select-every >= 0 (got {args.steps}, {args.batch_size}, {args.threads}, "
@@ -76,4 +82,23 @@ def run(args):
           f"final loss {record['final_loss']}")
     if "eval" in record:
         print(json.dumps(record["eval"], indent=2))
+    return 0
+
+
+def _evaluate_only(args):
+    import json
+    from pathlib import Path
+
+    from pipeline.demo.train import record_path, reevaluate
+    from pipeline.errors import UserError
+
+    if args.eval_samples < 100 or args.threads < 1:
+        raise UserError(f"--evaluate-only needs --eval-samples >= 100 and --threads >= 1 "
+                        f"(got {args.eval_samples}, {args.threads})")
+    for path in (Path(args.output), record_path(args.output)):
+        if not path.is_file():
+            raise UserError(f"--evaluate-only: {path} does not exist; train first with `wclip train-demo`")
+    record = reevaluate(args.output, eval_samples=args.eval_samples, threads=args.threads)
+    print(json.dumps(record["eval"], indent=2))
+    print(f"rewrote the evaluation in {record_path(args.output)}")
     return 0

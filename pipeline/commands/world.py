@@ -18,7 +18,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from pipeline.demo.world import ANOMALY_KINDS, generate_world
+    from pipeline.demo.shards import generate_world
+    from pipeline.demo.world import ANOMALY_KINDS
     from pipeline.errors import UserError
 
     kinds = None

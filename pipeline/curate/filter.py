@@ -12,6 +12,9 @@ Semantics (also in ``wclip filter --help``):
   keeps at least ``k`` rows (more only on ties).
 - A kept row is eligible and passes every condition; a missing or non-finite value fails.
 
+Refused before any work: a score file that is not readable Parquet, score files made by different fits
+or models (:func:`pipeline.table.check_scores`), and ``--input`` shards none of which was scored.
+
 Memory: thresholds come from :class:`pipeline.curate.select.RadixSelect` (exact, a few streaming
 passes); rows are streamed in Parquet batches; uids are spilled in sorted runs.
 """
@@ -19,20 +22,29 @@ passes); rows are streamed in Parquet batches; uids are spilled in sorted runs.
 from __future__ import annotations
 
 import math
-import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import FilterConfig
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UidCollector, parse_uids
-from pipeline.table import SCORE_COLUMNS, file_columns, float_values, iter_batches, ok_mask
+from pipeline.table import (
+    SCORE_COLUMNS,
+    check_scores,
+    file_schema,
+    float_values,
+    iter_batches,
+    named_errors,
+    ok_mask,
+    parquet_file,
+)
 
 KINDS = ("min", "max", "fraction")
 DIRECTIONS = ("highest", "lowest")
@@ -110,25 +122,21 @@ class Resolved:
     def to_json(self, eligible: int) -> dict:
         c = self.condition
         return {"kind": c.kind, "column": c.column, "value": c.value, "keep": c.keep or None,
-                "spec": c.spec, "op": self.op, "threshold": _num(self.threshold),
+                "spec": c.spec, "op": self.op, "threshold": storage.jsonable(self.threshold),
                 "ranked": self.ranked, "rank": self.rank, "passed": self.passed,
                 "passed_fraction": self.passed / eligible if eligible else None}
 
 
-def _num(x):
-    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
-
-
 def check_columns(files, conditions) -> None:
     """Raise ValueError when a condition names a column no score file has, or a text column."""
-    present = set()
-    for f in files[:1] + files[-1:]:
-        present.update(file_columns(f))
+    if not conditions:
+        return
+    schema = file_schema(files[0])
+    present = set(schema.names) | set(file_schema(files[-1]).names)
     for c in conditions:
         if c.column not in present:
             raise ValueError(f"no column {c.column!r} in the scores; score columns are "
                              f"{', '.join(SCORE_COLUMNS)}")
-        schema = pq.ParquetFile(files[0]).schema_arrow
         if c.column in schema.names:
             kind = schema.field(c.column).type
             if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
@@ -147,12 +155,13 @@ def resolve(files, conditions, include_failed: bool = False, progress=None) -> l
     columns = sorted({conditions[i].column for i in selectors})
     while any(not s.done for s in selectors.values()):
         for path in files:
-            for batch in iter_batches(path, ["status", *columns]):
-                eligible = np.ones(batch.num_rows, bool) if include_failed else ok_mask(batch)
-                for i, sel in selectors.items():
-                    values = float_values(batch, conditions[i].column)[eligible]
-                    values = values[np.isfinite(values)]
-                    sel.update(values if conditions[i].keep == "highest" else -values)
+            with named_errors(path):
+                for batch in iter_batches(path, ["status", *columns]):
+                    eligible = np.ones(batch.num_rows, bool) if include_failed else ok_mask(batch)
+                    for i, sel in selectors.items():
+                        values = float_values(batch, conditions[i].column)[eligible]
+                        values = values[np.isfinite(values)]
+                        sel.update(values if conditions[i].keep == "highest" else -values)
         for sel in selectors.values():
             sel.finish_pass()
         if progress:
@@ -173,46 +182,55 @@ class FilterResult:
     kept: int = 0
     status: Counter = field(default_factory=Counter)
     shards: dict = field(default_factory=dict)    # shard URL -> {"files", "rows", "kept"}
-    kept_files: list = field(default_factory=list)
     uids: dict = field(default_factory=dict)
 
 
 def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = True,
           progress=None) -> FilterResult:
     """Stream every row once; write the kept rows to ``out_dir/kept/<score file name>``
-    and, when the rows carry valid uids, ``out_dir/uids.npy`` (sorted, DataComp format)."""
-    out_dir = Path(out_dir)
-    (out_dir / "kept").mkdir(parents=True, exist_ok=True)
+    and, when the rows carry valid uids, ``out_dir/uids.npy`` (sorted, DataComp format).
+    ``out_dir`` is a local folder or URL; uids are spilled to a local folder."""
+    kept_dir = storage.join(out_dir, "kept")
+    storage.makedirs(kept_dir)
+    storage.remove_stale_temporaries(kept_dir)
     result = FilterResult()
-    collector, malformed, missing = UidCollector(spill_parent=out_dir), 0, 0
+    collector = UidCollector(spill_parent=None if storage.is_url(out_dir) else str(out_dir))
+    malformed = missing = 0
     for path in files:
-        target = out_dir / "kept" / path.name
-        tmp = target.with_name(f".{target.name}.tmp")
-        pf = pq.ParquetFile(path)
-        writer = pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd")
-        try:
-            for batch in pf.iter_batches(batch_size=65_536):
-                keep = _keep_mask(batch, resolved, include_failed, result)
-                kept = batch.filter(pa.array(keep))
-                writer.write_batch(kept)
-                _count_shards(batch, kept, path.name, result.shards)
-                if uids and "uid" in batch.schema.names and kept.num_rows:
-                    parsed, bad, absent = parse_uids(kept.column("uid"))
-                    collector.add(parsed)
-                    malformed, missing = malformed + bad, missing + absent
-        finally:
-            writer.close()
-        os.replace(tmp, target)
-        result.kept_files.append(str(target))
+        target = storage.join(kept_dir, storage.basename(path))
+        with named_errors(path), parquet_file(path) as pf, storage.open_atomic(target) as fh:
+            writer = pq.ParquetWriter(fh, pf.schema_arrow, compression="zstd")
+            try:
+                for batch in pf.iter_batches(batch_size=65_536):
+                    keep = _keep_mask(batch, resolved, include_failed, result)
+                    kept = batch.filter(pa.array(keep))
+                    if kept.num_rows:   # no empty row groups: Hugging Face datasets cannot read them
+                        writer.write_batch(kept)
+                    _count_shards(batch, kept, storage.basename(path), result.shards)
+                    if uids and kept.num_rows:
+                        bad, absent = _collect_uids(kept, collector)
+                        malformed, missing = malformed + bad, missing + absent
+            finally:
+                writer.close()
         if progress:
             progress()
-    result.uids = {"written": 0, "malformed": malformed, "missing": missing, "path": None}
+    uids_path = storage.join(out_dir, "uids.npy")
+    result.uids = {"written": 0, "malformed": malformed, "missing": missing, "path": None, "disabled": not uids}
     if collector.count:
-        result.uids["written"] = collector.write(out_dir / "uids.npy")
-        result.uids["path"] = str(out_dir / "uids.npy")
+        result.uids["written"] = collector.write(uids_path)
+        result.uids["path"] = uids_path
     else:
-        (out_dir / "uids.npy").unlink(missing_ok=True)   # never leave a stale list behind
+        storage.remove(uids_path)   # never leave a stale list behind
     return result
+
+
+def _collect_uids(kept, collector) -> tuple[int, int]:
+    """Add the kept rows' well-formed uids; returns ``(malformed, missing)`` (no uid column: all missing)."""
+    if "uid" not in kept.schema.names:
+        return 0, kept.num_rows
+    parsed, bad, absent = parse_uids(kept.column("uid"))
+    collector.add(parsed)
+    return bad, absent
 
 
 def _keep_mask(batch, resolved, include_failed, result) -> np.ndarray:
@@ -244,73 +262,105 @@ def _count_shards(batch, kept, file_name, shards) -> None:
             entry[field_name] += item["counts"]
 
 
-def run_filter(cfg: FilterConfig) -> dict:
-    """Resolve thresholds, write kept rows, uids and (with inputs) shards; returns ``filter.json``."""
-    import json
-    import time
-
-    from pipeline import __version__
+def _checked_files(cfg: FilterConfig) -> tuple[list, object]:
+    """The score files, after refusing unreadable ones, mixed fits and unknown condition columns."""
     from pipeline.table import list_score_files
 
-    started = time.time()
     files = list_score_files(cfg.scores)
     if not files:
         raise ValueError(f"no score files (*.parquet) in {cfg.scores}; run `wclip score` first")
+    check = check_scores(files)
     check_columns(files, cfg.conditions)
+    return files, check
+
+
+def scored_shards(files) -> list:
+    """The distinct values of the ``shard`` column over the score files, in file order."""
+    seen: dict = {}
+    for path in files:
+        with named_errors(path):
+            for batch in iter_batches(path, ["shard"]):
+                seen.update(dict.fromkeys(v for v in pc.unique(batch.column("shard")).to_pylist() if v))
+    return list(seen)
+
+
+def check_inputs(inputs, files) -> dict:
+    """Match ``--input`` to the scored shards before any work: none matching, or a matched local shard that
+    does not exist, is an error. Returns counts for the report."""
+    import os
+
+    from pipeline.curate.reshard import match_inputs
+    from pipeline.flow.read import shard_name
+
+    shards = scored_shards(files)
+    pairs, unmatched, _ = match_inputs(list(inputs), dict.fromkeys(shards))
+    if not pairs:
+        names = sorted({shard_name(v) for v in shards})
+        shown = ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
+        raise ValueError(f"no --input shard matches a scored shard: the first, {inputs[0]} (shard name "
+                         f"{shard_name(inputs[0])!r}), has no scores; the scores hold shards "
+                         f"{shown or '(none)'}. Pass the shards that were scored")
+    missing = [url for url, _ in pairs if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the --input shards do not exist: {', '.join(missing[:3])}")
+    return {"given": len(inputs), "matched": len(pairs), "unmatched": len(unmatched),
+            "unmatched_examples": unmatched[:5]}
+
+
+def dry_run(cfg: FilterConfig) -> dict:
+    """What :func:`run_filter` would read and write, after the same checks; reads footers (and with inputs
+    the ``shard`` column), writes nothing and starts nothing."""
+    files, check = _checked_files(cfg)
+    out = str(cfg.output)
+    kept_dir = storage.join(out, "kept")
+    read = {"scores": str(cfg.scores), "score_files": len(files), "rows": check.rows,
+            "conditions": [c.spec for c in cfg.conditions], "include_failed": cfg.include_failed,
+            "inputs": check_inputs(cfg.inputs, files) if cfg.inputs else None}
+    write = {"kept_dir": kept_dir, "kept": [storage.join(kept_dir, storage.basename(f)) for f in files],
+             "uids": storage.join(out, "uids.npy") if cfg.uids else None,
+             "filter_json": storage.join(out, "filter.json"),
+             "shards_dir": storage.join(out, "shards") if cfg.inputs else None,
+             "samples_per_shard": cfg.samples_per_shard if cfg.inputs else None}
+    return {"dry_run": True, "read": read, "write": write, "warnings": check.warnings()}
+
+
+def run_filter(cfg: FilterConfig, mapper=None) -> dict:
+    """Resolve thresholds, write kept rows, uids and (with inputs) shards; returns ``filter.json``.
+
+    ``mapper`` runs the resharding's copy tasks (needed with ``cfg.inputs``): ``mapper(fn, items, desc=,
+    max_retries=, max_in_flight=, progress=)`` returns an outcome (``item``, ``ok``, ``error``) per item,
+    as :func:`pipeline.runtime.map_tasks` does.
+    """
+    from pipeline import __version__
+
+    started = time.time()
+    if cfg.inputs and mapper is None:
+        raise ValueError("writing shards (inputs given) needs a mapper to run the copy tasks, e.g. "
+                         "pipeline.runtime.map_tasks inside pipeline.runtime.ray_session")
+    files, check = _checked_files(cfg)
+    if cfg.inputs:
+        check_inputs(cfg.inputs, files)
     resolved = resolve(files, cfg.conditions, cfg.include_failed)
-    out = Path(cfg.output)
+    out = str(cfg.output)
     result = apply(files, resolved, out, cfg.include_failed, uids=cfg.uids)
     report = {
         "version": __version__, "scores": str(cfg.scores), "score_files": len(files),
+        "provenance": {k: (check.provenance or {}).get(k) for k in ("stats_digest", "stats_path", "model",
+                                                                     "normalize")} if check.provenance else None,
+        "warnings": check.warnings(),
         "include_failed": cfg.include_failed, "rows": result.rows, "eligible": result.eligible,
         "kept": result.kept, "kept_fraction_of_rows": result.kept / result.rows if result.rows else None,
         "kept_fraction_of_eligible": result.kept / result.eligible if result.eligible else None,
         "status_counts": dict(result.status.most_common()),
         "conditions": [r.to_json(result.eligible) for r in resolved],
-        "kept_dir": str(out / "kept"), "uids": result.uids, "shards": None,
+        "kept_dir": storage.join(out, "kept"), "uids": result.uids, "shards": None,
     }
     if cfg.inputs:
         from pipeline.curate.reshard import write_shards
 
         report["shards"] = write_shards(
-            list(cfg.inputs), result.shards, out / "kept", out / "shards", cfg.samples_per_shard,
-            cfg.samples_per_task, cfg.ray, cfg.max_in_flight, cfg.retries, cfg.progress)
+            list(cfg.inputs), result.shards, storage.join(out, "kept"), storage.join(out, "shards"), mapper,
+            cfg.samples_per_shard, cfg.samples_per_task, cfg.max_in_flight, cfg.retries, cfg.progress)
     report["elapsed_s"] = round(time.time() - started, 3)
-    tmp = out / ".filter.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "filter.json")
+    storage.write_json(storage.join(out, "filter.json"), report, sort_keys=False)
     return report
-
-
-def format_report(report: dict) -> str:
-    """Human summary of a ``filter.json`` report."""
-    rows, eligible = report["rows"], report["eligible"]
-    pct = lambda a, b: f"{100 * a / b:6.2f}%" if b else "   n/a"  # noqa: E731
-    lines = [f"{rows} rows in {report['score_files']} score files; {eligible} eligible "
-             f"({'all rows' if report['include_failed'] else 'status ok'})"]
-    for c in report["conditions"]:
-        rank = f" (k={c['rank']} of {c['ranked']})" if c["kind"] == "fraction" else ""
-        lines.append(f"  {c['column']} {c['op']} {c['threshold']}: {c['passed']} of {eligible} "
-                     f"{pct(c['passed'], eligible)}  [{c['spec']}{rank}]")
-    lines.append(f"kept {report['kept']} rows: {pct(report['kept'], rows).strip()} of all, "
-                 f"{pct(report['kept'], eligible).strip()} of eligible -> {report['kept_dir']}")
-    u = report["uids"]
-    if u.get("path"):
-        lines.append(f"uids: {u['written']} written to {u['path']}"
-                     + (f"; {u['malformed']} malformed skipped" if u["malformed"] else "")
-                     + (f"; {u['missing']} rows without uid" if u["missing"] else ""))
-    elif u.get("malformed"):
-        lines.append(f"uids: none written; {u['malformed']} malformed skipped")
-    s = report.get("shards")
-    if s:
-        lines.append(f"shards: {s['finished']} of {s['shards']} finished in {s['dir']} "
-                     f"({s['samples']} samples, {s['samples_per_shard']} per shard; "
-                     f"{s['tasks_run']} of {s['tasks']} copy tasks run)")
-        if s["inputs_unmatched"]:
-            lines.append(f"  {s['inputs_unmatched']} input shards have no scores, e.g. "
-                         f"{s['unmatched_examples'][:2]}")
-        if s["kept_not_in_inputs"]:
-            lines.append(f"  {s['kept_not_in_inputs']} kept rows come from scored shards not in --input")
-        for f in s["failed"]:
-            lines.append(f"  FAILED {f.get('inputs') or f.get('shard')}: {f['error'].splitlines()[0]}")
-    return "\n".join(lines)

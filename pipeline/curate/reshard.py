@@ -1,31 +1,33 @@
-"""Write new WebDataset shards holding exactly the kept samples, copying tar members byte for byte.
+"""Write new WebDataset shards holding the kept samples, copying tar members byte for byte.
 
-Layout of ``OUT/shards/``: ``{n:05d}.tar`` with ``samples_per_shard`` samples each (the last one
-fewer), a marker ``{n:05d}.stats.json`` written after each shard, and ``plan.json``. The kept
-samples are numbered in input-shard order, then tar order, so shard ``n`` always holds the
-samples ``n*S .. n*S+S-1`` and a resumed run writes identical shards. Each Ray task copies a
-group of consecutive input shards (each read once); an output shard that spans two groups is
-written as pieces of raw tar blocks and concatenated afterwards. Member names are only ever
-written *inside* tars; file names on disk come from the shard numbers.
+The shards are in img2dataset's layout (:mod:`pipeline.curate.layout`): ``NNNNN.tar``, ``NNNNN.parquet``
+and ``NNNNN_stats.json`` (the completion marker), ``samples_per_shard`` kept rows each (the last one fewer).
+The kept rows are numbered in input-shard order, then tar order, so shard ``n`` always holds the rows
+``n*S .. n*S+S-1`` and a resumed run writes identical shards. A kept sample that cannot be read (truncated
+or changed input shard, see :mod:`pipeline.curate.source`) keeps its number: its row says why and it is
+left out of the tar, so one bad sample never costs the others. Each copy task takes a group of
+consecutive input shards (each read once); an output shard that spans two groups is written as pieces
+and joined afterwards. Member names are only ever written *inside* tars; file names come from the shard
+numbers. The tasks run through a ``mapper`` the caller passes in (the command passes
+:func:`pipeline.runtime.map_tasks`); every file is written crash-safe through :mod:`pipeline.storage`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import posixpath
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.flow.read import open_shard, shard_name, split_member
+from pipeline import storage
+from pipeline.curate import layout
+from pipeline.curate.source import kept_samples
+from pipeline.flow.read import shard_name
+from pipeline.table import SCORE_COLUMNS, iter_batches
 
-PIECES = "_pieces"
-_EOF = b"\0" * 1024
+ROW_COLUMNS = ("key", "shard", "index", "url", "uid", "caption", "status", "error", *SCORE_COLUMNS)
+MAX_LISTED = 10_000  # unreadable samples listed in the summary (all of them are in the shards' files)
 
 
 @dataclass(frozen=True)
@@ -60,26 +62,14 @@ class CopyJob:
     def targets(self) -> list:
         """``(shard number, first, end, path, whole)`` for every output shard it touches;
         ``whole`` when the job holds the entire shard (otherwise it writes a piece)."""
-        S, out = self.samples_per_shard, Path(self.out_dir)
+        S, out = self.samples_per_shard, self.out_dir
         result = []
         for n in range(self.start // S, (self.end - 1) // S + 1):
             lo, hi = max(self.start, n * S), min(self.end, (n + 1) * S)
             whole = lo == n * S and hi == min((n + 1) * S, self.total)
-            path = tar_path(out, n, self.width) if whole else piece_path(out, n, self.width, lo)
+            path = layout.tar_path(out, n, self.width) if whole else layout.piece_path(out, n, self.width, lo)
             result.append((n, lo, hi, path, whole))
         return result
-
-
-def tar_path(out: Path, n: int, width: int) -> Path:
-    return out / f"{n:0{width}d}.tar"
-
-
-def marker_path(out: Path, n: int, width: int) -> Path:
-    return out / f"{n:0{width}d}.stats.json"
-
-
-def piece_path(out: Path, n: int, width: int, first: int) -> Path:
-    return out / PIECES / f"{n:0{width}d}.{first:012d}.part"
 
 
 def match_inputs(urls, shards: dict) -> tuple[list, list, list]:
@@ -115,7 +105,7 @@ def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
     for url, value in pairs:
         entry = shards[value]
         if entry["kept"]:
-            files = tuple(str(Path(kept_dir) / f) for f in entry["files"])
+            files = tuple(storage.join(kept_dir, f) for f in entry["files"])
             parts.append(InputPart(url, value, files, start, entry["kept"]))
             start += entry["kept"]
     total = start
@@ -137,9 +127,9 @@ def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
     return jobs, plan
 
 
-def _done(job: CopyJob, n: int, path: Path) -> bool:
-    return marker_path(Path(job.out_dir), n, job.width).exists() or \
-        (path.parent.name == PIECES and path.exists())
+def _done(job: CopyJob, n: int, path: str) -> bool:
+    return storage.exists(layout.stats_path(job.out_dir, n, job.width)) or \
+        (layout.is_piece(path) and storage.exists(path))
 
 
 def pending(job: CopyJob) -> bool:
@@ -147,197 +137,170 @@ def pending(job: CopyJob) -> bool:
     return not all(_done(job, n, path) for n, _, _, path, _ in job.targets())
 
 
-class _Sink:
-    """Raw tar blocks written to ``path`` (through a temporary name); a shard gets an end marker."""
+class _Outputs:
+    """The output shards and pieces of one job, opened one after another as its kept rows arrive."""
 
-    def __init__(self, path: Path, whole: bool, marker: Path | None, skip: bool):
-        self.path, self.whole, self.marker, self.skip = path, whole, marker, skip
-        self.samples, self.size = 0, 0
-        self.sha = hashlib.sha256()
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.fh = None
-        if not skip:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.tmp, "wb")
+    def __init__(self, job: CopyJob):
+        self.job, self.targets = job, job.targets()
+        self.index, self.pos, self.sink = -1, job.start, None
 
-    def write(self, data: bytes) -> None:
-        if self.fh is not None:
-            self.fh.write(data)
-            self.sha.update(data)
-            self.size += len(data)
-
-    def add(self, info: tarfile.TarInfo, data: bytes) -> None:
-        header = tarfile.TarInfo(info.name)
-        header.size, header.mtime, header.mode = len(data), info.mtime, info.mode
-        header.uid, header.gid, header.uname, header.gname = info.uid, info.gid, info.uname, info.gname
-        self.write(header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        self.write(data + b"\0" * (-len(data) % 512))
-
-    def abort(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.tmp.unlink(missing_ok=True)
-            self.fh = None
+    def next_sink(self) -> layout.ShardSink:
+        """The sink of the next kept row (closing the previous target when it is full)."""
+        if self.sink is None or self.pos >= self.targets[self.index][2]:
+            if self.sink is not None:
+                self.sink.close()
+            self.index += 1
+            n, _, _, path, whole = self.targets[self.index]
+            self.sink = layout.ShardSink(self.job.out_dir, n, self.job.width, path, whole,
+                                         skip=_done(self.job, n, path))
+        self.pos += 1
+        return self.sink
 
     def close(self) -> None:
-        if self.fh is None:
-            return
-        if self.whole:
-            self.write(_EOF)
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        if self.marker is not None:
-            _write_marker(self.marker, self.samples, self.size, self.sha.hexdigest())
+        if self.sink is not None:
+            self.sink.close()
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
 
 
-def _write_marker(path: Path, samples: int, size: int, sha256: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"samples": samples, "bytes": size, "sha256": sha256}))
-    os.replace(tmp, path)
-
-
-def _kept_keys(part: InputPart) -> set:
-    keys = set()
+def part_rows(part: InputPart) -> list:
+    """The kept rows of one input shard (dicts of :data:`ROW_COLUMNS`), as the kept files hold them."""
+    rows = []
     for f in part.kept_files:
-        table = pq.read_table(f, columns=["key", "shard"])
-        keys.update(table.filter(pc.equal(table.column("shard"), part.shard)).column("key").to_pylist())
-    return keys
+        for batch in iter_batches(f, ROW_COLUMNS):
+            rows += batch.filter(pc.fill_null(pc.equal(batch.column("shard"), part.shard), False)).to_pylist()
+    if len(rows) != part.count:
+        raise RuntimeError(f"{part.url}: the kept files hold {len(rows)} rows of it, the plan {part.count}; "
+                           "they changed during the run: rerun the filter")
+    return rows
 
 
 def copy_job(job: CopyJob) -> dict:
-    """Ray task: copy the kept samples of ``job``'s input shards; returns counts."""
-    targets, out = job.targets(), Path(job.out_dir)
-    state = {"sink": None, "t": -1, "pos": job.start}
-
-    def sink_for_next_sample() -> _Sink:
-        sink = state["sink"]
-        if sink is None or state["pos"] >= targets[state["t"]][2]:
-            if sink is not None:
-                sink.close()
-            state["t"] += 1
-            n, _, _, path, whole = targets[state["t"]]
-            sink = state["sink"] = _Sink(path, whole, marker_path(out, n, job.width) if whole else None,
-                                         skip=_done(job, n, path))
-        state["pos"] += 1
-        sink.samples += 1
-        return sink
-
-    copied = 0
+    """Copy task: every kept row of ``job``'s input shards goes to its output shard: the sample's members
+    into the tar when it can be read, its metadata row in any case; returns counts."""
+    outputs, unreadable = _Outputs(job), 0
     try:
         for part in job.parts:
-            keys, found, current, sink = _kept_keys(part), 0, None, None
-            with open_shard(part.url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    key, _ = split_member(info.name)
-                    if key.startswith("__") or not posixpath.basename(key):
-                        continue
-                    if key != current:
-                        current, sink = key, None
-                        if key in keys:
-                            if found == part.count:
-                                raise RuntimeError(f"{part.url}: more kept samples than the scores "
-                                                   f"say ({part.count}); is key {key!r} repeated?")
-                            sink, found = sink_for_next_sample(), found + 1
-                    if sink is not None and not sink.skip:
-                        data = tar.extractfile(info).read()
-                        sink.add(info, data)
-                        copied += len(data)
-            if found != part.count:
-                raise RuntimeError(f"{part.url}: found {found} of its {part.count} kept samples; "
-                                   "the shard differs from the one that was scored")
+            for outcome in kept_samples(part.url, part_rows(part)):
+                outputs.next_sink().add(outcome)
+                unreadable += outcome.sample is None
     except BaseException:
-        if state["sink"] is not None:
-            state["sink"].abort()
+        outputs.abort()
         raise
-    if state["sink"] is not None:
-        state["sink"].close()
-    return {"samples": state["pos"] - job.start, "member_bytes": copied}
+    outputs.close()
+    if outputs.pos != job.end:
+        raise RuntimeError(f"copy task over {job.parts[0].url}..: {outputs.pos - job.start} kept rows placed, "
+                           f"{job.end - job.start} planned")
+    return {"rows": job.end - job.start, "unreadable": unreadable}
 
 
 def straddling(jobs: list) -> list:
-    """``(shard number, [piece paths in order], samples)`` for shards assembled from pieces."""
+    """``(shard number, out dir, width, [piece paths in order], rows)`` for shards assembled from pieces."""
     pieces: dict = {}
     for job in jobs:
         for n, lo, hi, path, whole in job.targets():
             if not whole:
-                pieces.setdefault(n, []).append((lo, hi, str(path)))
-    return [(n, str(Path(jobs[0].out_dir)), jobs[0].width, [p for _, _, p in sorted(v)],
+                pieces.setdefault(n, []).append((lo, hi, path))
+    return [(n, jobs[0].out_dir, jobs[0].width, [p for _, _, p in sorted(v)],
              sum(hi - lo for lo, hi, _ in v)) for n, v in sorted(pieces.items())]
 
 
 def assemble(item) -> dict:
-    """Ray task: concatenate the pieces of one output shard, then write its marker."""
-    n, out, width, paths, samples = item
-    out = Path(out)
-    if marker_path(out, n, width).exists():
+    """Assembly task: join the pieces of one output shard (tar blocks and rows), then write its marker."""
+    n, out, width, paths, rows = item
+    if storage.exists(layout.stats_path(out, n, width)):
         return {"skipped": True}
-    missing = [p for p in paths if not Path(p).exists()]
+    missing = [p for p in paths if not storage.exists(p)]
     if missing:
         raise RuntimeError(f"shard {n}: pieces missing {missing}; rerun to recopy them")
-    sink = _Sink(tar_path(out, n, width), True, marker_path(out, n, width), skip=False)
-    sink.samples = samples
-    for p in paths:
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                sink.write(chunk)
+    sink = layout.ShardSink(out, n, width, layout.tar_path(out, n, width), whole=True)
+    try:
+        for p in paths:
+            sink.add_piece(p)
+        if len(sink.rows) != rows:
+            raise RuntimeError(f"shard {n}: its pieces hold {len(sink.rows)} rows, not {rows}; rerun to recopy them")
+    except BaseException:
+        sink.abort()
+        raise
     sink.close()
     for p in paths:
-        Path(p).unlink()
+        storage.remove(layout.piece_rows_path(p))
+        storage.remove(p)
     return {"skipped": False}
 
 
 def check_plan(out_dir, plan: dict) -> None:
-    """Record the plan in ``plan.json``; refuse an output folder made by a different filter."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "plan.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+    """Record the plan in ``.wclip/plan.json``; refuse an output folder made by a different filter."""
+    if storage.exists(storage.join(out_dir, "plan.json")):
+        raise ValueError(f"{out_dir} holds shards written by an older wclip (plan.json, NNNNN.stats.json); "
+                         "use a fresh --output")
+    path = layout.plan_path(out_dir)
+    if storage.exists(path):
+        old = storage.read_json(path)
         if old.get("digest") != plan["digest"]:
-            raise ValueError(f"{out} holds shards from a different selection or --samples-per-shard "
+            raise ValueError(f"{out_dir} holds shards from a different selection or --samples-per-shard "
                              f"(plan {old.get('digest', '?')[:12]} vs {plan['digest'][:12]}); "
                              "use a fresh --output or delete that folder")
         return
-    tmp = path.with_name("plan.json.tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, path)
+    storage.write_json(path, plan)
 
 
-def write_shards(urls, shards: dict, kept_dir, out_dir, samples_per_shard: int,
-                 samples_per_task: int | None = None, ray_options=None,
-                 max_in_flight: int | None = None, retries: int = 2, progress=None) -> dict:
-    """Copy the kept samples of ``urls`` into ``out_dir`` on Ray (resumable); returns a summary."""
+def finished_shards(out_dir, plan: dict) -> dict:
+    """What the finished shards' ``_stats.json`` files say: shards, successes, unreadable samples."""
+    done = {"finished": 0, "successes": 0, "unreadable_count": 0, "unreadable": []}
+    for n in range(plan["shards"]):
+        path = layout.stats_path(out_dir, n, plan["width"])
+        if not storage.exists(path):
+            continue
+        stats = storage.read_json(path)
+        done["finished"] += 1
+        done["successes"] += int(stats.get("successes") or 0)
+        listed = stats.get("unreadable") or []
+        done["unreadable_count"] += len(listed)
+        room = MAX_LISTED - len(done["unreadable"])
+        done["unreadable"] += [{k: u.get(k) for k in ("shard", "key", "index", "reason")} for u in listed[:room]]
+    return done
+
+
+def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shard: int,
+                 samples_per_task: int | None = None, max_in_flight: int | None = None, retries: int = 2,
+                 progress=None) -> dict:
+    """Copy the kept samples of ``urls`` into ``out_dir`` (resumable); returns a summary.
+
+    ``mapper(fn, items, desc=, max_retries=, max_in_flight=, progress=)`` runs the copy and assembly tasks
+    and returns an outcome (``item``, ``ok``, ``error``) per item (:func:`pipeline.runtime.map_tasks`); it is
+    called only when there is something to do.
+    """
+    out_dir = str(out_dir)
     pairs, unmatched, unused = match_inputs(urls, shards)
     jobs, plan = make_plan(pairs, shards, kept_dir, out_dir, samples_per_shard, samples_per_task)
+    storage.makedirs(out_dir)
     check_plan(out_dir, plan)
+    pieces = layout.pieces_dir(out_dir)
+    storage.remove_stale_temporaries(out_dir)
+    storage.remove_stale_temporaries(pieces)
     todo = [job for job in jobs if pending(job)]
-    failed, ready = [], []
-    assemble_items = [s for s in straddling(jobs) if not marker_path(Path(s[1]), s[0], s[2]).exists()] \
+    assemble_items = [s for s in straddling(jobs) if not storage.exists(layout.stats_path(s[1], s[0], s[2]))] \
         if jobs else []
-    if todo or assemble_items:
-        from pipeline.config import RayOptions
-        from pipeline.runtime import map_tasks, ray_session
-
-        with ray_session(ray_options or RayOptions()):
-            for outcome in map_tasks(copy_job, todo, desc="copy", max_retries=retries,
-                                     max_in_flight=max_in_flight, progress=progress):
-                if not outcome.ok:
-                    failed.append({"inputs": [p.url for p in outcome.item.parts],
-                                   "error": outcome.error})
-            ready = [s for s in assemble_items if all(Path(p).exists() for p in s[3])]
-            for outcome in map_tasks(assemble, ready, desc="assemble", max_retries=retries,
-                                     max_in_flight=max_in_flight, progress=progress):
-                if not outcome.ok:
-                    failed.append({"shard": outcome.item[0], "error": outcome.error})
-    pieces_dir = Path(out_dir) / PIECES
-    if pieces_dir.is_dir() and not any(pieces_dir.iterdir()):
-        pieces_dir.rmdir()
-    finished = sum(marker_path(Path(out_dir), n, plan["width"]).exists() for n in range(plan["shards"]))
-    return {"dir": str(out_dir), "shards": plan["shards"], "finished": finished,
-            "samples": plan["samples"], "samples_per_shard": samples_per_shard,
+    failed, ready = [], []
+    options = dict(max_retries=retries, max_in_flight=max_in_flight, progress=progress)
+    if todo:
+        for outcome in mapper(copy_job, todo, desc="copy", **options):
+            if not outcome.ok:
+                failed.append({"inputs": [p.url for p in outcome.item.parts], "error": outcome.error})
+    ready = [s for s in assemble_items if all(storage.exists(p) for p in s[3])]
+    if ready:
+        for outcome in mapper(assemble, ready, desc="assemble", **options):
+            if not outcome.ok:
+                failed.append({"shard": outcome.item[0], "error": outcome.error})
+    storage.remove_empty_folder(pieces)
+    done = finished_shards(out_dir, plan)
+    return {"dir": out_dir, "layout": "img2dataset", "shards": plan["shards"], "finished": done["finished"],
+            "samples": plan["samples"], "samples_per_shard": samples_per_shard, "copied": done["successes"],
             "tasks": len(jobs), "tasks_run": len(todo), "assembled": len(ready), "failed": failed,
             "inputs_matched": len(pairs), "inputs_unmatched": len(unmatched),
             "unmatched_examples": unmatched[:5],
-            "kept_not_in_inputs": sum(shards[v]["kept"] for v in unused)}
+            "kept_not_in_inputs": sum(shards[v]["kept"] for v in unused),
+            "unreadable_count": done["unreadable_count"], "unreadable": done["unreadable"]}

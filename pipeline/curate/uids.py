@@ -1,13 +1,12 @@
 """DataComp uid lists: 128-bit hex uids as a sorted ``np.dtype("u8,u8")`` array in a ``.npy`` file.
 
 The format DataComp's resharder reads: ``f0`` holds the first 16 hex digits, ``f1`` the last 16.
-:class:`UidCollector` gathers uids in bounded memory (sorted runs spilled to disk, then a
-block-wise merge into the output file).
+:class:`UidCollector` gathers uids in bounded memory (sorted runs spilled to a local folder, then a
+block-wise merge streamed into the output file, which may be a URL).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.storage import open_atomic
 
 UID_DTYPE = np.dtype("u8,u8")
 _HEX = np.full(256, 255, dtype=np.uint64)
@@ -91,27 +92,26 @@ class UidCollector:
         self._runs.append(path)
 
     def write(self, path) -> int:
-        """Write the sorted uids to ``path`` atomically; returns how many."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.npy")
+        """Write the sorted uids to ``path`` (local or URL) crash-safe; returns how many."""
         try:
-            if not self._runs:
-                np.save(tmp, self._take_buffer())
-            else:
-                if self._buffered:
-                    self._spill()
-                self._merge(tmp)
-            os.replace(tmp, path)
+            with open_atomic(path) as fh:
+                if not self._runs:
+                    np.save(fh, self._take_buffer())
+                else:
+                    if self._buffered:
+                        self._spill()
+                    self._merge(fh)
         finally:
-            tmp.unlink(missing_ok=True)
             if self._spill_dir:
                 shutil.rmtree(self._spill_dir, ignore_errors=True)
                 self._spill_dir, self._runs = None, []
         return self.count
 
-    def _merge(self, tmp: Path) -> None:
+    def _merge(self, fh) -> None:
+        """Merge the sorted runs into ``fh`` as one ``.npy`` array, block by block, in order."""
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(UID_DTYPE),
+                                                  "fortran_order": False, "shape": (self.count,)})
         runs = [np.load(p, mmap_mode="r") for p in self._runs]
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=UID_DTYPE, shape=(self.count,))
         block = max(1 << 16, self.run_rows // len(runs))
         pos, written = [0] * len(runs), 0
         while written < self.count:
@@ -127,7 +127,5 @@ class UidCollector:
                 parts.append(blocks[i][:take])
                 pos[i] += take
             merged = sort_uids(np.concatenate(parts))
-            out[written: written + len(merged)] = merged
+            fh.write(np.ascontiguousarray(merged).tobytes())
             written += len(merged)
-        out.flush()
-        del out

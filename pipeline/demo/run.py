@@ -17,8 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.config import FitConfig, RayOptions, RunConfig, ScoreConfig
-from pipeline.demo import world
-from pipeline.models import DEMO_MODEL, ModelSpec
+from pipeline.demo import MODEL, shards, world
+from pipeline.demo.metrics import FIT, auroc
+from pipeline.models import ModelSpec
+from pipeline.storage import write_atomic
 
 log = logging.getLogger("wclip")
 
@@ -47,18 +49,10 @@ class DemoConfig:
     card: bool = True
 
 
-def auroc(anomalous, normal) -> float:
-    """P(an anomalous row scores lower than a normal one), ties counted half (Mann–Whitney)."""
-    from scipy.stats import rankdata
-
-    a, b = np.asarray(anomalous, float), np.asarray(normal, float)
-    ranks = rankdata(np.concatenate([-a, -b]))
-    return float((ranks[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
-
-
 def evaluate(scores_dir: Path, target_dir: Path) -> dict:
-    """AUROC per anomaly group and per kind, and the p < 0.01 rates of the obvious kinds."""
-    labels = {row["key"]: row["anomaly"] for row in world.read_labels(target_dir)}
+    """AUROC per anomaly group and per kind (:func:`~pipeline.demo.metrics.auroc`), and the p < 0.01 rates of
+    the obvious kinds."""
+    labels = {row["key"]: row["anomaly"] for row in shards.read_labels(target_dir)}
     rows = [r for f in sorted(scores_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     for r in rows:
         r["anomaly"] = labels[r["key"]]
@@ -99,10 +93,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     log.info("generating the demo world in %s", work)
-    ref = world.generate_world(work / "reference", cfg.reference_shards, cfg.reference_per_shard, cfg.seed)
-    tgt = world.generate_world(work / "target", cfg.target_shards, cfg.target_per_shard, cfg.seed + 1,
+    ref = shards.generate_world(work / "reference", cfg.reference_shards, cfg.reference_per_shard, cfg.seed)
+    tgt = shards.generate_world(work / "target", cfg.target_shards, cfg.target_per_shard, cfg.seed + 1,
                                anomaly_rate=cfg.anomaly_rate)
-    model = ModelSpec(DEMO_MODEL)
+    model = ModelSpec(MODEL)
     ray_opts = RayOptions(num_cpus=cfg.num_cpus)
     stats_path = work / "stats.safetensors"
     timings = {}
@@ -110,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t = time.time()
         fit_summary = fit(FitConfig(run=RunConfig(shards=tuple(map(str, ref)), model=model, ray=ray_opts,
                                                   progress=cfg.progress),
-                                    output=str(stats_path), components="auto", holdout=0.2))
+                                    output=str(stats_path), **FIT))
         timings["fit_s"] = round(time.time() - t, 2)
         stats = StatsFile.load(stats_path)
         t = time.time()
@@ -119,7 +113,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                           stats_path=str(stats_path), output=str(work / "scores")), stats)
         timings["score_s"] = round(time.time() - t, 2)
     summary = evaluate(work / "scores", work / "target")
-    summary.update(model=DEMO_MODEL, workdir=str(work), stats=str(stats_path), scores=str(work / "scores"),
+    summary.update(model=MODEL, workdir=str(work), stats=str(stats_path), scores=str(work / "scores"),
                    components={t: ws.components for t, ws in stats.towers.items()},
                    reference_samples=fit_summary["reference_samples"], scored_rows=score_summary["rows"],
                    timings=timings)
@@ -133,7 +127,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         timings["card_s"] = round(time.time() - t, 2)
         summary["card"] = str(work / "card" / "README.md")
     timings["total_s"] = round(time.time() - started, 2)
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(work / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 

@@ -1,13 +1,14 @@
 """Train, save and evaluate ``wclip-demo``: a small open_clip model for the synthetic world.
 
 The shipped weights (``pipeline/assets/wclip-demo.safetensors``) come from :func:`main` with
-its default arguments; ``pipeline/assets/wclip-demo.train.json`` records how, and how well.
+its default arguments; ``pipeline/assets/wclip-demo.train.json`` records how, and how well
+(:func:`evaluate`, scored by the product's whitening; :func:`reevaluate` redoes it without training).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
-import io
 import json
 import logging
 import math
@@ -19,12 +20,15 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.demo import world
-from pipeline.models import DEMO_CONFIG, DEMO_MODEL, DEMO_WEIGHTS
+from pipeline import models
+from pipeline.demo import MODEL, metrics, world
+from pipeline.demo.metrics import to_batch
+from pipeline.models import load_weights  # the shipped weights load as load_clip loads them
+from pipeline.storage import write_atomic
 
-MODEL_NAME = DEMO_MODEL
-CONFIG_PATH = DEMO_CONFIG
-WEIGHTS_PATH = DEMO_WEIGHTS
+MODEL_NAME = MODEL
+CONFIG_PATH = models.builtin_configs()[MODEL]
+WEIGHTS_PATH = models.builtin_weights(MODEL)
 EVAL_SEED = 20_250_506           # held-out test world for the recorded evaluation
 VALIDATION_SEED = 4_242          # validation world for checkpoint selection (not the test world)
 WARM_START_STEPS = (450, 150)    # supervised image-tower steps: concepts alone, then every attribute
@@ -35,46 +39,34 @@ NORM_WEIGHT = 10.0               # weight of the variance of the image embedding
 log = logging.getLogger(__name__)
 
 
+def record_path(weights) -> Path:
+    """The training record beside a weights file: ``NAME.safetensors`` -> ``NAME.train.json``."""
+    weights = Path(weights)
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".train.json")
+
+
+RECORD_PATH = record_path(WEIGHTS_PATH)
+
+
 def create_model():
     """A randomly initialised ``wclip-demo`` with its open_clip preprocess and tokenizer."""
     from pipeline._imports import require
 
     open_clip = require("open_clip", "the wclip-demo model")
-    open_clip.add_model_config(str(CONFIG_PATH))
+    models.register_builtin_configs(open_clip)
     model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=None)
     return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
 
 
-def load_weights(model, path) -> None:
-    """Load a saved state dict into ``model`` strictly, as :func:`pipeline.models.load_clip` does."""
-    from safetensors.torch import load_file
-
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
-    model.eval()
-
-
 def save_weights(model, path) -> str:
-    """Write the state dict as float16 safetensors; return its sha256."""
-    from safetensors.torch import save_file
+    """Write the state dict as float16 safetensors, crash-safe; return its sha256."""
+    from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").half().contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"model": MODEL_NAME, "dtype": "float16"})
-    tmp.chmod(0o644)
-    tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def to_batch(jpegs: Sequence[bytes], captions: Sequence[str], preprocess, tokenizer):
-    """Decode JPEGs through the model's own preprocess and tokenize captions: ``(images, tokens)``."""
-    import torch
-    from PIL import Image
-
-    images = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
-    return images, tokenizer(list(captions))
+    data = save(state, metadata={"model": MODEL_NAME, "dtype": "float16"})
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def train_batch(seed: int, step: int, batch_size: int, twins: float = 0.0) -> tuple[list[bytes], list[str], list]:
@@ -213,7 +205,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     negatives_rng = np.random.default_rng([seed, 1])
-    validation = eval_worlds(VALIDATION_SEED, val_samples, val_samples, 0.3) if select_every > 0 else None
+    validation = metrics.eval_worlds(VALIDATION_SEED, val_samples, val_samples, 0.3) if select_every > 0 else None
     best, history = (None, -1.0, 0), []
     start, losses = time.time(), []
     log.info("training %s: %d steps x %d pairs, seed %d, %d threads, load average %s", MODEL_NAME, steps,
@@ -259,7 +251,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
                      model.logit_scale.exp().item(), time.time() - start)
         if validation and step + 1 >= select_from and ((step + 1) % select_every == 0 or step == steps - 1):
             model.eval()
-            ev = evaluate(model, preprocess, tokenizer, worlds=validation)
+            ev = metrics.evaluate(model, preprocess, tokenizer, *validation)
             model.train()
             history.append({"step": step + 1, "score": round(selection_score(ev), 4), "auroc": ev["auroc"],
                             **{k: ev[k] for k in SELECTION_KEYS}})
@@ -285,107 +277,6 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
                           "score": "mean of " + ", ".join(SELECTION_KEYS),
                           "history": history} if validation else None}
     return model, info
-
-
-def embed(model, preprocess, tokenizer, samples, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (not L2-normalised) float64 image and text embeddings of world samples."""
-    import torch
-
-    img, txt = [], []
-    with torch.no_grad():
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            images, tokens = to_batch([s.image for s in chunk], [s.caption for s in chunk], preprocess, tokenizer)
-            img.append(model.encode_image(images, normalize=False).double().numpy())
-            txt.append(model.encode_text(tokens, normalize=False).double().numpy())
-    return np.concatenate(img), np.concatenate(txt)
-
-
-def fit_whitening(x: np.ndarray, shrinkage: float = 1e-4, holdout: float = 0.2, seed: int = 0) -> dict:
-    """Mean, whitening matrix and sorted held-out sqnorms of reference embeddings ``x``."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    n_hold = int(round(holdout * len(x)))
-    fit, hold = x[order[n_hold:]], x[order[:n_hold]]
-    mu = fit.mean(0)
-    cov = np.cov(fit - mu, rowvar=False)
-    cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
-    lam, vec = np.linalg.eigh(cov)
-    lam, vec = lam[::-1], vec[:, ::-1]
-    w = vec / np.sqrt(lam)
-    held = np.sort((((hold - mu) @ w) ** 2).sum(1))
-    return {"mean": mu, "W": w, "held": held, "m": w.shape[1], "held_sqnorm_per_m": float(held.mean() / w.shape[1])}
-
-
-def score(stats: dict, x: np.ndarray) -> dict:
-    """Per-row sqnorm, loglik and empirical p-value (fraction of held-out sqnorms >= the row's)."""
-    sq = (((x - stats["mean"]) @ stats["W"]) ** 2).sum(1)
-    held = stats["held"]
-    pvalue = 1.0 - np.searchsorted(held, sq, side="left") / len(held)
-    return {"sqnorm": sq, "loglik": -0.5 * (stats["m"] * math.log(2 * math.pi) + sq), "pvalue": pvalue}
-
-
-def auroc(anomalous: np.ndarray, normal: np.ndarray) -> float:
-    """Probability that an anomalous row scores higher than a normal one (ties count half)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([anomalous, normal]))
-    n1, n0 = len(anomalous), len(normal)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def eval_worlds(seed: int, n_reference: int, n_target: int, anomaly_rate: float) -> tuple[list, list]:
-    """A clean reference world (shard 0) and a labelled target world (shard 1) for ``seed``."""
-    return ([s for _, s in world.iter_world(seed, 0, n_reference)],
-            [s for _, s in world.iter_world(seed, 1, n_target, anomaly_rate)])
-
-
-def evaluate(model, preprocess, tokenizer, n_reference: int = 4000, n_target: int = 4000,
-             anomaly_rate: float = 0.2, seed: int = EVAL_SEED, shrinkage: float = 1e-4, worlds=None) -> dict:
-    """Fit whitening on a clean held-out world, score a labelled one; AUROC per anomaly kind.
-
-    ``worlds`` (from :func:`eval_worlds`) replaces generating them from the other arguments.
-    """
-    reference, target = worlds or eval_worlds(seed, n_reference, n_target, anomaly_rate)
-    ref_img, ref_txt = embed(model, preprocess, tokenizer, reference)
-    tgt_img, tgt_txt = embed(model, preprocess, tokenizer, target)
-    fits = {"image": fit_whitening(ref_img, shrinkage), "text": fit_whitening(ref_txt, shrinkage)}
-    scores = {"image": score(fits["image"], tgt_img), "text": score(fits["text"], tgt_txt)}
-    cos = (tgt_img * tgt_txt).sum(1) / (np.linalg.norm(tgt_img, axis=1) * np.linalg.norm(tgt_txt, axis=1))
-    kinds = np.array([s.labels["anomaly"] or "" for s in target])
-    clean = kinds == ""
-    anomaly_score = {"image": -scores["image"]["loglik"], "caption": -scores["text"]["loglik"], "pair": -cos}
-    per_kind = {}
-    for kind in world.ANOMALY_KINDS:
-        if (kinds == kind).any():
-            s = anomaly_score[world.anomaly_modality(kind)]
-            per_kind[kind] = round(auroc(s[kinds == kind], s[clean]), 4)
-
-    def pooled(modality, only=None):
-        sel = np.isin(kinds, [k for k in world.ANOMALY_KINDS if world.anomaly_modality(k) == modality
-                              and (only is None or k in only)])
-        return round(auroc(anomaly_score[modality][sel], anomaly_score[modality][clean]), 4)
-
-    return {
-        "eval_seed": None if worlds else seed, "n_reference": len(reference), "n_target": len(target),
-        "anomaly_rate": round(float(np.mean(kinds != "")), 4),
-        "embeddings": "raw (not L2-normalised)", "shrinkage": shrinkage, "components": fits["image"]["m"],
-        "held_out": len(fits["image"]["held"]),
-        "held_sqnorm_per_m": {t: round(f["held_sqnorm_per_m"], 3) for t, f in fits.items()},
-        "clean_target_sqnorm_per_m": {t: round(float(scores[t]["sqnorm"][clean].mean() / fits[t]["m"]), 3)
-                                      for t in fits},
-        "auroc": per_kind,
-        "auroc_image_obvious": pooled("image", ("noise", "blank", "damaged")),
-        "auroc_image_all": pooled("image"), "auroc_caption": pooled("caption"), "auroc_pair": pooled("pair"),
-        "noise_frac_p_below_0.01": round(float((scores["image"]["pvalue"][kinds == "noise"] < 0.01).mean()), 4),
-        "gibberish_frac_p_below_0.01": round(float((scores["text"]["pvalue"][kinds == "gibberish"] < 0.01).mean()), 4),
-        "clean_frac_p_below_0.01": {t: round(float((scores[t]["pvalue"][clean] < 0.01).mean()), 4) for t in scores},
-        "clip_score_clean_mean": round(float(cos[clean].mean()), 4),
-        "clip_score_mismatch_mean": round(float(cos[kinds == "mismatch"].mean()), 4),
-        # spread of the raw embeddings' norms: a nuisance that whitening raw embeddings cannot remove
-        "reference_norm_cv": {t: round(float(n.std() / n.mean()), 4) for t, n in
-                              (("image", np.linalg.norm(ref_img, axis=1)), ("text", np.linalg.norm(ref_txt, axis=1)))},
-    }
 
 
 def main(steps: int = 300, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 4000, **train_kwargs) -> dict:
@@ -420,6 +311,53 @@ def main(steps: int = 300, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int
         record["eval"] = evaluate(model, preprocess, tokenizer, n_reference=eval_samples, n_target=eval_samples)
         record["eval_seconds"] = round(time.time() - t, 1)
     record["wall_seconds"] = round(time.time() - wall, 1)
-    output.with_name(output.name.removesuffix(".safetensors") + ".train.json").write_text(
-        json.dumps(record, indent=2) + "\n")
+    write_record(record_path(output), record)
+    return record
+
+
+def write_record(path, record: dict) -> None:
+    """Write a training record (indented JSON), crash-safe."""
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def evaluate(model, preprocess, tokenizer, n_reference: int = 4000, n_target: int = 4000,
+             anomaly_rate: float = 0.2, seed: int = EVAL_SEED) -> dict:
+    """The recorded evaluation of ``model``: :func:`pipeline.demo.metrics.evaluate` on the test world ``seed``
+    (a clean reference of ``n_reference`` samples, a target of ``n_target`` with ``anomaly_rate`` anomalies)."""
+    worlds = metrics.eval_worlds(seed, n_reference, n_target, anomaly_rate)
+    return {"eval_seed": seed, **metrics.evaluate(model, preprocess, tokenizer, *worlds)}
+
+
+def reevaluate(output=WEIGHTS_PATH, eval_samples: int = 4000, threads: int = 2) -> dict:
+    """Evaluate the weights at ``output`` again, without training, and rewrite the evaluation in their record.
+
+    The record beside them (:func:`record_path`) must describe these weights (same sha256). The evaluation
+    it held moves to ``eval_previous``; ``eval_note`` says when and how the new one was made. Returns the record.
+    """
+    import torch
+
+    from pipeline.errors import ConfigError
+
+    output, path = Path(output), record_path(output)
+    record = json.loads(path.read_text())
+    sha = models.file_sha256(output)
+    if record.get("weights_sha256") != sha:
+        raise ConfigError(f"{path} describes weights with sha256 {record.get('weights_sha256')}, not {output} "
+                          f"(sha256 {sha}); retrain with `wclip train-demo` to get a record of these weights")
+    torch.set_num_threads(threads)
+    model, preprocess, tokenizer = create_model()
+    load_weights(model, output)
+    t = time.time()
+    ev = evaluate(model, preprocess, tokenizer, n_reference=eval_samples, n_target=eval_samples)
+    if "eval" in record:
+        record["eval_previous"] = {**record["eval"], "eval_seconds": record.get("eval_seconds")}
+    record["eval"], record["eval_seconds"] = ev, round(time.time() - t, 1)
+    record["eval_note"] = (f"evaluation recomputed on {datetime.date.today().isoformat()} with the product's "
+                           f"scorer, pipeline.whitening.WhiteningStats.fit(components={metrics.FIT['components']!r}, "
+                           f"shrinkage={metrics.FIT['shrinkage']:g}, holdout={metrics.FIT['holdout']:g}, hold-out by "
+                           f"a hash of the sample key, seed {metrics.FIT['seed']}) and its sqnorm, loglik and pvalue, "
+                           f"on the same test world (seed {ev['eval_seed']}, {eval_samples} reference and "
+                           f"{eval_samples} target samples), without retraining: the weights are unchanged "
+                           f"(sha256 {sha}). eval_previous holds the evaluation it replaced.")
+    write_record(path, record)
     return record

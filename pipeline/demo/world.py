@@ -1,4 +1,5 @@
-"""A procedurally generated image–caption world, written as img2dataset-style WebDataset shards.
+"""A procedurally generated image–caption world (:mod:`pipeline.demo.shards` writes it as
+img2dataset-style WebDataset shards).
 
 Scenes are coloured shapes on a background; captions describe them in varied phrasing.
 Labelled anomalies (image, caption or pair) can be injected, so scores can be checked
@@ -14,21 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
-import os
-import tarfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 64                      # image side in pixels
 JPEG_QUALITY = 90
-TAR_MTIME = 946684800          # 2000-01-01, fixed so tars are byte-identical across runs
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 UNSEEN_SHAPES = ("star", "cross")
@@ -288,7 +283,8 @@ def _check_vocabulary(vocabulary: str) -> None:
         raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
 
 
-def _validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference") -> tuple[str, ...]:
+def validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference") -> tuple[str, ...]:
+    """Check a world's anomaly rate, kinds (None: all) and vocabulary; return the kinds."""
     if not 0.0 <= anomaly_rate <= 1.0:
         raise ValueError(f"anomaly_rate must be in [0, 1], got {anomaly_rate!r}")
     _check_vocabulary(vocabulary)
@@ -304,17 +300,18 @@ def _validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference")
 def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
                anomaly_kinds: Sequence[str] | None = None, key_digits: int = 4,
                vocabulary: str = "reference") -> Iterator[tuple[str, WorldSample]]:
-    """The ``(key, sample)`` pairs of one shard, in memory; what :func:`generate_world` writes."""
-    kinds = _validate(anomaly_rate, anomaly_kinds, vocabulary)
+    """The ``(key, sample)`` pairs of one shard, in memory; what :func:`pipeline.demo.shards.generate_world` writes."""
+    kinds = validate(anomaly_rate, anomaly_kinds, vocabulary)
     plan = _plan(np.random.default_rng([seed, shard, 1]), n, anomaly_rate, kinds)
     for i, anomaly in enumerate(plan):
         key = f"{shard * 10 ** key_digits + i:0{5 + key_digits}d}"
         image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly, vocabulary)
         jpeg = encode_jpeg(image)
         groups = scene.groups()
+        open_tag = "" if vocabulary == "reference" else "open"
         labels = {
-            "url": f"https://world.wclip.invalid/{'' if vocabulary == 'reference' else 'open/'}s{seed}/{key}.jpg",
-            "uid": hashlib.md5(f"wclip-world:{'' if vocabulary == 'reference' else 'open:'}{seed}:{key}".encode()).hexdigest(),
+            "url": f"https://world.wclip.invalid/{open_tag and open_tag + '/'}s{seed}/{key}.jpg",
+            "uid": hashlib.md5(f"wclip-world:{open_tag and open_tag + ':'}{seed}:{key}".encode()).hexdigest(),
             "key": key, "caption": caption, "status": "success", "error_message": None,
             "width": SIZE, "height": SIZE, "original_width": SIZE, "original_height": SIZE,
             "sha256": hashlib.sha256(jpeg).hexdigest(),
@@ -327,76 +324,3 @@ def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
                         for o in scene.objects],
         }
         yield key, WorldSample(jpeg, caption, labels)
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_shard(path: Path, samples: Iterable[tuple[str, WorldSample]]) -> dict:
-    """Write one tar plus its ``.parquet`` and ``_stats.json`` beside it; return the stats."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    start, rows = time.time(), []
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, sample in samples:
-            _add(tar, f"{key}.jpg", sample.image)
-            _add(tar, f"{key}.txt", sample.caption.encode())
-            _add(tar, f"{key}.json", json.dumps(sample.labels, sort_keys=True).encode())
-            rows.append({k: (json.dumps(v) if k == "objects" else v) for k, v in sample.labels.items()})
-    os.replace(tmp, path)
-    pq.write_table(pa.Table.from_pylist(rows), path.with_suffix(".parquet"))
-    anomalies: dict = {}
-    for row in rows:
-        if row["anomaly"]:
-            anomalies[row["anomaly"]] = anomalies.get(row["anomaly"], 0) + 1
-    end = time.time()
-    stats = {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
-             "duration": end - start, "start_time": start, "end_time": end,
-             "status_dict": {"success": len(rows)}, "anomalies": anomalies}
-    path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
-    return stats
-
-
-def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
-                   anomaly_rate: float = 0.0, anomaly_kinds: Sequence[str] | None = None,
-                   vocabulary: str = "reference") -> list[Path]:
-    """Write ``shards`` tar shards of ``samples_per_shard`` pairs each; return the tar paths."""
-    if shards < 1 or samples_per_shard < 1:
-        raise ValueError(f"shards and samples_per_shard must be >= 1, got {shards} and {samples_per_shard}")
-    kinds = _validate(anomaly_rate, anomaly_kinds, vocabulary)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shard_digits = max(5, len(str(shards - 1)))
-    key_digits = max(4, math.ceil(math.log10(samples_per_shard)))
-    paths = []
-    for shard in range(shards):
-        path = out / f"{shard:0{shard_digits}d}.tar"
-        write_shard(path, iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits, vocabulary))
-        paths.append(path)
-    return paths
-
-
-def read_labels(path) -> list[dict]:
-    """The labels of every sample under ``path`` (a world folder, a ``.tar`` or a ``.parquet``), by key."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-    elif path.suffix == ".tar" and not path.with_suffix(".parquet").exists():
-        with tarfile.open(path) as tar:
-            rows = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
-        return sorted(rows, key=lambda r: r["key"])
-    else:
-        files = [path.with_suffix(".parquet")]
-    rows = [row for f in files for row in pq.read_table(f).to_pylist()]
-    for row in rows:
-        row["objects"] = json.loads(row["objects"])
-    return sorted(rows, key=lambda r: r["key"])

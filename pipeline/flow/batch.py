@@ -11,8 +11,8 @@ import numpy as np
 
 from pipeline.config import InputConfig
 from pipeline.flow.decode import prepare_sample
+from pipeline.flow.formats import open_reader
 from pipeline.flow.preprocess import Preprocessor
-from pipeline.flow.read import ShardReader
 
 TOWERS = ("image", "text")
 
@@ -74,9 +74,9 @@ def build_chunk(prepared: list, tokenizer) -> Chunk:
 
 
 def read_chunks(url: str, inputs: InputConfig, preprocessor: Preprocessor, tokenizer,
-                chunk_size: int, reader: Optional[ShardReader] = None) -> Iterator[tuple]:
+                chunk_size: int, reader=None) -> Iterator[tuple]:
     """Yield ``(prepared_samples, chunk)`` pairs for a shard, ``chunk_size`` samples at a time."""
-    reader = reader or ShardReader(url)
+    reader = reader or open_reader(url, inputs)
     batch: list = []
     for sample in reader:
         batch.append(prepare_sample(sample, url, inputs, preprocessor))

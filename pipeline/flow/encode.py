@@ -20,9 +20,6 @@ from pipeline.models import ModelSpec, load_spec
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-
-
-
 class Encoder:
     """Holds one CLIP model on one device; turns chunks of preprocessed samples into embeddings."""
 

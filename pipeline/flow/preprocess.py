@@ -22,6 +22,10 @@ class Preprocessor:
         tail = steps[idx + 1:] if idx is not None else []
         self.split = idx is not None and len(tail) == 1 and isinstance(tail[0], T.Normalize)
         self.preprocess = preprocess
+        resize = next((s for s in steps if isinstance(s, T.Resize)), None)
+        size = getattr(resize, "size", None)
+        # the shortest side CLIP resizes to: a JPEG may be decoded at a reduced scale down to it
+        self.draft_size = (size if isinstance(size, int) else max(size) if size else None)
         if self.split:
             self.pil_stage = T.Compose(steps[:idx]) if idx else (lambda im: im)
             self.mean = tuple(float(v) for v in tail[0].mean)

@@ -1,17 +1,31 @@
-"""Shard URLs and tar streaming: expand brace patterns, open local / fsspec / ``pipe:`` URLs, and
-group tar members into samples by ``__key__`` (webdataset's naming convention)."""
+"""Shard URLs and tar streaming: expand brace patterns and globs, open local / fsspec / ``pipe:`` URLs,
+decompress (gzip, zstd, bzip2, xz), and group tar members into samples by ``__key__`` (webdataset's
+naming convention).
+
+Three kinds of trouble are kept apart: the *transport* failing or stalling (:class:`TransportError`: the
+shard is retried, then recorded as failed), the *archive* being structurally truncated or corrupt (damage:
+the samples before it are kept and the damage is recorded), and one *member* being unusable (that
+sample's row says why).
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from braceexpand import braceexpand
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
+from pipeline.config import MAX_MEMBER_BYTES, STALL_TIMEOUT
+from pipeline.errors import TransportError
+from pipeline.flow.transport import damage_errors, decompressed, open_shard
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")
+_NAME_SUFFIXES = SHARD_SUFFIXES + (".parquet",)  # stripped from input names to name their outputs
+_GLOB_CHARS = "*?["
 
 
 def expand_shards(patterns) -> list[str]:
@@ -24,7 +38,14 @@ def expand_shards(patterns) -> list[str]:
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand(pattern):
-            if "://" not in url and not url.startswith("pipe:") and os.path.isdir(url):
+            if url.startswith("pipe:"):
+                urls.append(url)
+            elif any(c in url for c in _GLOB_CHARS):
+                matched = _glob(url)
+                if not matched:
+                    raise ValueError(f"the pattern {url!r} matched no file")
+                urls.extend(matched)
+            elif "://" not in url and os.path.isdir(url):
                 urls.extend(sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(SHARD_SUFFIXES)))
             else:
                 urls.append(url)
@@ -34,13 +55,25 @@ def expand_shards(patterns) -> list[str]:
     return unique
 
 
+def _glob(pattern: str) -> list:
+    """A shell-style glob (``dir/*.tar``, ``s3://b/x/*.tar``), expanded here because a quoted one reaches us
+    unexpanded; sorted."""
+    if "://" not in pattern:
+        return sorted(glob.glob(pattern))
+    import fsspec
+
+    fs, _, _ = fsspec.get_fs_token_paths(pattern)
+    scheme = pattern.split("://")[0]
+    return sorted(m if "://" in m else f"{scheme}://{m}" for m in fs.glob(pattern))
+
+
 def shard_name(url: str) -> str:
     """The shard's file name without its tar suffix: the name of its outputs (``00042`` for ``s3://b/00042.tar``)."""
     if url.startswith("pipe:"):
         tokens = [t for t in url[5:].split() if not t.startswith("-")]
         url = tokens[-1] if tokens else url[5:]
     base = posixpath.basename(url.rstrip("/").split("?")[0])
-    for suffix in SHARD_SUFFIXES:
+    for suffix in _NAME_SUFFIXES:
         if base.endswith(suffix):
             return base[: -len(suffix)]
     return base
@@ -59,22 +92,6 @@ def check_unique_names(urls) -> None:
         seen[name] = url
 
 
-def open_shard(url: str):
-    """Open a shard for streaming reads: local path, any fsspec URL (s3://, gs://, http(s)://) or ``pipe:CMD``."""
-    if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    if "://" not in url or url.startswith("file://"):
-        return open(url[7:] if url.startswith("file://") else url, "rb")
-    import fsspec
-
-    if url.startswith(("http://", "https://")):
-        # One streaming GET: tar members are read in order, and servers without range requests work too.
-        return fsspec.open(url, "rb", block_size=0).open()
-    return fsspec.open(url, "rb").open()
-
-
 def split_member(name: str) -> tuple[str, str]:
     """``dir/000123.jpg`` -> (``dir/000123``, ``jpg``): the key is everything before the first dot of the
     base name; the extension (lower-cased) the rest."""
@@ -82,6 +99,39 @@ def split_member(name: str) -> tuple[str, str]:
     stem, dot, ext = base.partition(".")
     key = posixpath.join(directory, stem) if directory else stem
     return key, ext.lower() if dot else ""
+
+
+def member_key(info: tarfile.TarInfo) -> Optional[tuple[str, str]]:
+    """``(key, ext)`` of a tar member that belongs to a sample (:func:`split_member`); None for one that does
+    not: anything but a regular file, and names whose key starts with ``__`` or has an empty base name."""
+    if not info.isfile():
+        return None
+    key, ext = split_member(info.name)
+    if key.startswith("__") or posixpath.basename(key) == "":
+        return None
+    return key, ext
+
+
+class Member(NamedTuple):
+    """One sample member of a streamed tar. Call :meth:`read` for its bytes before taking the next member."""
+
+    key: str
+    ext: str
+    info: tarfile.TarInfo
+    tar: tarfile.TarFile
+
+    def read(self) -> bytes:
+        return self.tar.extractfile(self.info).read()
+
+
+def iter_members(url: str) -> Iterator[Member]:
+    """The sample members of a shard (:func:`member_key`), in tar order, keyed as :class:`ShardReader` keys
+    its samples (:func:`clean_key`); the shard is closed when the iteration ends or the iterator is closed."""
+    with open_shard(url) as stream, tarfile.open(fileobj=decompressed(stream), mode="r|") as tar:
+        for info in tar:
+            named = member_key(info)
+            if named is not None:
+                yield Member(clean_key(named[0])[0], named[1], info, tar)
 
 
 class _TailReader:
@@ -113,71 +163,98 @@ class RawSample:
     index: int
     members: dict = field(default_factory=dict)  # extension -> bytes
     error: Optional[str] = None  # set when the tar broke while this sample was being read
+    warnings: list = field(default_factory=list)  # problems that do not stop scoring (odd member names)
+    skipped: list = field(default_factory=list)  # members not read, with the reason
+
+
+def clean_key(key: str) -> tuple:
+    """(key, warning): a member name that is not valid UTF-8 (tarfile keeps its bytes as surrogates) is
+    shown with ``\\x`` escapes, so it can be written to Parquet, and a warning says so."""
+    try:
+        key.encode("utf-8")
+        return key, None
+    except UnicodeEncodeError:
+        shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, f"member name is not valid UTF-8; the key is shown with \\x escapes: {shown}"
 
 
 class ShardReader:
-    """Iterate the samples of one tar shard; ``damage`` describes a truncated or corrupt tail, if any.
+    """Iterate the samples of one tar shard; ``damage`` describes a truncated or corrupt archive, if any.
 
-    Samples before the damage are yielded normally; a sample cut by it is yielded with ``error`` set.
+    Samples before the damage are yielded normally; a sample cut by it is yielded with ``error`` set. A
+    member over ``max_member_bytes`` is skipped (its sample says so). Transport trouble raises
+    :class:`TransportError`.
     """
 
-    def __init__(self, url: str, fileobj=None):
+    def __init__(self, url: str, fileobj=None, max_member_bytes: int = MAX_MEMBER_BYTES,
+                 stall_timeout: float = STALL_TIMEOUT):
         self.url = url
         self._fileobj = fileobj
+        self.max_member_bytes = max_member_bytes
+        self.stall_timeout = stall_timeout
         self.damage: Optional[str] = None
         self.skipped_members = 0
 
     def __iter__(self) -> Iterator[RawSample]:
-        stream = self._fileobj if self._fileobj is not None else open_shard(self.url)
-        reader = _TailReader(stream)
-        current: Optional[RawSample] = None
-        index = 0
+        stream = self._fileobj if self._fileobj is not None else open_shard(self.url, self.stall_timeout)
         try:
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:
-                while True:
-                    try:
-                        info = tar.next()
-                        if info is None:
-                            self._check_end(tar, reader, index + (current is not None))
-                            break
-                        if not info.isfile():
-                            self.skipped_members += 1
-                            continue
-                        key, ext = split_member(info.name)
-                        if key.startswith("__") or posixpath.basename(key) == "":
-                            self.skipped_members += 1
-                            continue
-                        if current is not None and key != current.key:
-                            yield current
-                            index += 1
-                            current = None
-                        if current is None:
-                            current = RawSample(key=key, index=index)
-                        data = tar.extractfile(info).read()
-                        if ext in current.members:
-                            ext = f"{ext}.dup{len(current.members)}"
-                        current.members[ext] = data
-                    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-                        self.damage = f"tar damaged after {index + (current is not None)} samples: {exc}"
-                        if current is not None:
-                            current.error = (f"the shard is truncated or corrupt inside this sample ({exc}); "
-                                             f"members read: {sorted(current.members) or 'none'}")
-                        break
-        except tarfile.ReadError as exc:  # not a tar at all (header unreadable)
-            if index == 0 and current is None:
-                raise OSError(f"{self.url}: not a readable tar file ({exc})") from exc
-            self.damage = f"tar damaged: {exc}"
+            yield from self._samples(_TailReader(decompressed(stream)))
         finally:
             if self._fileobj is None:
                 stream.close()
+
+    def _samples(self, reader: "_TailReader") -> Iterator[RawSample]:
+        current: Optional[RawSample] = None
+        index = 0
+        try:
+            tar = tarfile.open(fileobj=reader, mode="r|")
+        except tarfile.ReadError as exc:  # not a tar at all (header unreadable)
+            raise OSError(f"{self.url}: not a readable tar file ({exc})") from exc
+        with tar:
+            while True:
+                try:
+                    info = tar.next()
+                    if info is None:
+                        self._check_end(tar, reader, index + (current is not None))
+                        break
+                    named = member_key(info)
+                    if named is None:
+                        self.skipped_members += 1
+                        continue
+                    key, warning = clean_key(named[0])
+                    ext = named[1]
+                    if current is not None and key != current.key:
+                        yield current
+                        index += 1
+                        current = None
+                    if current is None:
+                        current = RawSample(key=key, index=index, warnings=[warning] if warning else [])
+                    self._add_member(tar, info, ext, current)
+                except TransportError:
+                    raise
+                except damage_errors() as exc:
+                    self.damage = f"tar damaged after {index + (current is not None)} samples: {exc}"
+                    if current is not None:
+                        current.error = (f"the shard is truncated or corrupt inside this sample ({exc}); "
+                                         f"members read: {sorted(current.members) or 'none'}")
+                    break
         if current is not None:
             yield current
 
-    def _check_end(self, tar, reader: _TailReader, samples: int) -> None:
-        """An uncompressed tar must end with a zero block; a missing one means the file was cut short."""
-        if tar.fileobj.comptype != "tar":
+    def _add_member(self, tar, info, ext: str, sample: RawSample) -> None:
+        if info.size > self.max_member_bytes:
+            sample.skipped.append(f"member .{ext} is {info.size} bytes, over the {self.max_member_bytes}-byte "
+                                  f"limit (raise --max-member-bytes if such members are legitimate)")
             return
+        data = tar.extractfile(info).read()
+        if ext in sample.members:
+            ext = f"{ext}.dup{len(sample.members)}"
+        sample.members[ext] = data
+
+    def _check_end(self, tar, reader: "_TailReader", samples: int) -> None:
+        """A tar must end with a zero block; a missing one means the archive was cut short (also inside a
+        compressed stream that was itself completed, e.g. a cut tar gzipped afterwards)."""
         block = reader.block_at(tar.offset)
         if len(block) < 512 or block.count(0) != 512:
-            self.damage = (f"tar has no end-of-archive marker: the file was cut short after {samples} "
+            self.damage = (f"tar has no end-of-archive marker: the archive was cut short after {samples} "
                            f"samples ({reader.total} bytes); later samples, if any, are lost")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,22 @@ import numpy as np
 from pipeline.errors import StatsFileError
 from pipeline.whitening.stats import TENSORS, WhiteningStats
 
-FORMAT = "wclip-stats/1"
+FORMAT = "wclip-stats/2"  # /2: a digest ties the metadata to the tensors
 _TOWER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def content_digest(tensors: dict, header: str) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes, in name order) and the JSON metadata: editing
+    either (normalisation flipped, another model claimed) no longer matches the digest saved with them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    digest.update(b"|" + header.encode("utf-8"))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,11 @@ class StatsFile:
         object.__setattr__(self, "metadata", metadata)
 
     def save(self, path) -> Path:
-        """Write the file atomically (temporary name, then rename); returns its path."""
-        from safetensors.numpy import save_file
+        """Write the file crash-safe (:func:`pipeline.storage.write_atomic`); returns its path."""
+        from safetensors.numpy import save as to_bytes
 
         import pipeline
+        from pipeline.storage import write_atomic
 
         path = Path(path)
         tensors = {f"{t}.{name}": np.ascontiguousarray(getattr(ws, name), dtype="<f8").copy()
@@ -64,14 +78,9 @@ class StatsFile:
         meta.setdefault("wclip_version", pipeline.__version__)
         meta.update(format=FORMAT, towers=list(self.towers),
                     summary={t: ws.summary() for t, ws in self.towers.items()})
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT,
-                                                   "wclip": json.dumps(meta, allow_nan=False)})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        header = json.dumps(meta, allow_nan=False)
+        write_atomic(str(path), to_bytes(tensors, metadata={"format": FORMAT, "wclip": header,
+                                                            "digest": content_digest(tensors, header)}))
         return path
 
     @classmethod
@@ -106,6 +115,10 @@ class StatsFile:
                     raise fail(f"missing tensors {sorted(want - names)}, unexpected "
                                f"{sorted(names - want)}")
                 arrays = {name: f.get_tensor(name) for name in sorted(names)}
+                if header.get("digest") != content_digest(arrays, header["wclip"]):
+                    raise StatsFileError(f"{path} was changed after `wclip fit` wrote it: its metadata or tensors "
+                                         f"no longer match the digest recorded with them (an edited header?). "
+                                         f"{redo}")
         except StatsFileError:
             raise
         except Exception as exc:  # safetensors, JSON and key errors: all mean a bad file

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.card.build import build_card, error_kind
+from pipeline.card.build import build_card
+from pipeline.card.measure import error_kind
 from pipeline.card.render import size_category
 from pipeline.card.sketch import Extremes, Histogram, QuantileSketch
 from pipeline.config import CardConfig
@@ -137,7 +138,7 @@ def test_card_files_numbers_and_plots(corpus):
     text = (root / "card" / "README.md").read_text()
     assert text.startswith("---\n")
     header = yaml.safe_load(text.split("---\n")[1])
-    assert header["license"] == "other" and {"wclip", "whitened-clip"} <= set(header["tags"])
+    assert header["license"] == "unknown" and {"wclip", "whitened-clip"} <= set(header["tags"])
     assert header["size_categories"] == ["n<1K"] and "wclip-demo" in header["pretty_name"]
     assert header["task_categories"]
     for section in ("## Provenance", "## Counts", "## Score quantiles", "## Filter",

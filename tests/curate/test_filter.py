@@ -19,6 +19,7 @@ from pipeline.config import FilterConfig
 from pipeline.curate.filter import Condition, run_filter
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UID_DTYPE, UidCollector, parse_uids, uid_to_int
+from pipeline.runtime import map_tasks
 
 SCORES = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
           "text_pvalue", "clip_score")
@@ -35,8 +36,9 @@ def write_tar(path, samples):
                 tar.addfile(info, io.BytesIO(data))
 
 
-def make_corpus(root, n_shards=4, per_shard=25, seed=0, extra_member=None):
-    """Tar shards plus matching score files; returns (shard paths, scores dir, all rows)."""
+def make_corpus(root, n_shards=4, per_shard=25, seed=0, extra_member=None, uids=True):
+    """Tar shards plus matching score files (``index`` = the sample's position in its tar, as `wclip score`
+    writes it); returns (shard paths, scores dir, all rows)."""
     rng = np.random.default_rng(seed)
     shard_dir, score_dir = root / "data", root / "scores"
     shard_dir.mkdir()
@@ -44,16 +46,16 @@ def make_corpus(root, n_shards=4, per_shard=25, seed=0, extra_member=None):
     urls, rows = [], []
     for s in range(n_shards):
         url = str(shard_dir / f"{s:05d}.tar")
-        samples, table = [], {c: [] for c in ("key", "shard", "index", "url", "uid", "caption",
-                                              "status", "error", *SCORES)}
+        samples, shard_rows = [], []
         for i in range(per_shard):
             key = f"{s:05d}{i:04d}"
             uid = rng.bytes(16).hex()
             if i == 3:
                 uid = "not-a-uid"
             caption = f"caption {s}-{i}"
+            meta = {"url": f"http://x/{key}", "uid": uid, "width": 10 + i, "height": 20 + i}
             members = {"jpg": rng.bytes(int(rng.integers(10, 2000))), "txt": caption.encode(),
-                       "json": json.dumps({"url": f"http://x/{key}", "uid": uid}).encode()}
+                       "json": json.dumps(meta).encode()}
             samples.append((key, members))
             status = "ok" if i % 7 != 5 else "decode"
             vals = {"image_sqnorm": rng.chisquare(16), "text_sqnorm": rng.chisquare(16),
@@ -65,32 +67,33 @@ def make_corpus(root, n_shards=4, per_shard=25, seed=0, extra_member=None):
                 vals = {c: None for c in SCORES}
             elif i == 8:
                 vals["clip_score"] = None
-            row = dict(key=key, shard=url, index=i, url=f"http://x/{key}", uid=uid, caption=caption,
-                       status=status, error=None if status == "ok" else "bad jpeg",
-                       **{c: vals.get(c) for c in SCORES})
-            for c in table:
-                table[c].append(row[c])
-            rows.append(row)
+            shard_rows.append(dict(key=key, shard=url, index=i, url=f"http://x/{key}", uid=uid if uids else None,
+                                   caption=caption, status=status, error=None if status == "ok" else "bad jpeg",
+                                   **{c: vals.get(c) for c in SCORES}))
         if extra_member and s == 0:
             samples.insert(1, extra_member)
-            k = extra_member[0]
-            extra = dict(key=k, shard=url, index=per_shard, url=None, uid=None, caption="x",
+            extra = dict(key=extra_member[0], shard=url, index=1, url=None, uid=None, caption="x",
                          status="ok", error=None, **{c: 1e6 for c in SCORES})
             extra["image_sqnorm"] = 0.0
-            for c in table:
-                table[c].append(extra[c])
-            rows.append(extra)
+            shard_rows.insert(1, extra)
+        for position, row in enumerate(shard_rows):
+            row["index"] = position
+        rows += shard_rows
         write_tar(url, samples)
-        schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
-                            ("url", pa.string()), ("uid", pa.string()), ("caption", pa.string()),
-                            ("status", pa.string()), ("error", pa.string())]
-                           + [(c, pa.float32()) for c in SCORES])
-        pq.write_table(pa.table(table, schema=schema), score_dir / f"{s:05d}.parquet",
-                       row_group_size=7)
-        (score_dir / f"{s:05d}.stats.json").write_text("{}")
+        write_scores(score_dir / f"{s:05d}.parquet", shard_rows)
         urls.append(url)
     (score_dir / ".00009.parquet.tmp").write_bytes(b"partial")   # must be ignored
     return urls, score_dir, rows
+
+
+def write_scores(path, rows, provenance=None):
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
+                        ("url", pa.string()), ("uid", pa.string()), ("caption", pa.string()),
+                        ("status", pa.string()), ("error", pa.string())]
+                       + [(c, pa.float32()) for c in SCORES],
+                       metadata={b"wclip": json.dumps(provenance).encode()} if provenance else None)
+    table = pa.table({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
+    pq.write_table(table, path, row_group_size=7)
 
 
 def read_column(score_dir, column):
@@ -219,7 +222,10 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     conditions = (Condition.parse("fraction", "image_sqnorm=0.6"),)
     cfg = FilterConfig(str(score_dir), str(tmp_path / "out"), conditions, inputs=tuple(urls),
                        samples_per_shard=7, samples_per_task=10, progress=False)
-    report = run_filter(cfg)
+    with pytest.raises(ValueError, match="needs a mapper"):
+        run_filter(cfg)                              # shards need a way to run the copy tasks
+    assert not (tmp_path / "out").exists()           # refused before any work
+    report = run_filter(cfg, mapper=map_tasks)
     s = report["shards"]
     assert not s["failed"] and s["finished"] == s["shards"] == math.ceil(report["kept"] / 7)
     assert s["tasks"] > 1 and s["assembled"] > 0     # some shards span two tasks (pieces joined)
@@ -238,20 +244,24 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
         m = members(t)
         got.extend(m)
         counts.append(len({n.rsplit(".", 1)[0] for n, _ in m}))
-        marker = json.loads(t.with_name(t.name[:-4] + ".stats.json").read_text())
-        assert marker["sha256"] == hashlib.sha256(t.read_bytes()).hexdigest()
+        stats = json.loads(t.with_name(t.name[:-4] + "_stats.json").read_text())
+        assert stats["sha256"] == hashlib.sha256(t.read_bytes()).hexdigest()
+        assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (counts[-1], counts[-1], 0)
+        meta = pq.read_table(t.with_suffix(".parquet"))
+        assert meta.column("key").to_pylist() == list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in m))
     assert got == expected                           # same names, same bytes, same order
     assert counts[:-1] == [7] * (len(tars) - 1) and sum(counts) == report["kept"]
     assert not (tmp_path.parent / "escape.txt").exists() and not (tmp_path / "escape.txt").exists()
     assert not list(tmp_path.rglob("escape*")) and not os.path.exists("../../escape.txt")
-    assert not (out / "_pieces").exists()
+    assert not (out / ".wclip" / "pieces").exists() and (out / ".wclip" / "plan.json").exists()
+    assert s["unreadable_count"] == 0 and s["copied"] == report["kept"]
 
     # resume: drop one finished shard, rerun; only its task runs and the bytes come out identical
     before = {t.name: t.read_bytes() for t in tars}
     stamps = {t.name: t.stat().st_mtime_ns for t in tars}
     tars[0].unlink()                                 # shard 0 lies wholly in the first task
-    tars[0].with_name(tars[0].name[:-4] + ".stats.json").unlink()
-    again = run_filter(cfg)["shards"]
+    tars[0].with_name(tars[0].name[:-4] + "_stats.json").unlink()
+    again = run_filter(cfg, mapper=map_tasks)["shards"]
     assert again["tasks_run"] == 1 < again["tasks"] and again["finished"] == s["shards"]
     assert again["assembled"] == 0
     after = sorted(out.glob("*.tar"))
@@ -262,7 +272,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     with pytest.raises(ValueError, match="different selection"):
         run_filter(FilterConfig(str(score_dir), str(tmp_path / "out"),
                                 (Condition.parse("fraction", "image_sqnorm=0.5"),),
-                                inputs=tuple(urls), samples_per_shard=7, progress=False))
+                                inputs=tuple(urls), samples_per_shard=7, progress=False), mapper=map_tasks)
 
 
 def test_cli_filter_and_user_errors(tmp_path, capsys):
@@ -293,9 +303,13 @@ def test_reshard_matches_inputs_by_name_and_reports_a_changed_shard(tmp_path, ra
     inputs = (str(moved / "00000.tar"), str(moved / "00001.tar"), str(moved / "00007.tar"))
     report = run_filter(FilterConfig(str(score_dir), str(tmp_path / "out"), (), inputs=inputs,
                                      samples_per_shard=4, samples_per_task=4, retries=0,
-                                     progress=False))["shards"]
+                                     progress=False), mapper=map_tasks)["shards"]
     assert (report["inputs_matched"], report["inputs_unmatched"]) == (2, 1)
-    assert [f["inputs"] for f in report["failed"]] == [[inputs[1]]]
-    assert "differs from the one that was scored" in report["failed"][0]["error"]
-    assert report["finished"] < report["shards"]
+    # the changed shard costs only its own kept samples: every output shard is finished, and each of its
+    # kept samples is listed with the reason
+    assert report["failed"] == [] and report["finished"] == report["shards"]
+    changed = [u for u in report["unreadable"] if u["shard"] == urls[1]]
+    assert changed and len(changed) == report["unreadable_count"] == report["samples"] - report["copied"]
+    assert "has key '0000100', not '000010000' as scored" in changed[0]["reason"]
+    assert all("differs from the" in u["reason"] for u in changed)
     assert not list((tmp_path / "out/shards").glob("**/*.tmp"))

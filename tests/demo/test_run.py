@@ -6,16 +6,13 @@ import sys
 
 import pytest
 
-from pipeline.demo.run import DemoConfig, auroc, report, run_demo
-from pipeline.models import DEMO_WEIGHTS
+from pipeline.demo import MODEL
+from pipeline.demo.metrics import FIT
+from pipeline.demo.run import DemoConfig, report, run_demo
+from pipeline.models import builtin_weights
+from pipeline.whitening import StatsFile
 
-pytestmark = pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="the demo weights are not built")
-
-
-def test_auroc_is_mann_whitney():
-    assert auroc([0.0, 1.0], [2.0, 3.0]) == 1.0  # anomalies score lower: perfectly ranked
-    assert auroc([5.0], [1.0]) == 0.0
-    assert auroc([1.0, 2.0], [1.0, 2.0]) == 0.5
+pytestmark = pytest.mark.skipif(not builtin_weights(MODEL).is_file(), reason="the demo weights are not built")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +48,9 @@ def test_demo_writes_its_outputs(summary):
     assert (work / "card" / "README.md").read_text().startswith("---\n")
     text = report(summary)
     assert "AUROC" in text and "summary.json" in text
+    # fitted with the settings the model's recorded evaluation uses (one definition, metrics.FIT)
+    meta = StatsFile.load(summary["stats"]).metadata
+    assert {k: meta["components_requested" if k == "components" else k] for k in FIT} == FIT
 
 
 def test_demo_command_line_help():
@@ -69,8 +69,8 @@ def test_demo_command_names_every_group_and_kind_below_target(monkeypatch, capsy
         return {"groups": {"image": {"auroc": 0.96}, "caption": {"auroc": 0.949}, "mismatch": {"auroc": None}},
                 "kinds": {"damaged": {"auroc": 0.93}, "noise": {"auroc": 1.0}}}
 
-    monkeypatch.setattr(pipeline.demo, "run_demo", fake_run_demo)
-    monkeypatch.setattr(pipeline.demo, "report", lambda summary: "report")
+    monkeypatch.setattr(pipeline.demo.run, "run_demo", fake_run_demo)
+    monkeypatch.setattr(pipeline.demo.run, "report", lambda summary: "report")
     assert main(["demo", "--workdir", "somewhere", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == 'note: AUROC below 0.95 for {"caption": 0.949, "damaged": 0.93}'

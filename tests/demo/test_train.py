@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import models
 from pipeline.cli import main as cli_main
+from pipeline.demo import MODEL, metrics, world
 from pipeline.demo import train as demo_train
-from pipeline.demo import world
 
-TRAIN_RECORD = demo_train.ASSETS / "wclip-demo.train.json"
+TRAIN_RECORD = demo_train.RECORD_PATH
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def shipped():
 
     open_clip.add_model_config(str(demo_train.CONFIG_PATH))
     model, _, preprocess = open_clip.create_model_and_transforms("wclip-demo", pretrained=None)
-    missing = model.load_state_dict({k: v.float() for k, v in load_file(str(demo_train.WEIGHTS_PATH)).items()},
-                                    strict=True)
+    state = load_file(str(demo_train.WEIGHTS_PATH))
+    missing = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
     model.eval()
     return model, preprocess, open_clip.get_tokenizer("wclip-demo")
@@ -43,11 +44,34 @@ def test_weights_file_is_small_and_matches_its_record():
     assert record["final_loss"] < record["first_loss"] / 2
 
 
+def test_the_demo_model_is_built_in_by_its_files():
+    # a config in assets/ with weights beside it makes a built-in model; model_configs/ holds architectures only
+    assert MODEL in models.builtin_models() and "wclip-tiny" not in models.builtin_models()
+    assert set(models.builtin_configs()) >= {MODEL, "wclip-tiny"}
+    assert "wclip-demo.train" not in models.builtin_configs()              # a record, not an architecture
+    assert demo_train.CONFIG_PATH == models.builtin_configs()[MODEL] == models.ASSETS / "wclip-demo.json"
+    assert demo_train.WEIGHTS_PATH == models.builtin_weights(MODEL) == models.ASSETS / "wclip-demo.safetensors"
+    assert demo_train.RECORD_PATH == models.ASSETS / "wclip-demo.train.json"
+    assert models.builtin_weights("wclip-tiny") is None and models.builtin_weights("ViT-B-32") is None
+    models.ModelSpec(MODEL)                                                 # needs no weight source
+    with pytest.raises(ValueError, match="'wclip-tiny' has no weights.*built-in offline models.*wclip-demo"):
+        models.ModelSpec("wclip-tiny")
+    # the identity that stats files recorded before models became data, unchanged
+    sha = hashlib.sha256(demo_train.WEIGHTS_PATH.read_bytes()).hexdigest()
+    assert models.model_identity(models.ModelSpec(MODEL)) == {"model": MODEL, "weights": f"builtin:sha256:{sha}"}
+
+
 def test_recorded_evaluation_meets_targets():
     record = json.loads(TRAIN_RECORD.read_text())
     ev = record["eval"]
     assert ev["eval_seed"] == demo_train.EVAL_SEED != record["selection"]["validation_seed"]
-    assert ev["n_reference"] == ev["n_target"] == 4000
+    assert ev["n_reference"] == ev["n_target"] == 4000 and ev["anomaly_rate"] == 0.2
+    # scored by the product: WhiteningStats fitted as `wclip demo` fits (recomputed without retraining)
+    assert ev["scorer"] == "pipeline.whitening.WhiteningStats"
+    assert {k: ev["fit"][k] for k in metrics.FIT} == metrics.FIT
+    assert "2026-12-02" in record["eval_note"] and "WhiteningStats" in record["eval_note"]
+    assert "without retraining" in record["eval_note"] and record["weights_sha256"] in record["eval_note"]
+    assert record["eval_previous"]["auroc"].keys() == ev["auroc"].keys()
     # the targets, met by the shipped model on the held-out test world for every kind
     assert set(ev["auroc"]) == set(world.ANOMALY_KINDS)
     for kind, value in ev["auroc"].items():
@@ -55,6 +79,8 @@ def test_recorded_evaluation_meets_targets():
     assert ev["auroc_image_all"] >= 0.95 and ev["auroc_caption"] >= 0.95 and ev["auroc_pair"] >= 0.95
     assert ev["noise_frac_p_below_0.01"] >= 0.95 and ev["gibberish_frac_p_below_0.01"] >= 0.95
     assert max(ev["clean_frac_p_below_0.01"].values()) <= 0.03        # calibrated on clean rows
+    assert all(0.8 <= v <= 1.2 for v in ev["held_sqnorm_per_m"].values())  # "auto" components: sqnorm/m near 1
+    assert all(700 <= n <= 900 for n in ev["held_out"].values())      # 0.2 of 4000, by key hash
     assert "damaged" in record["notes"] and "shape" in record["notes"]
     assert record["warm_start_steps"] == list(demo_train.WARM_START_STEPS) and record["concepts"] == ["shape", "colour"]
     assert record["train_seconds"] <= 15 * 60
@@ -79,7 +105,7 @@ def test_tokenizer_and_preprocess_are_what_training_used(shipped):
 def test_matching_pairs_score_higher_than_mismatched(shipped):
     model, preprocess, tokenizer = shipped
     samples = [s for _, s in world.iter_world(seed=123, shard=0, n=48)]
-    img, txt = demo_train.embed(model, preprocess, tokenizer, samples)
+    img, txt = metrics.embed(model, preprocess, tokenizer, samples)
     assert np.isfinite(img).all() and np.isfinite(txt).all() and img.shape == txt.shape == (48, 64)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
@@ -92,22 +118,36 @@ def test_matching_pairs_score_higher_than_mismatched(shipped):
 
 def test_raw_embedding_norms_barely_vary(shipped):
     # whitening reads raw embeddings; training keeps their norms alike (the model before had ~20% spread)
-    img, txt = demo_train.embed(*shipped, [s for _, s in world.iter_world(seed=31, shard=0, n=300)])
+    img, txt = metrics.embed(*shipped, [s for _, s in world.iter_world(seed=31, shard=0, n=300)])
     for x in (img, txt):
         norms = np.linalg.norm(x, axis=1)
         assert norms.std() / norms.mean() < 0.08
 
 
-def test_small_evaluation_flags_noise_and_gibberish(shipped):
-    ev = demo_train.evaluate(*shipped, n_reference=400, n_target=400, anomaly_rate=0.2)
+def test_evaluate_only_rewrites_the_evaluation_of_the_same_weights(tmp_path, capsys):
+    weights = tmp_path / "wclip-demo.safetensors"
+    weights.write_bytes(demo_train.WEIGHTS_PATH.read_bytes())
+    record = json.loads(TRAIN_RECORD.read_text())
+    demo_train.write_record(demo_train.record_path(weights), record)
+    assert cli_main(["train-demo", "--evaluate-only", "--eval-samples", "400", "--output", str(weights)]) == 0
+    assert "rewrote the evaluation" in capsys.readouterr().out
+    after = json.loads((tmp_path / "wclip-demo.train.json").read_text())
+    assert weights.read_bytes() == demo_train.WEIGHTS_PATH.read_bytes()              # no training
+    assert {k: v for k, v in after.items() if not k.startswith("eval")} == \
+        {k: v for k, v in record.items() if not k.startswith("eval")}
+    ev = after["eval"]
+    assert after["eval_previous"]["auroc"] == record["eval"]["auroc"] and "without retraining" in after["eval_note"]
+    assert ev["n_reference"] == ev["n_target"] == 400 and ev["eval_seed"] == demo_train.EVAL_SEED
     assert ev["auroc"]["noise"] >= 0.95 and ev["auroc"]["gibberish"] >= 0.95
     assert 0.5 < ev["held_sqnorm_per_m"]["image"] < 2.0
-
-
-def test_auroc_matches_definition():
-    assert demo_train.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
-    assert demo_train.auroc(np.array([0.0]), np.array([1.0])) == 0.0
-    assert demo_train.auroc(np.array([1.0, 0.0]), np.array([1.0, 0.0])) == 0.5
+    # other weights than the record's: refused, nothing rewritten
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert cli_main(["train-demo", "--evaluate-only", "--eval-samples", "400", "--output", str(weights)]) == 2
+    assert "describes weights with sha256" in capsys.readouterr().err
+    assert json.loads((tmp_path / "wclip-demo.train.json").read_text()) == after
+    assert cli_main(["train-demo", "--evaluate-only", "--output", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_train_demo_cli_writes_loadable_weights(tmp_path):
@@ -148,11 +188,10 @@ def test_train_demo_cli_refuses_bad_options(tmp_path, capsys):
 
 
 def test_pipeline_load_clip_gives_the_same_model(shipped):
-    models = pytest.importorskip("pipeline.models")
     model, preprocess, tokenizer = models.load_clip("wclip-demo")
     sample = next(iter(world.iter_world(seed=9, shard=0, n=1)))[1]
-    ours = demo_train.embed(*shipped, [sample])
-    theirs = demo_train.embed(model, preprocess, tokenizer, [sample])
+    ours = metrics.embed(*shipped, [sample])
+    theirs = metrics.embed(model, preprocess, tokenizer, [sample])
     assert np.allclose(ours[0], theirs[0]) and np.allclose(ours[1], theirs[1])
 
 

@@ -50,7 +50,8 @@ def test_splice_joins_the_top_of_one_scene_to_the_bottom_of_another():
     again = demo_warmstart.splice(samples, 0.5, np.random.default_rng(3))
     assert len(spliced) == 64
     joined = [i for i, s in enumerate(spliced) if isinstance(s, demo_warmstart.Spliced)]
-    assert 16 <= len(joined) <= 48 and joined == [i for i, s in enumerate(again) if isinstance(s, demo_warmstart.Spliced)]
+    assert 16 <= len(joined) <= 48
+    assert joined == [i for i, s in enumerate(again) if isinstance(s, demo_warmstart.Spliced)]
     assert all(spliced[i] is samples[i] for i in range(64) if i not in joined)
     backgrounds = [s.labels["background"] for s in samples]
     for i in joined:

@@ -1,4 +1,4 @@
-"""The synthetic world: determinism, img2dataset layout, labelled anomalies, CLI."""
+"""The synthetic world and its shards on disk: determinism, img2dataset layout, labelled anomalies, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from pipeline.demo import world
+from pipeline.demo import shards, world
 
 
 def _members(tar_path):
@@ -29,20 +29,20 @@ def _decode(jpeg: bytes) -> np.ndarray:
 def labelled(tmp_path_factory):
     """Two shards of 64 pairs, half of them anomalies of every kind."""
     out = tmp_path_factory.mktemp("world")
-    return out, world.generate_world(out, shards=2, samples_per_shard=64, seed=7, anomaly_rate=0.5)
+    return out, shards.generate_world(out, shards=2, samples_per_shard=64, seed=7, anomaly_rate=0.5)
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
-    a = world.generate_world(tmp_path / "a", 2, 20, seed=1, anomaly_rate=0.3)
-    b = world.generate_world(tmp_path / "b", 2, 20, seed=1, anomaly_rate=0.3)
-    c = world.generate_world(tmp_path / "c", 2, 20, seed=2, anomaly_rate=0.3)
+    a = shards.generate_world(tmp_path / "a", 2, 20, seed=1, anomaly_rate=0.3)
+    b = shards.generate_world(tmp_path / "b", 2, 20, seed=1, anomaly_rate=0.3)
+    c = shards.generate_world(tmp_path / "c", 2, 20, seed=2, anomaly_rate=0.3)
     for pa, pb, pc in zip(a, b, c):
         assert pa.read_bytes() == pb.read_bytes()
         assert pa.with_suffix(".parquet").read_bytes() == pb.with_suffix(".parquet").read_bytes()
         assert pa.read_bytes() != pc.read_bytes()
     for info, _ in _members(a[0]):
         assert (info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode) == \
-               (world.TAR_MTIME, 0, 0, "", "", 0o644)
+               (shards.TAR_MTIME, 0, 0, "", "", 0o644)
 
 
 def test_layout_keys_and_json_fields(labelled):
@@ -73,22 +73,22 @@ def test_layout_keys_and_json_fields(labelled):
 
 def test_labels_match_rate_and_read_back(labelled):
     out, paths = labelled
-    rows = world.read_labels(out)
+    rows = shards.read_labels(out)
     assert len(rows) == 128 and [r["key"] for r in rows] == sorted(r["key"] for r in rows)
     counts = Counter(r["anomaly"] for r in rows)
     assert counts[None] == 64                                   # exactly round(0.5 * 64) per shard
     assert set(counts) - {None} == set(world.ANOMALY_KINDS)
     assert all(c == 8 for k, c in counts.items() if k)          # kinds spread evenly
     tar_rows = [json.loads(d) for m, d in _members(paths[0]) if m.name.endswith(".json")]
-    parquet_rows = world.read_labels(paths[0].with_suffix(".parquet"))
+    parquet_rows = shards.read_labels(paths[0].with_suffix(".parquet"))
     assert len(parquet_rows) == 64
     assert [r["anomaly"] for r in tar_rows] == [r["anomaly"] for r in parquet_rows]
     assert [r["objects"] for r in tar_rows] == [r["objects"] for r in parquet_rows]
 
 
 def test_small_rate_is_exact_per_shard(tmp_path):
-    world.generate_world(tmp_path, 3, 100, seed=0, anomaly_rate=0.15, anomaly_kinds=["noise", "gibberish"])
-    counts = Counter(r["anomaly"] for r in world.read_labels(tmp_path))
+    shards.generate_world(tmp_path, 3, 100, seed=0, anomaly_rate=0.15, anomaly_kinds=["noise", "gibberish"])
+    counts = Counter(r["anomaly"] for r in shards.read_labels(tmp_path))
     assert counts == {None: 255, "noise": counts["noise"], "gibberish": counts["gibberish"]}
     assert counts["noise"] + counts["gibberish"] == 45 and abs(counts["noise"] - counts["gibberish"]) <= 3
 
@@ -105,7 +105,7 @@ def test_each_anomaly_kind_is_what_its_label_says(labelled):
     seen = set()
     for path in paths:
         data = {m.name: d for m, d in _members(path)}
-        for row in world.read_labels(path):
+        for row in shards.read_labels(path):
             kind, key = row["anomaly"], row["key"]
             img, caption = _decode(data[f"{key}.jpg"]), row["caption"]
             twin_img, twin_caption = _clean_twin(7, key)
@@ -143,11 +143,11 @@ def test_each_anomaly_kind_is_what_its_label_says(labelled):
 
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown anomaly kind"):
-        world.generate_world(tmp_path, 1, 4, 0, 0.5, ["sparkles"])
+        shards.generate_world(tmp_path, 1, 4, 0, 0.5, ["sparkles"])
     with pytest.raises(ValueError, match="anomaly_rate"):
-        world.generate_world(tmp_path, 1, 4, 0, 1.5)
+        shards.generate_world(tmp_path, 1, 4, 0, 1.5)
     with pytest.raises(ValueError, match="shards"):
-        world.generate_world(tmp_path, 0, 4, 0)
+        shards.generate_world(tmp_path, 0, 4, 0)
 
 
 def test_cli_writes_shards(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_cli_writes_shards(tmp_path, capsys):
     assert rc == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
-    assert Counter(r["anomaly"] for r in world.read_labels(tmp_path)) == {None: 16, "noise": 2, "mismatch": 2}
+    assert Counter(r["anomaly"] for r in shards.read_labels(tmp_path)) == {None: 16, "noise": 2, "mismatch": 2}
     assert cli_main(["world", "--output", str(tmp_path), "--anomalies", "noise,sparkles"]) == 2
     assert "sparkles" in capsys.readouterr().err
 
@@ -196,12 +196,12 @@ def test_open_world_is_the_reference_world_and_more():
 
 def test_open_world_refuses_anomalies(tmp_path):
     with pytest.raises(ValueError, match="open world holds no anomalies"):
-        world.generate_world(tmp_path, 1, 4, 0, 0.5, vocabulary="open")
+        shards.generate_world(tmp_path, 1, 4, 0, 0.5, vocabulary="open")
     with pytest.raises(ValueError, match="unknown vocabulary 'closed'"):
-        world.generate_world(tmp_path, 1, 4, 0, vocabulary="closed")
+        shards.generate_world(tmp_path, 1, 4, 0, vocabulary="closed")
     assert cli_main(["world", "--output", str(tmp_path / "o"), "--samples-per-shard", "30", "--seed", "2",
                      "--vocabulary", "open"]) == 0
-    assert len(world.read_labels(tmp_path / "o")) == 30
+    assert len(shards.read_labels(tmp_path / "o")) == 30
     assert cli_main(["world", "--output", str(tmp_path / "p"), "--vocabulary", "open", "--anomaly-rate", "0.2"]) == 2
     assert not (tmp_path / "p").exists()                             # refused before anything is written
 

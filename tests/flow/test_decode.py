@@ -102,3 +102,89 @@ def test_configurable_member_names(pre):
     cfg = InputConfig(image_exts=("image.png",), caption_exts=("caption",))
     p = run(pre, {"image.png": image_bytes(9, fmt="PNG"), "caption": GOOD_TXT}, cfg)
     assert p.row["status"] == "ok"
+
+
+# -- wide pixel formats, thin images, hostile metadata ------------------------------------------------------
+import io  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from pipeline.flow.decode import _load_image  # noqa: E402
+
+
+def _encoded(array, mode, fmt) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_16_bit_png_keeps_its_values_scaled_to_8_bits():
+    ramp = (np.arange(64, dtype=np.uint32) * 1040).astype(np.uint16).reshape(8, 8)  # 0 .. 65520
+    data = _encoded(ramp, None, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    pixels = np.asarray(_load_image(data, InputConfig()))
+    assert pixels.shape == (8, 8, 3) and (pixels[..., 0] == pixels[..., 2]).all()
+    np.testing.assert_array_equal(pixels[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
+    assert pixels.min() == 0 and pixels.max() == 255  # neither all white nor all black
+
+
+def test_tiff_integer_and_float_modes_are_scaled():
+    ints = (np.arange(64, dtype=np.int32) * 1000).reshape(8, 8)  # 16-bit data in a 32-bit TIFF
+    pixels = np.asarray(_load_image(_encoded(ints, "I", "TIFF"), InputConfig()))[..., 0]
+    np.testing.assert_array_equal(pixels, np.round(ints / 65535 * 255).astype(np.uint8))
+    floats = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    pixels = np.asarray(_load_image(_encoded(floats, "F", "TIFF"), InputConfig()))[..., 0]
+    np.testing.assert_array_equal(pixels, np.round(floats.astype(np.float64) * 255).astype(np.uint8))
+    assert 0 < pixels.mean() < 255
+
+
+def test_a_thin_image_is_refused_before_the_resize(pre):
+    import resource
+
+    thin = _encoded(np.zeros((1, 100_000), np.uint8), "L", "PNG")
+    assert len(thin) < 1000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    p = run(pre, {"png": thin, "txt": GOOD_TXT})
+    assert p.row["status"] == "decode" and p.pixels is None
+    assert "aspect ratio of 100000:1, over the 50:1 limit" in p.row["error"]
+    assert "--max-aspect-ratio" in p.row["error"]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    wide = _encoded(np.zeros((10, 400), np.uint8), "L", "PNG")  # 40:1 is within the default
+    assert run(pre, {"png": wide, "txt": GOOD_TXT}).row["status"] == "ok"
+
+
+def test_deeply_nested_json_is_that_rows_warning(pre):
+    p = run(pre, {"jpg": image_bytes(1), "txt": GOOD_TXT, "json": b"[" * 100_000 + b"]" * 100_000})
+    assert p.row["status"] == "ok" and p.row["url"] is None
+    assert p.row["error"] == "metadata: .json is nested too deeply to parse; url/uid left empty"
+
+
+def test_skipped_members_and_odd_names_reach_the_row(pre):
+    sample = RawSample("caf\\xe9", 3, {"txt": GOOD_TXT}, None,
+                       warnings=["member name is not valid UTF-8; the key is shown with \\x escapes: caf\\xe9"],
+                       skipped=["member .jpg is 5000 bytes, over the 4096-byte limit"])
+    p = prepare_sample(sample, "shard.tar", InputConfig(), pre)
+    finalize_status(p)
+    assert p.row["status"] == "read" and p.row["key"] == "caf\\xe9"
+    assert "over the 4096-byte limit" in p.row["error"] and "not valid UTF-8" in p.row["error"]
+    assert "no image member" not in p.row["error"]
+
+
+def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_within_a_few_levels(pre):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = (np.linspace(0, 255, 800)[None, :, None] * np.ones((600, 1, 3)) + rng.normal(0, 10, (600, 800, 3)))
+    data = _encoded(photo.clip(0, 255).astype(np.uint8), "RGB", "JPEG")
+    assert pre.draft_size == 32  # wclip-tiny's input side
+    drafted = _load_image(data, InputConfig(), draft=pre.draft_size)
+    assert min(drafted.size) >= pre.draft_size and drafted.size == (100, 75)  # 1/8 scale still covers 32
+    assert _load_image(data, InputConfig()).size == (800, 600)
+    full, reduced = pre(_load_image(data, InputConfig())).astype(int), pre(drafted).astype(int)
+    assert full.shape == reduced.shape == (3, 32, 32) and np.abs(full - reduced).mean() < 3
+    png = _encoded(photo.clip(0, 255).astype(np.uint8), "RGB", "PNG")
+    assert _load_image(png, InputConfig(), draft=32).size == (800, 600)  # only JPEG has DCT scales
+    assert isinstance(drafted, Image.Image) and drafted.mode == "RGB"
+    off = run(pre, {"jpg": data, "txt": GOOD_TXT}, cfg=InputConfig(jpeg_draft=False))
+    on = run(pre, {"jpg": data, "txt": GOOD_TXT})
+    assert np.array_equal(off.pixels, full) and np.array_equal(on.pixels, reduced)

@@ -2,12 +2,11 @@
 same rows as the default CPU decode, and bad images still become ``decode`` rows. The device path runs
 on ``--device cpu`` here; the ``gpu``-marked variant repeats it on CUDA."""
 
-import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, image_bytes, sample, write_shard
+from shardkit import clean_shards, image_bytes, marker, sample, write_shard
 
 import pipeline
 from pipeline.config import InputConfig
@@ -164,7 +163,8 @@ def both_paths(request, tmp_path_factory, ray_local):
 def _load(folder, name):
     from safetensors.numpy import load_file
 
-    return pq.read_table(folder / f"{name}.parquet"), load_file(str(folder / f"{name}.embeddings.safetensors"))
+    embeddings = load_file(str(folder / ".wclip" / "embeddings" / f"{name}.safetensors"))
+    return pq.read_table(folder / f"{name}.parquet"), embeddings
 
 
 def test_fit_records_the_decode_place(both_paths):
@@ -228,8 +228,8 @@ def test_bad_images_are_decode_rows_and_their_neighbours_are_scored(both_paths):
     cpu = {r["index"]: r for r in rows["cpu"]}
     for i in (11, 13):  # never reached the device: the reader's own message, as with --decode cpu
         assert gpu[i]["error"] == cpu[i]["error"] and ".jpg" in gpu[i]["error"]
-    marker = json.loads((out["gpu"] / "00001.stats.json").read_text())
-    assert marker["status_counts"] == {"decode": len(BAD), "ok": 24 - len(BAD)}
+    record = marker(out["gpu"], "00001")
+    assert record["status_counts"] == {"decode": len(BAD), "ok": 24 - len(BAD)}
 
 
 def test_png_webp_grayscale_and_cmyk_are_scored(both_paths):

@@ -13,7 +13,8 @@ from scipy import stats
 
 import pipeline
 from pipeline.whitening import FORMAT, Moments, StatsFile, StatsFileError, WhiteningStats, holdout_mask
-from pipeline.whitening.stats import _auto_components
+from pipeline.whitening.stats import TENSORS, _auto_components
+from pipeline.whitening.statsfile import content_digest
 
 
 def gaussian(n, d, seed=0, spectrum=None):
@@ -330,8 +331,9 @@ def _valid_tensors(d=4, m=3):
 
 def _write(path, tensors, summary=None):
     summ = {"dim": 4, "components": 3, "n_heldout": 2, "n_fit": 10, "shrinkage": 0.0}
-    meta = {"format": FORMAT, "towers": ["x"], "summary": {"x": summary or summ}}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "wclip": json.dumps(meta)})
+    header = json.dumps({"format": FORMAT, "towers": ["x"], "summary": {"x": summary or summ}})
+    digest = content_digest(tensors, header) if set(tensors) == {f"x.{n}" for n in TENSORS} else ""
+    save_file(tensors, str(path), metadata={"format": FORMAT, "wclip": header, "digest": digest})
     return path
 
 
@@ -364,8 +366,9 @@ def test_loading_invalid_files_is_refused(tmp_path):
     _write(tmp_path / "f32.st", {k: v.astype(np.float32) for k, v in _valid_tensors().items()})
     _write(tmp_path / "count.st", _valid_tensors(),
            {"dim": 4, "components": 3, "n_heldout": 5, "n_fit": 10, "shrinkage": 0.0})
+    header = json.dumps({"towers": ["x"]})
     save_file(_valid_tensors(), str(tmp_path / "nosumm.st"),
-              metadata={"format": FORMAT, "wclip": json.dumps({"towers": ["x"]})})
+              metadata={"format": FORMAT, "wclip": header, "digest": content_digest(_valid_tensors(), header)})
     for name, what in cases.items():
         with pytest.raises(StatsFileError, match=what) as info:
             StatsFile.load(tmp_path / name)
@@ -377,3 +380,30 @@ def test_loading_invalid_files_is_refused(tmp_path):
         StatsFile.load(tmp_path / "fmt.st")
     with pytest.raises(StatsFileError, match="fitted on 4-dimensional.*produces 768"):
         StatsFile.load(good, dim=768)
+
+
+def test_an_edited_header_or_tensor_is_detected(tmp_path):
+    """Flipping the normalisation, claiming another model, or changing a number after `wclip fit`: refused."""
+    from safetensors import safe_open
+
+    X = gaussian(200, 4)[0]
+    path = StatsFile(towers={"image": WhiteningStats.fit(X)},
+                     metadata={"normalize": False, "model_identity": {"model": "a", "weights": "w"}}).save(
+        tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="numpy") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edits = {
+        "normalize": lambda m: m.update(normalize=True),
+        "model": lambda m: m.update(model_identity={"model": "b", "weights": "w"}),
+    }
+    for name, change in edits.items():
+        meta = json.loads(header["wclip"])
+        change(meta)
+        save_file(tensors, str(tmp_path / f"{name}.st"), metadata=dict(header, wclip=json.dumps(meta)))
+    bumped = dict(tensors)
+    bumped["image.mean"] = bumped["image.mean"] + 1e-9
+    save_file(bumped, str(tmp_path / "tensor.st"), metadata=header)
+    for name in ("normalize", "model", "tensor"):
+        with pytest.raises(StatsFileError, match=r"was changed after `wclip fit` wrote it.*Re-run `wclip fit`"):
+            StatsFile.load(tmp_path / f"{name}.st")
+    assert StatsFile.load(path).metadata["normalize"] is False

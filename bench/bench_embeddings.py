@@ -1,0 +1,240 @@
+"""Benchmark of `wclip score --embeddings` against a single-threaded NumPy loop on the same files. Not a test:
+run it by hand and read the table.
+
+    .venv/bin/python bench/bench_embeddings.py                       # d = 768 and d = 64, 8 files x 100k rows
+    .venv/bin/python bench/bench_embeddings.py --dims 768 --rows 50000 --files 8
+
+For each width it writes a clip-retrieval folder (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy float16
+L2-normalised, metadata/metadata_N.parquet with image_path, caption, url), fits stats on it with
+`wclip fit --embeddings --components all` (m = d: the largest whitening), then times, side by side:
+
+* the baseline: one process, BLAS limited to one thread (OPENBLAS/OMP/MKL_NUM_THREADS=1 before NumPy
+  loads), per file and tower ``x = np.load(npy); (((x - mu) @ W) ** 2).sum(1)``;
+* `wclip score --embeddings` as a user runs it (one Ray task per file): the rate over the span of its tasks
+  (first file started to last file written, from the markers), over the job's own elapsed time (Ray
+  started: worker start-up included) and over the wall clock (Ray start and imports included), with the
+  peak summed PSS of the process tree;
+* the baseline in ``cores`` processes at once (each on its share of the files): how parallel this machine
+  is right now, other people's processes included;
+* the same per-file function (`pipeline.flow.precomputed.score_file`) on in-process threads instead of Ray
+  tasks (BLAS at one thread per thread), to compare the two ways of running files in parallel.
+
+The goal is rate(wclip) >= 0.8 x cores x rate(baseline); the rates are samples (rows, both towers) per s.
+Each width runs ``--repeat`` rounds of all of them, interleaved, and reports the medians (a shared machine
+is noisy; the parallel baseline shows how many cores were really free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_pipeline import _descendants, _pss_kb  # noqa: E402
+
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def make_folder(folder: Path, files: int, rows: int, d: int, seed: int = 0) -> None:
+    """A clip-retrieval folder, written the way `clip-retrieval inference` writes it."""
+    import pandas as pd
+
+    if (folder / "done").exists():
+        return
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(1.0, 0.05, d)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(files):
+        for sub, shift in (("img_emb/img_emb", 0.5), ("text_emb/text_emb", -0.3)):
+            x = rng.standard_normal((rows, d), dtype=np.float32) * scales + shift
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            np.save(folder / f"{sub}_{n}.npy", x.astype(np.float16))
+        keys = [f"{n:05d}{i:05d}" for i in range(rows)]
+        pd.DataFrame({"image_path": keys, "caption": [f"a photo of thing {k} on a table" for k in keys],
+                      "url": [f"https://example.com/images/{k}.jpg" for k in keys]}
+                     ).to_parquet(folder / "metadata" / f"metadata_{n}.parquet")
+    (folder / "done").write_text("")
+
+
+BASELINE = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from safetensors.numpy import load_file
+folder, stats = Path(sys.argv[1]), load_file(sys.argv[2])
+part, parts = (int(v) for v in (sys.argv[3:5] if len(sys.argv) > 3 else (0, 1)))
+towers = {"image": "img_emb/img_emb_", "text": "text_emb/text_emb_"}
+params = {t: (stats[t + ".mean"].astype(np.float32), stats[t + ".whitening"].astype(np.float32)) for t in towers}
+rows, start, check = 0, time.perf_counter(), 0.0
+for meta in sorted((folder / "metadata").glob("metadata_*.parquet"))[part::parts]:
+    n = meta.name[len("metadata_"):-len(".parquet")]
+    for tower, prefix in towers.items():
+        mu, W = params[tower]
+        x = np.load(folder / f"{prefix}{n}.npy")
+        s = (((x - mu) @ W) ** 2).sum(1)
+        check += float(s[:10].sum())
+    rows += len(x)
+print(json.dumps({"rows": rows, "elapsed_s": time.perf_counter() - start, "check": check}))
+"""
+
+THREADS = """
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pipeline.flow.precomputed import ScoreFile, TowerWhitening, score_file
+from pipeline.flow.vectors import discover
+from pipeline.flow.write import ScoreSink
+from pipeline.whitening import StatsFile
+folder, stats_path, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+source, stats = discover([folder]), StatsFile.load(stats_path)
+sink = ScoreSink(out, provenance={"bench": "threads"})
+towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items()}
+tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink) for f in source.files]
+start = time.perf_counter()
+with ThreadPoolExecutor(workers) as pool:
+    rows = sum(r["summary"]["rows"] for r in pool.map(score_file, tasks))
+print(json.dumps({"rows": rows, "elapsed_s": time.perf_counter() - start}))
+"""
+
+
+def run(args: list, env_extra=None) -> dict:
+    """Run a command to its end, sampling the peak PSS of its process tree; its last stdout line is JSON."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(_pss_kb(p) for p in _descendants(proc.pid)))
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(args[:5])} ... failed:\n{err.read()[-3000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result.update(wall_s=wall, peak_pss_mb=peak / 1024)
+    return result
+
+
+def parallel_baseline(folder: Path, stats: Path, cores: int) -> float:
+    """The baseline in ``cores`` processes at once, each on its share of the files: what this machine's cores
+    deliver now (other people's processes included); returns rows per second."""
+    script = [sys.executable, "-c", BASELINE, str(folder), str(stats)]
+    env = dict(os.environ, **ONE_THREAD)
+    procs = [subprocess.Popen(script + [str(i), str(cores)], stdout=subprocess.PIPE, text=True, env=env)
+             for i in range(cores)]
+    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return sum(r["rows"] for r in results) / max(r["elapsed_s"] for r in results)  # loops, not imports
+
+
+def task_span(scores: Path) -> float:
+    """Seconds from the first file's start to the last file's end, from the completion markers (the job's
+    elapsed time less Ray's worker start-up)."""
+    import datetime
+
+    spans = []
+    for path in (scores / ".wclip" / "shards").glob("*.json"):
+        m = json.loads(path.read_text())  # duration_s ends as the outputs start; the marker is written last
+        begun = datetime.datetime.fromisoformat(m["provenance"]["written"]).timestamp() - m["duration_s"]
+        spans.append((begun, path.stat().st_mtime))
+    return max(e for _, e in spans) - min(s for s, _ in spans)
+
+
+def prepare(workdir: Path, d: int, files: int, rows: int) -> tuple:
+    folder = workdir / f"clip-retrieval-d{d}-{files}x{rows}"
+    started = time.perf_counter()
+    make_folder(folder, files, rows, d)
+    print(f"d={d}: folder ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    stats = workdir / f"stats-d{d}-{files}x{rows}.safetensors"
+    if not stats.exists():
+        fitted = run([sys.executable, "-m", "pipeline", "fit", "--embeddings", str(folder), "--output", str(stats),
+                      "--components", "all", "--max-samples", str(2 * rows), "--no-progress"])
+        print(f"d={d}: fit {fitted['rows']} rows in {fitted['wall_s']:.1f} s", file=sys.stderr)
+    return folder, stats
+
+
+def one_round(workdir: Path, d: int, folder: Path, stats: Path, cores: int) -> dict:
+    """The four measurements once, back to back; rates in rows per second."""
+    load = os.getloadavg()[0]
+    base = run([sys.executable, "-c", BASELINE, str(folder), str(stats)], ONE_THREAD)
+    parallel = parallel_baseline(folder, stats, cores)
+    out = workdir / f"scores-d{d}"
+    shutil.rmtree(out, ignore_errors=True)
+    wclip = run([sys.executable, "-m", "pipeline", "score", "--embeddings", str(folder), "--stats", str(stats),
+                 "--output", str(out), "--no-progress", "--num-cpus", str(cores)])
+    span = task_span(out)
+    threads_out = workdir / f"scores-threads-d{d}"
+    shutil.rmtree(threads_out, ignore_errors=True)
+    threads = run([sys.executable, "-c", THREADS, str(folder), str(stats), str(threads_out), str(cores)], ONE_THREAD)
+    shutil.rmtree(threads_out, ignore_errors=True)
+    total = base["rows"]
+    assert wclip["rows"] == threads["rows"] == total, (wclip["rows"], threads["rows"], total)
+    rates = {"baseline": total / base["elapsed_s"], "baseline_parallel": parallel,
+             "wclip_tasks": total / span, "wclip_steady": total / wclip["elapsed_s"],
+             "wclip_wall": total / wclip["wall_s"], "threads": total / threads["elapsed_s"]}
+    ratios = {k: v / (cores * rates["baseline"]) for k, v in rates.items() if k != "baseline"}
+    ratios["steady_vs_parallel_baseline"] = rates["wclip_steady"] / parallel
+    print(f"d={d}: load {load:.2f}, " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()), file=sys.stderr)
+    return {"load_before": load, "rows": total, "rates": rates, "ratios": ratios,
+            "peak_pss_mb": {"baseline": base["peak_pss_mb"], "wclip": wclip["peak_pss_mb"],
+                            "threads": threads["peak_pss_mb"]}}
+
+
+def bench_width(workdir: Path, d: int, files: int, rows: int, cores: int, repeat: int) -> dict:
+    """``repeat`` rounds, interleaved so that other people's load falls on every side alike; medians."""
+    import statistics
+
+    folder, stats = prepare(workdir, d, files, rows)
+    rounds = [one_round(workdir, d, folder, stats, cores) for _ in range(repeat)]
+    median = {part: {k: statistics.median(r[part][k] for r in rounds) for k in rounds[0][part]}
+              for part in ("rates", "ratios", "peak_pss_mb")}
+    return {"d": d, "files": files, "rows_per_file": rows, "cores": cores, **median, "rounds": rounds}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dims", type=int, nargs="+", default=[768, 64])
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--rows", type=int, default=100_000, help="rows per file")
+    p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs given to wclip (and to the threads)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds per width (medians are reported)")
+    p.add_argument("--workdir", default=None, help="keep the folders here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wclip-bench-emb-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    results = [bench_width(workdir, d, args.files, args.rows, args.cores, args.repeat) for d in args.dims]
+    report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
+    print(json.dumps(report, indent=1))
+    print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"medians of {args.repeat} rounds; rates in samples (rows, both towers) per second")
+    print(f"| d | baseline, 1 thread | baseline, {args.cores} processes | wclip: tasks / job / wall clock | "
+          f"threads | ratio to {args.cores} x baseline: tasks / job / wall / threads (goal >= 0.8) | "
+          "job / parallel baseline | peak PSS baseline / wclip |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        rt, ra = r["rates"], r["ratios"]
+        print(f"| {r['d']} | {rt['baseline']:.0f} | {rt['baseline_parallel']:.0f} | {rt['wclip_tasks']:.0f} / "
+              f"{rt['wclip_steady']:.0f} / {rt['wclip_wall']:.0f} | {rt['threads']:.0f} | {ra['wclip_tasks']:.2f} / "
+              f"{ra['wclip_steady']:.2f} / {ra['wclip_wall']:.2f} / {ra['threads']:.2f} | "
+              f"{ra['steady_vs_parallel_baseline']:.2f} | {r['peak_pss_mb']['baseline']:.0f} / "
+              f"{r['peak_pss_mb']['wclip']:.0f} MB |")
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

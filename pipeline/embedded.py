@@ -1,0 +1,212 @@
+"""The embeddings jobs: ``wclip fit --embeddings`` and ``wclip score --embeddings`` on vectors users already
+have (clip-retrieval / LAION folders, DataComp ``.npz`` shards). No model is loaded and no encoder started:
+one Ray task per file (:func:`pipeline.runtime.map_tasks`) runs :mod:`pipeline.flow.precomputed`.
+
+Scoring keeps every rule of ``wclip score`` (:mod:`pipeline.score`): one Parquet file per embedding file in
+the scores schema, provenance in each file and marker, resume, failure records, no mixing of two fits, no
+file of another tool touched. The "model" of precomputed vectors is their source
+(``embeddings:clip-retrieval``, ``embeddings:datacomp-l14``, ...), recorded at fit time and compared at score
+time like a model identity.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+
+import numpy as np
+
+import pipeline
+from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig
+from pipeline.errors import ConfigError
+from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file
+from pipeline.flow.vectors import discover, open_array, probe
+from pipeline.flow.write import ScoreSink, append_failure
+from pipeline.score import describe_plan, open_folder, plan_folder
+from pipeline.storage import exists, sha256
+from pipeline.whitening import Moments, StatsFile, WhiteningStats
+
+log = logging.getLogger("wclip")
+
+BATCH_PER_SLOT = 2  # fit: files per task slot merged at a time (bounds the driver's memory)
+
+
+def _normalized(norms: dict):
+    """L2-normalised vectors (every norm within 1e-2 of 1), from ``{tower: [min, max]}``."""
+    from pipeline.flow.vectors import NORM_TOLERANCE
+
+    return all(abs(lo - 1.0) <= NORM_TOLERANCE and abs(hi - 1.0) <= NORM_TOLERANCE for lo, hi in norms.values())
+
+
+def _describe_kind(identity: dict) -> str:
+    return f"{identity.get('model')} ({identity.get('weights')})"
+
+
+# -- score ------------------------------------------------------------------------------------------------
+def check_kind(stats, source, first: dict) -> None:
+    """Refuse stats fitted on another kind of vectors (a model's tar run, another source or DataComp key,
+    another width, the other normalisation); ``first`` is :func:`probe` of the first file."""
+    meta = stats.metadata
+    fitted = meta.get("model_identity") or {}
+    if not meta.get("embeddings"):
+        raise ConfigError(f"the stats were fitted on tar shards with model {_describe_kind(fitted)}, not on "
+                          f"precomputed embeddings: fit stats on these with `wclip fit --embeddings PATHS`")
+    if fitted != source.identity():
+        raise ConfigError(f"embedding kind mismatch: the stats were fitted on {fitted.get('model')} vectors, but "
+                          f"these inputs are {source.identity()['model']}; fit stats on them with "
+                          f"`wclip fit --embeddings`" + (" (or pass the fit's --embedding-key)" if source.key else ""))
+    for tower, ws in stats.towers.items():
+        got = first.get(tower)
+        if got and got["dim"] != ws.dim:
+            raise ConfigError(f"the {tower} embeddings are {got['dim']}-d but the stats were fitted on {ws.dim}-d "
+                              f"ones: wrong embeddings or stats file")
+        if got and got["normalized"] is not None and got["normalized"] != bool(meta.get("normalize")):
+            state = {True: "L2-normalised", False: "raw"}
+            raise ConfigError(f"the stats were fitted on {state[bool(meta.get('normalize'))]} vectors, but these "
+                              f"{tower} embeddings are {state[got['normalized']]}: wrong embeddings or stats file")
+    if not set(stats.towers) & set(source.towers):
+        raise ConfigError(f"the inputs have {', '.join(source.towers)} embeddings and the stats "
+                          f"{', '.join(stats.towers)}: nothing to score")
+
+
+def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) -> dict:
+    """Run ``wclip score --embeddings``; returns the summary dict (or the plan, with ``dry_run``)."""
+    from pipeline import runtime
+
+    run = cfg.run
+    source = discover(run.paths, run.key or (stats.metadata.get("embeddings") or {}).get("key"))
+    check_kind(stats, source, probe(source.files[0]))
+    made = {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path), "model": source.identity(),
+            "normalize": bool(stats.metadata.get("normalize")), "wclip_version": pipeline.__version__}
+    names = [f.name for f in source.files]
+    todo = set(plan_folder(cfg.output, names, made, cfg.overwrite))
+    files = [f for f in source.files if f.name in todo]
+    if dry_run:
+        return describe_plan(cfg.output, names, [f.name for f in files], inputs=f"{source.label} embedding files")
+    open_folder(cfg.output, made, [f.name for f in files])
+    skipped = len(names) - len(files)
+    if skipped:
+        log.info("resuming: %d of %d files already done in %s (--overwrite redoes them)", skipped, len(names),
+                 cfg.output)
+    if not files:
+        return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
+    sink = ScoreSink(cfg.output, provenance=made)
+    towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in source.towers}
+    tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows) for f in files]
+    with runtime.ray_session(run.ray):
+        started = time.time()
+        outcomes = runtime.map_tasks(score_file, tasks, desc="score", max_retries=run.retries,
+                                     max_in_flight=run.max_in_flight, progress=run.progress)
+        elapsed = time.time() - started
+    failed = []
+    for o in outcomes:
+        if not o.ok:
+            failed.append((o.item.file.url, o.error))
+            append_failure(cfg.output, {"shard": o.item.file.url, "name": o.item.file.name, "error": o.error,
+                                        "attempts": run.retries + 1})
+    report = runtime.JobReport(done=[o.result for o in outcomes if o.ok], failed=failed, skipped=skipped,
+                               elapsed=elapsed)
+    return report.summary()
+
+
+# -- fit --------------------------------------------------------------------------------------------------
+def _row_limits(files: list, max_samples) -> list:
+    """``[(file, rows or None)]``: with ``max_samples``, the first rows of the first files (headers only)."""
+    if max_samples is None:
+        return [(f, None) for f in files]
+    out, left = [], max_samples
+    for f in files:
+        _, url, member = f.towers[0]
+        with open_array(url, member) as reader:
+            rows = reader.rows
+        out.append((f, min(rows, left)))
+        left -= min(rows, left)
+        if left <= 0:
+            break
+    return out
+
+
+class _Reference:
+    """The fit's running totals: moments merged in file order, the held-out rows with the smallest hashes."""
+
+    def __init__(self, max_heldout: int):
+        self.max_heldout = max_heldout
+        self.moments, self.held, self.norms, self.used, self.failed = {}, {}, {}, [], []
+        self.rows = self.usable = 0
+
+    def add(self, result: dict, url: str) -> None:
+        self.used.append(url)
+        self.rows += result["summary"]["rows"]
+        self.usable += result["summary"]["usable"]
+        for tower, r in result["towers"].items():
+            part = Moments(r["count"], r["mean"], r["scatter"])
+            self.moments[tower] = self.moments[tower].merge(part) if tower in self.moments else part
+            hashes, rows = self.held.get(tower, (np.zeros(0, np.uint64), np.zeros((0, r["dim"]), np.float32)))
+            hashes, rows = np.concatenate([hashes, r["held_hash"]]), np.concatenate([rows, r["held_rows"]])
+            keep = np.argsort(hashes, kind="stable")[: self.max_heldout]
+            self.held[tower] = (hashes[keep], rows[keep])
+            lo, hi = self.norms.get(tower, (np.inf, 0.0))
+            self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
+
+
+def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
+    """Run ``wclip fit --embeddings`` and write the stats file; returns a summary dict (or the plan)."""
+    from pipeline import runtime
+    from pipeline.fit import shards_digest
+
+    run = cfg.run
+    source = discover(run.paths, run.key)
+    limits = _row_limits(list(source.files), cfg.max_samples)
+    if dry_run:
+        return {"dry_run": True, "inputs": len(source.files), "input_kind": f"{source.label} embedding files",
+                "to_do": len(limits), "rows": sum(r for _, r in limits) if cfg.max_samples else None,
+                "output": str(cfg.output), "replaces": exists(str(cfg.output))}
+    tasks = [FitFile(file=f, kind=source.kind, holdout=cfg.holdout, seed=cfg.seed, max_heldout=cfg.max_heldout,
+                     rows=rows, block_rows=run.block_rows) for f, rows in limits]
+    ref = _Reference(cfg.max_heldout)
+    with runtime.ray_session(run.ray):
+        started = time.time()
+        size = BATCH_PER_SLOT * (run.max_in_flight or runtime.cluster_cpus())
+        for first in range(0, len(tasks), size):
+            batch = tasks[first:first + size]
+            desc = f"fit {first + 1}-{first + len(batch)} of {len(tasks)}" if len(tasks) > size else "fit"
+            for o in runtime.map_tasks(fit_file, batch, desc=desc, max_retries=run.retries,
+                                       max_in_flight=run.max_in_flight, progress=run.progress):
+                if o.ok:
+                    ref.add(o.result, o.item.file.url)
+                else:
+                    ref.failed.append({"shard": o.item.file.url, "error": o.error})
+        elapsed = time.time() - started
+    if ref.usable == 0:
+        raise ValueError("no usable reference rows: every embedding is NaN/inf, the files are empty, or every "
+                         "file failed; check the --embeddings paths")
+    towers = {}
+    for tower, moments in ref.moments.items():
+        hashes, held = ref.held[tower]
+        towers[tower] = WhiteningStats.from_moments(moments, heldout=held.astype(np.float64) if len(held) else None,
+                                                    components=cfg.components, shrinkage=cfg.shrinkage,
+                                                    seed=cfg.seed)
+    normalize = _normalized(ref.norms)
+    identity = source.identity()
+    metadata = {
+        "model": identity["model"], "pretrained": None, "checkpoint_sha256": None, "random_init_seed": None,
+        "model_identity": identity, "normalize": normalize, "precision": "precomputed", "decode": None,
+        "embeddings": {"kind": source.kind, "key": source.key, "label": source.label, "l2_normalized": normalize,
+                       "norms": {t: list(v) for t, v in ref.norms.items()}},
+        "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
+        "seed": cfg.seed, "n_reference": ref.usable, "max_heldout": cfg.max_heldout,
+        "n_heldout": {t: ws.n_heldout for t, ws in towers.items()},
+        "components": {t: ws.components for t, ws in towers.items()},
+        "reference_shards": len(ref.used), "reference_digest": shards_digest(ref.used),
+        "max_samples": cfg.max_samples, "wclip_version": pipeline.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    StatsFile(towers=towers, metadata=metadata).save(cfg.output)
+    counts = {k: v for k, v in (("encode", ref.rows - ref.usable), ("ok", ref.usable)) if v}
+    return {"rows": ref.rows, "status_counts": counts,
+            "shards_done": len(ref.used), "shards_skipped": 0, "failed": ref.failed, "damaged": [],
+            "elapsed_s": round(elapsed, 2), "samples_per_s": round(ref.rows / elapsed, 1) if elapsed > 0 else None,
+            "reference_samples": ref.usable, "stats": str(cfg.output), "normalized": normalize,
+            "towers": {t: {k: v for k, v in ws.summary().items() if not isinstance(v, dict)}
+                       for t, ws in towers.items()}}

@@ -1,0 +1,148 @@
+"""Input layouts besides WebDataset tars, read into the same :class:`~pipeline.flow.read.RawSample` stream:
+
+* ``files``: img2dataset's ``files`` output: ``{key}.jpg`` / ``.txt`` / ``.json`` in numbered subfolders
+  (``00000/``, ``00001/``, ...), one subfolder a shard;
+* ``parquet``: image bytes in a Parquet column: img2dataset's ``parquet`` output (``jpg`` bytes, ``txt``) and
+  most Hugging Face image datasets (an ``image`` struct with ``bytes``, a ``text`` or ``caption`` column),
+  one file a shard, streamed in row batches.
+
+Every row or sample read becomes one output row, with the same status/error rules as a tar's.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Iterator, Optional
+
+from pipeline.config import InputConfig
+from pipeline.flow.read import RawSample, ShardReader, clean_key, expand_shards, split_member
+
+IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img", "image_bytes")  # first present wins
+CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
+KEY_COLUMNS = ("key", "__key__", "uid", "id")
+BATCH_ROWS = 256  # Parquet rows read at once (images are large)
+
+
+def expand_inputs(patterns, input_format: str) -> list:
+    """Shard URLs for ``input_format``: tars (webdataset), numbered subfolders (files) or Parquet files."""
+    if input_format == "webdataset":
+        return expand_shards(patterns)
+    from pipeline import storage
+
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    urls = []
+    for pattern in patterns:
+        for url in expand_shards([pattern]) if any(c in pattern for c in "{*?[") else [pattern]:
+            urls.extend(_units(storage, url, input_format))
+    if not urls:
+        raise ValueError(f"no {input_format} inputs found in {patterns!r}")
+    return list(dict.fromkeys(urls))
+
+
+def _units(storage, url: str, input_format: str) -> list:
+    """A folder stands for its units (numbered subfolders / *.parquet files); anything else is one unit."""
+    if not storage.is_dir(url):
+        return [url]
+    entries = storage.listdir(url)
+    if input_format == "parquet":
+        return [e for e in entries if e.endswith(".parquet") and not storage.basename(e).startswith((".", "_"))]
+    subfolders = [e for e in entries if storage.is_dir(e) and not storage.basename(e).startswith((".", "_"))]
+    return subfolders or [url]
+
+
+def open_reader(url: str, inputs: InputConfig):
+    """The sample reader of one shard in ``inputs.input_format``; each has ``damage`` after iterating."""
+    if inputs.input_format == "files":
+        return FolderReader(url, inputs.max_member_bytes)
+    if inputs.input_format == "parquet":
+        return ParquetReader(url, inputs.max_member_bytes)
+    return ShardReader(url, max_member_bytes=inputs.max_member_bytes, stall_timeout=inputs.stall_timeout)
+
+
+class FolderReader:
+    """The samples of one img2dataset ``files`` folder: files grouped by key, in key order."""
+
+    def __init__(self, url: str, max_member_bytes: int):
+        self.url, self.max_member_bytes = url, max_member_bytes
+        self.damage: Optional[str] = None
+
+    def __iter__(self) -> Iterator[RawSample]:
+        from pipeline import storage
+
+        fs, root = storage.uncached(self.url)
+        groups: dict = {}
+        for entry in fs.ls(root, detail=True):
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if entry.get("type") != "file" or name.startswith((".", "_")):
+                continue
+            key, ext = split_member(name)
+            groups.setdefault(key, []).append((ext, entry))
+        for index, key in enumerate(sorted(groups)):
+            shown, warning = clean_key(key)
+            sample = RawSample(key=shown, index=index, warnings=[warning] if warning else [])
+            for ext, entry in groups[key]:
+                size = int(entry.get("size") or 0)
+                if size > self.max_member_bytes:
+                    sample.skipped.append(f"member .{ext} is {size} bytes, over the {self.max_member_bytes}-byte "
+                                          f"limit (raise --max-member-bytes if such members are legitimate)")
+                    continue
+                try:
+                    sample.members[ext] = fs.cat_file(entry["name"])
+                except OSError as exc:
+                    sample.error = f"member .{ext} could not be read: {exc}"
+            yield sample
+
+
+class ParquetReader:
+    """The rows of one Parquet file of images: each row a sample whose members are the image bytes
+    (``jpg``), the caption (``txt``) and the other scalar columns as metadata (``json``)."""
+
+    def __init__(self, url: str, max_member_bytes: int):
+        self.url, self.max_member_bytes = url, max_member_bytes
+        self.damage: Optional[str] = None
+
+    def __iter__(self) -> Iterator[RawSample]:
+        from pipeline.table import parquet_file
+
+        pf = parquet_file(self.url)
+        names = pf.schema_arrow.names
+        image = next((c for c in IMAGE_COLUMNS if c in names), None)
+        caption = next((c for c in CAPTION_COLUMNS if c in names), None)
+        key = next((c for c in KEY_COLUMNS if c in names), None)
+        if image is None:
+            raise ValueError(f"{self.url}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; "
+                             f"the file has {', '.join(names)})")
+        index = 0
+        try:
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                for row in batch.to_pylist():
+                    yield self._sample(row, index, image, caption, key)
+                    index += 1
+        except OSError as exc:  # a truncated or corrupt file after some row groups: damage, rows kept
+            self.damage = f"parquet damaged after {index} rows: {exc}"
+
+    def _sample(self, row: dict, index: int, image: str, caption: Optional[str], key: Optional[str]) -> RawSample:
+        name = str(row[key]) if key and row.get(key) is not None else f"{index:09d}"
+        sample = RawSample(key=clean_key(name)[0], index=index)
+        data = row.get(image)
+        if isinstance(data, dict):  # Hugging Face's Image feature: {"bytes": ..., "path": ...}
+            data = data.get("bytes")
+        if isinstance(data, (bytes, bytearray)) and data:
+            if len(data) > self.max_member_bytes:
+                sample.skipped.append(f"column {image} is {len(data)} bytes, over the {self.max_member_bytes}-byte "
+                                      f"limit (raise --max-member-bytes if such images are legitimate)")
+            else:
+                sample.members["jpg"] = bytes(data)
+        text = row.get(caption) if caption else None
+        if text is not None:
+            sample.members["txt"] = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        meta = {k: v for k, v in row.items() if k not in (image, caption) and _scalar(v)}
+        sample.members["json"] = json.dumps(meta, default=str).encode()
+        return sample
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+

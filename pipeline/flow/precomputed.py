@@ -1,0 +1,218 @@
+"""The per-file work of the embeddings jobs (one task per :class:`~pipeline.flow.vectors.EmbeddingFile`):
+score a file into its Parquet table, or sum its reference moments. No model, no torch: NumPy on row blocks,
+float32 for the whitening (like ``((x - mu) @ W) ** 2``), float64 for the fit's moments.
+
+Each task uses the BLAS threads its process has; on Ray that is one per task (Ray sets ``OMP_NUM_THREADS``
+to the task's CPUs, which OpenBLAS and MKL follow), so files in flight = cores in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.flow.vectors import EmbeddingFile, read_blocks, read_metadata
+from pipeline.table import SCHEMA, SCORE_COLUMNS
+
+LOG_2PI = math.log(2.0 * math.pi)
+BAD_ROW = "encode"  # status of a row whose embedding is NaN/inf: its encoding failed upstream
+
+
+def _bad_rows(finite: dict, n: int) -> tuple:
+    """Rows with a non-finite embedding, and their error messages (None elsewhere)."""
+    bad = np.zeros(n, dtype=bool)
+    errors = np.full(n, None, dtype=object)
+    for tower, ok in finite.items():
+        if ok.all():
+            continue
+        for i in np.flatnonzero(~ok):
+            message = f"{tower} embedding is not finite (NaN/inf)"
+            errors[i] = message if errors[i] is None else f"{errors[i]}; {message}"
+        bad |= ~ok
+    return bad, errors
+
+
+def _counts(ok: int, bad: int) -> dict:
+    return {k: v for k, v in ((BAD_ROW, bad), ("ok", ok)) if v}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two float32 arrays, float64 (NaN where either row is not finite or is zero)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        dot = np.einsum("ij,ij->i", a, b)
+        out = dot / np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b))
+    out = out.astype(np.float64)
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def whitened_sqnorm(x: np.ndarray, mu: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``||(x - mu) w||^2`` per row in float32, with ``x`` (a float32 copy) centred in place; NaN/inf where a
+    row is not finite (a NaN or inf anywhere in a row reaches its sum)."""
+    x -= mu
+    y = x @ w
+    return np.einsum("ij,ij->i", y, y)
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TowerWhitening:
+    """What a scoring task needs of one tower's stats, as plain arrays: a task never imports the fitting code
+    (SciPy; it would add seconds to each worker's start). The same formulas as
+    :class:`pipeline.whitening.WhiteningStats` (``loglik_from_sqnorm``, ``pvalue_from_sqnorm``)."""
+
+    mean: np.ndarray  # float32 (d,)
+    whitening: np.ndarray  # float32 (d, m)
+    calibration: np.ndarray  # float64 sorted held-out sqnorms (empty: no p-values)
+
+    @classmethod
+    def of(cls, ws) -> "TowerWhitening":
+        return cls(mean=ws.mean.astype(np.float32), whitening=np.ascontiguousarray(ws.whitening, dtype=np.float32),
+                   calibration=np.asarray(ws.calibration, dtype=np.float64))
+
+    @property
+    def dim(self) -> int:
+        return self.mean.size
+
+    def loglik(self, s: np.ndarray) -> np.ndarray:
+        return -0.5 * (self.whitening.shape[1] * LOG_2PI + s)
+
+    def pvalue(self, s: np.ndarray) -> np.ndarray:
+        """Share of held-out reference rows that were less likely, ``(1 + #{cal >= s}) / (n_cal + 1)``."""
+        n_cal = self.calibration.size
+        if not n_cal:
+            return np.full(s.shape, np.nan)
+        above = n_cal - np.searchsorted(self.calibration, s, side="left")
+        return np.where(np.isnan(s), np.nan, (1.0 + above) / (n_cal + 1.0))
+
+
+@dataclass(frozen=True)
+class ScoreFile:
+    """One file to score: the job's stats towers and where the outputs go."""
+
+    file: EmbeddingFile
+    kind: str  # CLIP_RETRIEVAL or DATACOMP (which metadata columns hold what)
+    stats: dict  # {tower: TowerWhitening}
+    sink: object  # pipeline.flow.write.ScoreSink
+    block_rows: int = 16_384
+
+
+def score_file(task: ScoreFile) -> dict:
+    """Score every row of one file and write its Parquet file and marker; returns ``{"summary": ...}``."""
+    started = time.time()
+    file = task.file
+    meta = read_metadata(file, task.kind)
+    n = meta.num_rows
+    params = {t: (ws.mean, ws.whitening) for t, ws in task.stats.items()}
+    sqnorm = {t: np.full(n, np.nan) for t in params}
+    finite = {t: np.ones(n, dtype=bool) for t, _, _ in file.towers}
+    clip = np.full(n, np.nan)
+    for start, blocks in read_blocks(file, n, task.block_rows):
+        rows = slice(start, start + len(next(iter(blocks.values()))))
+        x32 = {t: b.astype(np.float32) for t, b in blocks.items()}
+        if "image" in x32 and "text" in x32:
+            clip[rows] = cosine(x32["image"], x32["text"])
+        for tower, x in x32.items():
+            if tower in params:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    sqnorm[tower][rows] = whitened_sqnorm(x, *params[tower])
+                finite[tower][rows] = np.isfinite(sqnorm[tower][rows])
+            else:
+                finite[tower][rows] = np.isfinite(x).all(axis=1)
+    for tower, s in sqnorm.items():
+        s[~finite[tower]] = np.nan
+    bad, errors = _bad_rows(finite, n)
+    scores = {"clip_score": clip}
+    for tower, ws in task.stats.items():
+        s = sqnorm[tower]
+        scores.update({f"{tower}_sqnorm": s, f"{tower}_loglik": ws.loglik(s), f"{tower}_pvalue": ws.pvalue(s)})
+    table = scores_table(meta, file.url, bad, errors, scores)
+    elapsed = time.time() - started
+    n_bad = int(bad.sum())
+    summary = {"shard": file.url, "name": file.name, "rows": n, "status_counts": _counts(n - n_bad, n_bad),
+               "ok": n - n_bad, "damage": None, "duration_s": round(elapsed, 3),
+               "samples_per_s": round(n / elapsed, 2) if elapsed > 0 else None}
+    return task.sink.write(file.name, file.url, table, summary)
+
+
+def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict) -> pa.Table:
+    """The scores table (:data:`pipeline.table.SCHEMA`) of a file's rows, built column by column."""
+    n = meta.num_rows
+    columns = {"key": meta["key"], "url": meta["url"], "uid": meta["uid"], "caption": meta["caption"],
+               "shard": pa.array([url] * n, pa.string()), "index": pa.array(np.arange(n, dtype=np.int32)),
+               "status": pc.if_else(pa.array(bad), BAD_ROW, "ok").cast(pa.string()),
+               "error": pa.array(errors, pa.string()) if bad.any() else pa.nulls(n, pa.string())}
+    for name in SCORE_COLUMNS:
+        v = np.asarray(scores.get(name, np.full(n, np.nan)), dtype=np.float64)
+        columns[name] = pa.array(v.astype(np.float32), pa.float32(), mask=~np.isfinite(v))
+    return pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+
+
+# -- fitting ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitFile:
+    """One reference file: its rows (the first ``rows``, or all) split into fit and held-out by key hash."""
+
+    file: EmbeddingFile
+    kind: str
+    holdout: float
+    seed: int
+    max_heldout: int  # held-out rows returned: those with the smallest key hashes
+    rows: Optional[int] = None  # read only the first rows (--max-samples)
+    block_rows: int = 16_384
+
+
+def key_hashes(keys: list, seed: int) -> np.ndarray:
+    """The 64-bit key hashes :func:`pipeline.whitening.holdout_mask` compares with the held-out fraction."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big")
+                     for k in keys], dtype=np.uint64)
+
+
+def fit_file(task: FitFile) -> dict:
+    """Float64 moments of the usable fit rows per tower, the held-out rows with their key hashes, norms."""
+    from pipeline.whitening import Moments, holdout_mask
+
+    started = time.time()
+    file = task.file
+    meta = read_metadata(file, task.kind)
+    n = meta.num_rows if task.rows is None else min(task.rows, meta.num_rows)
+    keys = [f"{file.name}/{k if k is not None else '#' + str(i)}"
+            for i, k in enumerate(meta.column("key").slice(0, n).to_pylist())]
+    held = holdout_mask(keys, task.holdout, task.seed)
+    towers = [t for t, _, _ in file.towers]
+    moments, held_rows, norms, dims = {}, {t: [] for t in towers}, {t: [np.inf, 0.0] for t in towers}, {}
+    usable = np.zeros(n, dtype=bool)
+    for start, blocks in read_blocks(file, meta.num_rows, task.block_rows, rows=n):
+        rows = slice(start, start + len(next(iter(blocks.values()))))
+        ok = np.logical_and.reduce([np.isfinite(b).all(axis=1) for b in blocks.values()])
+        usable[rows] = ok
+        for tower, block in blocks.items():
+            x = block[ok]
+            dims[tower] = block.shape[1]
+            moments.setdefault(tower, Moments.empty(block.shape[1])).update(x[~held[rows][ok]])
+            held_rows[tower].append(x[held[rows][ok]].astype(np.float32))
+            if len(x):
+                r = np.linalg.norm(x.astype(np.float64), axis=1)
+                norms[tower] = [min(norms[tower][0], float(r.min())), max(norms[tower][1], float(r.max()))]
+    chosen = np.flatnonzero(held & usable)
+    hashes = key_hashes([keys[i] for i in chosen], task.seed)
+    keep = np.argsort(hashes, kind="stable")[: task.max_heldout]
+    out = {}
+    for tower in towers:
+        if tower not in moments:
+            continue
+        rows = np.concatenate(held_rows[tower]) if held_rows[tower] else np.zeros((0, dims[tower]), np.float32)
+        m = moments[tower]
+        out[tower] = {"count": m.count, "mean": m.mean, "scatter": m.scatter, "held_hash": hashes[keep],
+                      "held_rows": rows[keep], "norms": norms[tower], "dim": dims[tower]}
+    summary = {"shard": file.url, "name": file.name, "rows": n, "usable": int(usable.sum()),
+               "status_counts": _counts(int(usable.sum()), int(n - usable.sum())),
+               "duration_s": round(time.time() - started, 3)}
+    return {"summary": summary, "towers": out}

@@ -1,0 +1,51 @@
+"""The encoding stage as one object: a CLIP model on one device plus the whitening scorer, turning a
+:class:`~pipeline.flow.batch.Chunk` into a :class:`~pipeline.flow.batch.ChunkResult`. The runtime runs it
+in an encoder actor (GPUs) or inside each reader task (CPU-only nodes); it knows nothing about Ray."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.flow.batch import Chunk, ChunkResult
+from pipeline.flow.encode import Encoder
+from pipeline.flow.whiten import ChunkScorer
+
+_CACHE: dict = {}  # one stage per worker process and job: reader tasks of a job reuse the loaded model
+
+
+class EncodeStage:
+    """One CLIP model on one device (a GPU, or this process's CPU threads) and the job's stats."""
+
+    def __init__(self, spec, encode_cfg, stats=None):
+        logging.getLogger().setLevel(logging.WARNING)
+        self.encoder = Encoder(spec, encode_cfg)
+        self.scorer = ChunkScorer(stats, self.encoder.device)
+
+    @classmethod
+    def cached(cls, token: str, spec, encode_cfg, stats=None) -> "EncodeStage":
+        """The stage of job ``token`` in this process, built on first use (earlier jobs' stages dropped)."""
+        if token not in _CACHE:
+            _CACHE.clear()
+            _CACHE[token] = cls(spec, encode_cfg, stats)
+        return _CACHE[token]
+
+    def transforms(self):
+        return self.encoder.preprocess, self.encoder.tokenizer
+
+    def info(self) -> dict:
+        """Device, precision, embedding sizes and what ``--decode gpu`` needs, for the job's checks."""
+        import torch
+
+        enc = self.encoder
+        size = getattr(enc.model.visual, "image_size", 224)
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        with torch.inference_mode():
+            dims = {"image": int(enc.model.encode_image(torch.zeros(1, 3, *size, device=enc.device)).shape[1]),
+                    "text": int(enc.model.encode_text(torch.zeros(
+                        1, int(enc.model.context_length or 77), dtype=torch.long, device=enc.device)).shape[1])}
+        return {"device": str(enc.device), "precision": enc.precision, "dims": dims,
+                "preprocess_split": enc.preprocessor.split,
+                "device_decode_unsupported": enc.device_decode_unsupported}
+
+    def process(self, chunk: Chunk, keep_embeddings: bool = False) -> ChunkResult:
+        return self.scorer.score(chunk, self.encoder.encode(chunk), keep_embeddings)

@@ -1,0 +1,248 @@
+"""Precomputed embeddings in: clip-retrieval / LAION folders and DataComp ``.npz`` shards, found, described
+and read in bounded blocks of rows (local paths or any fsspec URL).
+
+clip-retrieval's ``clip-retrieval inference`` (and LAION's released embeddings) write one folder with three
+row-aligned parts per batch ``N``::
+
+    img_emb/img_emb_N.npy   text_emb/text_emb_N.npy   metadata/metadata_N.parquet (image_path or key, caption, url...)
+
+DataComp ships ``{shard}.npz`` (arrays ``l14_img``, ``l14_txt``, ``b32_img``, ``b32_txt``) beside
+``{shard}.parquet`` (``uid``, ``url``, ``text``). Each such set of row-aligned files is one
+:class:`EmbeddingFile`: the unit of work and of output (``metadata_N`` / ``{shard}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage
+from pipeline.errors import ConfigError
+
+CLIP_RETRIEVAL, DATACOMP = "clip-retrieval", "datacomp"
+CLIP_FOLDERS = {"image": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}  # folder, file prefix
+DATACOMP_SUFFIX = {"image": "img", "text": "txt"}  # {key}_{suffix} arrays in a DataComp .npz
+METADATA_COLUMNS = {  # output column -> source columns, first present wins
+    CLIP_RETRIEVAL: {"key": ("key", "image_path"), "url": ("url",), "caption": ("caption",), "uid": ("uid",)},
+    DATACOMP: {"key": ("uid",), "url": ("url",), "caption": ("text", "caption"), "uid": ("uid",)},
+}
+_METADATA_NAME = re.compile(r"^metadata_(.+)\.parquet$")
+_FLOATS = (np.float16, np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class EmbeddingFile:
+    """One set of row-aligned files: the metadata and each tower's embeddings."""
+
+    name: str  # output name: ``metadata_N`` (clip-retrieval) or the DataComp shard name
+    url: str  # the input named in the scores' ``shard`` column: the metadata Parquet / the .npz
+    metadata: str  # Parquet with the keys (and url, caption, uid)
+    towers: tuple  # ((tower, url, member), ...): a .npy file (member "") or an array of a .npz
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """What a job reads: one kind of embeddings, as files."""
+
+    kind: str  # CLIP_RETRIEVAL or DATACOMP
+    key: Optional[str]  # DataComp's array prefix ("l14", "b32"); None for clip-retrieval
+    files: tuple  # EmbeddingFile, in input order
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.key is None else f"{self.kind}-{self.key}"
+
+    def identity(self) -> dict:
+        """Stands for the model identity of tar jobs: what made these vectors."""
+        return {"model": f"embeddings:{self.label}", "weights": "precomputed"}
+
+    @property
+    def towers(self) -> tuple:
+        return tuple(t for t, _, _ in self.files[0].towers) if self.files else ()
+
+
+# -- finding the files --------------------------------------------------------------------------------
+def discover(paths, key: Optional[str] = None) -> EmbeddingSource:
+    """The embedding files under ``paths``: clip-retrieval folders, DataComp ``.npz`` URLs / brace patterns
+    / globs, or folders of ``.npz`` shards. Raises ConfigError naming what is wrong."""
+    from braceexpand import braceexpand
+
+    from pipeline.flow.read import expand_shards
+
+    kinds, files = set(), []
+    for path in paths:
+        for pattern in braceexpand(path):
+            for item in expand_shards([pattern]) if _is_glob(pattern) else [pattern]:
+                kind, found = _files_at(item.rstrip("/"), key)
+                kinds.add(kind)
+                files.extend(found)
+    if len(kinds) > 1:
+        raise ConfigError("--embeddings mixes clip-retrieval folders and DataComp .npz shards; "
+                          "fit and score each kind on its own")
+    kind = kinds.pop()
+    if kind == DATACOMP and key is None:
+        raise ConfigError("DataComp shards hold two models' arrays: pass --embedding-key l14 or --embedding-key b32")
+    if kind == CLIP_RETRIEVAL and key is not None:
+        raise ConfigError("--embedding-key picks a DataComp .npz's arrays; clip-retrieval folders have one model")
+    seen: dict = {}
+    for f in files:
+        if f.name in seen:
+            raise ConfigError(f"two embedding files share the output name {f.name!r}: {seen[f.name]} and {f.url}; "
+                              f"score them into different --output folders")
+        seen[f.name] = f.url
+    if not files:
+        raise ConfigError(f"no embedding files found in {', '.join(paths)}")
+    return EmbeddingSource(kind=kind, key=key, files=tuple(files))
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _files_at(path: str, key: Optional[str]) -> tuple:
+    if path.endswith(".npz"):
+        return DATACOMP, [_datacomp_file(path, key)]
+    if storage.is_dir(storage.join(path, "metadata")):
+        return CLIP_RETRIEVAL, _clip_retrieval_files(path)
+    npz = storage.list_files(path, ".npz")
+    if npz:
+        return DATACOMP, [_datacomp_file(u, key) for u in npz]
+    raise ConfigError(f"--embeddings {path}: neither a clip-retrieval folder (img_emb/, text_emb/, metadata/) nor "
+                      f"DataComp .npz shards (or a folder of them)")
+
+
+def _datacomp_file(url: str, key: Optional[str]) -> EmbeddingFile:
+    name = storage.basename(url)[: -len(".npz")]
+    towers = tuple((t, url, f"{key}_{s}") for t, s in DATACOMP_SUFFIX.items())
+    return EmbeddingFile(name=name, url=url, metadata=url[: -len(".npz")] + ".parquet", towers=towers)
+
+
+def _clip_retrieval_files(folder: str) -> list:
+    present = {}
+    for tower, (sub, prefix) in CLIP_FOLDERS.items():
+        names = {storage.basename(u) for u in storage.list_files(storage.join(folder, sub), ".npy")}
+        if names:
+            present[tower] = (sub, prefix, names)
+    if not present:
+        raise ConfigError(f"--embeddings {folder}: no img_emb/*.npy or text_emb/*.npy beside metadata/")
+    files = []
+    for meta in storage.list_files(storage.join(folder, "metadata"), ".parquet"):
+        match = _METADATA_NAME.match(storage.basename(meta))
+        if not match:
+            continue
+        n, towers = match.group(1), []
+        for tower, (sub, prefix, names) in present.items():
+            if f"{prefix}{n}.npy" not in names:
+                raise ConfigError(f"--embeddings {folder}: metadata/metadata_{n}.parquet has no {sub}/{prefix}{n}.npy; "
+                                  f"the folder is incomplete")
+            towers.append((tower, storage.join(folder, sub, f"{prefix}{n}.npy"), ""))
+        files.append(EmbeddingFile(name=f"metadata_{n}", url=meta, metadata=meta, towers=tuple(towers)))
+    return files
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+class ArrayReader:
+    """Rows of a 2-D ``.npy`` stream (a file, or a member of a ``.npz``), read in blocks as they are stored."""
+
+    def __init__(self, fh, where: str):
+        self.fh, self.where = fh, where
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        if len(shape) != 2 or fortran or dtype.type not in _FLOATS:
+            raise ValueError(f"{where}: expected a 2-D C-ordered float array, got shape {shape} {dtype}"
+                             + (" (Fortran order)" if fortran else ""))
+        self.rows, self.dim, self.dtype = int(shape[0]), int(shape[1]), dtype
+        self.done = 0
+
+    def read(self, rows: int) -> np.ndarray:
+        """The next ``rows`` rows (fewer at the end), in the stored dtype."""
+        rows = min(rows, self.rows - self.done)
+        want = rows * self.dim * self.dtype.itemsize
+        buf = bytearray(want)
+        view, got = memoryview(buf), 0
+        while got < want:
+            n = self.fh.readinto(view[got:])
+            if not n:
+                read = self.done + got // (self.dim * self.dtype.itemsize)
+                raise ValueError(f"{self.where}: the file ends after {read} of {self.rows} rows (truncated)")
+            got += n
+        self.done += rows
+        return np.frombuffer(buf, dtype=self.dtype).reshape(rows, self.dim)
+
+
+@contextlib.contextmanager
+def open_array(url: str, member: str = "") -> Iterator[ArrayReader]:
+    """An :class:`ArrayReader` on a ``.npy`` file, or on array ``member`` of a ``.npz``."""
+    with storage.open_read(url) as fh:
+        if not member:
+            yield ArrayReader(fh, storage.basename(url))
+            return
+        with zipfile.ZipFile(fh) as zf:
+            if member + ".npy" not in zf.namelist():
+                raise ValueError(f"{storage.basename(url)} has no array {member!r} "
+                                 f"(it has {', '.join(n[:-4] for n in zf.namelist())})")
+            with zf.open(member + ".npy") as inner:
+                yield ArrayReader(inner, f"{storage.basename(url)}:{member}")
+
+
+def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional[int] = None) -> Iterator[tuple]:
+    """``(start, {tower: block})`` over the first ``rows`` rows (default: all) of every tower of ``file``, in
+    lockstep; a tower whose row count is not ``total`` (the metadata's) is an error."""
+    rows = total if rows is None else rows
+    with contextlib.ExitStack() as stack:
+        readers = {t: stack.enter_context(open_array(url, member)) for t, url, member in file.towers}
+        for reader in readers.values():
+            if reader.rows != total:
+                raise ValueError(f"{reader.where} has {reader.rows} rows but {storage.basename(file.metadata)} has "
+                                 f"{total}: the files are not row-aligned")
+        for start in range(0, rows, block_rows):
+            yield start, {t: r.read(min(block_rows, rows - start)) for t, r in readers.items()}
+
+
+def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
+    """The file's rows as a table of string columns ``key``, ``url``, ``caption``, ``uid`` (null where absent)."""
+    from pipeline.table import file_schema, read_columns
+
+    if not storage.exists(file.metadata):
+        raise ValueError(f"{file.metadata} does not exist: the embeddings have no metadata (keys) beside them")
+    wanted = METADATA_COLUMNS[kind]
+    names = file_schema(file.metadata).names
+    source = {out: next((c for c in cols if c in names), None) for out, cols in wanted.items()}
+    if source["key"] is None:
+        raise ValueError(f"{file.metadata} has no key column ({' or '.join(wanted['key'])}); it has {', '.join(names)}")
+    table = read_columns(file.metadata, sorted({c for c in source.values() if c}))
+    n = table.num_rows
+    columns = {out: (pc.cast(table.column(src), pa.string()) if src else pa.nulls(n, pa.string()))
+               for out, src in source.items()}
+    return pa.table(columns)
+
+
+def probe(file: EmbeddingFile, rows: int = 1024) -> dict:
+    """``{tower: {"dim", "dtype", "rows", "normalized"}}`` from each tower's header and first ``rows`` rows."""
+    out = {}
+    for tower, url, member in file.towers:
+        with open_array(url, member) as reader:
+            sample = reader.read(rows).astype(np.float64)
+        out[tower] = {"dim": reader.dim, "dtype": str(reader.dtype), "rows": reader.rows,
+                      "normalized": is_normalized(sample)}
+    return out
+
+
+NORM_TOLERANCE = 1e-2  # |norm - 1| of an L2-normalised row stored in float16 stays well below this
+
+
+def is_normalized(rows: np.ndarray) -> Optional[bool]:
+    """True when every finite row has unit L2 norm (None: no finite row to tell)."""
+    rows = rows[np.isfinite(rows).all(axis=1)]
+    if not len(rows):
+        return None
+    return bool(np.abs(np.linalg.norm(rows, axis=1) - 1.0).max() <= NORM_TOLERANCE)
