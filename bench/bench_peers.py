@@ -31,7 +31,8 @@ mode) on the first 256 samples. clip-retrieval (all_clip) never puts open_clip m
 the demo model's BatchNorm layers run on batch statistics: its image embeddings differ from the
 reference (cosine ~0.9-0.99) while its text embeddings match; speed is not affected.
 
-Results: a JSON file under .bench/peers/ (path printed at the end), logs under .bench/peers/logs/.
+Results: a JSON file under .bench/peers/ (path printed at the end), logs under .bench/peers/logs/;
+``bench_peers.py --markdown RESULT.json`` prints its tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -609,7 +610,64 @@ def print_fixed(summary: dict) -> None:
                       + f" | median {statistics.median(d):+.2f} s |")
 
 
+def markdown(result: dict) -> str:
+    """Markdown tables of a result file (for docs/benchmarks.md)."""
+    lines = []
+    thr = result["throughput"]["summary"]["tools"]
+    rounds = len(next(iter(thr.values()))["samples_per_s"])
+    runs = [r for r in result["throughput"]["runs"] if "tool" in r]
+    order = {k: [r["tool"] for r in runs if r["round"] == k] for k in range(1, rounds + 1)}
+    lines.append("| samples/s (rows / whole-process wall time) | " + " | ".join(
+        f"round {k} ({' → '.join(order[k])})" for k in range(1, rounds + 1)) + " | median |")
+    lines.append("|---|" + "---|" * (rounds + 1))
+    names = {"clip-retrieval": "clip-retrieval 2.45 `clip_inference`", "wclip": "`wclip score`",
+             "loop": "bare loop (1 process)"}
+    for t, v in thr.items():
+        lines.append(f"| {names[t]} | " + " | ".join(f"{x:.1f} (load {l:.2f})" for x, l in
+                                                      zip(v["samples_per_s"], v["load_before"]))
+                     + f" | {statistics.median(v['samples_per_s']):.1f} |")
+    for name, vals in result["throughput"]["summary"]["ratios"].items():
+        lines.append(f"| **{name}** | " + " | ".join(f"{x:.2f}x" for x in vals) + f" | **{statistics.median(vals):.2f}x** |")
+    if "summary_samples_per_s" in thr.get("wclip", {}):
+        vals = thr["wclip"]["summary_samples_per_s"]
+        lines.append("| `wclip score`'s own summary (shards only: Ray start, model load, exit excluded) | "
+                     + " | ".join(f"{x:.1f}" for x in vals) + f" | {statistics.median(vals):.1f} |")
+    lines.append("| CPU seconds, all processes of the command | " + " | ".join(
+        ", ".join(f"{r['tool']} {r['cpu_s']:.0f}" for r in runs if r["round"] == k) for k in range(1, rounds + 1)) + " | |")
+    if "fixed" in result:
+        fx = result["fixed"]["summary"]["tools"]
+        n = len(next(iter(fx.values()))["wall_s"])
+        lines += ["", "| 50-sample shard, whole-process wall time | " + " | ".join(f"round {k}" for k in range(1, n + 1))
+                  + " | median |", "|---|" + "---|" * (n + 1)]
+        for t, v in fx.items():
+            lines.append(f"| {names[t]} | " + " | ".join(f"{w:.1f} s (load {l:.2f})" for w, l in
+                                                          zip(v["wall_s"], v["load_before"]))
+                         + f" | {statistics.median(v['wall_s']):.1f} s |")
+        if "loop" in fx:
+            for t in fx:
+                if t != "loop":
+                    d = [a - b for a, b in zip(fx[t]["wall_s"], fx["loop"]["wall_s"])]
+                    lines.append(f"| **fixed cost: {t} minus loop** | " + " | ".join(f"{x:+.1f} s" for x in d)
+                                 + f" | **{statistics.median(d):+.1f} s** |")
+    lines += ["", "| peak memory of the command's process tree (max over rounds) | processes | RSS summed | PSS |",
+              "|---|---|---|---|"]
+    for label, block in (("12 x 1000", result["throughput"]), ("50-sample shard", result.get("fixed"))):
+        if not block:
+            continue
+        for t in block["summary"]["tools"]:
+            rs = [r for r in block["runs"] if r.get("tool") == t]
+            lines.append(f"| {names[t]}, {label} | {max(r['max_processes'] for r in rs)} | "
+                         f"{max(r['peak_rss_mb'] for r in rs):.0f} MB | {max(r['peak_pss_mb'] for r in rs):.0f} MB |")
+    checks = [r["cross_check"] for r in result["throughput"]["runs"] if "cross_check" in r]
+    if checks:
+        lines += ["", "cross-check: `" + json.dumps(checks[0]) + "`"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--markdown"]:
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=12, help="shards at scale 1")
     ap.add_argument("--samples", type=int, default=1000, help="samples per shard")

@@ -104,7 +104,8 @@ def timeline(urls: list, stats: Path, out: Path, tag: str) -> dict:
         ("python start + imports (pipeline.cli, ray, runtime)", start, tr["imported"]),
         ("cli: parse, load stats, check inputs", tr["main_start"], ev["init"]["start"]),
         ("ray.init (local Ray: GCS, raylet, workers)", ev["init"]["start"], ev["init"]["end"]),
-        ("start encoder actor + wait until ready (worker start, imports, model load, first forward)",
+        ("encoders: start + wait for their info (a worker starts, imports torch/open_clip, loads the model, "
+         "runs a first forward; an actor on GPUs, one task on CPU-only nodes)",
          ev["start_encoders"]["start"], ev["encoder_info"]["end"]),
         ("run_shards (read, decode, encode, whiten, write all shards)",
          ev["run_shards"]["start"], ev["run_shards"]["end"]),
@@ -117,7 +118,7 @@ def timeline(urls: list, stats: Path, out: Path, tag: str) -> dict:
                  "seconds": round(total - sum(r["seconds"] for r in rows), 3), "share": None})
     # reader tasks on the same clock, from the completion markers
     tasks = []
-    for marker in sorted((out / "_wclip" / "shards").glob("*.json")):
+    for marker in sorted(out.glob("*/shards/*.json")):  # the state folder (_wclip/ or .wclip/)
         m = json.loads(marker.read_text())
         end = datetime.datetime.fromisoformat(m["provenance"]["written"]).timestamp()
         tasks.append({"shard": m["name"], "start": end - m["duration_s"], "end": end, "rows": m["rows"]})
@@ -139,14 +140,15 @@ def timeline(urls: list, stats: Path, out: Path, tag: str) -> dict:
 
 
 # -- 2. on-CPU breakdown ----------------------------------------------------------------------------
-# (stage, test on the frame list), first match wins; frames are "function (file:line)" strings
+# (stage, test on the frame list), first match wins; frames are "function (file:line)" strings, methods
+# as "Class.method"
 def _has(frames, func=None, file=None):
     for f in frames:
         m = _FRAME.match(f)
         if not m:
             continue
         fn, path = m.group(1), m.group(2)
-        if (func is None or fn == func) and (file is None or file in path):
+        if (func is None or fn == func or fn.endswith("." + func)) and (file is None or file in path):
             return True
     return False
 
@@ -184,11 +186,11 @@ def _where(frames: list) -> str:
     top = frames[0] if frames else ""
     if "(wclip:" in top:
         return "driver"
-    if _has(frames, None, "pipeline/flow/encode.py") or _has(frames, "process", "pipeline/runtime.py") \
-            or _has(frames, "__init__", "pipeline/runtime.py") or _has(frames, "info", "pipeline/runtime.py"):
-        return "encoder actor"
     if _has(frames, "_shard_task", "pipeline/runtime.py"):
-        return "reader task"
+        return "reader task (on CPU-only nodes it also encodes)"
+    if _has(frames, None, "pipeline/flow/encode.py") or _has(frames, None, "pipeline/flow/stage.py") \
+            or _has(frames, "_local_info", "pipeline/runtime.py") or _has(frames, None, "pipeline/models.py"):
+        return "encoder (actor, or the task that checks the model)"
     if "default_worker.py" in top or "setup_worker.py" in top:
         return "Ray worker outside a task (start-up, first-task deserialisation, idle loop)"
     return "Ray's own Python processes (dashboard, agents, log monitor, monitor)"
@@ -201,7 +203,8 @@ def parse_pyspy(paths: list) -> dict:
     total = 0
     for path in paths:
         for line in Path(path).read_text(errors="replace").splitlines():
-            m = re.match(r'^process (\d+):"(.*)";(.*) (\d+)$', line)
+            # --subprocesses output starts each line with 'process PID:"cmdline";', --pid output does not
+            m = re.match(r'^(?:process (\d+):"(.*)";)?(.*) (\d+)$', line)
             if not m:
                 continue
             frames, n = m.group(3).split(";"), int(m.group(4))
@@ -249,7 +252,7 @@ def pyspy(urls: list, stats: Path, out: Path, tag: str, rate: int) -> dict:
     def watch():
         while proc.poll() is None and not attached:
             for pid in bench_peers._tree(proc.pid):
-                if _cmdline(pid).startswith("ray::EncoderActor"):
+                if _cmdline(pid).startswith(("ray::EncoderActor", "ray::EncodeStage")):
                     attached.append(subprocess.Popen([spy, "record", "--pid", str(pid), *common, "--output",
                                                       str(raw_enc)], stdout=subprocess.DEVNULL,
                                                      stderr=subprocess.DEVNULL))
@@ -266,19 +269,20 @@ def pyspy(urls: list, stats: Path, out: Path, tag: str, rate: int) -> dict:
         raise SystemExit(f"py-spy run failed:\n{err[-3000:]}")
     res = parse_pyspy([raw] + ([raw_enc] if raw_enc.exists() else []))
     res.update(wall_s=round(time.time() - t0, 2), rate=rate, load_before=list(load), raw=str(raw),
-               encoder_attached=bool(attached and raw_enc.exists()))
+               encoder_actor_seen=bool(attached), encoder_attached=bool(attached and raw_enc.exists()))
     return res
 
 
 # -- 3. stage costs in one process --------------------------------------------------------------------
 def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
-    """One shard through the job's own code in this process, without Ray: the reader task's loop
-    (runtime._shard_task) against an in-process EncoderActor, under cProfile. Gives the cost of each stage
-    per sample, free of start-up and scheduling. torch threads as the CPU encoder actor uses on this
-    machine (a quarter of the CPUs, at least 1)."""
+    """One shard through the job's own code in this process, without Ray: the reader task
+    (runtime._shard_task) with the model in the task, as on CPU-only nodes, under cProfile. Gives the cost of
+    each stage per sample, free of start-up and scheduling, with one torch thread (what each of this
+    machine's reader tasks gets: CPUs / tasks in flight)."""
     import cProfile
     import pstats
     import types
+    import uuid
 
     from pipeline import runtime
     from pipeline.config import EncodeConfig, RunConfig
@@ -292,24 +296,26 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
     run = RunConfig(shards=(url,), model=ModelSpec("wclip-demo"),
                     encode=EncodeConfig(normalize=bool(stats.metadata.get("normalize")), threads=threads))
     t0 = time.perf_counter()
-    actor = runtime.EncoderActor(run.model, run.encode, stats)
-    setup_s = time.perf_counter() - t0
-
-    class Local:  # actor.process.remote(...) -> the result itself; ray.get is the identity
-        def __init__(self, fn):
-            self.remote = fn
-    fake = types.SimpleNamespace(process=Local(actor.process))
     real_ray = runtime.ray
-    runtime.ray = types.SimpleNamespace(get=lambda ref: ref)
+    if hasattr(runtime, "Encoders"):  # the model inside the reader task (CPU-only nodes)
+        encoders = runtime.Encoders([], (uuid.uuid4().hex, run.model, run.encode, stats))
+        transforms = None
+        runtime._local_stage(encoders.local)
+    else:  # an encoder actor, called in-process: .process.remote(...) returns the result, ray.get is the identity
+        actor = runtime.EncoderActor(run.model, run.encode, stats)
+        encoders = [types.SimpleNamespace(process=types.SimpleNamespace(remote=actor.process))]
+        transforms = actor.transforms()
+        runtime.ray = types.SimpleNamespace(get=lambda ref: ref)
+    setup_s = time.perf_counter() - t0
     try:
         sink = ScoreSink(str(out))
-        runtime._shard_task(url, run, [fake], actor.transforms(), sink)  # warm-up (first forward, lazy imports)
+        runtime._shard_task(url, run, encoders, transforms, sink)  # warm-up (first forward, lazy imports)
         t0 = time.perf_counter()
-        runtime._shard_task(url, run, [fake], actor.transforms(), sink)
+        runtime._shard_task(url, run, encoders, transforms, sink)
         plain_s = time.perf_counter() - t0
         prof = cProfile.Profile()
         prof.enable()
-        runtime._shard_task(url, run, [fake], actor.transforms(), sink)
+        runtime._shard_task(url, run, encoders, transforms, sink)
         prof.disable()
     finally:
         runtime.ray = real_ray
@@ -330,9 +336,10 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
     text = c("pipeline/flow/encode.py", "embed_texts")
     encode = c("pipeline/flow/encode.py", "encode")
     whiten = c("pipeline/flow/whiten.py", "score")
+    local_stage = c("pipeline/runtime.py", "_local_stage")
     assemble = c("pipeline/flow/assemble.py", "add")
     write = c("pipeline/flow/write.py", "finish")
-    read = total - prepare - build - encode - whiten - assemble - write  # the reader generator and the loop
+    read = total - prepare - build - encode - whiten - assemble - write - local_stage  # reader generator, loop
     rows = [("read tar + group members (ShardReader, loop)", read),
             ("decode JPEG (PIL open + load)", decode),
             ("preprocess (resize, crop, to uint8)", preprocess),
@@ -346,6 +353,7 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
             ("write Parquet + marker (ScoreSink.finish)", write)]
     samples = bench_peers._count_samples([url])
     return {"shard": url, "samples": samples, "torch_threads": threads, "encoder_setup_s": round(setup_s, 3),
+            "model_in_task": hasattr(runtime, "Encoders"),
             "shard_s_without_profiler": round(plain_s, 3), "shard_s_profiled": round(total, 3),
             "stages": [{"stage": k, "s": round(v, 4), "ms_per_sample": round(1000 * v / samples, 3),
                         "share": round(v / total, 3)} for k, v in rows]}
@@ -378,7 +386,7 @@ def print_report(tag: str, tl: dict, spy: dict | None) -> None:
         print("| process | share of CPU samples |\n|---|---|")
         for w, n in spy["where"]:
             print(f"| {w} | {100 * n / spy['samples']:.1f}% |")
-        if not spy.get("encoder_attached"):
+        if spy.get("encoder_actor_seen") and not spy.get("encoder_attached"):
             print("(the encoder actor was not sampled: py-spy could not attach to it)")
 
 
@@ -395,7 +403,17 @@ def main(argv=None):
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--snapshot", action="store_true", help="as bench_peers.py --snapshot")
     ap.add_argument("--use-snapshot", metavar="DIR", help="as bench_peers.py --use-snapshot")
+    ap.add_argument("--reparse", action="store_true",
+                    help="only re-read the raw py-spy files of the last run (.bench/profile/pyspy-*.txt)")
     args = ap.parse_args(argv)
+    if args.reparse:
+        for raw in sorted(WORK.glob("pyspy-*.txt")):
+            if not raw.name.endswith("-encoder.txt"):
+                enc = raw.with_name(raw.stem + "-encoder.txt")
+                res = parse_pyspy([raw] + ([enc] if enc.exists() else []))
+                res.update(rate=args.rate, wall_s="?", load_before=[float("nan")], encoder_attached=enc.exists())
+                print_report(raw.stem[len("pyspy-"):], {}, res)
+        return 0
     WORK.mkdir(parents=True, exist_ok=True)
     bench_peers.WORK.mkdir(parents=True, exist_ok=True)
     bench_peers.use_snapshot(args)

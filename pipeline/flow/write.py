@@ -33,6 +33,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -159,10 +160,14 @@ def write_embeddings(output: str, name: str, arrays: dict, table) -> dict:
 
 
 def append_failure(output: str, record: dict) -> None:
-    """Record a shard that failed after its retries (one JSON object per line)."""
+    """Record a shard that failed after its retries (one JSON object per line). When even that cannot be
+    written (a full disk), say so in one line: the summary still names the failure."""
     path = failures_path(output)
-    old = read_bytes(path) if exists(path) else b""
-    write_atomic(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
+    try:
+        old = read_bytes(path) if exists(path) else b""
+        write_atomic(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        logging.getLogger("wclip").error("could not record the failure of %s: %s", record.get("shard"), exc)
 
 
 def keep_failures_except(output: str, names: set) -> None:

@@ -161,9 +161,10 @@ def both_paths(request, tmp_path_factory, ray_local):
 
 
 def _load(folder, name):
-    from safetensors.numpy import load_file
-
-    embeddings = load_file(str(folder / ".wclip" / "embeddings" / f"{name}.safetensors"))
+    """A shard's scores and its saved embeddings (clip-retrieval's layout, numbered by the shard's name)."""
+    root = folder / ".wclip" / "embeddings"
+    embeddings = {"image": np.load(root / "img_emb" / f"img_emb_{name}.npy"),
+                  "text": np.load(root / "text_emb" / f"text_emb_{name}.npy")}
     return pq.read_table(folder / f"{name}.parquet"), embeddings
 
 
