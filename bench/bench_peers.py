@@ -589,7 +589,7 @@ def print_throughput(title: str, summary: dict) -> None:
         print(f"| ratio {name} | {cells} | {statistics.median(vals):.2f}x | | |")
     if "summary_samples_per_s" in tools.get("wclip", {}):
         vals = tools["wclip"]["summary_samples_per_s"]
-        print(f"| wclip's own summary (shards only) | " + " | ".join(f"{v:.0f}/s" for v in vals)
+        print("| wclip's own summary (shards only) | " + " | ".join(f"{v:.0f}/s" for v in vals)
               + f" | {statistics.median(vals):.0f}/s | | |")
     print("CPU seconds (all processes of the command's tree, sampled): "
           + "; ".join(f"{t} " + ", ".join(f"{c:.0f}" for c in v["cpu_s"]) for t, v in tools.items()))
