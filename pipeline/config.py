@@ -19,6 +19,11 @@ STALL_TIMEOUT = 120.0  # seconds without a byte from a remote or piped shard bef
 MAX_ASPECT_RATIO = 50.0  # longer side / shorter side; CLIP's resize of a thinner image would be huge
 
 
+def _non_negative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
 def _positive(name: str, value, allow_none: bool = False):
     if value is None and allow_none:
         return
@@ -112,8 +117,7 @@ class RunConfig:
         _positive("chunk_size", self.chunk_size)
         _positive("max_in_flight", self.max_in_flight, allow_none=True)
         _positive("encoders", self.encoders, allow_none=True)
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        _non_negative("retries", self.retries)
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,7 @@ class EmbeddingRunConfig:
             raise ValueError(f"embedding key must be one of {EMBEDDING_KEYS}, got {self.key!r}")
         _positive("max_in_flight", self.max_in_flight, allow_none=True)
         _positive("block_rows", self.block_rows)
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        _non_negative("retries", self.retries)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -93,3 +94,36 @@ def marker(scores_dir, name: str) -> dict:
 def marker_files(scores_dir) -> list:
     """The completion markers present in a local scores folder."""
     return sorted((Path(scores_dir) / ".wclip" / "shards").glob("*.json"))
+
+
+@contextlib.contextmanager
+def http_server(respond):
+    """A loopback HTTP server whose GET handler is ``respond(handler)``; yields its base URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            respond(self)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def cut_transfer(payload: bytes):
+    """A GET handler that announces all of ``payload``, sends half of it, then drops the connection."""
+    def respond(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload[: len(payload) // 2])
+        handler.wfile.flush()
+        handler.connection.close()
+    return respond

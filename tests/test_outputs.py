@@ -2,17 +2,14 @@
 never mixes two fits or models and never trusts a marker whose output is gone, and no file of another tool
 ever touched (real Ray, real tar shards, real Parquet, a loopback HTTP server)."""
 
-import contextlib
 import hashlib
-import http.server
 import json
-import threading
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, marker, marker_files, tiny_run, write_shard
+from shardkit import clean_shards, cut_transfer, http_server, marker, marker_files, tiny_run, write_shard
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.errors import ConfigError
@@ -151,34 +148,12 @@ def test_failure_records_of_shards_not_rerun_are_kept(corpus, tmp_path):
     assert sorted(r["shard"] for r in records) == sorted([missing, str(junk)])
 
 
-@contextlib.contextmanager
-def _cutting_server(payload: bytes):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload[: len(payload) // 2])
-            self.wfile.flush()
-            self.connection.close()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-
-
 def test_a_cut_http_transfer_fails_the_shard_and_writes_nothing(corpus, tmp_path):
     _, stats, targets = corpus
     out = tmp_path / "scores"
     with open(targets[2], "rb") as fh:
         payload = fh.read()
-    with _cutting_server(payload) as base:
+    with http_server(cut_transfer(payload)) as base:
         url = f"{base}/00002.tar"
         summary = _score(stats["a"], [url], out, retries=1)
     assert [f["shard"] for f in summary["failed"]] == [url]

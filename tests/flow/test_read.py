@@ -55,13 +55,13 @@ def test_not_a_tar_is_a_shard_error(tmp_path):
 
 
 # -- transport, damage and odd members (issue: nothing lost, nothing mixed) -------------------------------
-import contextlib  # noqa: E402
 import gzip  # noqa: E402
-import http.server  # noqa: E402
 import io  # noqa: E402
 import tarfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+
+from shardkit import cut_transfer, http_server  # noqa: E402
 
 from pipeline.errors import TransportError  # noqa: E402
 
@@ -77,37 +77,9 @@ def _tar_bytes(samples) -> bytes:
     return path.getvalue()
 
 
-@contextlib.contextmanager
-def _server(handler_body):
-    """A loopback HTTP server whose GET handler is ``handler_body(handler)``."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            handler_body(self)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-
-
 def test_a_connection_cut_mid_body_is_a_transport_error_not_damage():
     data = _tar_bytes([sample(i) for i in range(6)])
-
-    def cut(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data[: len(data) // 2])
-        handler.wfile.flush()
-        handler.connection.close()
-
-    with _server(cut) as base:
+    with http_server(cut_transfer(data)) as base:
         reader = ShardReader(f"{base}/00000.tar", stall_timeout=10)
         with pytest.raises(TransportError, match="00000.tar"):
             list(reader)
@@ -126,7 +98,7 @@ def test_a_stalled_server_times_out_instead_of_hanging():
         handler.wfile.flush()
         release.wait(30)
 
-    with _server(stall) as base:
+    with http_server(stall) as base:
         started = time.time()
         with pytest.raises(TransportError, match="no data for 1.5 s"):
             list(ShardReader(f"{base}/00000.tar", stall_timeout=1.5))
