@@ -1,23 +1,27 @@
-"""Where `wclip score`'s time goes: a wall-clock timeline and an on-CPU breakdown. Report only: it
-changes nothing in the library.
+"""Where `wclip score`'s time goes: a wall-clock timeline, an on-CPU breakdown and per-sample stage costs.
+Report only: it changes nothing in the library.
 
     .venv/bin/python bench/profile_wclip.py                      # the 50-sample shard and 12 x 1000
     .venv/bin/python bench/profile_wclip.py --case fixed50 --no-pyspy
+    .venv/bin/python bench/profile_wclip.py --use-snapshot .bench/peers/snapshot/<digest>   # as bench_peers ran
 
-Uses the shards and stats of bench_peers.py (.bench/peers/; made when missing). Two runs per case:
+Uses the shards and stats of bench_peers.py (.bench/peers/; made when missing).
 
 1. Timeline (no profiler attached): `wclip score` run through a small driver that wraps, in the driver
-   process only, ray.init, runtime.start_encoders, runtime.encoder_info (returns once the encoder actor
-   has started: worker process, imports, model load, first forward), runtime.run_shards and
+   process only, ray.init, runtime.start_encoders + runtime.encoder_info (returns once a worker has
+   imported torch/open_clip, loaded the model and run a first forward), runtime.run_shards and
    ray.shutdown with timestamps; the process start comes from /proc, the exit from the parent. The
    shards' completion markers (written time, duration) place the reader tasks on the same clock.
-2. On-CPU breakdown: `wclip score` under ``py-spy record --subprocesses`` (every Python process of
-   the job: driver, Ray workers, Ray's Python agents; raylet and GCS are C++ and not sampled).
-   Samples are put in stages by their stacks: imports, Ray start/stop, model load, tar read, JPEG
-   decode, preprocess, tokenize, the towers, whitening, Parquet write, Ray's own work. py-spy slows
-   the job down; read the shares, not the seconds.
+2. py-spy over every Python process of a second run (``py-spy record --subprocesses``; raylet and GCS
+   are C++ and not sampled; a Ray worker started through an exec, as encoder actors with a runtime env,
+   is lost by the follower, so a second py-spy attaches to any encoder actor by pid). Stacks are put in
+   stages and processes by their frames. py-spy counts non-idle stacks, including ones waiting for a
+   core, and slows the job down: read the shares, not the seconds.
+3. Stage costs: one 1000-sample shard through the reader task's own code (runtime._shard_task, the
+   model in the task as on CPU-only nodes) in this process, without Ray, under cProfile; per sample.
 
-Output: tables on stdout and .bench/profile/profile-<case>-<time>.json (+ the raw py-spy stacks).
+Output: tables on stdout and .bench/profile/{profile-<case>,stages}-<time>.json (+ the raw py-spy stacks;
+``--reparse`` re-reads them).
 """
 
 from __future__ import annotations
