@@ -10,14 +10,12 @@ L2-normalised, metadata/metadata_N.parquet with image_path, caption, url), fits 
 
 * the baseline: one process, BLAS limited to one thread (OPENBLAS/OMP/MKL_NUM_THREADS=1 before NumPy
   loads), per file and tower ``x = np.load(npy); (((x - mu) @ W) ** 2).sum(1)``;
-* `wclip score --embeddings` as a user runs it (one Ray task per file): the rate over the span of its tasks
-  (first file started to last file written, from the markers), over the job's own elapsed time (Ray
-  started: worker start-up included) and over the wall clock (Ray start and imports included), with the
-  peak summed PSS of the process tree;
 * the baseline in ``cores`` processes at once (each on its share of the files): how parallel this machine
   is right now, other people's processes included;
-* the same per-file function (`pipeline.flow.precomputed.score_file`) on in-process threads instead of Ray
-  tasks (BLAS at one thread per thread), to compare the two ways of running files in parallel.
+* `wclip score --embeddings` as a user runs it, on threads (the default on one machine) and with
+  ``--executor ray`` (one Ray task per file): the rate over the span of its files (first file started to
+  last marker written), over the job's own elapsed time (Ray started) and over the wall clock (Python and
+  Ray start included), with the peak summed PSS of the process tree.
 
 The goal is rate(wclip) >= 0.8 x cores x rate(baseline); the rates are samples (rows, both towers) per s.
 Each width runs ``--repeat`` rounds of all of them, interleaved, and reports the medians (a shared machine
@@ -89,25 +87,6 @@ for meta in sorted((folder / "metadata").glob("metadata_*.parquet"))[part::parts
 print(json.dumps({"rows": rows, "elapsed_s": time.perf_counter() - start, "check": check}))
 """
 
-THREADS = """
-import json, sys, time
-from concurrent.futures import ThreadPoolExecutor
-from pipeline.flow.precomputed import ScoreFile, TowerWhitening, score_file
-from pipeline.flow.vectors import discover
-from pipeline.flow.write import ScoreSink
-from pipeline.whitening import StatsFile
-folder, stats_path, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-source, stats = discover([folder]), StatsFile.load(stats_path)
-sink = ScoreSink(out, provenance={"bench": "threads"})
-towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items()}
-tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink) for f in source.files]
-start = time.perf_counter()
-with ThreadPoolExecutor(workers) as pool:
-    rows = sum(r["summary"]["rows"] for r in pool.map(score_file, tasks))
-print(json.dumps({"rows": rows, "elapsed_s": time.perf_counter() - start}))
-"""
-
-
 NICE = ["nice", "-n", "15"]  # Ray runs its workers at niceness 15 (worker_niceness): every side runs at 15
 
 
@@ -170,31 +149,33 @@ def prepare(workdir: Path, d: int, files: int, rows: int) -> tuple:
     return folder, stats
 
 
+def score(workdir: Path, d: int, folder: Path, stats: Path, cores: int, executor: str) -> dict:
+    out = workdir / f"scores-d{d}-{executor}"
+    shutil.rmtree(out, ignore_errors=True)
+    result = run([sys.executable, "-m", "pipeline", "score", "--embeddings", str(folder), "--stats", str(stats),
+                  "--output", str(out), "--no-progress", "--num-cpus", str(cores), "--executor", executor])
+    result["span_s"] = task_span(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def one_round(workdir: Path, d: int, folder: Path, stats: Path, cores: int) -> dict:
-    """The four measurements once, back to back; rates in rows per second."""
+    """The measurements once, back to back; rates in rows per second."""
     load = os.getloadavg()[0]
     base = run([sys.executable, "-c", BASELINE, str(folder), str(stats)], ONE_THREAD)
     parallel = parallel_baseline(folder, stats, cores)
-    out = workdir / f"scores-d{d}"
-    shutil.rmtree(out, ignore_errors=True)
-    wclip = run([sys.executable, "-m", "pipeline", "score", "--embeddings", str(folder), "--stats", str(stats),
-                 "--output", str(out), "--no-progress", "--num-cpus", str(cores)])
-    span = task_span(out)
-    threads_out = workdir / f"scores-threads-d{d}"
-    shutil.rmtree(threads_out, ignore_errors=True)
-    threads = run([sys.executable, "-c", THREADS, str(folder), str(stats), str(threads_out), str(cores)], ONE_THREAD)
-    shutil.rmtree(threads_out, ignore_errors=True)
+    wclip = {e: score(workdir, d, folder, stats, cores, e) for e in ("threads", "ray")}
     total = base["rows"]
-    assert wclip["rows"] == threads["rows"] == total, (wclip["rows"], threads["rows"], total)
-    rates = {"baseline": total / base["elapsed_s"], "baseline_parallel": parallel,
-             "wclip_tasks": total / span, "wclip_steady": total / wclip["elapsed_s"],
-             "wclip_wall": total / wclip["wall_s"], "threads": total / threads["elapsed_s"]}
+    assert all(w["rows"] == total for w in wclip.values()), ({e: w["rows"] for e, w in wclip.items()}, total)
+    rates = {"baseline": total / base["elapsed_s"], "baseline_parallel": parallel}
+    for e, w in wclip.items():
+        rates.update({f"{e}_tasks": total / w["span_s"], f"{e}_job": total / w["elapsed_s"],
+                      f"{e}_wall": total / w["wall_s"]})
     ratios = {k: v / (cores * rates["baseline"]) for k, v in rates.items() if k != "baseline"}
-    ratios["steady_vs_parallel_baseline"] = rates["wclip_steady"] / parallel
+    ratios["threads_job_vs_parallel_baseline"] = rates["threads_job"] / parallel
     print(f"d={d}: load {load:.2f}, " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()), file=sys.stderr)
     return {"load_before": load, "rows": total, "rates": rates, "ratios": ratios,
-            "peak_pss_mb": {"baseline": base["peak_pss_mb"], "wclip": wclip["peak_pss_mb"],
-                            "threads": threads["peak_pss_mb"]}}
+            "peak_pss_mb": {"baseline": base["peak_pss_mb"], **{e: w["peak_pss_mb"] for e, w in wclip.items()}}}
 
 
 def bench_width(workdir: Path, d: int, files: int, rows: int, cores: int, repeat: int) -> dict:
@@ -225,18 +206,20 @@ def main(argv=None):
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
     print(json.dumps(report, indent=1))
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
-    print(f"medians of {args.repeat} rounds; rates in samples (rows, both towers) per second")
-    print(f"| d | baseline, 1 thread | baseline, {args.cores} processes | wclip: tasks / job / wall clock | "
-          f"threads | ratio to {args.cores} x baseline: tasks / job / wall / threads (goal >= 0.8) | "
-          "job / parallel baseline | peak PSS baseline / wclip |")
+    print(f"medians of {args.repeat} rounds; rates in samples (rows, both towers) per second; ratios to "
+          f"{args.cores} x the 1-thread baseline (goal >= 0.8)")
+    print(f"| d | baseline, 1 thread | baseline, {args.cores} processes | wclip (threads): tasks / job / wall | "
+          "ratio | wclip --executor ray: tasks / job / wall | ratio | peak PSS baseline / threads / ray |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        rt, ra = r["rates"], r["ratios"]
-        print(f"| {r['d']} | {rt['baseline']:.0f} | {rt['baseline_parallel']:.0f} | {rt['wclip_tasks']:.0f} / "
-              f"{rt['wclip_steady']:.0f} / {rt['wclip_wall']:.0f} | {rt['threads']:.0f} | {ra['wclip_tasks']:.2f} / "
-              f"{ra['wclip_steady']:.2f} / {ra['wclip_wall']:.2f} / {ra['threads']:.2f} | "
-              f"{ra['steady_vs_parallel_baseline']:.2f} | {r['peak_pss_mb']['baseline']:.0f} / "
-              f"{r['peak_pss_mb']['wclip']:.0f} MB |")
+        rt, ra, mem = r["rates"], r["ratios"], r["peak_pss_mb"]
+        cells = []
+        for e in ("threads", "ray"):
+            cells.append(f"{rt[e + '_tasks']:.0f} / {rt[e + '_job']:.0f} / {rt[e + '_wall']:.0f} | "
+                         f"{ra[e + '_tasks']:.2f} / {ra[e + '_job']:.2f} / {ra[e + '_wall']:.2f}")
+        print(f"| {r['d']} | {rt['baseline']:.0f} | {rt['baseline_parallel']:.0f} "
+              f"({ra['baseline_parallel']:.2f}) | {' | '.join(cells)} | {mem['baseline']:.0f} / "
+              f"{mem['threads']:.0f} / {mem['ray']:.0f} MB |")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -202,6 +202,7 @@ class CardConfig:
 
 
 EMBEDDING_KEYS = ("l14", "b32")  # DataComp's .npz arrays: {key}_img, {key}_txt
+EXECUTORS = ("auto", "threads", "ray")  # how embedding files run in parallel (auto: Ray on a cluster, else threads)
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,13 @@ class EmbeddingRunConfig:
     retries: int = 2  # extra attempts for a failed file before it is recorded as failed
     block_rows: int = 16_384  # rows read and scored at a time (bounds a task's memory)
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
+    executor: str = "auto"  # "threads" of this process, "ray" tasks, or "auto": Ray given an address, else threads
 
     def __post_init__(self):
         if not self.paths:
             raise ValueError("no embedding paths given")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.key is not None and self.key not in EMBEDDING_KEYS:
             raise ValueError(f"embedding key must be one of {EMBEDDING_KEYS}, got {self.key!r}")
         _positive("max_in_flight", self.max_in_flight, allow_none=True)

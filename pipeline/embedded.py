@@ -1,6 +1,7 @@
 """The embeddings jobs: ``wclip fit --embeddings`` and ``wclip score --embeddings`` on vectors users already
 have (clip-retrieval / LAION folders, DataComp ``.npz`` shards). No model is loaded and no encoder started:
-one Ray task per file (:func:`pipeline.runtime.map_tasks`) runs :mod:`pipeline.flow.precomputed`.
+each file is one task of :mod:`pipeline.flow.precomputed`, run on threads of this process or, on a cluster,
+as Ray tasks (:mod:`pipeline.filemap`).
 
 Scoring keeps every rule of ``wclip score`` (:mod:`pipeline.score`): one Parquet file per embedding file in
 the scores schema, provenance in each file and marker, resume, failure records, no mixing of two fits, no
@@ -20,6 +21,7 @@ import numpy as np
 import pipeline
 from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig
 from pipeline.errors import ConfigError
+from pipeline.filemap import file_runner, job_summary
 from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file
 from pipeline.flow.vectors import discover, open_array, probe
 from pipeline.flow.write import ScoreSink, append_failure
@@ -72,8 +74,6 @@ def check_kind(stats, source, first: dict) -> None:
 
 def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) -> dict:
     """Run ``wclip score --embeddings``; returns the summary dict (or the plan, with ``dry_run``)."""
-    from pipeline import runtime
-
     run = cfg.run
     source = discover(run.paths, run.key or (stats.metadata.get("embeddings") or {}).get("key"))
     check_kind(stats, source, probe(source.files[0]))
@@ -94,20 +94,15 @@ def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) ->
     sink = ScoreSink(cfg.output, provenance=made)
     towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in source.towers}
     tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows) for f in files]
-    with runtime.ray_session(run.ray):
+    with file_runner(run) as runner:
         started = time.time()
-        outcomes = runtime.map_tasks(score_file, tasks, desc="score", max_retries=run.retries,
-                                     max_in_flight=run.max_in_flight, progress=run.progress)
+        outcomes = runner.map(score_file, tasks, "score")
         elapsed = time.time() - started
-    failed = []
     for o in outcomes:
         if not o.ok:
-            failed.append((o.item.file.url, o.error))
             append_failure(cfg.output, {"shard": o.item.file.url, "name": o.item.file.name, "error": o.error,
                                         "attempts": run.retries + 1})
-    report = runtime.JobReport(done=[o.result for o in outcomes if o.ok], failed=failed, skipped=skipped,
-                               elapsed=elapsed)
-    return report.summary()
+    return job_summary(outcomes, skipped, elapsed, url=lambda task: task.file.url)
 
 
 # -- fit --------------------------------------------------------------------------------------------------
@@ -152,7 +147,6 @@ class _Reference:
 
 def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
     """Run ``wclip fit --embeddings`` and write the stats file; returns a summary dict (or the plan)."""
-    from pipeline import runtime
     from pipeline.fit import shards_digest
 
     run = cfg.run
@@ -165,14 +159,13 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
     tasks = [FitFile(file=f, kind=source.kind, holdout=cfg.holdout, seed=cfg.seed, max_heldout=cfg.max_heldout,
                      rows=rows, block_rows=run.block_rows) for f, rows in limits]
     ref = _Reference(cfg.max_heldout)
-    with runtime.ray_session(run.ray):
+    with file_runner(run) as runner:
         started = time.time()
-        size = BATCH_PER_SLOT * (run.max_in_flight or runtime.cluster_cpus())
+        size = BATCH_PER_SLOT * runner.slots
         for first in range(0, len(tasks), size):
             batch = tasks[first:first + size]
             desc = f"fit {first + 1}-{first + len(batch)} of {len(tasks)}" if len(tasks) > size else "fit"
-            for o in runtime.map_tasks(fit_file, batch, desc=desc, max_retries=run.retries,
-                                       max_in_flight=run.max_in_flight, progress=run.progress):
+            for o in runner.map(fit_file, batch, desc):
                 if o.ok:
                     ref.add(o.result, o.item.file.url)
                 else:

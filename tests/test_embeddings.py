@@ -121,12 +121,13 @@ def test_fit_matches_an_independent_fit_and_records_the_kind(clip_folder):
         np.testing.assert_allclose(got.calibration, ref.calibration, rtol=1e-8)
 
 
-def test_scores_are_row_aligned_and_match_numpy(clip_folder, tmp_path):
+@pytest.mark.parametrize("executor", ["threads", "ray"])
+def test_scores_are_row_aligned_and_match_numpy(clip_folder, tmp_path, executor):
     folder, stats_path, _ = clip_folder
     stats = StatsFile.load(stats_path)
     out = tmp_path / "scores"
-    summary = score_embeddings(EmbeddingScoreConfig(run=_run([folder]), stats_path=stats_path, output=str(out)),
-                               stats)
+    summary = score_embeddings(EmbeddingScoreConfig(run=_run([folder], executor=executor), stats_path=stats_path,
+                                                    output=str(out)), stats)
     assert summary["rows"] == sum(ROWS) and summary["status_counts"] == {"encode": 1, "ok": sum(ROWS) - 1}
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "metadata_0.parquet", "metadata_1.parquet", "metadata_2.parquet"]
@@ -191,7 +192,8 @@ def test_provenance_resume_and_refusing_another_fit(clip_folder, tmp_path):
                          StatsFile.load(other))
 
 
-def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path):
+@pytest.mark.parametrize("executor", ["threads", "ray"])
+def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path, executor):
     folder, stats_path, _ = clip_folder
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
@@ -200,7 +202,7 @@ def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path)
     meta = broken / "metadata" / "metadata_0.parquet"
     pd.read_parquet(meta).iloc[:-1].to_parquet(meta)  # one row fewer than the embeddings
     out = tmp_path / "scores"
-    run = _run([broken], retries=0)
+    run = _run([broken], retries=0, executor=executor)
     summary = score_embeddings(EmbeddingScoreConfig(run=run, stats_path=stats_path, output=str(out)),
                                StatsFile.load(stats_path))
     failed = {f["shard"]: f["error"] for f in summary["failed"]}
@@ -264,13 +266,21 @@ def test_tar_stats_and_embedding_stats_do_not_mix(clip_folder, tmp_path):
 
 
 def test_fit_memory_stays_bounded_max_samples_and_heldout(clip_folder, tmp_path):
-    folder, _, _ = clip_folder
+    folder, stats_path, _ = clip_folder
     path = str(tmp_path / "s.safetensors")
     summary = fit_embeddings(EmbeddingFitConfig(run=_run([folder]), output=path, components=6, holdout=0.3,
                                                 max_samples=150, max_heldout=10))
     meta = StatsFile.load(path).metadata
     assert summary["rows"] == 150 and meta["n_reference"] == 149 and meta["reference_shards"] == 2
     assert meta["n_heldout"] == {"image": 10, "text": 10}
+    # on Ray, in batches of one file per slot, the same stats as on threads
+    on_ray = str(tmp_path / "ray.safetensors")
+    fit_embeddings(EmbeddingFitConfig(run=_run([folder], executor="ray", max_in_flight=1), output=on_ray,
+                                      components=12, holdout=0.2))
+    for tower, ws in StatsFile.load(stats_path).towers.items():
+        other = StatsFile.load(on_ray).towers[tower]
+        np.testing.assert_array_equal(other.mean, ws.mean)
+        np.testing.assert_array_equal(other.calibration, ws.calibration)
 
 
 def test_urls_in_and_out(clip_folder, tmp_path):
@@ -282,14 +292,15 @@ def test_urls_in_and_out(clip_folder, tmp_path):
         f"file://{folder}/metadata/metadata_0.parquet"
 
 
-def test_reading_from_an_fsspec_memory_folder():
+def test_a_memory_folder_in_and_out(clip_folder):
     import fsspec
 
     from pipeline.flow.vectors import discover, read_blocks, read_metadata
 
+    _, stats_path, _ = clip_folder
     fs = fsspec.filesystem("memory")
     rng = np.random.default_rng(3)
-    img, txt = _vectors(rng, 50, 8, 1.0), _vectors(rng, 50, 8, 0.0)
+    img, txt = _vectors(rng, 50, D, 2.0), _vectors(rng, 50, D, -1.0)
     for path, arr in (("/cr/img_emb/img_emb_7.npy", img), ("/cr/text_emb/text_emb_7.npy", txt)):
         with fs.open(path, "wb") as fh:
             np.save(fh, arr)
@@ -303,6 +314,17 @@ def test_reading_from_an_fsspec_memory_folder():
     assert [s for s, _ in blocks] == [0, 16, 32, 48]
     np.testing.assert_array_equal(np.concatenate([b["image"] for _, b in blocks]), img)
     np.testing.assert_array_equal(np.concatenate([b["text"] for _, b in blocks]), txt)
+    # the whole job, on threads (a memory filesystem lives in this process only)
+    stats = StatsFile.load(stats_path)
+    cfg = EmbeddingScoreConfig(run=_run(["memory://cr"], executor="threads"), stats_path=stats_path,
+                               output="memory://scores")
+    assert score_embeddings(cfg, stats)["rows"] == 50
+    with fs.open("/scores/metadata_7.parquet", "rb") as fh:
+        table = pq.read_table(fh)
+    np.testing.assert_allclose(table["image_sqnorm"].to_numpy(), stats.towers["image"].sqnorm(img.astype(float)),
+                               rtol=2e-4)
+    assert fs.exists("/scores/.wclip/shards/metadata_7.json")
+    assert score_embeddings(cfg, stats)["shards_skipped"] == 1
 
 
 # -- --save-embeddings: clip-retrieval's layout ----------------------------------------------------------

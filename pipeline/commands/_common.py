@@ -175,6 +175,9 @@ def add_embedding_arguments(p) -> None:
                         "shards: {shard}.npz beside {shard}.parquet (URLs, brace patterns, globs, or folders)")
     g.add_argument("--embedding-key", choices=("l14", "b32"),
                    help="DataComp: which arrays of the .npz ({key}_img, {key}_txt); score defaults to the fit's")
+    g.add_argument("--executor", choices=("auto", "threads", "ray"), default="auto",
+                   help="how files run in parallel: threads of this process, or one Ray task per file; auto: Ray "
+                        "with --address / RAY_ADDRESS (a cluster), else threads (faster on one machine)")
     p.add_argument("--dry-run", action="store_true",
                    help="say what would be read, skipped and written, then exit (no Ray, no model)")
 
@@ -207,7 +210,7 @@ def embedding_run_config(args):
         return EmbeddingRunConfig(paths=tuple(args.embeddings), key=args.embedding_key,
                                   ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
                                   max_in_flight=args.max_in_flight, retries=args.retries,
-                                  progress=False if args.no_progress else None)
+                                  progress=False if args.no_progress else None, executor=args.executor)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 

@@ -2,8 +2,8 @@
 score a file into its Parquet table, or sum its reference moments. No model, no torch: NumPy on row blocks,
 float32 for the whitening (like ``((x - mu) @ W) ** 2``), float64 for the fit's moments.
 
-Each task uses the BLAS threads its process has; on Ray that is one per task (Ray sets ``OMP_NUM_THREADS``
-to the task's CPUs, which OpenBLAS and MKL follow), so files in flight = cores in use.
+Tasks know nothing about where they run (:mod:`pipeline.filemap`: threads of one process, or Ray tasks);
+their memory is bounded by ``block_rows`` plus the file's metadata and scores.
 """
 
 from __future__ import annotations

@@ -1,0 +1,104 @@
+"""Where the embeddings jobs run their files: threads of this process on one machine, or one Ray task per file
+on a cluster (:func:`pipeline.runtime.map_tasks`). Both take the same function and tasks and give back one
+:class:`FileOutcome` per task, in input order, after retries.
+
+Measured on one machine (docs/benchmarks.md), threads are faster: no Ray to start, no worker processes to
+import the code, nothing copied between processes. NumPy's BLAS keeps its own threads then; on Ray each task
+has one (Ray sets ``OMP_NUM_THREADS`` to the task's CPUs, which OpenBLAS and MKL follow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+from pipeline.progress import Progress
+
+
+@dataclass
+class FileOutcome:
+    """What became of one task: its result, or the error after the last attempt."""
+
+    item: Any
+    ok: bool
+    result: Any = None
+    error: Optional[str] = None
+
+
+def uses_ray(run) -> bool:
+    """``run`` (an :class:`pipeline.config.EmbeddingRunConfig`) runs on Ray: asked for, or a cluster given."""
+    if run.executor != "auto":
+        return run.executor == "ray"
+    return bool(run.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+@dataclass
+class Runner:
+    """A started place to run files: ``map(fn, tasks, desc) -> [FileOutcome]``, ``slots`` at once."""
+
+    map: Callable
+    slots: int
+
+
+@contextlib.contextmanager
+def file_runner(run) -> Iterator[Runner]:
+    """A :class:`Runner` whose ``map`` runs ``fn(task)`` for every task, at most ``run.max_in_flight`` at once
+    (default: the CPUs), each retried ``run.retries`` times."""
+    if uses_ray(run):
+        from pipeline import runtime
+
+        def on_ray(fn, tasks, desc):
+            outcomes = runtime.map_tasks(fn, tasks, desc=desc, max_retries=run.retries,
+                                         max_in_flight=run.max_in_flight, progress=run.progress)
+            return [FileOutcome(o.item, o.ok, o.result, o.error) for o in outcomes]
+
+        with runtime.ray_session(run.ray):
+            yield Runner(on_ray, run.max_in_flight or runtime.cluster_cpus())
+        return
+    workers = run.max_in_flight or run.ray.num_cpus or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wclip-file") as pool:
+        yield Runner(lambda fn, tasks, desc: _on_threads(pool, run, fn, tasks, desc), workers)
+
+
+def _on_threads(pool, run, fn, tasks, desc) -> list:
+    outcomes: list = [None] * len(tasks)
+    with Progress(total=len(tasks), desc=desc, enabled=run.progress) as bar:
+        futures = {pool.submit(_attempts, fn, task, run.retries): i for i, task in enumerate(tasks)}
+        for future in as_completed(futures):
+            i = futures[future]
+            ok, value = future.result()
+            outcomes[i] = FileOutcome(tasks[i], ok, value if ok else None, None if ok else value)
+            bar.update(1, samples=value["summary"]["rows"] if ok else 0)
+            if not ok:
+                bar.write(f"failed after {run.retries} retries: {value.splitlines()[0]}")
+    return outcomes
+
+
+def _attempts(fn, task, retries: int) -> tuple:
+    """``(True, fn(task))``, or ``(False, the last error)`` after ``retries`` more attempts."""
+    error = ""
+    for _ in range(retries + 1):
+        try:
+            return True, fn(task)
+        except Exception as exc:  # recorded, the other files go on
+            error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+    return False, error
+
+
+def job_summary(outcomes: list, skipped: int, elapsed: float, url: Callable) -> dict:
+    """What the command prints (the keys of :meth:`pipeline.runtime.JobReport.summary`); ``url(item)`` names
+    a task's input."""
+    done = [o.result["summary"] for o in outcomes if o.ok]
+    status: Counter = Counter()
+    for s in done:
+        status.update(s["status_counts"])
+    rows = sum(s["rows"] for s in done)
+    return {"rows": rows, "status_counts": dict(sorted(status.items())), "shards_done": len(done),
+            "shards_skipped": skipped, "failed": [{"shard": url(o.item), "error": o.error} for o in outcomes
+                                                  if not o.ok],
+            "damaged": [], "elapsed_s": round(elapsed, 2),
+            "samples_per_s": round(rows / elapsed, 1) if elapsed > 0 else None}
