@@ -3,8 +3,10 @@ on a cluster (:func:`pipeline.runtime.map_tasks`). Both take the same function a
 :class:`FileOutcome` per task, in input order, after retries.
 
 Measured on one machine (docs/benchmarks.md), threads are faster: no Ray to start, no worker processes to
-import the code, nothing copied between processes. NumPy's BLAS keeps its own threads then; on Ray each task
-has one (Ray sets ``OMP_NUM_THREADS`` to the task's CPUs, which OpenBLAS and MKL follow).
+import the code, nothing copied between processes. Either way each file gets one BLAS thread: on threads
+``threadpoolctl`` limits NumPy's BLAS while the pool runs (two files each calling a 2-thread OpenBLAS ran
+1.5x slower at d = 64 than with one thread each); on Ray each task has one (Ray sets ``OMP_NUM_THREADS`` to the
+task's CPUs, which OpenBLAS and MKL follow).
 """
 
 from __future__ import annotations
@@ -53,15 +55,23 @@ def file_runner(run) -> Iterator[Runner]:
 
         def on_ray(fn, tasks, desc):
             outcomes = runtime.map_tasks(fn, tasks, desc=desc, max_retries=run.retries,
-                                         max_in_flight=run.max_in_flight, progress=run.progress)
+                                         max_in_flight=run.max_in_flight, progress=run.progress, samples=rows)
             return [FileOutcome(o.item, o.ok, o.result, o.error) for o in outcomes]
 
         with runtime.ray_session(run.ray):
             yield Runner(on_ray, run.max_in_flight or runtime.cluster_cpus())
         return
+    from threadpoolctl import threadpool_limits
+
     workers = run.max_in_flight or run.ray.num_cpus or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wclip-file") as pool:
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wclip-file") as pool:
         yield Runner(lambda fn, tasks, desc: _on_threads(pool, run, fn, tasks, desc), workers)
+
+
+def rows(result: dict) -> int:
+    """The samples a finished file counts on the progress bar."""
+    return result["summary"]["rows"]
 
 
 def _on_threads(pool, run, fn, tasks, desc) -> list:
@@ -72,7 +82,7 @@ def _on_threads(pool, run, fn, tasks, desc) -> list:
             i = futures[future]
             ok, value = future.result()
             outcomes[i] = FileOutcome(tasks[i], ok, value if ok else None, None if ok else value)
-            bar.update(1, samples=value["summary"]["rows"] if ok else 0)
+            bar.update(1, samples=rows(value) if ok else 0)
             if not ok:
                 bar.write(f"failed after {run.retries} retries: {value.splitlines()[0]}")
     return outcomes

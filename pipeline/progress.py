@@ -45,7 +45,7 @@ class Progress:
         self.samples += samples
         if self.bar is not None:
             self.bar.update(units)
-            self.bar.set_postfix(samples=self.samples, rate=f"{self.rate():.1f}/s", refresh=False)
+            self.bar.set_postfix(samples=f"{self.samples:,}", rate=f"{self.rate():,.0f}/s", refresh=False)
             return
         now = time.time()
         if now - self._last_log >= self.log_every or self.done == self.total:

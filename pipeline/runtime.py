@@ -99,9 +99,10 @@ class TaskOutcome:
 
 def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: int = 2,
               max_in_flight: Optional[int] = None, num_cpus: float = 1,
-              progress: Optional[bool] = None) -> list:
+              progress: Optional[bool] = None, samples: Optional[Callable[[Any], int]] = None) -> list:
     """Run ``fn(item)`` as a Ray task per item, at most ``max_in_flight`` at once, each retried up to
-    ``max_retries`` times; return a :class:`TaskOutcome` per item, in input order."""
+    ``max_retries`` times; return a :class:`TaskOutcome` per item, in input order. ``samples(result)``, if
+    given, is what the progress bar counts as samples for a finished item."""
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
     limit = max_in_flight or cluster_cpus()
     outcomes: list = [None] * len(items)
@@ -119,7 +120,8 @@ def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: i
                     outcomes[i] = TaskOutcome(items[i], True, ray.get(ref))
                 except Exception as exc:  # recorded, the other items go on
                     outcomes[i] = TaskOutcome(items[i], False, error=_describe(exc))
-                bar.update(1)
+                    bar.write(f"failed after {max_retries} retries: {outcomes[i].error.splitlines()[0]}")
+                bar.update(1, samples=samples(outcomes[i].result) if samples and outcomes[i].ok else 0)
     return outcomes
 
 

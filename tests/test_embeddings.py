@@ -76,7 +76,7 @@ def write_datacomp(folder, shards=2, rows=60, seed=1):
 
 
 def _run(paths, key=None, **kw):
-    return EmbeddingRunConfig(paths=tuple(str(p) for p in paths), key=key, progress=False, **kw)
+    return EmbeddingRunConfig(paths=tuple(str(p) for p in paths), key=key, **{"progress": False, **kw})
 
 
 def _rows(folder, tower):
@@ -193,7 +193,7 @@ def test_provenance_resume_and_refusing_another_fit(clip_folder, tmp_path):
 
 
 @pytest.mark.parametrize("executor", ["threads", "ray"])
-def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path, executor):
+def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path, executor, capsys):
     folder, stats_path, _ = clip_folder
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
@@ -202,9 +202,13 @@ def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path,
     meta = broken / "metadata" / "metadata_0.parquet"
     pd.read_parquet(meta).iloc[:-1].to_parquet(meta)  # one row fewer than the embeddings
     out = tmp_path / "scores"
-    run = _run([broken], retries=0, executor=executor)
+    run = _run([broken], retries=0, executor=executor, progress=True)
     summary = score_embeddings(EmbeddingScoreConfig(run=run, stats_path=stats_path, output=str(out)),
                                StatsFile.load(stats_path))
+    # the bar counts the rows of the file that was scored, and names each failure on its own line
+    err = capsys.readouterr().err
+    assert "3/3 [" in err and f"samples={ROWS[2]:,}" in err, err
+    assert err.count("failed after 0 retries: ") == 2, err
     failed = {f["shard"]: f["error"] for f in summary["failed"]}
     assert sorted(failed) == [str(meta), str(broken / "metadata" / "metadata_1.parquet")]
     assert "img_emb_0.npy has 120 rows but metadata_0.parquet has 119: the files are not row-aligned" in \
