@@ -164,7 +164,7 @@ def one_round(workdir: Path, d: int, folder: Path, stats: Path, cores: int) -> d
     load = os.getloadavg()[0]
     base = run([sys.executable, "-c", BASELINE, str(folder), str(stats)], ONE_THREAD)
     parallel = parallel_baseline(folder, stats, cores)
-    wclip = {e: score(workdir, d, folder, stats, cores, e) for e in ("threads", "ray")}
+    wclip = {e: score(workdir, d, folder, stats, cores, e) for e in ("local", "ray")}
     total = base["rows"]
     assert all(w["rows"] == total for w in wclip.values()), ({e: w["rows"] for e, w in wclip.items()}, total)
     rates = {"baseline": total / base["elapsed_s"], "baseline_parallel": parallel}
@@ -172,7 +172,7 @@ def one_round(workdir: Path, d: int, folder: Path, stats: Path, cores: int) -> d
         rates.update({f"{e}_tasks": total / w["span_s"], f"{e}_job": total / w["elapsed_s"],
                       f"{e}_wall": total / w["wall_s"]})
     ratios = {k: v / (cores * rates["baseline"]) for k, v in rates.items() if k != "baseline"}
-    ratios["threads_job_vs_parallel_baseline"] = rates["threads_job"] / parallel
+    ratios["local_job_vs_parallel_baseline"] = rates["local_job"] / parallel
     print(f"d={d}: load {load:.2f}, " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()), file=sys.stderr)
     return {"load_before": load, "rows": total, "rates": rates, "ratios": ratios,
             "peak_pss_mb": {"baseline": base["peak_pss_mb"], **{e: w["peak_pss_mb"] for e, w in wclip.items()}}}
@@ -208,18 +208,18 @@ def main(argv=None):
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print(f"medians of {args.repeat} rounds; rates in samples (rows, both towers) per second; ratios to "
           f"{args.cores} x the 1-thread baseline (goal >= 0.8)")
-    print(f"| d | baseline, 1 thread | baseline, {args.cores} processes | wclip (threads): tasks / job / wall | "
-          "ratio | wclip --executor ray: tasks / job / wall | ratio | peak PSS baseline / threads / ray |")
+    print(f"| d | baseline, 1 thread | baseline, {args.cores} processes | wclip --executor local: tasks / job / wall | "
+          "ratio | wclip --executor ray: tasks / job / wall | ratio | peak PSS baseline / local / ray |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         rt, ra, mem = r["rates"], r["ratios"], r["peak_pss_mb"]
         cells = []
-        for e in ("threads", "ray"):
+        for e in ("local", "ray"):
             cells.append(f"{rt[e + '_tasks']:.0f} / {rt[e + '_job']:.0f} / {rt[e + '_wall']:.0f} | "
                          f"{ra[e + '_tasks']:.2f} / {ra[e + '_job']:.2f} / {ra[e + '_wall']:.2f}")
         print(f"| {r['d']} | {rt['baseline']:.0f} | {rt['baseline_parallel']:.0f} "
               f"({ra['baseline_parallel']:.2f}) | {' | '.join(cells)} | {mem['baseline']:.0f} / "
-              f"{mem['threads']:.0f} / {mem['ray']:.0f} MB |")
+              f"{mem['local']:.0f} / {mem['ray']:.0f} MB |")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

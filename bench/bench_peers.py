@@ -65,7 +65,7 @@ CR_VENV = ROOT / ".bench" / "clip-retrieval"
 CR_REQUIREMENTS = ("clip-retrieval==2.45.0", "setuptools<81")  # clip-anytorch imports pkg_resources
 DEMO_CONFIG = ROOT / "pipeline" / "assets" / "wclip-demo.json"
 DEMO_WEIGHTS = ROOT / "pipeline" / "assets" / "wclip-demo.safetensors"
-TOOLS = ("clip-retrieval", "wclip", "loop")
+TOOLS = ("clip-retrieval", "wclip", "wclip-ray", "loop")  # wclip: the default (local) executor
 IMAGE_SIZE = 96
 TAR_MTIME = 946684800
 
@@ -373,8 +373,10 @@ def run_command(cmd: list, log_stem: Path) -> dict:
 
 
 # -- the three tools ---------------------------------------------------------------------------------
-def wclip_command(wclip: str, urls: list, stats: Path, out: Path) -> list:
-    return [wclip, "score", "--input", pattern(urls), "--stats", str(stats), "--output", str(out)]
+def wclip_command(wclip: str, urls: list, stats: Path, out: Path, tool: str = "wclip") -> list:
+    """`wclip score` as a user types it; ``wclip-ray`` adds ``--executor ray`` (a private local Ray)."""
+    extra = ["--executor", "ray"] if tool == "wclip-ray" else []
+    return [wclip, "score", "--input", pattern(urls), "--stats", str(stats), "--output", str(out), *extra]
 
 
 def loop_command(urls: list, stats: Path, out: Path) -> list:
@@ -395,8 +397,8 @@ def cr_command(cr_python: Path, urls: list, out: Path) -> list:
 
 def display_command(tool: str, urls: list, ctx: dict, out: str = "OUT") -> str:
     """The command as typed in bash (the loop's shard list as a brace pattern the shell expands)."""
-    if tool == "wclip":
-        return shlex.join(wclip_command(ctx["wclip"], urls, ctx["stats"], Path(out)))
+    if tool.startswith("wclip"):
+        return shlex.join(wclip_command(ctx["wclip"], urls, ctx["stats"], Path(out), tool))
     if tool == "loop":
         return shlex.join(loop_command([], ctx["stats"], Path(out))) + " " + pattern(urls)
     return shlex.join(cr_command(ctx["cr_python"], urls, Path(out)))
@@ -430,7 +432,7 @@ def read_cr(out: Path) -> dict:
 
 def rows_of(tool: str, out: Path) -> tuple:
     """(row count, data) of a finished run; asserts each tool's outputs agree with themselves."""
-    if tool == "wclip":
+    if tool.startswith("wclip"):
         d = read_wclip(out)
         assert (d["status"] == "ok").all(), f"wclip: rows not ok in {out}"
         return len(d["key"]), d
@@ -504,8 +506,8 @@ def cross_check(data: dict, first_shard: str) -> dict:
 def measure(tool: str, urls: list, label: str, run_no: int, ctx: dict) -> dict:
     out = WORK / "out" / f"{label}-{tool}"
     shutil.rmtree(out, ignore_errors=True)
-    if tool == "wclip":
-        cmd = wclip_command(ctx["wclip"], urls, ctx["stats"], out)
+    if tool.startswith("wclip"):
+        cmd = wclip_command(ctx["wclip"], urls, ctx["stats"], out, tool)
     elif tool == "loop":
         cmd = loop_command(urls, ctx["stats"], out)
     else:
@@ -514,7 +516,7 @@ def measure(tool: str, urls: list, label: str, run_no: int, ctx: dict) -> dict:
     rows, data = rows_of(tool, out)
     res.update(tool=tool, round=run_no, rows=rows, samples_per_s=rows / res["wall_s"],
                command=shlex.join(cmd), typed=display_command(tool, urls, ctx, str(out)))
-    if tool == "wclip":
+    if tool.startswith("wclip"):
         summary = json.loads(res["stdout"].strip().splitlines()[-1])
         res["wclip_summary"] = {k: summary.get(k) for k in ("rows", "elapsed_s", "samples_per_s", "status_counts")}
         assert summary["rows"] == rows
@@ -565,14 +567,16 @@ def summarise(results: list, tools: list) -> dict:
                  "load_before": [r["load_before"][0] for r in _by(results, t)],
                  "peak_rss_mb": max(r["peak_rss_mb"] for r in _by(results, t)),
                  "peak_pss_mb": max(r["peak_pss_mb"] for r in _by(results, t))} for t in tools}
-    if "wclip" in table:  # wclip's own figure: rows / time in run_shards (Ray start, model load, exit excluded)
-        table["wclip"]["summary_samples_per_s"] = [r["wclip_summary"]["samples_per_s"] for r in _by(results, "wclip")]
+    for w in ("wclip", "wclip-ray"):  # wclip's own figure: rows / time in run_shards (start-up, exit excluded)
+        if w in table:
+            table[w]["summary_samples_per_s"] = [r["wclip_summary"]["samples_per_s"] for r in _by(results, w)]
     ratios = {}
-    for other in ("loop", "clip-retrieval"):
-        if "wclip" in tools and other in tools:
-            ratios[f"wclip/{other}"] = [
-                next(r["samples_per_s"] for r in _by(results, "wclip") if r["round"] == k)
-                / next(r["samples_per_s"] for r in _by(results, other) if r["round"] == k) for k in rounds]
+    for w in ("wclip", "wclip-ray"):
+        for other in ("loop", "clip-retrieval"):
+            if w in tools and other in tools:
+                ratios[f"{w}/{other}"] = [
+                    next(r["samples_per_s"] for r in _by(results, w) if r["round"] == k)
+                    / next(r["samples_per_s"] for r in _by(results, other) if r["round"] == k) for k in rounds]
     return {"tools": table, "ratios": ratios}
 
 
@@ -624,7 +628,7 @@ def markdown(result: dict) -> str:
         f"round {k} ({' → '.join(order[k])})" for k in range(1, rounds + 1)) + " | median |")
     lines.append("|---|" + "---|" * (rounds + 1))
     names = {"clip-retrieval": "clip-retrieval 2.45 `clip_inference`", "wclip": "`wclip score`",
-             "loop": "bare loop (1 process)"}
+             "wclip-ray": "`wclip score --executor ray`", "loop": "bare loop (1 process)"}
     for t, v in thr.items():
         lines.append(f"| {names[t]} | " + " | ".join(f"{x:.1f} (load {l:.2f})" for x, l in
                                                       zip(v["samples_per_s"], v["load_before"]))

@@ -24,6 +24,14 @@ def _non_negative(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+EXECUTORS = ("auto", "local", "ray")  # --executor: where work runs (pipeline.executor)
+
+
+def _check_executor(name: str) -> None:
+    if name not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {name!r}")
+
+
 def _positive(name: str, value, allow_none: bool = False):
     if value is None and allow_none:
         return
@@ -110,10 +118,12 @@ class RunConfig:
     encoders: Optional[int] = None  # encoder actors (default: one per GPU, else one)
     retries: int = 2  # extra attempts for a failed shard before it is recorded as failed
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
+    executor: str = "auto"  # pipeline.executor.EXECUTORS: "local" (worker processes, no Ray), "ray", or "auto"
 
     def __post_init__(self):
         if not self.shards:
             raise ValueError("no input shards given")
+        _check_executor(self.executor)
         _positive("chunk_size", self.chunk_size)
         _positive("max_in_flight", self.max_in_flight, allow_none=True)
         _positive("encoders", self.encoders, allow_none=True)
@@ -202,7 +212,6 @@ class CardConfig:
 
 
 EMBEDDING_KEYS = ("l14", "b32")  # DataComp's .npz arrays: {key}_img, {key}_txt
-EXECUTORS = ("auto", "threads", "ray")  # how embedding files run in parallel (auto: Ray on a cluster, else threads)
 
 
 @dataclass(frozen=True)
@@ -216,13 +225,12 @@ class EmbeddingRunConfig:
     retries: int = 2  # extra attempts for a failed file before it is recorded as failed
     block_rows: int = 16_384  # rows read and scored at a time (bounds a task's memory)
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
-    executor: str = "auto"  # "threads" of this process, "ray" tasks, or "auto": Ray given an address, else threads
+    executor: str = "auto"  # pipeline.executor.EXECUTORS: "local" (threads of this process), "ray", or "auto"
 
     def __post_init__(self):
         if not self.paths:
             raise ValueError("no embedding paths given")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        _check_executor(self.executor)
         if self.key is not None and self.key not in EMBEDDING_KEYS:
             raise ValueError(f"embedding key must be one of {EMBEDDING_KEYS}, got {self.key!r}")
         _positive("max_in_flight", self.max_in_flight, allow_none=True)

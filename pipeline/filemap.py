@@ -1,6 +1,7 @@
-"""Where the embeddings jobs run their files: threads of this process on one machine, or one Ray task per file
-on a cluster (:func:`pipeline.runtime.map_tasks`). Both take the same function and tasks and give back one
-:class:`FileOutcome` per task, in input order, after retries.
+"""Where the embeddings jobs run their files (:mod:`pipeline.executor`): the local executor runs them on
+threads of this process, the Ray executor as one Ray task per file (:func:`pipeline.runtime.map_tasks`).
+Both take the same function and tasks and give back one :class:`pipeline.executor.Outcome` per task, in
+input order, after retries.
 
 Measured on one machine (docs/benchmarks.md), threads are faster: no Ray to start, no worker processes to
 import the code, nothing copied between processes. Either way each file gets one BLAS thread: on threads
@@ -12,35 +13,18 @@ task's CPUs, which OpenBLAS and MKL follow).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator
 
+from pipeline.executor import Outcome, usable_cpus, uses_ray
 from pipeline.progress import Progress
 
 
 @dataclass
-class FileOutcome:
-    """What became of one task: its result, or the error after the last attempt."""
-
-    item: Any
-    ok: bool
-    result: Any = None
-    error: Optional[str] = None
-
-
-def uses_ray(run) -> bool:
-    """``run`` (an :class:`pipeline.config.EmbeddingRunConfig`) runs on Ray: asked for, or a cluster given."""
-    if run.executor != "auto":
-        return run.executor == "ray"
-    return bool(run.ray.address or os.environ.get("RAY_ADDRESS"))
-
-
-@dataclass
 class Runner:
-    """A started place to run files: ``map(fn, tasks, desc) -> [FileOutcome]``, ``slots`` at once."""
+    """A started place to run files: ``map(fn, tasks, desc) -> [Outcome]``, ``slots`` at once."""
 
     map: Callable
     slots: int
@@ -54,16 +38,15 @@ def file_runner(run) -> Iterator[Runner]:
         from pipeline import runtime
 
         def on_ray(fn, tasks, desc):
-            outcomes = runtime.map_tasks(fn, tasks, desc=desc, max_retries=run.retries,
-                                         max_in_flight=run.max_in_flight, progress=run.progress, samples=rows)
-            return [FileOutcome(o.item, o.ok, o.result, o.error) for o in outcomes]
+            return runtime.map_tasks(fn, tasks, desc=desc, max_retries=run.retries,
+                                     max_in_flight=run.max_in_flight, progress=run.progress, samples=rows)
 
         with runtime.ray_session(run.ray):
             yield Runner(on_ray, run.max_in_flight or runtime.cluster_cpus())
         return
     from threadpoolctl import threadpool_limits
 
-    workers = run.max_in_flight or run.ray.num_cpus or os.cpu_count() or 1
+    workers = run.max_in_flight or run.ray.num_cpus or usable_cpus()
     with threadpool_limits(limits=1, user_api="blas"), \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wclip-file") as pool:
         yield Runner(lambda fn, tasks, desc: _on_threads(pool, run, fn, tasks, desc), workers)
@@ -81,7 +64,7 @@ def _on_threads(pool, run, fn, tasks, desc) -> list:
         for future in as_completed(futures):
             i = futures[future]
             ok, value = future.result()
-            outcomes[i] = FileOutcome(tasks[i], ok, value if ok else None, None if ok else value)
+            outcomes[i] = Outcome(tasks[i], ok, value if ok else None, None if ok else value)
             bar.update(1, samples=rows(value) if ok else 0)
             if not ok:
                 bar.write(f"failed after {run.retries} retries: {value.splitlines()[0]}")
@@ -100,7 +83,7 @@ def _attempts(fn, task, retries: int) -> tuple:
 
 
 def job_summary(outcomes: list, skipped: int, elapsed: float, url: Callable) -> dict:
-    """What the command prints (the keys of :meth:`pipeline.runtime.JobReport.summary`); ``url(item)`` names
+    """What the command prints (the keys of :meth:`pipeline.executor.JobReport.summary`); ``url(item)`` names
     a task's input."""
     done = [o.result["summary"] for o in outcomes if o.ok]
     status: Counter = Counter()

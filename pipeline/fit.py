@@ -26,7 +26,7 @@ def shards_digest(urls) -> str:
 
 
 class ReferenceAccumulator:
-    """The fit's collector (:class:`pipeline.runtime.Collector`): merges shard results in input order (so
+    """The fit's collector (:class:`pipeline.executor.Collector`): merges shard results in input order (so
     the reference set, and the file, do not depend on timing), splitting each row into the fit or the
     held-out set by a hash of its key."""
 
@@ -82,17 +82,17 @@ class ReferenceAccumulator:
 
 def fit(cfg: FitConfig) -> dict:
     """Run the fit job and write the stats file; returns a summary dict."""
-    from pipeline import runtime
+    from pipeline import executor
 
     run = cfg.run
     check_unique_names(run.shards)
     identity = model_identity(run.model)  # fails early on an unreadable checkpoint
     acc = ReferenceAccumulator(cfg)
-    with runtime.ray_session(run.ray):
-        encoders = runtime.start_encoders(run)
-        info = runtime.encoder_info(run, encoders)
-        log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
-        report = runtime.run_shards(run, list(run.shards), encoders, FitSink(), collector=acc)
+    with executor.jobs(run) as jobs:
+        encoders = jobs.start_encoders(run)
+        info = jobs.encoder_info(run, encoders)
+        log.info("encoders: %s on %s (%s)", encoders.describe(), info["device"], info["precision"])
+        report = jobs.run_shards(run, list(run.shards), encoders, FitSink(), collector=acc)
     if acc.samples == 0:
         raise ValueError("no usable reference samples: every sample failed or the shards are empty; "
                          "check the inputs with `wclip score` or the shard paths")

@@ -1,9 +1,10 @@
-"""Execution on Ray — the only module that talks to Ray.
+"""The Ray executor (:mod:`pipeline.executor`) — the only module that talks to Ray.
 
-A job is a set of shards. Each shard is one Ray task that reads and decodes it on a CPU, sends chunks
-of model inputs to encoder actors (one per GPU, or one on CPU-only machines), and hands the assembled
-shard to the job's sink (:mod:`pipeline.flow.write`). The driver keeps a bounded number of shard tasks
-in flight, retries failed shards, reports the ones that keep failing, and shows progress.
+A job is a set of shards. Each shard is one Ray task that reads and decodes it on a CPU, and encodes its
+chunks either itself (CPU-only: a model in each reader task) or on encoder actors (one per GPU, or
+``--encoders N``), then hands the assembled shard to the job's sink (:mod:`pipeline.flow.write`). The driver
+keeps a bounded number of shard tasks in flight, retries failed shards, reports the ones that keep failing,
+and shows progress. Tasks and actors survive the loss of their node (retried, restarted).
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ import sys
 import time
 import traceback
 import uuid
-from collections import Counter, deque
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import ray
 
 from pipeline.config import RayOptions, RunConfig
+from pipeline.executor import Collector, Encoders, JobReport, Outcome, cpu_encode_config, describe_error
 from pipeline.flow.assemble import ShardAssembler
-from pipeline.flow.batch import read_chunks
-from pipeline.flow.formats import open_reader
-from pipeline.flow.preprocess import Preprocessor
-from pipeline.flow.stage import EncodeStage
+from pipeline.flow.stage import EncodeStage, encode_shard, shard_chunks
 from pipeline.progress import Progress
 
 log = logging.getLogger("wclip")
@@ -86,22 +85,12 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-# -- generic bounded task map (used by filter's resharding) -----------------------------------------
-@dataclass
-class TaskOutcome:
-    """What became of one item: its result, or the error after the last retry."""
-
-    item: Any
-    ok: bool
-    result: Any = None
-    error: Optional[str] = None
-
-
+# -- generic bounded task map (file maps, the filter's resharding) ---------------------------------------
 def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: int = 2,
               max_in_flight: Optional[int] = None, num_cpus: float = 1,
               progress: Optional[bool] = None, samples: Optional[Callable[[Any], int]] = None) -> list:
     """Run ``fn(item)`` as a Ray task per item, at most ``max_in_flight`` at once, each retried up to
-    ``max_retries`` times; return a :class:`TaskOutcome` per item, in input order. ``samples(result)``, if
+    ``max_retries`` times; return a :class:`pipeline.executor.Outcome` per item, in input order. ``samples(result)``, if
     given, is what the progress bar counts as samples for a finished item."""
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
     limit = max_in_flight or cluster_cpus()
@@ -117,35 +106,15 @@ def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: i
             for ref in done:
                 i = running.pop(ref)
                 try:
-                    outcomes[i] = TaskOutcome(items[i], True, ray.get(ref))
+                    outcomes[i] = Outcome(items[i], True, ray.get(ref))
                 except Exception as exc:  # recorded, the other items go on
-                    outcomes[i] = TaskOutcome(items[i], False, error=_describe(exc))
+                    outcomes[i] = Outcome(items[i], False, error=describe_error(exc))
                     bar.write(f"failed after {max_retries} retries: {outcomes[i].error.splitlines()[0]}")
                 bar.update(1, samples=samples(outcomes[i].result) if samples and outcomes[i].ok else 0)
     return outcomes
 
 
-def _describe(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    return f"{type(cause).__name__}: {cause}".strip()[:2000]
-
-
 # -- encoders -------------------------------------------------------------------------------------------
-@dataclass
-class Encoders:
-    """Where a job's chunks are encoded: encoder actors (one per GPU, or ``--encoders N``), or, on CPU-only
-    clusters, a model inside each reader task (no chunk crosses the object store, no extra process)."""
-
-    actors: list  # EncodeStage actors; empty when encoding in the reader tasks
-    local: Optional[tuple] = None  # (token, spec, encode config, stats ref) for in-task encoding
-
-    def __len__(self) -> int:
-        return len(self.actors)
-
-    def describe(self) -> str:
-        return f"{len(self.actors)} encoder actor(s)" if self.actors else "a model in each reader task"
-
-
 def start_encoders(run: RunConfig, stats=None) -> Encoders:
     """Start the encoders: one actor per GPU (or ``run.encoders``), else the model runs in the reader tasks."""
     gpus = cluster_gpus()
@@ -154,9 +123,7 @@ def start_encoders(run: RunConfig, stats=None) -> Encoders:
     if not on_gpu and run.encoders is None:
         # One reader task per CPU, each encoding its own chunks with one torch thread: the cores are all
         # busy without oversubscription, and nothing is copied between processes.
-        if encode_cfg.threads is None:
-            limit = run.max_in_flight or cluster_cpus()
-            encode_cfg = replace(encode_cfg, threads=max(1, cluster_cpus() // limit))
+        encode_cfg = cpu_encode_config(encode_cfg, cluster_cpus(), run.max_in_flight or cluster_cpus())
         return Encoders([], (uuid.uuid4().hex, run.model, encode_cfg, ray.put(stats)))
     count = run.encoders or (max(gpus, 1) if on_gpu else 1)
     if on_gpu:
@@ -200,17 +167,11 @@ def encoder_info(run: RunConfig, encoders: Encoders) -> dict:
 
 # -- the shard task -----------------------------------------------------------------------------------
 def _shard_task(url, run: RunConfig, encoders: Encoders, transforms, sink):
-    """Read one shard, encode it (on the actors, or here), and hand the assembled shard to ``sink.finish``."""
-    local = _local_stage(encoders.local) if encoders.local else None
-    preprocess, tokenizer = local.transforms() if local else transforms
-    preprocessor = Preprocessor(preprocess)
+    """Read one shard, encode it (here, or on the actors), and hand the assembled shard to ``sink.finish``."""
+    if encoders.local:
+        return encode_shard(url, run, _local_stage(encoders.local), sink)
     assembler = ShardAssembler(url)
-    reader = open_reader(url, run.inputs)
-    chunks = read_chunks(url, run.inputs, preprocessor, tokenizer, run.chunk_size, reader)
-    if local:
-        for prepared, chunk in chunks:
-            assembler.add(prepared, chunk, local.process(chunk, sink.keep_embeddings))
-        return sink.finish(assembler, reader.damage)
+    reader, chunks = shard_chunks(url, run, transforms)
     pending: deque = deque()
     actors = encoders.actors
     offset = hash(url) % len(actors)
@@ -224,47 +185,6 @@ def _shard_task(url, run: RunConfig, encoders: Encoders, transforms, sink):
         p, c, ref = pending.popleft()
         assembler.add(p, c, ray.get(ref))
     return sink.finish(assembler, reader.damage)
-
-
-@dataclass
-class JobReport:
-    """Outcome of a streaming job."""
-
-    done: list  # per-shard results (``sink.finish``), in completion order
-    failed: list  # (url, error) of shards that failed every attempt
-    skipped: int  # shards already done before this run
-    elapsed: float
-
-    @property
-    def rows(self) -> int:
-        return sum(d["summary"]["rows"] for d in self.done)
-
-    def summary(self) -> dict:
-        """What the command prints: rows by status, damaged and failed shards, throughput."""
-        status: Counter = Counter()
-        damaged = []
-        for d in self.done:
-            status.update(d["summary"]["status_counts"])
-            if d["summary"].get("damage"):
-                damaged.append((d["summary"]["shard"], d["summary"]["damage"]))
-        rows = self.rows
-        return {"rows": rows, "status_counts": dict(sorted(status.items())),
-                "shards_done": len(self.done), "shards_skipped": self.skipped,
-                "failed": [{"shard": u, "error": e} for u, e in self.failed], "damaged": damaged,
-                "elapsed_s": round(self.elapsed, 2),
-                "samples_per_s": round(rows / self.elapsed, 1) if self.elapsed > 0 else None}
-
-
-class Collector:
-    """What a job may do with shard results as they arrive (the default keeps nothing and never stops)."""
-
-    stop = False  # True: start no more shards
-
-    def add(self, index: int, url: str, result: dict) -> None:
-        """Shard ``index`` (position in the job's URL list) finished with ``result``."""
-
-    def failed(self, index: int, url: str) -> None:
-        """Shard ``index`` failed every attempt."""
 
 
 def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: Optional[Collector] = None,
@@ -295,7 +215,7 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
                 try:
                     result = ray.get(ref)
                 except Exception as exc:
-                    error = _describe(exc)
+                    error = describe_error(exc)
                     log.debug("shard %s failed: %s", url, traceback.format_exc())
                     failed.append((url, error))
                     collector.failed(i, url)
@@ -305,3 +225,22 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
                 collector.add(i, url, result)
                 bar.update(1, samples=result["summary"]["rows"])
     return JobReport(done=done, failed=failed, skipped=skipped, elapsed=time.time() - started)
+
+
+class RayJobs:
+    """The Ray executor as :func:`pipeline.executor.jobs` hands it out: a Ray session (attached or started)
+    for the ``with`` block, and the job functions of this module."""
+
+    def __init__(self, options: Optional[RayOptions] = None):
+        self._session = ray_session(options)
+
+    def __enter__(self) -> "RayJobs":
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._session.__exit__(*exc)
+
+    start_encoders = staticmethod(start_encoders)
+    encoder_info = staticmethod(encoder_info)
+    run_shards = staticmethod(run_shards)

@@ -148,7 +148,7 @@ def describe_plan(out: str, names: list, todo: list, inputs: str = "shards") -> 
 def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
     """Run the score job; returns the summary dict (also printed by the CLI). ``dry_run``: only say what
     it would read, skip and write (no Ray, no model)."""
-    from pipeline import runtime
+    from pipeline import executor
 
     run = cfg.run
     check_unique_names(run.shards)
@@ -164,17 +164,17 @@ def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
                  skipped, len(run.shards), cfg.output)
     if not todo:
         return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
-    with runtime.ray_session(run.ray):
-        encoders = runtime.start_encoders(run, stats)
-        info = runtime.encoder_info(run, encoders)
+    with executor.jobs(run) as jobs:
+        encoders = jobs.start_encoders(run, stats)
+        info = jobs.encoder_info(run, encoders)
         for tower, ws in stats.towers.items():
             if info["dims"][tower] != ws.dim:
                 raise ConfigError(f"the {tower} tower gives {info['dims'][tower]}-d embeddings but the stats "
                                   f"were fitted on {ws.dim}-d ones: wrong model or stats file")
-        log.info("encoders: %d on %s (%s)", len(encoders), info["device"], info["precision"])
+        log.info("encoders: %s on %s (%s)", encoders.describe(), info["device"], info["precision"])
         sink = ScoreSink(cfg.output, provenance=made, keep_embeddings=cfg.save_embeddings,
                          dims={t: ws.dim for t, ws in stats.towers.items()})
-        report = runtime.run_shards(run, todo, encoders, sink, skipped=skipped)
+        report = jobs.run_shards(run, todo, encoders, sink, skipped=skipped)
     for url, error in report.failed:
         append_failure(cfg.output, {"shard": url, "name": shard_name(url), "error": error,
                                     "attempts": run.retries + 1})

@@ -121,7 +121,7 @@ def test_fit_matches_an_independent_fit_and_records_the_kind(clip_folder):
         np.testing.assert_allclose(got.calibration, ref.calibration, rtol=1e-8)
 
 
-@pytest.mark.parametrize("executor", ["threads", "ray"])
+@pytest.mark.parametrize("executor", ["local", "ray"])
 def test_scores_are_row_aligned_and_match_numpy(clip_folder, tmp_path, executor):
     folder, stats_path, _ = clip_folder
     stats = StatsFile.load(stats_path)
@@ -192,7 +192,7 @@ def test_provenance_resume_and_refusing_another_fit(clip_folder, tmp_path):
                          StatsFile.load(other))
 
 
-@pytest.mark.parametrize("executor", ["threads", "ray"])
+@pytest.mark.parametrize("executor", ["local", "ray"])
 def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path, executor, capsys):
     folder, stats_path, _ = clip_folder
     broken = tmp_path / "broken"
@@ -320,7 +320,7 @@ def test_a_memory_folder_in_and_out(clip_folder):
     np.testing.assert_array_equal(np.concatenate([b["text"] for _, b in blocks]), txt)
     # the whole job, on threads (a memory filesystem lives in this process only)
     stats = StatsFile.load(stats_path)
-    cfg = EmbeddingScoreConfig(run=_run(["memory://cr"], executor="threads"), stats_path=stats_path,
+    cfg = EmbeddingScoreConfig(run=_run(["memory://cr"], executor="local"), stats_path=stats_path,
                                output="memory://scores")
     assert score_embeddings(cfg, stats)["rows"] == 50
     with fs.open("/scores/metadata_7.parquet", "rb") as fh:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from pipeline.config import DECODE_PLACES, INPUT_FORMATS, PRECISIONS, EncodeConfig, InputConfig, RunConfig
+from pipeline.config import DECODE_PLACES, EXECUTORS, INPUT_FORMATS, PRECISIONS, EncodeConfig, InputConfig, RunConfig
 from pipeline.errors import UserError
 from pipeline.models import builtin_models
 
@@ -64,8 +64,12 @@ def add_model_arguments(p, required: bool) -> None:
 
 def add_run_arguments(p) -> None:
     g = p.add_argument_group("execution")
+    g.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="where the work runs: local (this machine, no Ray: worker processes for shards, threads "
+                        "for embedding files) or ray (a Ray cluster, or a private local Ray); auto: Ray for a "
+                        "cluster (--address / RAY_ADDRESS), GPUs or --encoders, else local")
     g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    g.add_argument("--num-cpus", type=int, help="local Ray: CPUs to use")
+    g.add_argument("--num-cpus", type=int, help="CPUs to use on this machine (local executor or local Ray)")
     g.add_argument("--num-gpus", type=int, help="local Ray: GPUs to use")
     g.add_argument("--device", default=EncodeConfig.device, help="encoder device: auto, cpu, cuda")
     g.add_argument("--precision", default=EncodeConfig.precision, choices=PRECISIONS,
@@ -133,7 +137,7 @@ def run_config(args, spec, normalize: bool):
                                jpeg_draft=args.jpeg_draft),
             ray=RayOptions(address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus),
             chunk_size=args.chunk_size, max_in_flight=args.max_in_flight, encoders=args.encoders,
-            retries=args.retries, progress=False if args.no_progress else None)
+            retries=args.retries, progress=False if args.no_progress else None, executor=args.executor)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
@@ -175,9 +179,6 @@ def add_embedding_arguments(p) -> None:
                         "shards: {shard}.npz beside {shard}.parquet (URLs, brace patterns, globs, or folders)")
     g.add_argument("--embedding-key", choices=("l14", "b32"),
                    help="DataComp: which arrays of the .npz ({key}_img, {key}_txt); score defaults to the fit's")
-    g.add_argument("--executor", choices=("auto", "threads", "ray"), default="auto",
-                   help="how files run in parallel: threads of this process, or one Ray task per file; auto: Ray "
-                        "with --address / RAY_ADDRESS (a cluster), else threads (faster on one machine)")
     p.add_argument("--dry-run", action="store_true",
                    help="say what would be read, skipped and written, then exit (no Ray, no model)")
 

@@ -1,5 +1,7 @@
 """`wclip demo`: offline end-to-end run on the built-in model."""
 
+from pipeline.config import EXECUTORS
+
 HELP = "offline end-to-end demo: generate a world, fit, score, card, and report AUROCs (no network)"
 
 
@@ -9,7 +11,10 @@ def add_arguments(p):
     p.add_argument("--target-samples", type=int, default=2000, help="target samples (with anomalies)")
     p.add_argument("--anomaly-rate", type=float, default=0.3, help="fraction of labelled anomalies in the target")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated world")
-    p.add_argument("--num-cpus", type=int, help="local Ray CPUs (default: all)")
+    p.add_argument("--num-cpus", type=int, help="CPUs to use (default: all)")
+    p.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="local: worker processes of this machine, no Ray; ray: a private local Ray (as on a "
+                        "cluster); auto: local unless a GPU or RAY_ADDRESS is there")
     p.add_argument("--no-card", action="store_true", help="skip the dataset card")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
@@ -28,7 +33,7 @@ def run(args):
                      reference_per_shard=args.reference_samples // ref_shards, target_shards=tgt_shards,
                      target_per_shard=args.target_samples // tgt_shards, anomaly_rate=args.anomaly_rate,
                      seed=args.seed, num_cpus=args.num_cpus, progress=False if args.no_progress else None,
-                     card=not args.no_card)
+                     card=not args.no_card, executor=args.executor)
     summary = run_demo(cfg)
     print(report(summary))
     failing = {name: round(v["auroc"], 4) for part in ("groups", "kinds") for name, v in summary[part].items()

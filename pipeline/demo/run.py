@@ -6,6 +6,7 @@ dataset card, and measures how well the likelihoods rank the anomalies (AUROC) â
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -44,8 +45,9 @@ class DemoConfig:
     target_per_shard: int = 1000
     anomaly_rate: float = 0.3
     seed: int = 7
-    num_cpus: int = None  # local Ray CPUs (default: all)
+    num_cpus: int = None  # CPUs to use (default: all)
     progress: bool = None
+    executor: str = "auto"  # pipeline.executor: local worker processes, or Ray
     card: bool = True
 
 
@@ -82,7 +84,7 @@ def evaluate(scores_dir: Path, target_dir: Path) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo under ``cfg.workdir``; returns (and writes) the summary."""
-    from pipeline import runtime
+    from pipeline.executor import uses_ray
     from pipeline.fit import fit
     from pipeline.score import score
     from pipeline.whitening import StatsFile
@@ -100,16 +102,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     ray_opts = RayOptions(num_cpus=cfg.num_cpus)
     stats_path = work / "stats.safetensors"
     timings = {}
-    with runtime.ray_session(ray_opts):
+    run = dict(model=model, ray=ray_opts, progress=cfg.progress, executor=cfg.executor)
+    session = contextlib.nullcontext()
+    if uses_ray(RunConfig(shards=tuple(map(str, ref)), **run)):  # one Ray session for both jobs
+        from pipeline import runtime
+
+        session = runtime.ray_session(ray_opts)
+    with session:
         t = time.time()
-        fit_summary = fit(FitConfig(run=RunConfig(shards=tuple(map(str, ref)), model=model, ray=ray_opts,
-                                                  progress=cfg.progress),
-                                    output=str(stats_path), **FIT))
+        fit_summary = fit(FitConfig(run=RunConfig(shards=tuple(map(str, ref)), **run), output=str(stats_path),
+                                    **FIT))
         timings["fit_s"] = round(time.time() - t, 2)
         stats = StatsFile.load(stats_path)
         t = time.time()
-        score_summary = score(ScoreConfig(run=RunConfig(shards=tuple(map(str, tgt)), model=model, ray=ray_opts,
-                                                        progress=cfg.progress),
+        score_summary = score(ScoreConfig(run=RunConfig(shards=tuple(map(str, tgt)), **run),
                                           stats_path=str(stats_path), output=str(work / "scores")), stats)
         timings["score_s"] = round(time.time() - t, 2)
     summary = evaluate(work / "scores", work / "target")

@@ -1,13 +1,17 @@
 """The encoding stage as one object: a CLIP model on one device plus the whitening scorer, turning a
-:class:`~pipeline.flow.batch.Chunk` into a :class:`~pipeline.flow.batch.ChunkResult`. The runtime runs it
-in an encoder actor (GPUs) or inside each reader task (CPU-only nodes); it knows nothing about Ray."""
+:class:`~pipeline.flow.batch.Chunk` into a :class:`~pipeline.flow.batch.ChunkResult`. The executors run it
+in an encoder actor (GPUs) or inside each reader task (CPU-only: :func:`encode_shard`); it knows nothing
+about Ray."""
 
 from __future__ import annotations
 
 import logging
 
-from pipeline.flow.batch import Chunk, ChunkResult
+from pipeline.flow.assemble import ShardAssembler
+from pipeline.flow.batch import Chunk, ChunkResult, read_chunks
 from pipeline.flow.encode import Encoder
+from pipeline.flow.formats import open_reader
+from pipeline.flow.preprocess import Preprocessor
 from pipeline.flow.whiten import ChunkScorer
 
 _CACHE: dict = {}  # one stage per worker process and job: reader tasks of a job reuse the loaded model
@@ -49,3 +53,21 @@ class EncodeStage:
 
     def process(self, chunk: Chunk, keep_embeddings: bool = False) -> ChunkResult:
         return self.scorer.score(chunk, self.encoder.encode(chunk), keep_embeddings)
+
+
+def shard_chunks(url: str, run, transforms):
+    """``(reader, chunks)`` of one shard: the reader (its ``damage`` once read) and its
+    ``(prepared samples, Chunk)`` pairs, preprocessed with ``transforms`` = (preprocess, tokenizer)."""
+    preprocess, tokenizer = transforms
+    reader = open_reader(url, run.inputs)
+    return reader, read_chunks(url, run.inputs, Preprocessor(preprocess), tokenizer, run.chunk_size, reader)
+
+
+def encode_shard(url: str, run, stage: EncodeStage, sink):
+    """Read one shard, encode and score it with ``stage`` in this process, and hand the assembled shard to
+    ``sink.finish`` (what a reader task does on CPU-only machines, under either executor)."""
+    assembler = ShardAssembler(url)
+    reader, chunks = shard_chunks(url, run, stage.transforms())
+    for prepared, chunk in chunks:
+        assembler.add(prepared, chunk, stage.process(chunk, sink.keep_embeddings))
+    return sink.finish(assembler, reader.damage)

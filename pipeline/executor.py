@@ -1,0 +1,154 @@
+"""Where a job's work runs, and what comes back: the contract shared by the two executors.
+
+* ``ray`` (:mod:`pipeline.runtime`): a Ray cluster, or a private local Ray; encoder actors on GPUs, shard
+  tasks spread over nodes, node loss survived.
+* ``local`` (:mod:`pipeline.local`): this machine only, no Ray: tar shards in worker processes forked from
+  the command (they inherit its imported torch and open_clip), embedding files on threads. On one CPU-only
+  machine it starts in a fraction of a second where a local Ray takes seconds (docs/benchmarks.md), and holds
+  no Ray processes in memory.
+
+``--executor auto`` (the default) picks Ray when a cluster is named (``--address`` / ``RAY_ADDRESS``), when
+Ray is already running in this process (a notebook, the tests), or when the job wants what only the Ray
+executor has (GPUs, ``--encoders N`` encoder actors, ``--decode gpu``); else local.
+
+Both executors take the same work (:class:`Encoders`, a sink, a :class:`Collector`) and give back the same
+:class:`JobReport` (jobs) or :class:`Outcome` per item (file maps).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pipeline.config import EXECUTORS  # noqa: F401  (re-exported: the executors' names)
+
+
+def uses_ray(run) -> bool:
+    """Whether ``run`` (a :class:`pipeline.config.RunConfig` or :class:`pipeline.config.EmbeddingRunConfig`)
+    runs on Ray; see the module's docstring for ``auto``."""
+    if run.executor != "auto":
+        return run.executor == "ray"
+    if run.ray.address or os.environ.get("RAY_ADDRESS") or _ray_running():
+        return True
+    encode = getattr(run, "encode", None)  # tar jobs: what needs the Ray executor's actors
+    if encode is None:
+        return False
+    wants_gpu = encode.device.startswith("cuda") or run.inputs.decode == "gpu" or bool(run.ray.num_gpus)
+    return wants_gpu or run.encoders is not None or (encode.device == "auto" and _cuda_available())
+
+
+def _ray_running() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray just to ask
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def jobs(run):
+    """The executor for ``run``'s shards, as a context manager giving ``start_encoders``, ``encoder_info`` and
+    ``run_shards`` (:class:`pipeline.runtime.RayJobs` or :class:`pipeline.local.LocalJobs`)."""
+    if uses_ray(run):
+        from pipeline.runtime import RayJobs
+
+        return RayJobs(run.ray)
+    from pipeline.local import LocalJobs
+
+    return LocalJobs(run)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, as Ray counts them), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Encoders:
+    """Where a job's chunks are encoded: encoder actors (Ray only: one per GPU, or ``--encoders N``), or a
+    model inside each reader task (CPU-only; no chunk crosses between processes, no extra process)."""
+
+    actors: list  # EncodeStage actors; empty when encoding in the reader tasks
+    local: Optional[tuple] = None  # (token, spec, encode config, stats or a Ray reference to them)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def describe(self) -> str:
+        return f"{len(self.actors)} encoder actor(s)" if self.actors else "a model in each reader task"
+
+
+@dataclass
+class Outcome:
+    """What became of one item of a file map: its result, or the error after the last attempt."""
+
+    item: Any
+    ok: bool
+    result: Any = None
+    error: Optional[str] = None
+
+
+def describe_error(exc: BaseException) -> str:
+    """One record of a failure: the exception's type and message (a Ray task error's cause, unwrapped)."""
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}".strip()[:2000]
+
+
+@dataclass
+class JobReport:
+    """Outcome of a streaming job."""
+
+    done: list  # per-shard results (``sink.finish``), in completion order
+    failed: list  # (url, error) of shards that failed every attempt
+    skipped: int  # shards already done before this run
+    elapsed: float
+
+    @property
+    def rows(self) -> int:
+        return sum(d["summary"]["rows"] for d in self.done)
+
+    def summary(self) -> dict:
+        """What the command prints: rows by status, damaged and failed shards, throughput."""
+        status: Counter = Counter()
+        damaged = []
+        for d in self.done:
+            status.update(d["summary"]["status_counts"])
+            if d["summary"].get("damage"):
+                damaged.append((d["summary"]["shard"], d["summary"]["damage"]))
+        rows = self.rows
+        return {"rows": rows, "status_counts": dict(sorted(status.items())),
+                "shards_done": len(self.done), "shards_skipped": self.skipped,
+                "failed": [{"shard": u, "error": e} for u, e in self.failed], "damaged": damaged,
+                "elapsed_s": round(self.elapsed, 2),
+                "samples_per_s": round(rows / self.elapsed, 1) if self.elapsed > 0 else None}
+
+
+class Collector:
+    """What a job may do with shard results as they arrive (the default keeps nothing and never stops)."""
+
+    stop = False  # True: start no more shards
+
+    def add(self, index: int, url: str, result: dict) -> None:
+        """Shard ``index`` (position in the job's URL list) finished with ``result``."""
+
+    def failed(self, index: int, url: str) -> None:
+        """Shard ``index`` failed every attempt."""
+
+
+def cpu_encode_config(encode_cfg, cpus: int, in_flight: int):
+    """The encode config of a CPU job whose model runs in each of ``in_flight`` reader tasks on ``cpus``
+    cores: torch threads split between them, so the cores are busy without oversubscription."""
+    from dataclasses import replace
+
+    if encode_cfg.threads is not None:
+        return encode_cfg
+    return replace(encode_cfg, threads=max(1, cpus // in_flight))

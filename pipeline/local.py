@@ -1,0 +1,183 @@
+"""The local executor (:mod:`pipeline.executor`): a job's tar shards in worker processes of this machine,
+without Ray.
+
+The command imports torch and open_clip once, then forks its workers (Linux; elsewhere they are spawned and
+import them again): a worker starts in milliseconds, shares those pages with the command, loads the model on
+its first task and keeps it for the job, with one torch thread per worker when there are as many workers as
+cores. Each shard is one task, as on Ray: read, decode, encode, score and written by the worker
+(:func:`pipeline.flow.stage.encode_shard`), so exactly one set of outputs per shard, written crash-safe.
+
+Failures, as on Ray: an exception in a shard retries it (``--retries``), then records it as failed. A worker
+that dies (killed, out of memory, a crash in a native library) takes the pool down with it: the shards that
+were running are not charged for it but rerun one at a time in a fresh pool, so only a shard that kills its
+worker when running alone uses up its attempts, and no other shard fails because of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+import time
+import traceback
+import uuid
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Optional
+
+from pipeline.config import RunConfig
+from pipeline.executor import Collector, Encoders, JobReport, cpu_encode_config, describe_error, usable_cpus
+from pipeline.progress import Progress
+
+log = logging.getLogger("wclip")
+
+
+def _context():
+    # fork: workers inherit the imported torch/open_clip (seconds saved per worker). No torch op runs in this
+    # process before the fork, so no OpenMP pool is inherited. Elsewhere fork is unsafe: spawn.
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+_JOB: dict = {}  # in a worker: the job's (token, spec, encode config, stats), given once when it starts
+
+
+def _remember(local: tuple) -> None:
+    _JOB["local"] = local
+
+
+def _stage():
+    from pipeline.flow.stage import EncodeStage
+
+    return EncodeStage.cached(*_JOB["local"])
+
+
+def _info() -> dict:
+    return _stage().info()
+
+
+def _shard(url: str, run: RunConfig, sink):
+    from pipeline.flow.stage import encode_shard
+
+    return encode_shard(url, run, _stage(), sink)
+
+
+class LocalJobs:
+    """Worker processes of this machine for the ``with`` block: ``start_encoders``, ``encoder_info`` and
+    ``run_shards`` as in :class:`pipeline.runtime.RayJobs`."""
+
+    def __init__(self, run: RunConfig):
+        self.cpus = run.ray.num_cpus or usable_cpus()
+        self.workers = run.max_in_flight or self.cpus
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._local: Optional[tuple] = None  # the job's model and stats, handed to each worker as it starts
+
+    def __enter__(self) -> "LocalJobs":
+        return self
+
+    def __exit__(self, *exc):
+        self._close(wait=exc[0] is None)
+        return False
+
+    # -- the pool -----------------------------------------------------------------------------------------
+    def _open(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            import open_clip  # noqa: F401  (imported here once, inherited by the forked workers)
+            import torch  # noqa: F401
+
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
+                                             initializer=_remember, initargs=(self._local,))
+        return self._pool
+
+    def _close(self, wait: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+            self._pool = None
+
+    # -- the job ------------------------------------------------------------------------------------------
+    def start_encoders(self, run: RunConfig, stats=None) -> Encoders:
+        """A model in each worker, with the CPU's cores split between the workers' torch threads."""
+        if run.encode.device.startswith("cuda") or run.encoders is not None or run.inputs.decode == "gpu":
+            raise ValueError("the local executor runs on CPUs only: GPUs, --encoders and --decode gpu need "
+                             "--executor ray")
+        encode_cfg = cpu_encode_config(run.encode, self.cpus, self.workers)
+        self._local = (uuid.uuid4().hex, run.model, encode_cfg, stats)
+        return Encoders([], self._local)
+
+    def encoder_info(self, run: RunConfig, encoders: Encoders) -> dict:
+        """Every worker loads the model now, in parallel; the first one's :meth:`EncodeStage.info`."""
+        pool = self._open()
+        futures = [pool.submit(_info) for _ in range(self.workers)]
+        return [f.result() for f in futures][0]
+
+    def run_shards(self, run: RunConfig, urls: list, encoders: Encoders, sink,
+                   collector: Optional[Collector] = None, skipped: int = 0) -> JobReport:
+        """Process ``urls`` with at most ``self.workers`` shards at once (see the module's docstring for
+        retries and dead workers); ``collector`` sees the results in completion order."""
+        collector = collector or Collector()
+        queue = deque(enumerate(urls))
+        suspects: deque = deque()  # shards that were running when a worker died: rerun alone
+        attempts = [0] * len(urls)
+        running: dict = {}
+        done, failed = [], []
+        started = time.time()
+
+        def give_up_or_retry(i: int, url: str, error: str, again: deque) -> None:
+            attempts[i] += 1
+            if attempts[i] <= run.retries:
+                log.debug("shard %s: attempt %d failed: %s", url, attempts[i], error)
+                again.appendleft((i, url))
+                return
+            failed.append((url, error))
+            collector.failed(i, url)
+            bar.write(f"shard failed after {run.retries} retries: {url}: {error.splitlines()[0]}")
+
+        with Progress(total=len(urls) + skipped, initial=skipped, desc=sink.desc, enabled=run.progress) as bar:
+            while (queue or suspects) and not collector.stop or running:
+                pool = self._open()
+                while not collector.stop and (suspects or queue):
+                    if suspects:  # alone: whatever kills the worker now is this shard's doing
+                        if running:
+                            break
+                        item = suspects.popleft()
+                    elif len(running) < self.workers:
+                        item = queue.popleft()
+                    else:
+                        break
+                    running[pool.submit(_shard, item[1], run, sink)] = item
+                if not running:
+                    break
+                ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                broken = [f for f in ready if isinstance(f.exception(), BrokenProcessPool)]
+                if broken:
+                    self._worker_died(running, suspects, give_up_or_retry)
+                    continue
+                for future in ready:
+                    i, url = running.pop(future)
+                    exc = future.exception()
+                    if exc is not None:
+                        log.debug("shard %s failed: %s", url, "".join(traceback.format_exception(exc)))
+                        give_up_or_retry(i, url, describe_error(exc), queue)
+                        continue
+                    result = future.result()
+                    done.append(result)
+                    collector.add(i, url, result)
+                    bar.update(1, samples=result["summary"]["rows"])
+        return JobReport(done=done, failed=failed, skipped=skipped, elapsed=time.time() - started)
+
+    def _worker_died(self, running: dict, suspects: deque, give_up_or_retry) -> None:
+        """A worker died and the pool with it: finished shards count, the others go to ``suspects``, except a
+        shard that was running alone, which is charged an attempt."""
+        wait(list(running))  # every future of a broken pool is finished, most with BrokenProcessPool
+        alone = len(running) == 1
+        for future, (i, url) in list(running.items()):
+            exc = future.exception()
+            if exc is None or not isinstance(exc, BrokenProcessPool):
+                continue  # finished before the pool broke: handled by the caller's next wait
+            del running[future]
+            if alone:
+                give_up_or_retry(i, url, "the worker process died while reading this shard (killed, out of "
+                                         "memory, or a crash in a native library)", suspects)
+            else:
+                suspects.append((i, url))
+        self._close(wait=True)
