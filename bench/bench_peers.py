@@ -543,7 +543,31 @@ def run_rounds(tools: list, urls: list, label: str, rounds: int, ctx: dict, chec
         if check and r == 0:
             results.append({"cross_check": cross_check(data, urls[0]), "round": 1})
             print(f"  [{label}] cross-check: {results[-1]['cross_check']}", flush=True)
+            if "clip-retrieval" in data:
+                results.append({"embeddings_interop": embeddings_interop(WORK / "out" / f"{label}-clip-retrieval",
+                                                                         data["clip-retrieval"], ctx), "round": 1})
+                print(f"  [{label}] wclip on clip-retrieval's folder: {results[-1]['embeddings_interop']}", flush=True)
     return results
+
+
+def embeddings_interop(folder: Path, cr: dict, ctx: dict) -> dict:
+    """`wclip fit --embeddings` and `wclip score --embeddings` on the folder clip-retrieval just wrote: one
+    row per clip-retrieval row, its keys, and clip_score = the cosine of clip-retrieval's two vectors."""
+    import pyarrow.parquet as pq
+
+    stats, out = WORK / "interop-stats.safetensors", WORK / "out" / "interop-scores"
+    shutil.rmtree(out, ignore_errors=True)
+    for cmd in ([ctx["wclip"], "fit", "--embeddings", str(folder), "--output", str(stats), "--no-progress"],
+                [ctx["wclip"], "score", "--embeddings", str(folder), "--stats", str(stats), "--output", str(out),
+                 "--no-progress"]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    parts = [pq.read_table(p, columns=["key", "status", "clip_score"]) for p in sorted(out.glob("*.parquet"))]
+    keys = [k for t in parts for k in t["key"].to_pylist()]
+    assert keys == list(map(str, cr["key"])), "wclip's rows are not clip-retrieval's rows"
+    score = np.concatenate([t["clip_score"].to_numpy(zero_copy_only=False) for t in parts]).astype(np.float64)
+    cosine = (_unit(cr["img"]) * _unit(cr["txt"])).sum(1)
+    return {"rows": len(keys), "ok": sum(s == "ok" for t in parts for s in t["status"].to_pylist()),
+            "clip_score_max_abs_diff_vs_clip_retrieval_vectors": float(np.abs(score - cosine).max())}
 
 
 def _count_samples(urls: list) -> int:

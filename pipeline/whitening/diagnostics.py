@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["MIN_SAMPLES", "normality_pass_rates", "feature_subset"]
 
@@ -19,7 +18,13 @@ __all__ = ["MIN_SAMPLES", "normality_pass_rates", "feature_subset"]
 #: and neither test says much with fewer than ~20).
 MIN_SAMPLES = 20
 
-_ANDERSON_HAS_METHOD = "method" in inspect.signature(stats.anderson).parameters
+
+
+def _scipy_stats():
+    # SciPy is imported when a fit runs its tests, not by every command that loads a stats file (0.7 s)
+    from scipy import stats
+
+    return stats
 
 
 def feature_subset(n_features: int, max_features: int | None) -> np.ndarray:
@@ -37,7 +42,8 @@ def feature_subset(n_features: int, max_features: int | None) -> np.ndarray:
 
 def _anderson_passes(column: np.ndarray, alpha: float) -> bool:
     """Whether scipy's Anderson-Darling test for normality does not reject at ``alpha``."""
-    if _ANDERSON_HAS_METHOD:  # SciPy >= 1.17: interpolated p-value
+    stats = _scipy_stats()
+    if "method" in inspect.signature(stats.anderson).parameters:  # SciPy >= 1.17: interpolated p-value
         return bool(stats.anderson(column, dist="norm", method="interpolate").pvalue > alpha)
     result = stats.anderson(column, dist="norm")
     levels = np.asarray(result.significance_level, dtype=float) / 100.0
@@ -80,7 +86,7 @@ def normality_pass_rates(Z, alpha: float = 0.05, max_features: int | None = None
     ad = sum(_anderson_passes(Z[:, j], alpha) for j in np.flatnonzero(usable))
     dp = 0
     if usable.any():
-        pvalues = stats.normaltest(Z[:, usable], axis=0).pvalue
+        pvalues = _scipy_stats().normaltest(Z[:, usable], axis=0).pvalue
         dp = int(np.count_nonzero(pvalues > alpha))
     k = cols.size
     result["anderson_darling"] = float(ad) / k

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import optimize, stats
 
 from pipeline.whitening.diagnostics import normality_pass_rates
 from pipeline.whitening.moments import Moments, as_rows, check_fraction, holdout_mask
@@ -84,6 +83,8 @@ def _auto_shrinkage(proj_sq: np.ndarray, lam: np.ndarray, base: float, tol: floa
         raise ValueError("shrinkage='auto' found no shrinkage in [0, 1) that brings the held-out "
                          f"sqnorm/m below {1 + tol}: the held-out rows do not look like the fit "
                          "rows. Check the reference data or pass an explicit shrinkage.")
+    from scipy import optimize  # imported by fits only: loading a stats file does not need SciPy
+
     return float(optimize.brentq(excess, lo, hi, xtol=1e-10))
 
 
@@ -283,6 +284,8 @@ class WhiteningStats:
 
     def chi2_pvalue_from_sqnorm(self, s) -> np.ndarray:
         """Diagnostic: ``chi2(m).sf(sqnorm)``, exact only if the embeddings were Gaussian."""
+        from scipy import stats
+
         return stats.chi2(self.components).sf(np.asarray(s, dtype=np.float64))
 
     def chi2_pvalue(self, X) -> np.ndarray:

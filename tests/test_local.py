@@ -1,0 +1,165 @@
+"""The local executor (pipeline/local.py): the same outputs as on Ray, retries, a worker that dies, and a
+command that never starts Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from shardkit import SCRIPT_PATH, clean_shards, marker_files, tiny_run
+
+from pipeline.config import FitConfig, RayOptions, ScoreConfig
+from pipeline.executor import uses_ray
+from pipeline.fit import fit
+from pipeline.flow import stage
+from pipeline.score import score
+from pipeline.whitening import StatsFile
+
+PER_SHARD = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    (folder / "ref").mkdir()
+    (folder / "tgt").mkdir()
+    refs = clean_shards(folder / "ref", shards=2, per_shard=40)
+    targets = clean_shards(folder / "tgt", shards=4, per_shard=PER_SHARD, start=1000)
+    stats = str(folder / "stats.safetensors")
+    fit(FitConfig(run=tiny_run(refs, executor="local", max_in_flight=2), output=stats, components=8, holdout=0.2))
+    return refs, targets, stats
+
+
+def _score(targets, stats_path, out, **run):
+    return score(ScoreConfig(run=tiny_run(targets, **run), stats_path=stats_path, output=str(out)),
+                 StatsFile.load(stats_path))
+
+
+def test_local_and_ray_executors_fit_and_score_the_same(corpus, tmp_path, ray_local):
+    refs, targets, stats_path = corpus
+    on_ray = str(tmp_path / "ray.safetensors")
+    fit(FitConfig(run=tiny_run(refs, executor="ray"), output=on_ray, components=8, holdout=0.2))
+    for tower, ws in StatsFile.load(stats_path).towers.items():
+        other = StatsFile.load(on_ray).towers[tower]
+        np.testing.assert_array_equal(ws.mean, other.mean)
+        np.testing.assert_array_equal(ws.whitening, other.whitening)
+        np.testing.assert_array_equal(ws.calibration, other.calibration)
+    tables = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        summary = _score(targets, stats_path, out, executor=executor, max_in_flight=2)
+        assert summary["rows"] == 4 * PER_SHARD and summary["status_counts"] == {"ok": 4 * PER_SHARD}
+        tables[executor] = {p.name: pq.read_table(p).replace_schema_metadata(None)
+                            for p in sorted(out.glob("*.parquet"))}
+    assert sorted(tables["local"]) == ["00000.parquet", "00001.parquet", "00002.parquet", "00003.parquet"]
+    for name, table in tables["local"].items():
+        assert table.equals(tables["ray"][name]), name
+
+
+def _dies(tmp_path, targets):
+    """encode_shard, except that targets[0] kills its worker once and targets[1] every time."""
+    real, flag = stage.encode_shard, tmp_path / "died-once"
+
+    def encode_shard(url, run, st, sink):
+        with open(tmp_path / "attempts.log", "a") as fh:
+            fh.write(url + "\n")
+        if url == targets[0] and not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if url == targets[1]:
+            os._exit(3)
+        return real(url, run, st, sink)
+    return encode_shard
+
+
+def test_a_worker_that_dies_costs_only_its_own_shard(corpus, tmp_path, monkeypatch):
+    _, targets, stats_path = corpus
+    # the workers are forked from this process: they run the patched function
+    monkeypatch.setattr(stage, "encode_shard", _dies(tmp_path, targets))
+    out = tmp_path / "scores"
+    summary = _score(targets, stats_path, out, executor="local", max_in_flight=2, retries=1)
+    assert summary["shards_done"] == 3 and summary["rows"] == 3 * PER_SHARD
+    assert [f["shard"] for f in summary["failed"]] == [targets[1]]
+    assert "the worker process died while reading this shard" in summary["failed"][0]["error"]
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00002.parquet", "00003.parquet"]
+    assert len(marker_files(out)) == 3
+    records = [json.loads(line) for line in (out / ".wclip" / "failures.jsonl").read_text().splitlines()]
+    assert [r["shard"] for r in records] == [targets[1]]
+    # each shard's rows once, in order
+    for name in ("00000", "00002", "00003"):
+        keys = pq.read_table(out / f"{name}.parquet", columns=["key"])["key"].to_pylist()
+        assert len(keys) == len(set(keys)) == PER_SHARD
+    # the shard that killed its worker every time ran alone for both of its charged attempts
+    attempts = (tmp_path / "attempts.log").read_text().split()
+    assert attempts.count(targets[1]) >= 2
+
+
+def test_an_error_in_a_shard_is_retried_then_recorded(corpus, tmp_path, monkeypatch):
+    _, targets, stats_path = corpus
+    real, log = stage.encode_shard, tmp_path / "attempts.log"
+
+    def flaky(url, run, st, sink):
+        with open(log, "a") as fh:
+            fh.write(url + "\n")
+        if url == targets[2]:
+            raise ValueError("this shard always fails")
+        if url == targets[3] and log.read_text().split().count(url) == 1:
+            raise OSError("a transient read error")
+        return real(url, run, st, sink)
+
+    monkeypatch.setattr(stage, "encode_shard", flaky)
+    summary = _score(targets, stats_path, tmp_path / "scores", executor="local", max_in_flight=2, retries=2)
+    assert summary["failed"] == [{"shard": targets[2], "error": "ValueError: this shard always fails"}]
+    assert summary["shards_done"] == 3 and summary["rows"] == 3 * PER_SHARD
+    attempts = log.read_text().split()
+    assert attempts.count(targets[2]) == 3 and attempts.count(targets[3]) == 2
+
+
+def test_auto_picks_ray_only_for_a_cluster_gpus_or_encoder_actors(monkeypatch, corpus):
+    from pipeline import executor
+    from pipeline.config import EncodeConfig, InputConfig
+
+    _, targets, _ = corpus
+    monkeypatch.setattr(executor, "_ray_running", lambda: False)
+    monkeypatch.setattr(executor, "_cuda_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not uses_ray(tiny_run(targets))
+    assert uses_ray(tiny_run(targets, ray=RayOptions(address="ray://head:10001")))
+    assert uses_ray(tiny_run(targets, encoders=1))
+    assert uses_ray(tiny_run(targets, encode=EncodeConfig(device="cuda")))
+    assert uses_ray(tiny_run(targets, inputs=InputConfig(decode="gpu")))
+    assert not uses_ray(tiny_run(targets, executor="local", encoders=1))  # asked for: refused later, see below
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert uses_ray(tiny_run(targets)) and not uses_ray(tiny_run(targets, executor="local"))
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(executor, "_cuda_available", lambda: True)
+    assert uses_ray(tiny_run(targets)) and not uses_ray(tiny_run(targets, encode=EncodeConfig(device="cpu")))
+    monkeypatch.setattr(executor, "_ray_running", lambda: True)  # a notebook or test session with Ray
+    assert uses_ray(tiny_run(targets, encode=EncodeConfig(device="cpu")))
+
+
+def test_the_local_executor_refuses_what_only_ray_has(corpus, tmp_path):
+    _, targets, stats_path = corpus
+    with pytest.raises(ValueError, match="--encoders and --decode gpu need --executor ray"):
+        _score(targets, stats_path, tmp_path / "scores", executor="local", encoders=1)
+
+
+def test_the_command_scores_without_starting_or_importing_ray(corpus, tmp_path):
+    _, targets, stats_path = corpus
+    out = tmp_path / "scores"
+    script = ("import sys\nfrom pipeline.cli import main\n"
+              f"rc = main(['score', '--input', {targets[0]!r}, '--stats', {stats_path!r}, '--output', {str(out)!r},"
+              " '--no-progress'])\n"
+              "assert 'ray' not in sys.modules, 'Ray was imported'\nsys.exit(rc)\n")
+    env = {**os.environ, "PYTHONPATH": SCRIPT_PATH}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["rows"] == PER_SHARD
+    assert pq.read_table(out / "00000.parquet").num_rows == PER_SHARD
