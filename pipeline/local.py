@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 import sys
 import time
 import traceback
@@ -42,8 +44,22 @@ def _context():
 _JOB: dict = {}  # in a worker: the job's (token, spec, encode config, stats), given once when it starts
 
 
-def _remember(local: tuple) -> None:
+def _remember(local: tuple, parent: int) -> None:
+    # Ctrl-C is the command's to handle (it stops the workers); a worker would only print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(parent)
     _JOB["local"] = local
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the command ends, however it ends (killed too): no orphan keeps scoring."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the command ended before the line above
+        os._exit(1)
 
 
 def _stage():
@@ -76,7 +92,7 @@ class LocalJobs:
         return self
 
     def __exit__(self, *exc):
-        self._close(wait=exc[0] is None)
+        self._close(stop=exc[0] is not None)
         return False
 
     # -- the pool -----------------------------------------------------------------------------------------
@@ -86,13 +102,19 @@ class LocalJobs:
             import torch  # noqa: F401
 
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
-                                             initializer=_remember, initargs=(self._local,))
+                                             initializer=_remember, initargs=(self._local, os.getpid()))
         return self._pool
 
-    def _close(self, wait: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+    def _close(self, stop: bool = False) -> None:
+        """Shut the pool down; ``stop`` (an error or Ctrl-C in the command): end the workers' running shards
+        now (whatever they wrote is a temporary file that the next run removes, or a complete shard)."""
+        if self._pool is None:
+            return
+        if stop:
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
     # -- the job ------------------------------------------------------------------------------------------
     def start_encoders(self, run: RunConfig, stats=None) -> Encoders:
@@ -180,4 +202,4 @@ class LocalJobs:
                                          "memory, or a crash in a native library)", suspects)
             else:
                 suspects.append((i, url))
-        self._close(wait=True)
+        self._close()

@@ -163,3 +163,45 @@ def test_the_command_scores_without_starting_or_importing_ray(corpus, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["rows"] == PER_SHARD
     assert pq.read_table(out / "00000.parquet").num_rows == PER_SHARD
+
+
+def _start_and_wait_for_workers(tmp_path, corpus):
+    import time
+
+    import psutil
+
+    _, targets, stats_path = corpus
+    slow = f"pipe:sh -c 'sleep 60; cat {targets[0]}'"  # keeps a worker busy in its shard
+    script = ("import sys\nfrom pipeline.cli import main\n"
+              f"sys.exit(main(['score', '--input', {slow!r}, {targets[1]!r}, '--stats', {stats_path!r}, "
+              f"'--output', {str(tmp_path / 'scores')!r}, '--no-progress']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "scores" / ".wclip" / "shards" / "00001.json").exists():
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children() if "python" in p.name().lower()]
+    assert len(workers) == 2, workers
+    return proc, workers
+
+
+def test_ctrl_c_stops_the_workers_in_one_line(corpus, tmp_path):
+    import psutil
+
+    proc, workers = _start_and_wait_for_workers(tmp_path, corpus)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "wclip score: interrupted; rerun the same command to resume." in err and "Traceback" not in err, err
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+def test_workers_end_when_the_command_is_killed(corpus, tmp_path):
+    import psutil
+
+    proc, workers = _start_and_wait_for_workers(tmp_path, corpus)
+    proc.kill()  # SIGKILL: no handler runs in the command
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "orphaned workers"
