@@ -1,10 +1,12 @@
 """The local executor (:mod:`pipeline.executor`): a job's tar shards in worker processes of this machine,
 without Ray.
 
-The command imports torch and open_clip once, then forks its workers (Linux; elsewhere they are spawned and
-import them again): a worker starts in milliseconds, shares those pages with the command, loads the model on
-its first task and keeps it for the job, with one torch thread per worker when there are as many workers as
-cores. Each shard is one task, as on Ray: read, decode, encode, score and written by the worker
+The command imports torch and open_clip and builds the model once, with one torch thread (so no OpenMP
+thread pool exists yet), then forks its workers (Linux): a worker starts in milliseconds and shares the
+libraries and the model's weights with the command (inference never writes them), instead of every worker
+loading its own copy; each then sets its own torch threads (one per worker when there are as many workers as
+cores). Elsewhere the workers are spawned and each loads the model on its first task. Each shard is one
+task, as on Ray: read, decode, encode, score and written by the worker
 (:func:`pipeline.flow.stage.encode_shard`), so exactly one set of outputs per shard, written crash-safe.
 
 Failures, as on Ray: an exception in a shard retries it (``--retries``), then records it as failed. A worker
@@ -15,6 +17,7 @@ worker when running alone uses up its attempts, and no other shard fails because
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -26,6 +29,7 @@ import uuid
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from typing import Optional
 
 from pipeline.config import RunConfig
@@ -35,10 +39,11 @@ from pipeline.progress import Progress
 log = logging.getLogger("wclip")
 
 
+FORK = sys.platform.startswith("linux")  # elsewhere fork is unsafe (macOS system libraries): spawn
+
+
 def _context():
-    # fork: workers inherit the imported torch/open_clip (seconds saved per worker). No torch op runs in this
-    # process before the fork, so no OpenMP pool is inherited. Elsewhere fork is unsafe: spawn.
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return multiprocessing.get_context("fork" if FORK else "spawn")
 
 
 _JOB: dict = {}  # in a worker: the job's (token, spec, encode config, stats), given once when it starts
@@ -49,6 +54,11 @@ def _remember(local: tuple, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
     _JOB["local"] = local
+    threads = local[2].threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _die_with(parent: int) -> None:
@@ -98,9 +108,9 @@ class LocalJobs:
     # -- the pool -----------------------------------------------------------------------------------------
     def _open(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            import open_clip  # noqa: F401  (imported here once, inherited by the forked workers)
-            import torch  # noqa: F401
-
+            # What is allocated so far stays shared with the forked workers: the collector, which writes to
+            # every object it visits, would copy those pages into each worker (gc.freeze's documented purpose)
+            gc.freeze()
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
                                              initializer=_remember, initargs=(self._local, os.getpid()))
         return self._pool
@@ -127,7 +137,16 @@ class LocalJobs:
         return Encoders([], self._local)
 
     def encoder_info(self, run: RunConfig, encoders: Encoders) -> dict:
-        """Every worker loads the model now, in parallel; the first one's :meth:`EncodeStage.info`."""
+        """The model's :meth:`EncodeStage.info`: built here once for the forked workers to share, or, where
+        workers are spawned, loaded by every worker now, in parallel."""
+        if FORK:
+            import torch
+
+            from pipeline.flow.stage import EncodeStage
+
+            torch.set_num_threads(1)  # no OpenMP pool in the command: the forked workers start their own
+            token, spec, encode_cfg, stats = self._local
+            return EncodeStage.cached(token, spec, replace(encode_cfg, threads=1), stats).info()
         pool = self._open()
         futures = [pool.submit(_info) for _ in range(self.workers)]
         return [f.result() for f in futures][0]

@@ -135,8 +135,9 @@ class _TorchBase:
         self.d, self.m = W.shape
         self.device = torch.device(device if device is not None else "cpu")
         self._dtype = dtype
-        self._mean = torch.from_numpy(mu).to(device=self.device, dtype=dtype)
-        self._proj = torch.from_numpy(W).to(device=self.device, dtype=dtype)
+        # copies: the arrays may be read-only (Ray's object store, a memory-mapped stats file)
+        self._mean = torch.tensor(mu, device=self.device, dtype=dtype)
+        self._proj = torch.tensor(W, device=self.device, dtype=dtype)
         self._half_m_log2pi = 0.5 * self.m * LOG_2PI
 
     def _input(self, x) -> torch.Tensor:
