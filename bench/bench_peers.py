@@ -65,7 +65,8 @@ CR_VENV = ROOT / ".bench" / "clip-retrieval"
 CR_REQUIREMENTS = ("clip-retrieval==2.45.0", "setuptools<81")  # clip-anytorch imports pkg_resources
 DEMO_CONFIG = ROOT / "pipeline" / "assets" / "wclip-demo.json"
 DEMO_WEIGHTS = ROOT / "pipeline" / "assets" / "wclip-demo.safetensors"
-TOOLS = ("clip-retrieval", "wclip", "wclip-ray", "loop")  # wclip: the default (local) executor
+TOOLS = ("clip-retrieval", "wclip", "wclip-ray", "loop", "loop-1t")
+# wclip: the default (local) executor; loop: torch's default threads (all cores); loop-1t: torch on one thread
 IMAGE_SIZE = 96
 TAR_MTIME = 946684800
 
@@ -379,8 +380,10 @@ def wclip_command(wclip: str, urls: list, stats: Path, out: Path, tool: str = "w
     return [wclip, "score", "--input", pattern(urls), "--stats", str(stats), "--output", str(out), *extra]
 
 
-def loop_command(urls: list, stats: Path, out: Path) -> list:
-    return [sys.executable, str(BENCH / "peers_loop.py"), "--stats", str(stats), "--output", str(out), *urls]
+def loop_command(urls: list, stats: Path, out: Path, tool: str = "loop") -> list:
+    threads = ["--threads", "1"] if tool == "loop-1t" else []
+    return [sys.executable, str(BENCH / "peers_loop.py"), "--stats", str(stats), "--output", str(out), *threads,
+            *urls]
 
 
 def cr_command(cr_python: Path, urls: list, out: Path) -> list:
@@ -399,8 +402,8 @@ def display_command(tool: str, urls: list, ctx: dict, out: str = "OUT") -> str:
     """The command as typed in bash (the loop's shard list as a brace pattern the shell expands)."""
     if tool.startswith("wclip"):
         return shlex.join(wclip_command(ctx["wclip"], urls, ctx["stats"], Path(out), tool))
-    if tool == "loop":
-        return shlex.join(loop_command([], ctx["stats"], Path(out))) + " " + pattern(urls)
+    if tool.startswith("loop"):
+        return shlex.join(loop_command([], ctx["stats"], Path(out), tool)) + " " + pattern(urls)
     return shlex.join(cr_command(ctx["cr_python"], urls, Path(out)))
 
 
@@ -436,7 +439,7 @@ def rows_of(tool: str, out: Path) -> tuple:
         d = read_wclip(out)
         assert (d["status"] == "ok").all(), f"wclip: rows not ok in {out}"
         return len(d["key"]), d
-    if tool == "loop":
+    if tool.startswith("loop"):
         d = read_loop(out)
         return len(d["key"]), d
     d = read_cr(out)
@@ -508,8 +511,8 @@ def measure(tool: str, urls: list, label: str, run_no: int, ctx: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if tool.startswith("wclip"):
         cmd = wclip_command(ctx["wclip"], urls, ctx["stats"], out, tool)
-    elif tool == "loop":
-        cmd = loop_command(urls, ctx["stats"], out)
+    elif tool.startswith("loop"):
+        cmd = loop_command(urls, ctx["stats"], out, tool)
     else:
         cmd = cr_command(ctx["cr_python"], urls, out)
     res = run_command(cmd, WORK / "logs" / ctx["stamp"] / f"{label}-r{run_no}-{tool}")
@@ -596,7 +599,7 @@ def summarise(results: list, tools: list) -> dict:
             table[w]["summary_samples_per_s"] = [r["wclip_summary"]["samples_per_s"] for r in _by(results, w)]
     ratios = {}
     for w in ("wclip", "wclip-ray"):
-        for other in ("loop", "clip-retrieval"):
+        for other in ("loop", "loop-1t", "clip-retrieval"):
             if w in tools and other in tools:
                 ratios[f"{w}/{other}"] = [
                     next(r["samples_per_s"] for r in _by(results, w) if r["round"] == k)
@@ -652,7 +655,8 @@ def markdown(result: dict) -> str:
         f"round {k} ({' → '.join(order[k])})" for k in range(1, rounds + 1)) + " | median |")
     lines.append("|---|" + "---|" * (rounds + 1))
     names = {"clip-retrieval": "clip-retrieval 2.45 `clip_inference`", "wclip": "`wclip score`",
-             "wclip-ray": "`wclip score --executor ray`", "loop": "bare loop (1 process)"}
+             "wclip-ray": "`wclip score --executor ray`", "loop": "bare loop (1 process)",
+             "loop-1t": "bare loop, torch on 1 thread"}
     for t, v in thr.items():
         lines.append(f"| {names[t]} | " + " | ".join(f"{x:.1f} (load {l:.2f})" for x, l in
                                                       zip(v["samples_per_s"], v["load_before"]))

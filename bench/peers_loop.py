@@ -2,7 +2,9 @@
 
 What a person writes in an afternoon: read each tar with tarfile, decode with PIL, the model's own
 preprocess, both towers in batches, whitening in NumPy from the stats file's mean and whitening
-matrix; per shard an .npz of keys and log-likelihoods. One process, no error handling.
+matrix; per shard an .npz of keys and log-likelihoods. One process, no error handling. torch uses its
+default intra-op threads (all cores) unless ``--threads`` says otherwise (``--threads 1``: the loop on one
+core, tool ``loop-1t`` of bench_peers.py).
 
     .venv/bin/python bench/peers_loop.py --stats STATS.safetensors --output DIR SHARD.tar [SHARD.tar ...]
 
@@ -28,8 +30,11 @@ def main():
     ap.add_argument("--stats", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's, all cores); 1: a one-core loop")
     ap.add_argument("shards", nargs="+")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, preprocess, tokenizer = pipeline.load_clip("wclip-demo")
     with safe_open(args.stats, "numpy") as f:
         normalize = bool(json.loads(f.metadata()["wclip"]).get("normalize"))
