@@ -686,7 +686,8 @@ def markdown(result: dict) -> str:
                                  + f" | **{statistics.median(d):+.1f} s** |")
     lines += ["", "| peak memory of the command's process tree (max over rounds) | processes | RSS summed | PSS |",
               "|---|---|---|---|"]
-    for label, block in (("12 x 1000", result["throughput"]), ("50-sample shard", result.get("fixed"))):
+    size = f"{result['size']['shards']} x {result['size']['samples_per_shard']}"
+    for label, block in ((size, result["throughput"]), ("50-sample shard", result.get("fixed"))):
         if not block:
             continue
         for t in block["summary"]["tools"]:
