@@ -50,8 +50,10 @@ _JOB: dict = {}  # in a worker: the job's (token, spec, encode config, stats), g
 
 
 def _remember(local: tuple, parent: int) -> None:
-    # Ctrl-C is the command's to handle (it stops the workers); a worker would only print a traceback
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C is the command's to handle (it stops the workers); a worker would only print a traceback. A
+    # handler that does nothing, not SIG_IGN: an ignored signal stays ignored in the programs a worker starts
+    # (`pipe:` commands), which must still stop on Ctrl-C
+    signal.signal(signal.SIGINT, _ignore)
     _die_with(parent)
     _JOB["local"] = local
     threads = local[2].threads
@@ -59,6 +61,10 @@ def _remember(local: tuple, parent: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 def _die_with(parent: int) -> None:
@@ -128,7 +134,8 @@ class LocalJobs:
 
     # -- the job ------------------------------------------------------------------------------------------
     def start_encoders(self, run: RunConfig, stats=None) -> Encoders:
-        """A model in each worker, with the CPU's cores split between the workers' torch threads."""
+        """The model in the workers (shared with them where forked), with the CPU's cores split between the
+        workers' torch threads."""
         if run.encode.device.startswith("cuda") or run.encoders is not None or run.inputs.decode == "gpu":
             raise ValueError("the local executor runs on CPUs only: GPUs, --encoders and --decode gpu need "
                              "--executor ray")

@@ -190,7 +190,9 @@ def test_ctrl_c_stops_the_workers_in_one_line(corpus, tmp_path):
 
     proc, workers = _start_and_wait_for_workers(tmp_path, corpus)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-    _, err = proc.communicate(timeout=60)
+    # within seconds: the `pipe:` command stops too (it holds the pipes communicate() waits for; it would
+    # sleep 60 s more if the workers passed an ignored SIGINT on to it)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "wclip score: interrupted; rerun the same command to resume." in err and "Traceback" not in err, err
     _, alive = psutil.wait_procs(workers, timeout=10)
@@ -201,7 +203,10 @@ def test_workers_end_when_the_command_is_killed(corpus, tmp_path):
     import psutil
 
     proc, workers = _start_and_wait_for_workers(tmp_path, corpus)
-    proc.kill()  # SIGKILL: no handler runs in the command
-    proc.communicate(timeout=60)
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive, "orphaned workers"
+    try:
+        proc.kill()  # SIGKILL: no handler runs in the command
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, "orphaned workers"
+    finally:  # the `pipe:` command a killed worker leaves behind (it ends when it next writes to the pipe)
+        os.killpg(proc.pid, signal.SIGKILL)
