@@ -165,6 +165,12 @@ def test_the_command_scores_without_starting_or_importing_ray(corpus, tmp_path):
     assert pq.read_table(out / "00000.parquet").num_rows == PER_SHARD
 
 
+def _default_sigint():
+    # as from a terminal: a test runner started in the background (`cmd &` in a script) has SIGINT ignored,
+    # and its children would inherit that
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_workers(tmp_path, corpus):
     import time
 
@@ -176,7 +182,8 @@ def _start_and_wait_for_workers(tmp_path, corpus):
               f"sys.exit(main(['score', '--input', {slow!r}, {targets[1]!r}, '--stats', {stats_path!r}, "
               f"'--output', {str(tmp_path / 'scores')!r}, '--no-progress']))\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, start_new_session=True)
+                            text=True, env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, start_new_session=True,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 240
     while time.time() < deadline and not (tmp_path / "scores" / ".wclip" / "shards" / "00001.json").exists():
         time.sleep(0.2)
