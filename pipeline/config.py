@@ -181,8 +181,10 @@ class FilterConfig:
     max_in_flight: int | None = None  # copy tasks at once (default: CPUs)
     retries: int = 2                  # extra attempts for a failed copy task
     progress: bool | None = None      # progress bars (default: on a terminal)
+    executor: str = "auto"            # the copy tasks: "local" threads, "ray" tasks, "auto" (Ray on a cluster)
 
     def __post_init__(self):
+        _check_executor(self.executor)
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1; got {self.samples_per_shard}")
         if self.samples_per_task is not None and self.samples_per_task < 1:

@@ -30,7 +30,7 @@ def uses_ray(run) -> bool:
     runs on Ray; see the module's docstring for ``auto``."""
     if run.executor != "auto":
         return run.executor == "ray"
-    if run.ray.address or os.environ.get("RAY_ADDRESS") or _ray_running():
+    if getattr(run.ray, "address", None) or os.environ.get("RAY_ADDRESS") or _ray_running():
         return True
     encode = getattr(run, "encode", None)  # tar jobs: what needs the Ray executor's actors
     if encode is None:

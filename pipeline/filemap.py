@@ -1,5 +1,6 @@
-"""Where the embeddings jobs run their files (:mod:`pipeline.executor`): the local executor runs them on
-threads of this process, the Ray executor as one Ray task per file (:func:`pipeline.runtime.map_tasks`).
+"""Where file-sized tasks run (:mod:`pipeline.executor`), the embeddings jobs' files and ``wclip filter``'s
+copy tasks: the local executor runs them on threads of this process (:func:`map_on_threads`), the Ray
+executor as one Ray task each (:func:`pipeline.runtime.map_tasks`).
 Both take the same function and tasks and give back one :class:`pipeline.executor.Outcome` per task, in
 input order, after retries.
 
@@ -16,7 +17,7 @@ import contextlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from pipeline.executor import Outcome, usable_cpus, uses_ray
 from pipeline.progress import Progress
@@ -44,12 +45,13 @@ def file_runner(run) -> Iterator[Runner]:
         with runtime.ray_session(run.ray):
             yield Runner(on_ray, run.max_in_flight or runtime.cluster_cpus())
         return
-    from threadpoolctl import threadpool_limits
-
     workers = run.max_in_flight or run.ray.num_cpus or usable_cpus()
-    with threadpool_limits(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wclip-file") as pool:
-        yield Runner(lambda fn, tasks, desc: _on_threads(pool, run, fn, tasks, desc), workers)
+
+    def on_threads(fn, tasks, desc):
+        return map_on_threads(fn, tasks, desc=desc, max_retries=run.retries, max_in_flight=workers,
+                              progress=run.progress, samples=rows)
+
+    yield Runner(on_threads, workers)
 
 
 def rows(result: dict) -> int:
@@ -57,17 +59,27 @@ def rows(result: dict) -> int:
     return result["summary"]["rows"]
 
 
-def _on_threads(pool, run, fn, tasks, desc) -> list:
-    outcomes: list = [None] * len(tasks)
-    with Progress(total=len(tasks), desc=desc, enabled=run.progress) as bar:
-        futures = {pool.submit(_attempts, fn, task, run.retries): i for i, task in enumerate(tasks)}
+def map_on_threads(fn: Callable, items: list, *, desc: str = "files", max_retries: int = 2,
+                   max_in_flight: Optional[int] = None, progress: Optional[bool] = None,
+                   samples: Optional[Callable] = None) -> list:
+    """:func:`pipeline.runtime.map_tasks` without Ray: ``fn(item)`` on threads of this process, at most
+    ``max_in_flight`` at once (default: the CPUs), each retried ``max_retries`` times, one BLAS thread each;
+    an :class:`pipeline.executor.Outcome` per item, in input order."""
+    from threadpoolctl import threadpool_limits
+
+    workers = max_in_flight or usable_cpus()
+    outcomes: list = [None] * len(items)
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wclip-task") as pool, \
+            Progress(total=len(items), desc=desc, enabled=progress) as bar:
+        futures = {pool.submit(_attempts, fn, item, max_retries): i for i, item in enumerate(items)}
         for future in as_completed(futures):
             i = futures[future]
             ok, value = future.result()
-            outcomes[i] = Outcome(tasks[i], ok, value if ok else None, None if ok else value)
-            bar.update(1, samples=rows(value) if ok else 0)
+            outcomes[i] = Outcome(items[i], ok, value if ok else None, None if ok else value)
+            bar.update(1, samples=samples(value) if ok and samples else 0)
             if not ok:
-                bar.write(f"failed after {run.retries} retries: {value.splitlines()[0]}")
+                bar.write(f"failed after {max_retries} retries: {value.splitlines()[0]}")
     return outcomes
 
 

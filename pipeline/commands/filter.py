@@ -1,6 +1,8 @@
 """`wclip filter`: keep the rows of a scores folder that pass thresholds; write kept rows,
 a DataComp uid list and, with ``--input``, new shards holding exactly the kept samples."""
 
+from pipeline.config import EXECUTORS
+
 HELP = "select samples by score thresholds or top fractions; writes kept rows, uids.npy, new shards"
 
 EPILOG = """\
@@ -60,8 +62,11 @@ def add_arguments(p):
                    help="check the flags and the scores, print what would be read and written; write nothing, "
                         "start no Ray")
     r = p.add_argument_group("execution")
+    r.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="where the copy tasks run: local (threads of this command, no Ray) or ray; auto: Ray for "
+                        "a cluster (--address / RAY_ADDRESS), else local")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--num-cpus", type=int, help="local Ray: CPUs to use")
+    r.add_argument("--num-cpus", type=int, help="CPUs to use on this machine")
     r.add_argument("--max-in-flight", type=int, help="copy tasks at once (default: CPUs)")
     r.add_argument("--retries", type=int, default=2, help="extra attempts for a failed copy task")
     r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
@@ -92,13 +97,13 @@ def run(args):
             samples_per_shard=args.samples_per_shard, samples_per_task=args.samples_per_task,
             uids=not args.no_uids, ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
             max_in_flight=args.max_in_flight, retries=args.retries,
-            progress=False if args.no_progress else None)
+            progress=False if args.no_progress else None, executor=args.executor)
         if args.dry_run:
             plan = dry_run(cfg)
             print(format_plan(plan), file=sys.stderr)
             print(json.dumps(plan))
             return 0
-        with _RayMapper(cfg.ray) as mapper:
+        with _Mapper(cfg) as mapper:
             report = run_filter(cfg, mapper=mapper)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
@@ -108,22 +113,31 @@ def run(args):
     return 1 if shards.get("failed") else 0
 
 
-class _RayMapper:
-    """:func:`pipeline.runtime.map_tasks` in a Ray session opened on first use (a resumed run with nothing
-    left to copy never starts Ray) and closed with this context."""
+class _Mapper:
+    """Where the copy tasks run (:mod:`pipeline.executor`): threads of this command
+    (:func:`pipeline.filemap.map_on_threads`), or :func:`pipeline.runtime.map_tasks` in a Ray session opened
+    on first use (a resumed run with nothing left to copy never starts Ray) and closed with this context."""
 
-    def __init__(self, options):
+    def __init__(self, cfg):
         import contextlib
 
-        self.options = options
+        from pipeline.executor import uses_ray
+
+        self.cfg = cfg
+        self.on_ray = uses_ray(cfg)
         self._stack = contextlib.ExitStack()
         self._started = False
 
     def __call__(self, fn, items, **kwargs):
+        if not self.on_ray:
+            from pipeline.filemap import map_on_threads
+
+            kwargs["max_in_flight"] = kwargs.get("max_in_flight") or getattr(self.cfg.ray, "num_cpus", None)
+            return map_on_threads(fn, items, **kwargs)
         from pipeline import runtime
 
         if not self._started:
-            self._stack.enter_context(runtime.ray_session(self.options))
+            self._stack.enter_context(runtime.ray_session(self.cfg.ray))
             self._started = True
         return runtime.map_tasks(fn, items, **kwargs)
 

@@ -19,6 +19,7 @@ from pipeline.config import FilterConfig
 from pipeline.curate.filter import Condition, run_filter
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UID_DTYPE, UidCollector, parse_uids, uid_to_int
+from pipeline.filemap import map_on_threads
 from pipeline.runtime import map_tasks
 
 SCORES = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
@@ -216,7 +217,9 @@ def test_uid_collector_spills_and_merges_sorted(tmp_path):
 
 
 # ---- shards --------------------------------------------------------------------------------------
-def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
+@pytest.mark.parametrize("mapper", ["ray", "threads"])
+def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local, mapper):
+    run_copies = {"ray": map_tasks, "threads": map_on_threads}[mapper]  # the two executors' maps
     evil = ("../../escape", {"txt": b"evil", "jpg": b"\xff\xd8bytes"})
     urls, score_dir, rows = make_corpus(tmp_path, n_shards=4, per_shard=25, extra_member=evil)
     conditions = (Condition.parse("fraction", "image_sqnorm=0.6"),)
@@ -225,7 +228,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     with pytest.raises(ValueError, match="needs a mapper"):
         run_filter(cfg)                              # shards need a way to run the copy tasks
     assert not (tmp_path / "out").exists()           # refused before any work
-    report = run_filter(cfg, mapper=map_tasks)
+    report = run_filter(cfg, mapper=run_copies)
     s = report["shards"]
     assert not s["failed"] and s["finished"] == s["shards"] == math.ceil(report["kept"] / 7)
     assert s["tasks"] > 1 and s["assembled"] > 0     # some shards span two tasks (pieces joined)
@@ -261,7 +264,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     stamps = {t.name: t.stat().st_mtime_ns for t in tars}
     tars[0].unlink()                                 # shard 0 lies wholly in the first task
     tars[0].with_name(tars[0].name[:-4] + "_stats.json").unlink()
-    again = run_filter(cfg, mapper=map_tasks)["shards"]
+    again = run_filter(cfg, mapper=run_copies)["shards"]
     assert again["tasks_run"] == 1 < again["tasks"] and again["finished"] == s["shards"]
     assert again["assembled"] == 0
     after = sorted(out.glob("*.tar"))
@@ -272,7 +275,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local):
     with pytest.raises(ValueError, match="different selection"):
         run_filter(FilterConfig(str(score_dir), str(tmp_path / "out"),
                                 (Condition.parse("fraction", "image_sqnorm=0.5"),),
-                                inputs=tuple(urls), samples_per_shard=7, progress=False), mapper=map_tasks)
+                                inputs=tuple(urls), samples_per_shard=7, progress=False), mapper=run_copies)
 
 
 def test_cli_filter_and_user_errors(tmp_path, capsys):
