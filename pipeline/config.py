@@ -118,7 +118,7 @@ class RunConfig:
     encoders: Optional[int] = None  # encoder actors (default: one per GPU, else one)
     retries: int = 2  # extra attempts for a failed shard before it is recorded as failed
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
-    executor: str = "auto"  # pipeline.executor.EXECUTORS: "local" (worker processes, no Ray), "ray", or "auto"
+    executor: str = "auto"  # EXECUTORS (pipeline.executor): "local" (worker processes, no Ray), "ray", or "auto"
 
     def __post_init__(self):
         if not self.shards:
@@ -227,7 +227,7 @@ class EmbeddingRunConfig:
     retries: int = 2  # extra attempts for a failed file before it is recorded as failed
     block_rows: int = 16_384  # rows read and scored at a time (bounds a task's memory)
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
-    executor: str = "auto"  # pipeline.executor.EXECUTORS: "local" (threads of this process), "ray", or "auto"
+    executor: str = "auto"  # EXECUTORS (pipeline.executor): "local" (threads of this process), "ray", or "auto"
 
     def __post_init__(self):
         if not self.paths:

@@ -21,7 +21,8 @@ import numpy as np
 import pipeline
 from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig
 from pipeline.errors import ConfigError
-from pipeline.filemap import file_runner, job_summary
+from pipeline.executor import JobReport
+from pipeline.filemap import file_runner
 from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file
 from pipeline.flow.vectors import discover, open_array, probe
 from pipeline.flow.write import ScoreSink, append_failure
@@ -98,11 +99,14 @@ def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) ->
         started = time.time()
         outcomes = runner.map(score_file, tasks, "score")
         elapsed = time.time() - started
+    failed = []
     for o in outcomes:
         if not o.ok:
+            failed.append((o.item.file.url, o.error))
             append_failure(cfg.output, {"shard": o.item.file.url, "name": o.item.file.name, "error": o.error,
                                         "attempts": run.retries + 1})
-    return job_summary(outcomes, skipped, elapsed, url=lambda task: task.file.url)
+    return JobReport(done=[o.result for o in outcomes if o.ok], failed=failed, skipped=skipped,
+                     elapsed=elapsed).summary()
 
 
 # -- fit --------------------------------------------------------------------------------------------------

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
-
-from pipeline.config import EXECUTORS  # noqa: F401  (re-exported: the executors' names)
 
 
 def uses_ray(run) -> bool:
@@ -147,8 +145,6 @@ class Collector:
 def cpu_encode_config(encode_cfg, cpus: int, in_flight: int):
     """The encode config of a CPU job whose model runs in each of ``in_flight`` reader tasks on ``cpus``
     cores: torch threads split between them, so the cores are busy without oversubscription."""
-    from dataclasses import replace
-
     if encode_cfg.threads is not None:
         return encode_cfg
     return replace(encode_cfg, threads=max(1, cpus // in_flight))

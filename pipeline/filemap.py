@@ -14,12 +14,11 @@ task's CPUs, which OpenBLAS and MKL follow).
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from pipeline.executor import Outcome, usable_cpus, uses_ray
+from pipeline.executor import Outcome, describe_error, usable_cpus, uses_ray
 from pipeline.progress import Progress
 
 
@@ -90,20 +89,5 @@ def _attempts(fn, task, retries: int) -> tuple:
         try:
             return True, fn(task)
         except Exception as exc:  # recorded, the other files go on
-            error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+            error = describe_error(exc)
     return False, error
-
-
-def job_summary(outcomes: list, skipped: int, elapsed: float, url: Callable) -> dict:
-    """What the command prints (the keys of :meth:`pipeline.executor.JobReport.summary`); ``url(item)`` names
-    a task's input."""
-    done = [o.result["summary"] for o in outcomes if o.ok]
-    status: Counter = Counter()
-    for s in done:
-        status.update(s["status_counts"])
-    rows = sum(s["rows"] for s in done)
-    return {"rows": rows, "status_counts": dict(sorted(status.items())), "shards_done": len(done),
-            "shards_skipped": skipped, "failed": [{"shard": url(o.item), "error": o.error} for o in outcomes
-                                                  if not o.ok],
-            "damaged": [], "elapsed_s": round(elapsed, 2),
-            "samples_per_s": round(rows / elapsed, 1) if elapsed > 0 else None}
