@@ -17,6 +17,8 @@ from pipeline.fit import fit
 from pipeline.score import score
 from pipeline.whitening import StatsFile
 
+EXECUTORS = ("local", "ray")  # hostile input gets the same rows and records under both
+
 
 def run_cfg(urls, **kw):
     return tiny_run(urls, chunk_size=8, **kw)
@@ -47,11 +49,13 @@ def bad_samples():
     return samples
 
 
-def test_every_sample_read_yields_exactly_one_row(tmp_path, stats_path):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_every_sample_read_yields_exactly_one_row(tmp_path, stats_path, executor):
     url = write_shard(tmp_path / "00000.tar", bad_samples())
     out = tmp_path / "scores"
     stats = StatsFile.load(stats_path)
-    summary = score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out)), stats)
+    summary = score(ScoreConfig(run=run_cfg([url], executor=executor), stats_path=stats_path,
+                                output=str(out)), stats)
     rows = pq.read_table(out / "00000.parquet").to_pylist()
     assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(11)]
     status = {int(r["key"]): r["status"] for r in rows}
@@ -72,12 +76,13 @@ def test_every_sample_read_yields_exactly_one_row(tmp_path, stats_path):
     assert record["rows"] == 11 and record["status_counts"] == summary["status_counts"]
 
 
-def test_truncated_tar_keeps_rows_and_records_damage(tmp_path, stats_path):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_truncated_tar_keeps_rows_and_records_damage(tmp_path, stats_path, executor):
     full = write_shard(tmp_path / "full.tar", [sample(i) for i in range(10)])
     cut = os.path.getsize(full) // 2 + 700  # inside a member's data
     url = write_shard(tmp_path / "00001.tar", [sample(i) for i in range(10)], truncate_to=cut)
     out = tmp_path / "scores"
-    summary = score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out)),
+    summary = score(ScoreConfig(run=run_cfg([url], executor=executor), stats_path=stats_path, output=str(out)),
                     StatsFile.load(stats_path))
     rows = pq.read_table(out / "00001.parquet").to_pylist()
     assert 3 <= len(rows) < 10
@@ -88,14 +93,15 @@ def test_truncated_tar_keeps_rows_and_records_damage(tmp_path, stats_path):
     assert record["damage"]
 
 
-def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path, executor):
     good = clean_shards(tmp_path, shards=1, per_shard=5)
     missing = str(tmp_path / "00007.tar")
     junk = tmp_path / "00008.tar"
     junk.write_bytes(b"garbage" * 100)
     out = tmp_path / "scores"
-    summary = score(ScoreConfig(run=run_cfg([good[0], missing, str(junk)], retries=1), stats_path=stats_path,
-                                output=str(out)), StatsFile.load(stats_path))
+    run = run_cfg([good[0], missing, str(junk)], retries=1, executor=executor)
+    summary = score(ScoreConfig(run=run, stats_path=stats_path, output=str(out)), StatsFile.load(stats_path))
     assert summary["rows"] == 5
     failed = {f["shard"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {missing, str(junk)}
