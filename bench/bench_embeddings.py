@@ -1,7 +1,7 @@
 """Benchmark of `wclip score --embeddings` against a single-threaded NumPy loop on the same files. Not a test:
 run it by hand and read the table.
 
-    .venv/bin/python bench/bench_embeddings.py                       # d = 768 and d = 64, 8 files x 100k rows
+    .venv/bin/python bench/bench_embeddings.py                       # d = 768: 8 files, d = 64: 32 files, of 100k rows
     .venv/bin/python bench/bench_embeddings.py --dims 768 --rows 50000 --files 8
 
 For each width it writes a clip-retrieval folder (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy float16
@@ -192,7 +192,9 @@ def bench_width(workdir: Path, d: int, files: int, rows: int, cores: int, repeat
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dims", type=int, nargs="+", default=[768, 64])
-    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--files", type=int, default=None,
+                   help="files per width (default: 8 at d >= 256, 32 below: at d = 64 the job takes seconds, and "
+                        "8 files would time the first file on each thread, pyarrow's and the allocators' warm-up)")
     p.add_argument("--rows", type=int, default=100_000, help="rows per file")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs given to wclip (and to the threads)")
     p.add_argument("--repeat", type=int, default=3, help="rounds per width (medians are reported)")
@@ -201,7 +203,8 @@ def main(argv=None):
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="wclip-bench-emb-"))
     workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    results = [bench_width(workdir, d, args.files, args.rows, args.cores, args.repeat) for d in args.dims]
+    results = [bench_width(workdir, d, args.files or (8 if d >= 256 else 32), args.rows, args.cores, args.repeat)
+               for d in args.dims]
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "results": results}
     print(json.dumps(report, indent=1))

@@ -225,7 +225,7 @@ class EmbeddingRunConfig:
     ray: RayOptions = field(default_factory=RayOptions)
     max_in_flight: Optional[int] = None  # files processed at once (default: CPUs available)
     retries: int = 2  # extra attempts for a failed file before it is recorded as failed
-    block_rows: int = 16_384  # rows read and scored at a time (bounds a task's memory)
+    block_rows: int = 4096  # rows read and scored at a time (in the CPU's cache; bounds a task's memory)
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
     executor: str = "auto"  # EXECUTORS (pipeline.executor): "local" (threads of this process), "ray", or "auto"
 

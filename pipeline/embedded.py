@@ -23,7 +23,7 @@ from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig
 from pipeline.errors import ConfigError
 from pipeline.executor import JobReport
 from pipeline.filemap import file_runner
-from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file
+from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
 from pipeline.flow.vectors import discover, open_array, probe
 from pipeline.flow.write import ScoreSink, append_failure
 from pipeline.score import describe_plan, open_folder, plan_folder
@@ -95,6 +95,7 @@ def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) ->
     sink = ScoreSink(cfg.output, provenance=made)
     towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in source.towers}
     tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows) for f in files]
+    warm_up()
     with file_runner(run) as runner:
         started = time.time()
         outcomes = runner.map(score_file, tasks, "score")

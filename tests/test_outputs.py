@@ -174,3 +174,31 @@ def test_scores_match_between_a_resumed_and_a_fresh_run(corpus, tmp_path):
         assert a.drop(["shard"]).equals(b.drop(["shard"]))
         np.testing.assert_array_equal(a["image_sqnorm"].to_numpy(zero_copy_only=False),
                                       b["image_sqnorm"].to_numpy(zero_copy_only=False))
+
+
+def test_parquet_encodings_dictionaries_and_statistics():
+    """Dictionaries only where values repeat; min/max statistics on every column but free text; floats
+    byte-stream-split; an empty table is a file with no row group (Hugging Face datasets rejects a 0-row
+    group)."""
+    import io
+
+    from pipeline.table import table_bytes
+
+    n = 1000
+    table = pa.table({"key": [f"{i:06d}" for i in range(n)], "shard": ["s/00000.tar"] * n,
+                      "url": [f"https://e.org/{i}.jpg" for i in range(n)], "caption": [f"c {i}" for i in range(n)],
+                      "status": ["ok"] * n, "error": pa.nulls(n, pa.string()),
+                      "image_loglik": pa.array(np.linspace(-5, 5, n), pa.float32())})
+    meta = pq.ParquetFile(io.BytesIO(table_bytes(table))).metadata
+    chunks = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    dictionary = {c for c, chunk in chunks.items() if "RLE_DICTIONARY" in chunk.encodings}
+    assert dictionary == {"shard", "status", "error"}
+    assert {c for c, chunk in chunks.items() if chunk.is_stats_set} == {"key", "shard", "status", "image_loglik"}
+    assert chunks["image_loglik"].statistics.min == -5.0 and chunks["key"].statistics.max == "000999"
+    assert meta.num_rows == n and chunks["key"].compression == "ZSTD" and chunks["url"].compression == "ZSTD"
+    assert "BYTE_STREAM_SPLIT" in chunks["image_loglik"].encodings and chunks["image_loglik"].compression == "SNAPPY"
+    assert pq.read_table(io.BytesIO(table_bytes(table))).equals(table)
+    assert pq.ParquetFile(io.BytesIO(table_bytes(table.slice(0, 0)))).metadata.num_row_groups == 0
+    nested = pa.table({"url": ["a"], "json": pa.array([{"w": 1}])})  # nested columns: statistics everywhere
+    meta = pq.ParquetFile(io.BytesIO(table_bytes(nested))).metadata
+    assert all(meta.row_group(0).column(i).is_stats_set for i in range(meta.num_columns))

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.flow.vectors import EmbeddingFile, read_blocks, read_metadata
+from pipeline.flow.vectors import EmbeddingFile, as_float32, read_blocks, read_metadata
 from pipeline.table import SCHEMA, SCORE_COLUMNS
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -44,13 +44,15 @@ def _counts(ok: int, bad: int) -> dict:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two float32 arrays, float64 (NaN where either row is not finite or is zero)."""
+    """Row-wise cosine of two float32 arrays, float32 (NaN or inf where a row is not finite or is zero: the
+    caller keeps only finite values)."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         dot = np.einsum("ij,ij->i", a, b)
-        out = dot / np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b))
-    out = out.astype(np.float64)
-    out[~np.isfinite(out)] = np.nan
-    return out
+        norms = np.einsum("ij,ij->i", a, a)
+        norms *= np.einsum("ij,ij->i", b, b)
+        np.sqrt(norms, out=norms)
+        dot /= norms
+    return dot
 
 
 def whitened_sqnorm(x: np.ndarray, mu: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -82,7 +84,7 @@ class TowerWhitening:
         return self.mean.size
 
     def loglik(self, s: np.ndarray) -> np.ndarray:
-        return -0.5 * (self.whitening.shape[1] * LOG_2PI + s)
+        return -0.5 * (self.whitening.shape[1] * LOG_2PI + s.astype(np.float64))
 
     def pvalue(self, s: np.ndarray) -> np.ndarray:
         """Share of held-out reference rows that were less likely, ``(1 + #{cal >= s}) / (n_cal + 1)``."""
@@ -110,7 +112,7 @@ class ScoreFile:
     kind: str  # CLIP_RETRIEVAL or DATACOMP (which metadata columns hold what)
     stats: dict  # {tower: TowerWhitening}
     sink: object  # pipeline.flow.write.ScoreSink
-    block_rows: int = 16_384
+    block_rows: int = 4096
 
 
 def score_file(task: ScoreFile) -> dict:
@@ -120,23 +122,24 @@ def score_file(task: ScoreFile) -> dict:
     meta = read_metadata(file, task.kind)
     n = meta.num_rows
     params = {t: (ws.mean, ws.whitening) for t, ws in task.stats.items()}
-    sqnorm = {t: np.full(n, np.nan) for t in params}
-    finite = {t: np.ones(n, dtype=bool) for t, _, _ in file.towers}
-    clip = np.full(n, np.nan)
-    for start, blocks in read_blocks(file, n, task.block_rows):
-        rows = slice(start, start + len(next(iter(blocks.values()))))
-        x32 = {t: b.astype(np.float32) for t, b in blocks.items()}
-        if "image" in x32 and "text" in x32:
-            clip[rows] = cosine(x32["image"], x32["text"])
-        for tower, x in x32.items():
-            if tower in params:
-                with np.errstate(invalid="ignore", over="ignore"):
+    sqnorm = {t: np.full(n, np.nan, dtype=np.float32) for t in params}
+    unscored = {t: np.ones(n, dtype=bool) for t, _, _ in file.towers if t not in params}  # finite rows
+    clip = np.full(n, np.nan, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start, blocks in read_blocks(file, n, task.block_rows):
+            rows = slice(start, start + len(next(iter(blocks.values()))))
+            x32 = {t: as_float32(b) for t, b in blocks.items()}
+            if "image" in x32 and "text" in x32:
+                clip[rows] = cosine(x32["image"], x32["text"])
+            for tower, x in x32.items():
+                if tower in params:
                     sqnorm[tower][rows] = whitened_sqnorm(x, *params[tower])
-                finite[tower][rows] = np.isfinite(sqnorm[tower][rows])
-            else:
-                finite[tower][rows] = np.isfinite(x).all(axis=1)
+                else:
+                    unscored[tower][rows] = np.isfinite(x).all(axis=1)
+    finite = {t: unscored[t] if t in unscored else np.isfinite(sqnorm[t]) for t, _, _ in file.towers}
     for tower, s in sqnorm.items():
         s[~finite[tower]] = np.nan
+    clip[~np.isfinite(clip)] = np.nan
     bad, errors = _bad_rows(finite, n)
     scores = {"clip_score": clip}
     for tower, ws in task.stats.items():
@@ -152,16 +155,30 @@ def score_file(task: ScoreFile) -> dict:
 
 
 def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict) -> pa.Table:
-    """The scores table (:data:`pipeline.table.SCHEMA`) of a file's rows, built column by column."""
+    """The scores table (:data:`pipeline.table.SCHEMA`) of a file's rows, built column by column (a null
+    where a score is not finite)."""
     n = meta.num_rows
+    any_bad = bool(bad.any())
     columns = {"key": meta["key"], "url": meta["url"], "uid": meta["uid"], "caption": meta["caption"],
-               "shard": pa.array([url] * n, pa.string()), "index": pa.array(np.arange(n, dtype=np.int32)),
-               "status": pc.if_else(pa.array(bad), BAD_ROW, "ok").cast(pa.string()),
-               "error": pa.array(errors, pa.string()) if bad.any() else pa.nulls(n, pa.string())}
+               "shard": pa.repeat(pa.scalar(url, pa.string()), n), "index": pa.array(np.arange(n, dtype=np.int32)),
+               "status": pc.if_else(pa.array(bad), BAD_ROW, "ok").cast(pa.string()) if any_bad
+               else pa.repeat(pa.scalar("ok", pa.string()), n),
+               "error": pa.array(errors, pa.string()) if any_bad else pa.nulls(n, pa.string())}
     for name in SCORE_COLUMNS:
-        v = np.asarray(scores.get(name, np.full(n, np.nan)), dtype=np.float64)
-        columns[name] = pa.array(v.astype(np.float32), pa.float32(), mask=~np.isfinite(v))
+        v = np.asarray(scores[name], dtype=np.float32) if name in scores else np.full(n, np.nan, np.float32)
+        finite = np.isfinite(v)
+        columns[name] = pa.array(v, pa.float32(), mask=None if finite.all() else ~finite)
     return pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+
+
+def warm_up() -> None:
+    """Build and serialise an empty scores table, once, before the files start: pyarrow imports pandas on its
+    first conversion (0.3 s here) and sets up its Parquet writer, and on threads the first file of every thread
+    would wait for that."""
+    from pipeline.table import table_bytes
+
+    meta = pa.table({c: pa.nulls(0, pa.string()) for c in ("key", "url", "uid", "caption")})
+    table_bytes(scores_table(meta, "", np.zeros(0, dtype=bool), np.zeros(0, dtype=object), {}))
 
 
 # -- fitting ---------------------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ class FitFile:
     seed: int
     max_heldout: int  # held-out rows returned: those with the smallest key hashes
     rows: Optional[int] = None  # read only the first rows (--max-samples)
-    block_rows: int = 16_384
+    block_rows: int = 4096
 
 
 def key_hashes(keys: list, seed: int) -> np.ndarray:

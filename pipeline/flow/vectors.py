@@ -179,6 +179,31 @@ class ArrayReader:
         return np.frombuffer(buf, dtype=self.dtype).reshape(rows, self.dim)
 
 
+_HALF_TO_SINGLE = np.float32(2.0 ** 112)  # 2^(127 - 15): float16 exponent bias to float32's
+
+
+def as_float32(block: np.ndarray) -> np.ndarray:
+    """A float32 copy of a block of rows, the values exactly as ``block.astype(np.float32)``. Float16 (how
+    clip-retrieval and DataComp store embeddings) goes through integer bit operations: NumPy's own cast is a
+    scalar loop (1.4 ns per value here), 3x the time of these vectorised passes on a 4096 x 64 block (in the
+    cache). The float16 bits shifted into a float32's place and scaled by 2^112 give every finite value,
+    subnormals included; infinities and NaNs are set apart."""
+    if block.dtype != np.float16:
+        return block.astype(np.float32)
+    bits = block.view(np.uint16).astype(np.uint32)
+    out = bits & 0x7FFF  # the magnitude
+    special = out >= 0x7C00  # exponent all ones: inf or NaN
+    out <<= 13
+    single = out.view(np.float32)
+    single *= _HALF_TO_SINGLE
+    if special.any():
+        single[special] = np.where(bits[special] & 0x3FF, np.nan, np.inf)
+    bits &= 0x8000
+    bits <<= 16
+    out |= bits  # the sign
+    return single
+
+
 @contextlib.contextmanager
 def open_array(url: str, member: str = "") -> Iterator[ArrayReader]:
     """An :class:`ArrayReader` on a ``.npy`` file, or on array ``member`` of a ``.npz``."""
@@ -219,7 +244,8 @@ def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
     source = {out: next((c for c in cols if c in names), None) for out, cols in wanted.items()}
     if source["key"] is None:
         raise ValueError(f"{file.metadata} has no key column ({' or '.join(wanted['key'])}); it has {', '.join(names)}")
-    table = read_columns(file.metadata, sorted({c for c in source.values() if c}))
+    # one file is one task: its columns decode on the task's own thread (files are the parallelism)
+    table = read_columns(file.metadata, sorted({c for c in source.values() if c}), use_threads=False)
     n = table.num_rows
     columns = {out: (pc.cast(table.column(src), pa.string()) if src else pa.nulls(n, pa.string()))
                for out, src in source.items()}
