@@ -61,7 +61,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 WORK = ROOT / ".bench" / "peers"
-CR_VENV = ROOT / ".bench" / "clip-retrieval"
 CR_REQUIREMENTS = ("clip-retrieval==2.45.0", "setuptools<81")  # clip-anytorch imports pkg_resources
 DEMO_CONFIG = ROOT / "pipeline" / "assets" / "wclip-demo.json"
 DEMO_WEIGHTS = ROOT / "pipeline" / "assets" / "wclip-demo.safetensors"
@@ -157,32 +156,16 @@ def pattern(urls: list) -> str:
 
 
 # -- set-up -----------------------------------------------------------------------------------------
-def ensure_clip_retrieval(venv: Path = CR_VENV) -> Path:
-    """clip-retrieval in its own virtualenv with the project's torch pins (idempotent: a stamp)."""
-    py = venv / "bin" / "python"
-    constraints = ROOT / "constraints" / "local.txt"
-    stamp = venv / ".bench-installed"
-    want = hashlib.sha256(constraints.read_bytes() + repr(CR_REQUIREMENTS).encode()).hexdigest()
-    if py.exists() and stamp.exists() and stamp.read_text().strip() == want:
-        return py
-    log = venv.parent / "clip-retrieval-install.log"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    print(f"setting up clip-retrieval in {venv} (first use; a few minutes; log: {log}) ...", flush=True)
-    steps = [[os.environ.get("PYTHON", "python3"), "-m", "venv", str(venv)]] if not py.exists() else []
-    steps += [[str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-              # torch first, as bin/_bootstrap does: the local CPU-capable build, not a CUDA download
-              [str(py), "-m", "pip", "install", "-q", "-c", str(constraints), "torch", "torchvision"],
-              [str(py), "-m", "pip", "install", "-q", "-c", str(constraints), *CR_REQUIREMENTS],
-              [str(py), "-c", "import torch, open_clip, clip_retrieval.clip_inference.main; "
-                              "print('torch', torch.__version__, 'open_clip', open_clip.__version__)"]]
-    with open(log, "a") as fh:
-        for cmd in steps:
-            fh.write(f"$ {shlex.join(cmd)}\n")
-            fh.flush()
-            if subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
-                raise SystemExit(f"clip-retrieval set-up failed at `{shlex.join(cmd)}`; see {log}")
-    stamp.write_text(want + "\n")
-    return py
+def ensure_clip_retrieval() -> Path:
+    """clip-retrieval in its own virtualenv (``.bench/clip-retrieval``) with the project's torch pins."""
+    from peer_env import PeerSetupError, peer_python
+
+    try:
+        return peer_python("clip-retrieval", CR_REQUIREMENTS, torch=True,
+                           check="import torch, open_clip, clip_retrieval.clip_inference.main; "
+                                 "print('torch', torch.__version__, 'open_clip', open_clip.__version__)")
+    except PeerSetupError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def ensure_stats(wclip: str, urls: list, path: Path) -> Path:
