@@ -47,9 +47,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of two float32 arrays, float32 (NaN or inf where a row is not finite or is zero: the
     caller keeps only finite values)."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        dot = np.einsum("ij,ij->i", a, b)
-        norms = np.einsum("ij,ij->i", a, a)
-        norms *= np.einsum("ij,ij->i", b, b)
+        dot = np.vecdot(a, b)
+        norms = np.vecdot(a, a)
+        norms *= np.vecdot(b, b)
         np.sqrt(norms, out=norms)
         dot /= norms
     return dot
@@ -60,7 +60,7 @@ def whitened_sqnorm(x: np.ndarray, mu: np.ndarray, w: np.ndarray) -> np.ndarray:
     row is not finite (a NaN or inf anywhere in a row reaches its sum)."""
     x -= mu
     y = x @ w
-    return np.einsum("ij,ij->i", y, y)
+    return np.vecdot(y, y)
 
 
 # -- scoring ---------------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class ArrayReader:
         """The next ``rows`` rows (fewer at the end), in the stored dtype."""
         rows = min(rows, self.rows - self.done)
         want = rows * self.dim * self.dtype.itemsize
-        buf = bytearray(want)
+        buf = np.empty(want, dtype=np.uint8)  # not zero-filled (a bytearray is, holding the GIL)
         view, got = memoryview(buf), 0
         while got < want:
             n = self.fh.readinto(view[got:])
@@ -176,7 +176,7 @@ class ArrayReader:
                 raise ValueError(f"{self.where}: the file ends after {read} of {self.rows} rows (truncated)")
             got += n
         self.done += rows
-        return np.frombuffer(buf, dtype=self.dtype).reshape(rows, self.dim)
+        return buf.view(self.dtype).reshape(rows, self.dim)
 
 
 _HALF_TO_SINGLE = np.float32(2.0 ** 112)  # 2^(127 - 15): float16's exponent bias to float32's
@@ -189,7 +189,9 @@ def as_float32(block: np.ndarray) -> np.ndarray:
     scalar loop (1.4 ns per value here), 4x the time of these vectorised passes on a 4096 x 64 block (in the
     cache). Each float16, sign-extended to 32 bits and shifted left by 13, has its exponent and mantissa where
     a float32 has them; clearing bits 28-30 leaves the sign in bit 31, and scaling by 2^112 rebiases the
-    exponent, which gives every finite value, subnormals included. Infinities and NaNs are set apart."""
+    exponent, which gives every finite value, subnormals included. Infinities and NaNs come out of it as
+    magnitudes of 2^16 or more, which no finite float16 reaches (65504 at most): only a block with such a
+    value is searched for them."""
     if block.dtype != np.float16:
         return block.astype(np.float32)
     out = block.view(np.int16).astype(np.int32)
@@ -197,9 +199,9 @@ def as_float32(block: np.ndarray) -> np.ndarray:
     out &= _SIGN_AND_LOW_28_BITS
     single = out.view(np.float32)
     single *= _HALF_TO_SINGLE
-    half = block.view(np.uint16)
-    special = (half & 0x7C00) == 0x7C00  # exponent all ones
-    if special.any():
+    if single.size and (single.max() >= 65536.0 or single.min() <= -65536.0):  # finite halves stay below
+        half = block.view(np.uint16)
+        special = (half & 0x7C00) == 0x7C00  # exponent all ones
         bits = half[special]
         single[special] = np.where(bits & 0x3FF, np.nan, np.where(bits & 0x8000, -np.inf, np.inf))
     return single
