@@ -21,11 +21,12 @@ import math
 import numpy as np
 import torch
 
+from pipeline.whitening.stats import LOG_2PI
+
 __all__ = ["reference_scores", "reference_whiten", "whiten_error_bound", "sqnorm_error_bound",
            "sqnorm_error_sigma",
            "INPUT_ROUNDING", "TorchWhitener", "GemmWhitener", "check_parameters", "LOG_2PI"]
 
-LOG_2PI = math.log(2.0 * math.pi)
 #: Per input format: (unit roundoff u, underflow floor eta) with |round(x) - x| <= u|x| + eta.
 INPUT_ROUNDING = {
     "float32": (2.0 ** -24, 2.0 ** -150),
