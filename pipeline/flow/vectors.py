@@ -162,12 +162,19 @@ class ArrayReader:
                              + (" (Fortran order)" if fortran else ""))
         self.rows, self.dim, self.dtype = int(shape[0]), int(shape[1]), dtype
         self.done = 0
+        self._buffer = None
 
-    def read(self, rows: int) -> np.ndarray:
-        """The next ``rows`` rows (fewer at the end), in the stored dtype."""
+    def read(self, rows: int, reuse: bool = False) -> np.ndarray:
+        """The next ``rows`` rows (fewer at the end), in the stored dtype; ``reuse``: in one buffer kept by the
+        reader (the rows are valid until the next read)."""
         rows = min(rows, self.rows - self.done)
         want = rows * self.dim * self.dtype.itemsize
-        buf = np.empty(want, dtype=np.uint8)  # not zero-filled (a bytearray is, holding the GIL)
+        if not reuse:
+            buf = np.empty(want, dtype=np.uint8)  # not zero-filled (a bytearray is, holding the GIL)
+        else:
+            if self._buffer is None or self._buffer.size < want:
+                self._buffer = np.empty(want, dtype=np.uint8)
+            buf = self._buffer[:want]
         view, got = memoryview(buf), 0
         while got < want:
             n = self.fh.readinto(view[got:])
@@ -183,7 +190,7 @@ _HALF_TO_SINGLE = np.float32(2.0 ** 112)  # 2^(127 - 15): float16's exponent bia
 _SIGN_AND_LOW_28_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF
 
 
-def as_float32(block: np.ndarray) -> np.ndarray:
+def as_float32(block: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """A float32 copy of a block of rows, the values exactly as ``block.astype(np.float32)``. Float16 (how
     clip-retrieval and DataComp store embeddings) goes through integer operations: NumPy's own cast is a
     scalar loop (1.4 ns per value here), 4x the time of these vectorised passes on a 4096 x 64 block (in the
@@ -191,13 +198,15 @@ def as_float32(block: np.ndarray) -> np.ndarray:
     a float32 has them; clearing bits 28-30 leaves the sign in bit 31, and scaling by 2^112 rebiases the
     exponent, which gives every finite value, subnormals included. Infinities and NaNs come out of it as
     magnitudes of 2^16 or more, which no finite float16 reaches (65504 at most): only a block with such a
-    value is searched for them."""
+    value is searched for them. ``out``: a C-contiguous float32 array of the block's shape to write into."""
+    single = np.empty(block.shape, dtype=np.float32) if out is None else out
     if block.dtype != np.float16:
-        return block.astype(np.float32)
-    out = block.view(np.int16).astype(np.int32)
-    out <<= 13
-    out &= _SIGN_AND_LOW_28_BITS
-    single = out.view(np.float32)
+        np.copyto(single, block, casting="same_kind")
+        return single
+    bits = single.view(np.int32)
+    np.copyto(bits, block.view(np.int16))  # sign-extended
+    bits <<= 13
+    bits &= _SIGN_AND_LOW_28_BITS
     single *= _HALF_TO_SINGLE
     if single.size and (single.max() >= 65536.0 or single.min() <= -65536.0):  # finite halves stay below
         half = block.view(np.uint16)
@@ -222,9 +231,11 @@ def open_array(url: str, member: str = "") -> Iterator[ArrayReader]:
                 yield ArrayReader(inner, f"{storage.basename(url)}:{member}")
 
 
-def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional[int] = None) -> Iterator[tuple]:
+def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional[int] = None,
+                reuse: bool = False) -> Iterator[tuple]:
     """``(start, {tower: block})`` over the first ``rows`` rows (default: all) of every tower of ``file``, in
-    lockstep; a tower whose row count is not ``total`` (the metadata's) is an error."""
+    lockstep; a tower whose row count is not ``total`` (the metadata's) is an error. ``reuse``: each tower's
+    blocks share one buffer, valid until the next block (see :func:`pipeline.flow.precomputed.score_file`)."""
     rows = total if rows is None else rows
     with contextlib.ExitStack() as stack:
         readers = {t: stack.enter_context(open_array(url, member)) for t, url, member in file.towers}
@@ -233,7 +244,7 @@ def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional
                 raise ValueError(f"{reader.where} has {reader.rows} rows but {storage.basename(file.metadata)} has "
                                  f"{total}: the files are not row-aligned")
         for start in range(0, rows, block_rows):
-            yield start, {t: r.read(min(block_rows, rows - start)) for t, r in readers.items()}
+            yield start, {t: r.read(min(block_rows, rows - start), reuse) for t, r in readers.items()}
 
 
 def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:

@@ -18,14 +18,19 @@ def test_every_float16_value_converts_exactly_as_numpy_casts_it():
     assert got[0, 1] == np.float32(2.0 ** -24)  # the smallest subnormal
 
 
-def test_a_block_view_and_other_dtypes():
+def test_a_block_view_other_dtypes_and_a_buffer_to_write_into():
     x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float16)
     np.testing.assert_array_equal(as_float32(x[10:20]), x[10:20].astype(np.float32))
+    buffer = np.full((64, 8), 7.0, dtype=np.float32)  # reused across blocks: the first rows are written
+    got = as_float32(x[10:20], buffer[:10])
+    assert np.shares_memory(got, buffer) and (buffer[10:] == 7.0).all()
+    np.testing.assert_array_equal(got, x[10:20].astype(np.float32))
     for dtype in (np.float32, np.float64):
         y = x.astype(dtype)
         out = as_float32(y)
         assert out.dtype == np.float32 and out is not y
         np.testing.assert_array_equal(out, x.astype(np.float32))
+        np.testing.assert_array_equal(as_float32(y[:5], buffer[:5]), x[:5].astype(np.float32))
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
