@@ -101,6 +101,12 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}".strip()[:2000]
 
 
+def failure_line(retries: int, error: str, shard: str = "") -> str:
+    """The one line a progress bar prints for a task (or a ``shard``) that failed after its retries."""
+    what = f"shard failed after {retries} retries: {shard}: " if shard else f"failed after {retries} retries: "
+    return what + (error.splitlines() or [""])[0]
+
+
 @dataclass
 class JobReport:
     """Outcome of a streaming job."""

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from pipeline.executor import Outcome, describe_error, usable_cpus, uses_ray
+from pipeline.executor import Outcome, describe_error, failure_line, usable_cpus, uses_ray
 from pipeline.progress import Progress
 
 
@@ -78,7 +78,7 @@ def map_on_threads(fn: Callable, items: list, *, desc: str = "files", max_retrie
             outcomes[i] = Outcome(items[i], ok, value if ok else None, None if ok else value)
             bar.update(1, samples=samples(value) if ok and samples else 0)
             if not ok:
-                bar.write(f"failed after {max_retries} retries: {value.splitlines()[0]}")
+                bar.write(failure_line(max_retries, value))
     return outcomes
 
 

@@ -33,7 +33,15 @@ from dataclasses import replace
 from typing import Optional
 
 from pipeline.config import RunConfig
-from pipeline.executor import Collector, Encoders, JobReport, cpu_encode_config, describe_error, usable_cpus
+from pipeline.executor import (
+    Collector,
+    Encoders,
+    JobReport,
+    cpu_encode_config,
+    describe_error,
+    failure_line,
+    usable_cpus,
+)
 from pipeline.progress import Progress
 
 log = logging.getLogger("wclip")
@@ -178,7 +186,7 @@ class LocalJobs:
                 return
             failed.append((url, error))
             collector.failed(i, url)
-            bar.write(f"shard failed after {run.retries} retries: {url}: {error.splitlines()[0]}")
+            bar.write(failure_line(run.retries, error, url))
 
         with Progress(total=len(urls) + skipped, initial=skipped, desc=sink.desc, enabled=run.progress) as bar:
             while (queue or suspects) and not collector.stop or running:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import ray
 
 from pipeline.config import RayOptions, RunConfig
-from pipeline.executor import Collector, Encoders, JobReport, Outcome, cpu_encode_config, describe_error
+from pipeline.executor import Collector, Encoders, JobReport, Outcome, cpu_encode_config, describe_error, failure_line
 from pipeline.flow.assemble import ShardAssembler
 from pipeline.flow.stage import EncodeStage, encode_shard, shard_chunks
 from pipeline.progress import Progress
@@ -109,7 +109,7 @@ def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: i
                     outcomes[i] = Outcome(items[i], True, ray.get(ref))
                 except Exception as exc:  # recorded, the other items go on
                     outcomes[i] = Outcome(items[i], False, error=describe_error(exc))
-                    bar.write(f"failed after {max_retries} retries: {outcomes[i].error.splitlines()[0]}")
+                    bar.write(failure_line(max_retries, outcomes[i].error))
                 bar.update(1, samples=samples(outcomes[i].result) if samples and outcomes[i].ok else 0)
     return outcomes
 
@@ -219,7 +219,7 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
                     log.debug("shard %s failed: %s", url, traceback.format_exc())
                     failed.append((url, error))
                     collector.failed(i, url)
-                    bar.write(f"shard failed after {run.retries} retries: {url}: {error.splitlines()[0]}")
+                    bar.write(failure_line(run.retries, error, url))
                     continue
                 done.append(result)
                 collector.add(i, url, result)

@@ -217,3 +217,13 @@ def test_workers_end_when_the_command_is_killed(corpus, tmp_path):
         assert not alive, "orphaned workers"
     finally:  # the `pipe:` command a killed worker leaves behind (it ends when it next writes to the pipe)
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_one_failure_line_for_every_executor():
+    from pipeline.executor import failure_line
+
+    error = "OSError: [Errno 5] Input/output error\nTraceback (most recent call last): ..."
+    assert failure_line(2, error, "s3://b/00007.tar") == \
+        "shard failed after 2 retries: s3://b/00007.tar: OSError: [Errno 5] Input/output error"
+    assert failure_line(0, error) == "failed after 0 retries: OSError: [Errno 5] Input/output error"
+    assert failure_line(1, "") == "failed after 1 retries: "
