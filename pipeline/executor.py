@@ -70,6 +70,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def local_cpus(ray) -> int:
+    """The CPUs a job without Ray uses on this machine: ``--num-cpus`` (``ray``: a RayOptions, or None), else
+    :func:`usable_cpus`."""
+    return getattr(ray, "num_cpus", None) or usable_cpus()
+
+
 @dataclass
 class Encoders:
     """Where a job's chunks are encoded: encoder actors (Ray only: one per GPU, or ``--encoders N``), or a

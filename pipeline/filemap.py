@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from pipeline.executor import Outcome, describe_error, failure_line, usable_cpus, uses_ray
+from pipeline.executor import Outcome, describe_error, failure_line, local_cpus, usable_cpus, uses_ray
 from pipeline.progress import Progress
 
 
@@ -44,7 +44,7 @@ def file_runner(run) -> Iterator[Runner]:
         with runtime.ray_session(run.ray):
             yield Runner(on_ray, run.max_in_flight or runtime.cluster_cpus())
         return
-    workers = run.max_in_flight or run.ray.num_cpus or usable_cpus()
+    workers = run.max_in_flight or local_cpus(run.ray)
 
     def on_threads(fn, tasks, desc):
         return map_on_threads(fn, tasks, desc=desc, max_retries=run.retries, max_in_flight=workers,

@@ -40,14 +40,15 @@ from pipeline.executor import (
     cpu_encode_config,
     describe_error,
     failure_line,
-    usable_cpus,
+    local_cpus,
 )
 from pipeline.progress import Progress
 
 log = logging.getLogger("wclip")
 
 
-FORK = sys.platform.startswith("linux")  # elsewhere fork is unsafe (macOS system libraries): spawn
+LINUX = sys.platform.startswith("linux")
+FORK = LINUX  # elsewhere fork is unsafe (macOS system libraries): spawn
 
 
 def _context():
@@ -77,7 +78,7 @@ def _ignore(signum, frame) -> None:
 
 def _die_with(parent: int) -> None:
     """End this worker when the command ends, however it ends (killed too): no orphan keeps scoring."""
-    if sys.platform.startswith("linux"):
+    if LINUX:  # prctl
         import ctypes
 
         pr_set_pdeathsig = 1
@@ -107,7 +108,7 @@ class LocalJobs:
     ``run_shards`` as in :class:`pipeline.runtime.RayJobs`."""
 
     def __init__(self, run: RunConfig):
-        self.cpus = run.ray.num_cpus or usable_cpus()
+        self.cpus = local_cpus(run.ray)
         self.workers = run.max_in_flight or self.cpus
         self._pool: Optional[ProcessPoolExecutor] = None
         self._local: Optional[tuple] = None  # the job's model and stats, handed to each worker as it starts

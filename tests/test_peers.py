@@ -1,6 +1,6 @@
 """wclip on what a peer tool really writes: img2dataset 1.47 (from PyPI, in a virtualenv of its own under
 ``.bench/``) downloads images from a loopback HTTP server in its three output formats, and wclip scores each
-of them and filters the shards it wrote. Slow: the first run installs img2dataset (a few minutes); without
+of them and filters the shards it wrote. Slow: the first run installs img2dataset (about a minute); without
 PyPI the test is skipped, saying so."""
 
 from __future__ import annotations
@@ -85,6 +85,15 @@ def _recorded(folder: Path) -> dict:
     return {r["key"]: r for r in rows}
 
 
+def _members(tars) -> dict:
+    """{member name: bytes} of every member of ``tars``."""
+    members = {}
+    for tar in tars:
+        with tarfile.open(tar) as tf:
+            members.update({m.name: tf.extractfile(m).read() for m in tf.getmembers()})
+    return members
+
+
 def _score(inputs, input_format: str, stats_path: str, out: Path) -> dict:
     from pipeline.config import InputConfig, ScoreConfig
     from pipeline.score import score
@@ -149,14 +158,7 @@ def test_img2dataset_outputs_score_alike_in_every_format_and_filter_back(downloa
     kept = best[: len(best) // 2]
     uids = np.load(out / "uids.npy")
     assert sorted(f"{int(a):016x}{int(b):016x}" for a, b in uids) == sorted(r["uid"] for _, r in kept)
-    members = {}
-    for tar in sorted(out.rglob("*.tar")):
-        with tarfile.open(tar) as tf:
-            members.update({m.name: tf.extractfile(m).read() for m in tf.getmembers()})
-    originals = {}
-    for tar in wds:
-        with tarfile.open(tar) as tf:
-            originals.update({m.name: tf.extractfile(m).read() for m in tf.getmembers()})
+    members, originals = _members(sorted(out.rglob("*.tar"))), _members(wds)
     assert {name.split(".")[0] for name in members} == {key for key, _ in kept}
     for name, data in members.items():  # byte for byte what img2dataset wrote
         assert data == originals[name]

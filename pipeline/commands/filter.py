@@ -130,9 +130,10 @@ class _Mapper:
 
     def __call__(self, fn, items, **kwargs):
         if not self.on_ray:
+            from pipeline.executor import local_cpus
             from pipeline.filemap import map_on_threads
 
-            kwargs["max_in_flight"] = kwargs.get("max_in_flight") or getattr(self.cfg.ray, "num_cpus", None)
+            kwargs["max_in_flight"] = kwargs.get("max_in_flight") or local_cpus(self.cfg.ray)
             return map_on_threads(fn, items, **kwargs)
         from pipeline import runtime
 

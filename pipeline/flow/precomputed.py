@@ -116,7 +116,7 @@ class ScoreFile:
     kind: str  # CLIP_RETRIEVAL or DATACOMP (which metadata columns hold what)
     stats: dict  # {tower: TowerWhitening}
     sink: object  # pipeline.flow.write.ScoreSink
-    block_rows: int = 4096
+    block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
 
 
 def score_file(task: ScoreFile) -> dict:
@@ -145,8 +145,7 @@ def score_file(task: ScoreFile) -> dict:
                     unscored[tower][rows] = np.isfinite(x).all(axis=1)
     finite = {t: unscored[t] if t in unscored else np.isfinite(sqnorm[t]) for t, _, _ in file.towers}
     for tower, s in sqnorm.items():
-        s[~finite[tower]] = np.nan
-    clip[~np.isfinite(clip)] = np.nan
+        s[~finite[tower]] = np.nan  # a NaN p-value, not the one of an infinite sqnorm
     bad, errors = _bad_rows(finite, n)
     scores = {"clip_score": clip}
     for tower, ws in task.stats.items():
@@ -198,8 +197,8 @@ class FitFile:
     holdout: float
     seed: int
     max_heldout: int  # held-out rows returned: those with the smallest key hashes
+    block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     rows: Optional[int] = None  # read only the first rows (--max-samples)
-    block_rows: int = 4096
 
 
 def key_hashes(keys: list, seed: int) -> np.ndarray:

@@ -211,8 +211,8 @@ def as_float32(block: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarra
     if single.size and (single.max() >= 65536.0 or single.min() <= -65536.0):  # finite halves stay below
         half = block.view(np.uint16)
         special = (half & 0x7C00) == 0x7C00  # exponent all ones
-        bits = half[special]
-        single[special] = np.where(bits & 0x3FF, np.nan, np.where(bits & 0x8000, -np.inf, np.inf))
+        specials = half[special]
+        single[special] = np.where(specials & 0x3FF, np.nan, np.where(specials & 0x8000, -np.inf, np.inf))
     return single
 
 

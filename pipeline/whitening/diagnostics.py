@@ -19,7 +19,6 @@ __all__ = ["MIN_SAMPLES", "normality_pass_rates", "feature_subset"]
 MIN_SAMPLES = 20
 
 
-
 def _scipy_stats():
     # SciPy is imported when a fit runs its tests, not by every command that loads a stats file (0.7 s)
     from scipy import stats
