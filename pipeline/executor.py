@@ -9,7 +9,9 @@
 
 ``--executor auto`` (the default) picks Ray when a cluster is named (``--address`` / ``RAY_ADDRESS``), when
 Ray is already running in this process (a notebook, the tests), or when the job wants what only the Ray
-executor has (GPUs, ``--encoders N`` encoder actors, ``--decode gpu``); else local.
+executor has (GPUs, ``--encoders N`` encoder actors, ``--decode gpu``); else local (:func:`uses_ray`).
+:func:`pipeline.launch.jobs` hands a job's shards to the executor it picks: this module imports neither
+executor, they import it.
 
 Both executors take the same work (:class:`Encoders`, a sink, a :class:`Collector`) and give back the same
 :class:`JobReport` (jobs) or :class:`Outcome` per item (file maps).
@@ -48,18 +50,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def jobs(run):
-    """The executor for ``run``'s shards, as a context manager giving ``start_encoders``, ``encoder_info`` and
-    ``run_shards`` (:class:`pipeline.runtime.RayJobs` or :class:`pipeline.local.LocalJobs`)."""
-    if uses_ray(run):
-        from pipeline.runtime import RayJobs
-
-        return RayJobs(run.ray)
-    from pipeline.local import LocalJobs
-
-    return LocalJobs(run)
 
 
 def usable_cpus() -> int:

@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 
 import pipeline
+from pipeline import launch
 from pipeline.config import FitConfig
 from pipeline.flow.batch import TOWERS
 from pipeline.flow.read import check_unique_names
@@ -82,13 +83,11 @@ class ReferenceAccumulator:
 
 def fit(cfg: FitConfig) -> dict:
     """Run the fit job and write the stats file; returns a summary dict."""
-    from pipeline import executor
-
     run = cfg.run
     check_unique_names(run.shards)
     identity = model_identity(run.model)  # fails early on an unreadable checkpoint
     acc = ReferenceAccumulator(cfg)
-    with executor.jobs(run) as jobs:
+    with launch.jobs(run) as jobs:
         encoders = jobs.start_encoders(run)
         info = jobs.encoder_info(run, encoders)
         log.info("encoders: %s on %s (%s)", encoders.describe(), info["device"], info["precision"])

@@ -228,7 +228,7 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
 
 
 class RayJobs:
-    """The Ray executor as :func:`pipeline.executor.jobs` hands it out: a Ray session (attached or started)
+    """The Ray executor as :func:`pipeline.launch.jobs` hands it out: a Ray session (attached or started)
     for the ``with`` block, and the job functions of this module."""
 
     def __init__(self, options: Optional[RayOptions] = None):

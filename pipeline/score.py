@@ -11,6 +11,7 @@ import datetime
 import logging
 
 import pipeline
+from pipeline import launch
 from pipeline.config import ScoreConfig
 from pipeline.errors import ConfigError
 from pipeline.flow.read import check_unique_names, shard_name
@@ -148,8 +149,6 @@ def describe_plan(out: str, names: list, todo: list, inputs: str = "shards") -> 
 def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
     """Run the score job; returns the summary dict (also printed by the CLI). ``dry_run``: only say what
     it would read, skip and write (no Ray, no model)."""
-    from pipeline import executor
-
     run = cfg.run
     check_unique_names(run.shards)
     check_model_matches(stats, run)
@@ -164,7 +163,7 @@ def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
                  skipped, len(run.shards), cfg.output)
     if not todo:
         return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
-    with executor.jobs(run) as jobs:
+    with launch.jobs(run) as jobs:
         encoders = jobs.start_encoders(run, stats)
         info = jobs.encoder_info(run, encoders)
         for tower, ws in stats.towers.items():
