@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline.flow.vectors import EmbeddingFile, as_float32, read_blocks, read_metadata
 from pipeline.table import SCHEMA, SCORE_COLUMNS
-from pipeline.whitening.stats import loglik_from_sqnorm, pvalue_from_sqnorm
+from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
 
 BAD_ROW = "encode"  # status of a row whose embedding is NaN/inf: its encoding failed upstream
 

@@ -4,9 +4,12 @@ the fast whitening kernels.
 ``from pipeline.whitening import WhiteningStats, StatsFile`` is the public numerics API (DESIGN.md).
 """
 
+from pipeline.whitening.clusters import ClusterWhitening, LocalScores
+from pipeline.whitening.fileformat import FORMAT
 from pipeline.whitening.moments import Moments, holdout_mask
 from pipeline.whitening.stats import DEFAULT_TOL, SINGULAR_RTOL, WhiteningStats
-from pipeline.whitening.statsfile import FORMAT, StatsFile, StatsFileError
+from pipeline.whitening.statsfile import StatsFile, StatsFileError
 
 __all__ = ["Moments", "holdout_mask", "WhiteningStats", "StatsFile", "StatsFileError", "FORMAT",
+           "ClusterWhitening", "LocalScores",
            "DEFAULT_TOL", "SINGULAR_RTOL"]

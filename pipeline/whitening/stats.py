@@ -17,7 +17,11 @@ Conventions fixed here:
   the sample keys. Held-out rows are not used in ``mu``/``S``; their sorted sqnorms are the
   calibration table behind :meth:`WhiteningStats.pvalue`.
 
-Stats files are safetensors (never pickle); see :mod:`pipeline.whitening.statsfile`.
+``clusters=K`` adds the local likelihood: a Gaussian mixture in the whitened coordinates
+(:mod:`pipeline.whitening.clusters`), stored with the tower.
+
+Stats files are safetensors (never pickle): :func:`write_towers` / :func:`read_towers` here, the bytes in
+:mod:`pipeline.whitening.fileformat`, the multi-tower container in :mod:`pipeline.whitening.statsfile`.
 """
 
 from __future__ import annotations
@@ -26,39 +30,18 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from pipeline.errors import StatsFileError
+from pipeline.whitening import fileformat
+from pipeline.whitening.clusters import CLUSTER_TENSORS, ClusterWhitening, LocalScores, check_clusters, spherical_kmeans
 from pipeline.whitening.diagnostics import normality_pass_rates
+from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
 from pipeline.whitening.moments import Moments, as_rows, check_fraction, holdout_mask
 
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def loglik_from_sqnorm(s, components: int) -> np.ndarray:
-    """The paper's log-likelihood ``-0.5 * (m log(2 pi) + sqnorm)``, in float64."""
-    return -0.5 * (components * LOG_2PI + np.asarray(s, dtype=np.float64))
-
-
-def pvalue_from_sqnorm(s, calibration: np.ndarray) -> np.ndarray:
-    """Empirical upper tail ``(1 + #{cal >= s}) / (n_cal + 1)`` against a sorted calibration table: the share
-    of held-out reference rows that were less likely. NaN stays NaN."""
-    s = np.asarray(s)
-    n_cal = calibration.size
-    above = n_cal - sorted_search(calibration, s)
-    return np.where(np.isnan(s), np.nan, (1.0 + above) / (n_cal + 1.0))
-
-
-def sorted_search(table: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(table, s, side="left")``, with ``s`` looked up in sorted order: 100k lookups in a
-    20k table take 4 ms instead of 10 (each search starts where the last ended, in cache)."""
-    flat = np.ravel(s)
-    order = np.argsort(flat)
-    out = np.empty(flat.shape, dtype=np.intp)
-    out[order] = np.searchsorted(table, flat[order], side="left")
-    return out.reshape(np.shape(s))
-
-__all__ = ["WhiteningStats", "DEFAULT_TOL", "SINGULAR_RTOL", "TENSORS"]
+__all__ = ["WhiteningStats", "DEFAULT_TOL", "SINGULAR_RTOL", "TENSORS", "read_towers", "write_towers"]
 
 #: Default tolerance of the "auto" rules: accept held-out ``sqnorm/m <= 1 + DEFAULT_TOL``.
 DEFAULT_TOL = 0.1
@@ -125,12 +108,25 @@ def _jsonable(value):
     """Plain-Python copy of a summary value (non-finite floats become None)."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     if isinstance(value, (bool, np.bool_)) or value is None or isinstance(value, str):
         return bool(value) if isinstance(value, np.bool_) else value
     if isinstance(value, numbers.Integral):
         return int(value)
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _fit_clusters(k: int, fit_sample, held: np.ndarray, mean: np.ndarray, W: np.ndarray, cal: np.ndarray,
+                  seed: int) -> ClusterWhitening:
+    """The local likelihood's mixture: spherical k-means of the centred fit sample (the direction every CLIP
+    embedding shares removed, so that cosine separates the modes), Gaussians in the whitened space."""
+    if k == 1:
+        return ClusterWhitening.single(W.shape[1], cal)
+    sample = as_rows(fit_sample, "fit rows", dim=mean.size)
+    labels = spherical_kmeans(sample - mean, k, seed)
+    return ClusterWhitening.fit((sample - mean) @ W, (held - mean) @ W, labels, k, cal)
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +143,7 @@ class WhiteningStats:
     n_fit: int               # rows in the fit split
     shrinkage: float = 0.0   # a in S + a tr(S)/d I
     diagnostics: dict = field(default_factory=dict)  # fit-time numbers reported by summary()
+    clusters: Optional[ClusterWhitening] = None  # the local likelihood's mixture (``fit(clusters=K)``)
 
     def __post_init__(self):
         arrays = {}
@@ -173,11 +170,14 @@ class WhiteningStats:
         object.__setattr__(self, "n_fit", int(self.n_fit))
         object.__setattr__(self, "shrinkage", _check_shrinkage(self.shrinkage))
         object.__setattr__(self, "diagnostics", _jsonable(dict(self.diagnostics)))
+        if self.clusters is not None and (not isinstance(self.clusters, ClusterWhitening)
+                                          or self.clusters.components != W.shape[1]):
+            raise ValueError(f"clusters must be a ClusterWhitening over the {W.shape[1]} kept components")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def fit(cls, X, components=None, shrinkage=0.0, holdout: float = 0.1, seed: int = 0,
-            keys=None, tol: float = DEFAULT_TOL) -> "WhiteningStats":
+            keys=None, tol: float = DEFAULT_TOL, clusters: Optional[int] = None) -> "WhiteningStats":
         """Fit on the rows of ``X`` (n, d), holding out a fraction ``holdout`` for calibration.
 
         ``components``: ``None`` (all d), an int ``m``, or ``"auto"``: the largest ``m`` whose
@@ -185,6 +185,8 @@ class WhiteningStats:
         components; needs a hold-out). ``shrinkage``: a float in [0, 1) or ``"auto"``: the
         smallest one giving held-out ``sqnorm/d <= 1 + tol``. The split is a permutation
         seeded by ``seed``, or :func:`holdout_mask` of ``keys`` (one string per row).
+        ``clusters``: ``K`` adds the local likelihood's mixture, fitted on the fit rows
+        (:mod:`pipeline.whitening.clusters`); ``None`` (the default) fits the global Gaussian only.
         """
         X = as_rows(X)
         n = X.shape[0]
@@ -199,15 +201,17 @@ class WhiteningStats:
         fit_rows = X[~mask]
         moments = Moments.empty(X.shape[1]).update(fit_rows)
         return cls.from_moments(moments, heldout=X[mask], components=components,
-                                shrinkage=shrinkage, tol=tol, fit_sample=fit_rows, seed=seed)
+                                shrinkage=shrinkage, tol=tol, fit_sample=fit_rows, seed=seed, clusters=clusters)
 
     @classmethod
     def from_moments(cls, moments: Moments, heldout=None, components=None, shrinkage=0.0,
-                     tol: float = DEFAULT_TOL, fit_sample=None, seed: int = 0) -> "WhiteningStats":
+                     tol: float = DEFAULT_TOL, fit_sample=None, seed: int = 0,
+                     clusters: Optional[int] = None) -> "WhiteningStats":
         """Fit from accumulated :class:`Moments` of the fit split plus the held-out rows.
 
-        Same options as :meth:`fit`. ``fit_sample`` (optional rows of the fit split) only feeds
-        the in-sample normality diagnostics of :meth:`summary`.
+        Same options as :meth:`fit`. ``fit_sample`` (optional rows of the fit split) feeds the
+        in-sample normality diagnostics of :meth:`summary` and, with ``clusters`` > 1, is the sample
+        the clusters are found and fitted on (required then).
         """
         if not isinstance(moments, Moments):
             raise ValueError(f"moments must be a Moments instance; got {type(moments).__name__}")
@@ -218,6 +222,11 @@ class WhiteningStats:
         shrinkage = _check_shrinkage(shrinkage)
         if not (isinstance(tol, numbers.Real) and tol >= 0):
             raise ValueError(f"tol must be a non-negative number; got {tol!r}")
+        clusters = None if clusters is None else check_clusters(clusters)
+        if clusters is not None and clusters > 1 and (fit_sample is None or len(fit_sample) < clusters):
+            rows = 0 if fit_sample is None else len(fit_sample)
+            raise ValueError(f"cannot make {clusters} clusters of {rows} sampled fit rows: pass fewer clusters "
+                             "or more reference rows")
         if "auto" in (components, shrinkage) and held.shape[0] == 0:
             raise ValueError("components='auto' and shrinkage='auto' choose by the held-out rows, "
                              "but there are none: use holdout > 0 (e.g. 0.1) or fixed values")
@@ -257,8 +266,9 @@ class WhiteningStats:
                     rows = rows[np.sort(rng.choice(rows.shape[0], DIAG_MAX_SAMPLES, replace=False))]
                 diagnostics[f"normality_{label}"] = normality_pass_rates(
                     (rows - moments.mean) @ W, max_features=DIAG_MAX_FEATURES)
+        local = None if clusters is None else _fit_clusters(clusters, fit_sample, held, moments.mean, W, cal, seed)
         return cls(mean=moments.mean, whitening=W, eigenvalues=lam, calibration=cal, n_fit=n,
-                   shrinkage=shrinkage, diagnostics=diagnostics)
+                   shrinkage=shrinkage, diagnostics=diagnostics, clusters=local)
 
     # ---- shape ----------------------------------------------------------------------------
     @property
@@ -305,6 +315,15 @@ class WhiteningStats:
         """Empirical p-value of each row of ``X`` against the held-out calibration table."""
         return self.pvalue_from_sqnorm(self.sqnorm(X))
 
+    def local_scores(self, X) -> LocalScores:
+        """The local likelihood of each row of ``X`` (float64): most likely cluster, mixture log-likelihood
+        (in :meth:`loglik`'s units), the own cluster's sqnorm and p-value. Needs ``fit(clusters=K)``."""
+        if self.clusters is None:
+            raise ValueError("these statistics have no clusters: fit with clusters=K (wclip fit --clusters K) "
+                             "for the local likelihood")
+        Y = (as_rows(X, dim=self.dim) - self.mean) @ self.whitening
+        return self.clusters.score(Y, np.einsum("ij,ij->i", Y, Y))
+
     def chi2_pvalue_from_sqnorm(self, s) -> np.ndarray:
         """Diagnostic: ``chi2(m).sf(sqnorm)``, exact only if the embeddings were Gaussian."""
         from scipy import stats
@@ -327,26 +346,84 @@ class WhiteningStats:
             "log_det": self.log_det,
             "normality_fit": self.diagnostics.get("normality_fit"),
             "normality_heldout": self.diagnostics.get("normality_heldout"),
+            **({"clusters": self.clusters.summary()} if self.clusters is not None else {}),
         })
+
+    def tensors(self) -> dict:
+        """The arrays a stats file stores for this tower: :data:`TENSORS`, and ``clusters.*`` when clustered."""
+        out = {name: getattr(self, name) for name in TENSORS}
+        if self.clusters is not None:
+            out.update({f"clusters.{name}": a for name, a in self.clusters.tensors().items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, arrays: dict, summary: dict) -> "WhiteningStats":
+        """The tower stored as ``arrays`` (:meth:`tensors`) with its recorded ``summary``; a ValueError, KeyError
+        or TypeError names what does not fit."""
+        if any(a.dtype != np.float64 for a in arrays.values()):
+            raise ValueError("tensors must be float64")
+        clusters = None
+        if any(name.startswith("clusters.") for name in arrays):
+            info = summary["clusters"]
+            clusters = ClusterWhitening(**{n: arrays[f"clusters.{n}"] for n in CLUSTER_TENSORS},
+                                        shrinkage=info["shrinkage"],
+                                        diagnostics={k: v for k, v in info.items()
+                                                     if k not in ("k", "shrinkage", "weights", "calibration_counts")})
+        ws = cls(**{n: arrays[n] for n in TENSORS}, n_fit=summary["n_fit"], shrinkage=summary["shrinkage"],
+                 diagnostics={k: summary.get(k) for k in ("fit_sqnorm_over_m", "normality_fit", "normality_heldout")},
+                 clusters=clusters)
+        if (summary["dim"], summary["components"], summary["n_heldout"]) != (ws.dim, ws.components, ws.n_heldout):
+            raise ValueError("recorded dim/components/n_heldout do not match the tensors")
+        return ws
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path, metadata: dict | None = None, tower: str = "default") -> Path:
-        """Write a one-tower stats file (see :class:`StatsFile`)."""
-        from pipeline.whitening.statsfile import StatsFile
-
-        return StatsFile(towers={tower: self}, metadata=metadata or {}).save(path)
+        """Write a one-tower stats file (see :func:`write_towers`)."""
+        return write_towers(path, {tower: self}, metadata or {})
 
     @classmethod
     def load(cls, path, tower: str | None = None, dim: int | None = None) -> "WhiteningStats":
         """Read one tower of a stats file (the only one when ``tower`` is None)."""
-        from pipeline.whitening.statsfile import StatsFile, StatsFileError
-
-        sf = StatsFile.load(path, dim=dim)
+        towers, _ = read_towers(path, dim=dim)
         if tower is None:
-            if len(sf.towers) != 1:
-                raise StatsFileError(f"{path} holds towers {sorted(sf.towers)}; pass tower=NAME")
-            tower = next(iter(sf.towers))
-        if tower not in sf.towers:
-            raise StatsFileError(f"{path} has no tower {tower!r} (it has {sorted(sf.towers)}); "
+            if len(towers) != 1:
+                raise StatsFileError(f"{path} holds towers {sorted(towers)}; pass tower=NAME")
+            tower = next(iter(towers))
+        if tower not in towers:
+            raise StatsFileError(f"{path} has no tower {tower!r} (it has {sorted(towers)}); "
                                  "re-run `wclip fit` for that tower")
-        return sf.towers[tower]
+        return towers[tower]
+
+
+def write_towers(path, towers: dict, metadata: dict) -> Path:
+    """Write ``towers`` ({name: WhiteningStats}) and ``metadata`` as a stats file: tensors ``{tower}.{name}``
+    (:meth:`WhiteningStats.tensors`), metadata plus ``towers`` and a ``summary`` per tower."""
+    tensors = {f"{t}.{name}": a for t, ws in towers.items() for name, a in ws.tensors().items()}
+    meta = {**metadata, "towers": list(towers), "summary": {t: ws.summary() for t, ws in towers.items()}}
+    return fileformat.write(path, tensors, meta)
+
+
+def read_towers(path, dim: int | None = None) -> tuple[dict, dict]:
+    """``({tower: WhiteningStats}, metadata)`` of a stats file, every tower validated; ``dim`` (optional) is
+    the embedding size expected. Anything wrong raises :class:`StatsFileError`."""
+    def expected(meta):
+        towers = meta["towers"]
+        return ({f"{t}.{n}" for t in towers for n in TENSORS},
+                {f"{t}.clusters.{n}" for t in towers for n in CLUSTER_TENSORS})
+
+    arrays, meta = fileformat.read(path, expected)
+    towers = meta["towers"]
+    out = {}
+    for t in towers:
+        prefix = f"{t}."
+        try:
+            ws = WhiteningStats.from_tensors({n[len(prefix):]: a for n, a in arrays.items() if n.startswith(prefix)},
+                                             meta["summary"][t])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise fileformat.invalid(path, f"tower {t!r}: {exc}") from exc
+        if dim is not None and ws.dim != dim:
+            raise StatsFileError(f"{path}: tower {t!r} was fitted on {ws.dim}-dimensional "
+                                 f"embeddings, but this model produces {dim}. Fit stats for "
+                                 "this model with `wclip fit`.")
+        out[t] = ws
+    return out, meta

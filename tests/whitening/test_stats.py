@@ -14,7 +14,7 @@ from scipy import stats
 import pipeline
 from pipeline.whitening import FORMAT, Moments, StatsFile, StatsFileError, WhiteningStats, holdout_mask
 from pipeline.whitening.stats import TENSORS, _auto_components
-from pipeline.whitening.statsfile import content_digest
+from pipeline.whitening.fileformat import content_digest
 
 
 def gaussian(n, d, seed=0, spectrum=None):

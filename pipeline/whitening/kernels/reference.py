@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.whitening.stats import LOG_2PI
+from pipeline.whitening.formulas import LOG_2PI
 
 __all__ = ["reference_scores", "reference_whiten", "whiten_error_bound", "sqnorm_error_bound",
            "sqnorm_error_sigma",

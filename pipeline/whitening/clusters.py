@@ -1,0 +1,264 @@
+"""The local (cluster-conditional) likelihood: a Gaussian mixture in the global whitened space.
+
+The global fit whitens ``x`` to ``z = (x - mu) W`` (``m`` coordinates), where the reference looks like
+``N(0, I)``. A web corpus is a mixture of modes, so the fit also partitions the reference into ``K``
+clusters and gives each its own Gaussian in those coordinates:
+
+* **clusters**: spherical k-means (cosine; k-means++ seeding, Lloyd iterations, exact NumPy) of a sample
+  of fit rows, centred on the global mean (every CLIP embedding shares one large direction, which would
+  otherwise dominate every cosine). Exact NumPy rather than faiss: a sample of 10^5 rows
+  clusters in seconds, the result is deterministic for a seed, and no native dependency is added.
+* **per-cluster whitening**: mean ``c_k`` and per-coordinate variance of the cluster's ``z`` rows, shrunk
+  toward the global covariance (``I`` in these coordinates): ``v_k = (1 - a) var_k + a``. The covariance is
+  diagonal in the global eigenbasis, which is what makes every row's likelihood under *all* clusters one
+  GEMM (``[z*z, z] @ [1/v; -2c/v]``, ``2m x K``) instead of ``K`` whitenings.
+* **shrinkage ``a``**: chosen on the held-out rows, the value of :data:`SHRINKAGE_GRID` that maximises
+  their mean mixture log-likelihood (small clusters get noisy variances; the held-out rows say how much
+  to trust them).
+* **weights** ``pi_k``: the clusters' shares of the sample.
+* **calibration**: the held-out rows' ``s_k`` (squared norm in their most likely cluster's whitening),
+  sorted per cluster: a row's local p-value is the share of its cluster's held-out rows that were less likely.
+
+Scores of a row (:meth:`ClusterWhitening.score`): ``s_k = sum_j (z_j - c_kj)^2 / v_kj``,
+``log N_k = -0.5 (m log 2pi + s_k) - 0.5 sum_j log v_kj``; ``cluster`` = the most likely component,
+``local_loglik = log sum_k pi_k N_k(z)`` (log-sum-exp), in the units of the global log-likelihood: add the
+global ``log_det`` for the density of ``x`` in the kept subspace. One cluster *is* the global Gaussian
+(``c = 0``, ``v = 1``, the global calibration), and scores exactly as the global fit does.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.whitening.formulas import LOG_2PI, loglik_from_sqnorm, pvalue_from_sqnorm
+
+#: Shrinkage values tried on the held-out rows (1.0: every cluster keeps the global covariance).
+SHRINKAGE_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+#: Lloyd iterations of the spherical k-means at most (it stops when no assignment changes).
+KMEANS_MAX_ITER = 100
+#: Tensors of a clustered tower in a stats file, under ``{tower}.clusters.``.
+CLUSTER_TENSORS = ("means", "variances", "weights", "calibration", "calibration_counts")
+
+
+def check_clusters(k) -> int:
+    """``k`` as a cluster count (an int >= 1), or a ValueError naming the bad value."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"clusters must be an integer >= 1; got {k!r}")
+    return int(k)
+
+
+def spherical_kmeans(X: np.ndarray, k: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER) -> np.ndarray:
+    """Cluster labels (int64, one per row) of the rows of ``X`` by cosine: k-means++ seeding on ``1 - cos``,
+    then Lloyd iterations on the unit sphere until no label changes; an emptied cluster is reseeded with the
+    row farthest from its centre."""
+    U = np.asarray(X, dtype=np.float64)
+    norms = np.linalg.norm(U, axis=1, keepdims=True)
+    U = U / np.where(norms > 0, norms, 1.0)
+    n = U.shape[0]
+    if n < k:
+        raise ValueError(f"cannot make {k} clusters of {n} rows: pass fewer clusters or more reference rows")
+    rng = np.random.default_rng(seed)
+    centres = np.empty((k, U.shape[1]))
+    centres[0] = U[rng.integers(n)]
+    dist = np.maximum(1.0 - U @ centres[0], 0.0)
+    for j in range(1, k):
+        total = dist.sum()
+        pick = rng.choice(n, p=dist / total) if total > 0 else rng.integers(n)
+        centres[j] = U[pick]
+        dist = np.minimum(dist, np.maximum(1.0 - U @ centres[j], 0.0))
+    labels = None
+    for _ in range(max_iter):
+        cos = U @ centres.T
+        new = np.argmax(cos, axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        sums = np.zeros_like(centres)
+        np.add.at(sums, labels, U)
+        counts = np.bincount(labels, minlength=k)
+        for j in np.flatnonzero(counts == 0):  # reseed: the row least like its own centre
+            far = int(np.argmin(cos[np.arange(n), labels]))
+            sums[j], labels[far] = U[far], j
+            cos[far, :] = np.inf
+        lengths = np.linalg.norm(sums, axis=1, keepdims=True)
+        centres = sums / np.where(lengths > 0, lengths, 1.0)
+    return labels
+
+
+@dataclass(frozen=True, eq=False)
+class LocalScores:
+    """A block of rows scored against the mixture: float64 except ``cluster``."""
+
+    cluster: np.ndarray  # int64 most likely component
+    loglik: np.ndarray  # log sum_k pi_k N_k(z), in the global log-likelihood's units
+    sqnorm: np.ndarray  # s_k of the row's own cluster
+    pvalue: np.ndarray  # share of that cluster's held-out rows that were less likely (NaN: none held out)
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterWhitening:
+    """Per-cluster Gaussians in the global whitened coordinates (see the module's docstring)."""
+
+    means: np.ndarray  # (K, m) cluster means c_k
+    variances: np.ndarray  # (K, m) per-coordinate variances v_k, after shrinkage
+    weights: np.ndarray  # (K,) mixture weights, summing to 1
+    calibration: np.ndarray  # sorted held-out s_k of cluster 0, then cluster 1, ...
+    calibration_counts: np.ndarray  # (K,) held-out rows per cluster
+    shrinkage: float = 1.0  # a in v_k = (1 - a) var_k + a
+    diagnostics: dict = field(default_factory=dict)  # fit-time numbers (sizes, held-out log-likelihoods)
+
+    def __post_init__(self):
+        for name in CLUSTER_TENSORS:
+            arr = np.array(getattr(self, name), dtype=np.float64, order="C")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"clusters.{name} contains NaN or infinite values")
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+        k = self.weights.size
+        if self.means.ndim != 2 or self.means.shape[0] != k or self.variances.shape != self.means.shape \
+                or self.calibration_counts.shape != (k,) or self.calibration.ndim != 1 or k < 1:
+            raise ValueError(f"inconsistent cluster shapes: means {self.means.shape}, variances "
+                             f"{self.variances.shape}, weights {self.weights.shape}, calibration counts "
+                             f"{self.calibration_counts.shape}")
+        if np.any(self.variances <= 0) or np.any(self.weights <= 0) or abs(self.weights.sum() - 1.0) > 1e-9:
+            raise ValueError("cluster variances and weights must be positive, and the weights sum to 1")
+        counts = self.calibration_counts
+        if np.any(counts < 0) or np.any(counts != np.round(counts)) or counts.sum() != self.calibration.size:
+            raise ValueError("clusters.calibration_counts must be whole numbers adding up to the calibration size")
+        for table in self.tables():
+            if np.any(np.diff(table) < 0) or np.any(table < 0):
+                raise ValueError("each cluster's calibration must be sorted non-negative sqnorms")
+        object.__setattr__(self, "shrinkage", float(self.shrinkage))
+        object.__setattr__(self, "diagnostics", dict(self.diagnostics))
+        object.__setattr__(self, "_cache", {})
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def single(cls, components: int, calibration: np.ndarray) -> "ClusterWhitening":
+        """One cluster: the global Gaussian itself (``c = 0``, ``v = 1``, the global calibration)."""
+        return cls(means=np.zeros((1, components)), variances=np.ones((1, components)), weights=np.ones(1),
+                   calibration=calibration, calibration_counts=np.array([calibration.size]), shrinkage=1.0,
+                   diagnostics={"sizes": None})
+
+    @classmethod
+    def fit(cls, z_sample: np.ndarray, z_heldout: np.ndarray, labels: np.ndarray, k: int,
+            global_calibration: np.ndarray) -> "ClusterWhitening":
+        """Per-cluster Gaussians of whitened sample rows ``z_sample`` grouped by ``labels`` (from
+        :func:`spherical_kmeans`), with the shrinkage chosen and the calibration taken on ``z_heldout``."""
+        k = check_clusters(k)
+        m = z_sample.shape[1]
+        if k == 1:
+            return cls.single(m, global_calibration)
+        if z_heldout.shape[0] == 0:
+            raise ValueError("clusters choose their shrinkage on held-out rows, but there are none: use "
+                             "holdout > 0 (e.g. 0.1)")
+        sizes = np.bincount(labels, minlength=k)
+        means = np.zeros((k, m))
+        raw = np.ones((k, m))
+        for j in range(k):
+            rows = z_sample[labels == j]
+            means[j] = rows.mean(axis=0)
+            if rows.shape[0] > 1:
+                raw[j] = rows.var(axis=0, ddof=1)
+        weights = sizes / sizes.sum()
+        heldout_loglik = {}
+        for a in SHRINKAGE_GRID:
+            trial = cls(means=means, variances=(1.0 - a) * raw + a, weights=weights, calibration=np.zeros(0),
+                        calibration_counts=np.zeros(k), shrinkage=a)
+            heldout_loglik[a] = float(np.mean(trial._mixture(z_heldout)[0]))
+        best = max(SHRINKAGE_GRID, key=lambda a: (heldout_loglik[a], a))
+        variances = (1.0 - best) * raw + best
+        chosen = cls(means=means, variances=variances, weights=weights, calibration=np.zeros(0),
+                     calibration_counts=np.zeros(k), shrinkage=best)
+        _, own, s_own = chosen._mixture(z_heldout)
+        tables = [np.sort(s_own[own == j]) for j in range(k)]
+        diagnostics = {"sizes": sizes.tolist(), "heldout_sizes": [t.size for t in tables],
+                       "heldout_local_loglik": {str(a): v for a, v in heldout_loglik.items()},
+                       "heldout_global_loglik": float(np.mean(loglik_from_sqnorm(np.sum(z_heldout ** 2, 1), m)))}
+        return cls(means=means, variances=variances, weights=weights, calibration=np.concatenate(tables),
+                   calibration_counts=np.array([t.size for t in tables]), shrinkage=best, diagnostics=diagnostics)
+
+    # ---- shape ----------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.weights.size
+
+    @property
+    def components(self) -> int:
+        return self.means.shape[1]
+
+    def tables(self) -> list:
+        """Each cluster's sorted held-out ``s_k``."""
+        ends = np.cumsum(self.calibration_counts.astype(np.int64))
+        return np.split(self.calibration, ends[:-1])
+
+    def parameters(self, dtype) -> tuple:
+        """``(coef (2m, K), offset (K,), log_norm (K,))`` in ``dtype``, with ``s = [z*z, z] @ coef + offset``
+        and ``log N_k + 0.5 m log 2pi = log_norm_k - 0.5 s_k`` (``log_norm`` includes the weights)."""
+        key = np.dtype(dtype).str
+        if key not in self._cache:
+            inv = 1.0 / self.variances
+            coef = np.concatenate([inv.T, (-2.0 * self.means * inv).T])
+            offset = np.sum(self.means ** 2 * inv, axis=1)
+            log_norm = np.log(self.weights) - 0.5 * np.sum(np.log(self.variances), axis=1)
+            self._cache[key] = tuple(np.ascontiguousarray(a, dtype=dtype) for a in (coef, offset, log_norm))
+        return self._cache[key]
+
+    # ---- scores ---------------------------------------------------------------------------
+    def _mixture(self, z: np.ndarray) -> tuple:
+        """``(local loglik, own cluster, s_own)`` of whitened rows ``z`` (float32 or float64, as given)."""
+        coef, offset, log_norm = self.parameters(z.dtype)
+        s = np.concatenate([z * z, z], axis=1) @ coef
+        s += offset
+        np.maximum(s, 0.0, out=s)  # the expansion can round a tiny s_k below zero
+        logp = s * np.asarray(-0.5, dtype=s.dtype)
+        logp += log_norm
+        own = np.argmax(logp, axis=1)
+        top = np.take_along_axis(logp, own[:, None], axis=1)
+        s_own = np.take_along_axis(s, own[:, None], axis=1)[:, 0].astype(np.float64)
+        logp -= top
+        np.exp(logp, out=logp)
+        total = logp.sum(axis=1, dtype=np.float64)
+        loglik = top[:, 0].astype(np.float64) + np.log(total) - 0.5 * self.components * LOG_2PI
+        return loglik, own, s_own
+
+    def score(self, z: np.ndarray, sqnorm: np.ndarray) -> LocalScores:
+        """Local scores of whitened rows ``z`` (n, m) whose global squared norms are ``sqnorm``. Rows with NaN
+        in ``sqnorm`` get NaN scores (cluster -1). One cluster scores exactly as the global fit: its
+        ``loglik`` and ``pvalue`` are those of ``sqnorm``."""
+        sqnorm = np.asarray(sqnorm)
+        bad = ~np.isfinite(sqnorm)
+        if self.k == 1:
+            cluster = np.where(bad, -1, 0)
+            return LocalScores(cluster=cluster, loglik=loglik_from_sqnorm(sqnorm, self.components),
+                               sqnorm=np.asarray(sqnorm, dtype=np.float64),
+                               pvalue=self.pvalue(cluster, sqnorm))
+        z = np.where(bad[:, None], 0, z) if bad.any() else z
+        loglik, own, s_own = self._mixture(z)
+        own = np.where(bad, -1, own)
+        loglik[bad], s_own[bad] = np.nan, np.nan
+        return LocalScores(cluster=own, loglik=loglik, sqnorm=s_own, pvalue=self.pvalue(own, s_own))
+
+    def pvalue(self, cluster: np.ndarray, s_own: np.ndarray) -> np.ndarray:
+        """Empirical p-value of each row's ``s_own`` against its cluster's held-out table (NaN for cluster -1
+        and for a cluster with no held-out row)."""
+        out = np.full(cluster.shape, np.nan)
+        tables = self.tables()
+        for j in np.unique(cluster):
+            if j < 0 or tables[j].size == 0:
+                continue
+            rows = cluster == j
+            out[rows] = pvalue_from_sqnorm(np.asarray(s_own[rows], dtype=np.float64), tables[j])
+        return out
+
+    def summary(self) -> dict:
+        """JSON-able numbers describing the clusters (for the stats file and the card)."""
+        return {"k": self.k, "shrinkage": self.shrinkage, "weights": self.weights.tolist(),
+                "calibration_counts": [int(c) for c in self.calibration_counts], **self.diagnostics}
+
+    def tensors(self) -> dict:
+        """The arrays a stats file stores (:data:`CLUSTER_TENSORS`)."""
+        return {name: getattr(self, name) for name in CLUSTER_TENSORS}

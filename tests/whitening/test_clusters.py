@@ -1,0 +1,166 @@
+"""The local (cluster-conditional) likelihood: scores against a SciPy oracle, one cluster = the global fit bit
+for bit, what it sees that the global Gaussian cannot, stats files with and without clusters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from scipy import stats as sps
+from scipy.special import logsumexp
+
+from pipeline.whitening import StatsFile, StatsFileError, WhiteningStats
+from pipeline.whitening.clusters import spherical_kmeans
+from pipeline.whitening.fileformat import content_digest
+from pipeline.whitening.stats import TENSORS
+
+
+def mixture(rng, d=8, k=4, n=1500, spread=4.0, offset=5.0):
+    """``k`` anisotropic Gaussian blobs far from the origin (like CLIP embeddings, all in one direction)."""
+    centres = rng.normal(size=(k, d)) * spread + offset
+    return np.concatenate([c + rng.normal(size=(n, d)) * rng.uniform(0.3, 1.5, size=d) for c in centres])
+
+
+def oracle_local_loglik(stats: WhiteningStats, X: np.ndarray) -> np.ndarray:
+    """float64 mixture log-density from SciPy, per component, in the kept (non-whitened) PCA coordinates,
+    minus the global ``log_det``: the local log-likelihood in the global log-likelihood's units."""
+    cw = stats.clusters
+    lam = stats.eigenvalues[:stats.components]
+    P = (X - stats.mean) @ (stats.whitening * np.sqrt(lam))  # V_m^T (x - mu)
+    terms = [np.log(cw.weights[k]) + sps.multivariate_normal(cw.means[k] * np.sqrt(lam),
+                                                             np.diag(cw.variances[k] * lam)).logpdf(P)
+             for k in range(cw.k)]
+    return logsumexp(np.stack(terms), axis=0) - stats.log_det
+
+
+@pytest.mark.parametrize("components", [None, 5])
+def test_local_loglik_matches_the_scipy_mixture(components):
+    rng = np.random.default_rng(0)
+    stats = WhiteningStats.fit(mixture(rng), components=components, holdout=0.2, clusters=4, seed=1)
+    assert stats.clusters.k == 4 and stats.clusters.components == stats.components
+    Y = mixture(np.random.default_rng(5), n=40)
+    local = stats.local_scores(Y)
+    np.testing.assert_allclose(local.loglik, oracle_local_loglik(stats, Y), rtol=1e-11, atol=1e-9)
+    # the cluster is the most likely component, s_own its squared norm, the p-value its table's share
+    cw = stats.clusters
+    z = (Y - stats.mean) @ stats.whitening
+    s_all = np.stack([np.sum((z - cw.means[k]) ** 2 / cw.variances[k], axis=1) for k in range(cw.k)], axis=1)
+    post = np.log(cw.weights) - 0.5 * np.sum(np.log(cw.variances), axis=1) - 0.5 * s_all
+    np.testing.assert_array_equal(local.cluster, post.argmax(axis=1))
+    np.testing.assert_allclose(local.sqnorm, s_all[np.arange(len(Y)), local.cluster], rtol=1e-10)
+    tables = cw.tables()
+    for i, (c, s) in enumerate(zip(local.cluster, local.sqnorm)):
+        assert local.pvalue[i] == pytest.approx((1 + np.sum(tables[c] >= s)) / (tables[c].size + 1))
+
+
+def test_float32_scores_follow_float64():
+    rng = np.random.default_rng(1)
+    stats = WhiteningStats.fit(mixture(rng, d=16, k=6), holdout=0.2, clusters=6)
+    Y = mixture(np.random.default_rng(2), d=16, k=6, n=50)
+    z = ((Y - stats.mean) @ stats.whitening).astype(np.float32)
+    fast = stats.clusters.score(z, np.einsum("ij,ij->i", z, z))
+    exact = stats.local_scores(Y)
+    np.testing.assert_allclose(fast.loglik, exact.loglik, rtol=1e-5)
+    assert np.mean(fast.cluster == exact.cluster) > 0.99
+
+
+def test_one_cluster_is_the_global_score_bit_for_bit():
+    rng = np.random.default_rng(3)
+    X = mixture(rng)
+    stats = WhiteningStats.fit(X, holdout=0.2, clusters=1)
+    Y = mixture(np.random.default_rng(4), n=100)
+    local = stats.local_scores(Y)
+    assert np.array_equal(local.loglik, stats.loglik(Y))
+    assert np.array_equal(local.pvalue, stats.pvalue(Y))
+    assert np.array_equal(local.sqnorm, stats.sqnorm(Y)) and set(local.cluster) == {0}
+    # and through float32 whitened rows, as the embeddings path scores them
+    z = ((Y - stats.mean) @ stats.whitening).astype(np.float32)
+    s = np.einsum("ij,ij->i", z, z)
+    fast = stats.clusters.score(z, s)
+    assert np.array_equal(fast.loglik, stats.loglik_from_sqnorm(s))
+    assert np.array_equal(fast.pvalue, stats.pvalue_from_sqnorm(s))
+
+
+def test_the_local_likelihood_sees_what_the_global_one_cannot():
+    """Four modes at the corners of a square: the centre is the global Gaussian's most likely point, and no
+    reference sample is near it."""
+    rng = np.random.default_rng(6)
+    d = 6
+    corners = np.array([[a, b] for a in (-4, 4) for b in (-4, 4)], dtype=float)
+    X = np.concatenate([np.hstack([c + rng.normal(size=(2000, 2)) * 0.5, rng.normal(size=(2000, d - 2))])
+                        for c in corners]) + 10.0
+    stats = WhiteningStats.fit(X, holdout=0.2, clusters=4)
+    centre = np.full((20, d), 10.0) + np.hstack([np.zeros((20, 2)), rng.normal(size=(20, d - 2))])
+    typical = X[rng.choice(len(X), 20, replace=False)]
+    assert np.median(stats.pvalue(centre)) > 0.5  # the global Gaussian finds the centre typical
+    local_centre, local_typical = stats.local_scores(centre), stats.local_scores(typical)
+    assert np.max(local_centre.pvalue) < 0.01 and np.median(local_typical.pvalue) > 0.1
+    assert np.max(local_centre.loglik) < np.min(local_typical.loglik)
+    assert sorted(np.bincount(spherical_kmeans(X - X.mean(0), 4)) // 100) == [20, 20, 20, 20]
+
+
+def test_shrinkage_is_chosen_on_the_heldout_rows():
+    rng = np.random.default_rng(7)
+    stats = WhiteningStats.fit(mixture(rng, n=3000), holdout=0.3, clusters=4)
+    tried = stats.clusters.diagnostics["heldout_local_loglik"]
+    assert str(stats.clusters.shrinkage) == max(tried, key=lambda a: tried[a])
+    assert max(tried.values()) > stats.clusters.diagnostics["heldout_global_loglik"]  # the mixture fits better
+    # few rows per cluster: the held-out rows ask for more shrinkage toward the global covariance
+    few = WhiteningStats.fit(mixture(rng, d=12, n=30), holdout=0.3, clusters=4)
+    assert few.clusters.shrinkage > stats.clusters.shrinkage
+
+
+def test_stats_file_keeps_the_clusters(tmp_path):
+    rng = np.random.default_rng(8)
+    stats = WhiteningStats.fit(mixture(rng), holdout=0.2, clusters=3)
+    plain = WhiteningStats.fit(mixture(rng), holdout=0.2)
+    path = StatsFile(towers={"image": stats, "text": plain}, metadata={"model": "m"}).save(tmp_path / "s.st")
+    back = StatsFile.load(path)
+    assert back.clustered and back.towers["text"].clusters is None
+    Y = mixture(rng, n=30)
+    a, b = stats.local_scores(Y), back.towers["image"].local_scores(Y)
+    for field in ("cluster", "loglik", "sqnorm", "pvalue"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert back.metadata["summary"]["image"]["clusters"]["k"] == 3
+    with pytest.raises(ValueError, match="no clusters"):
+        back.towers["text"].local_scores(Y)
+
+
+def test_a_format_2_file_still_loads_and_scores_as_before(tmp_path):
+    """A file written before clusters existed (format wclip-stats/2, no cluster tensors)."""
+    rng = np.random.default_rng(9)
+    stats = WhiteningStats.fit(mixture(rng), holdout=0.2)
+    tensors = {f"image.{n}": np.ascontiguousarray(getattr(stats, n)) for n in TENSORS}
+    header = json.dumps({"format": "wclip-stats/2", "towers": ["image"], "summary": {"image": stats.summary()}})
+    save_file(tensors, str(tmp_path / "old.st"),
+              metadata={"format": "wclip-stats/2", "wclip": header, "digest": content_digest(tensors, header)})
+    old = StatsFile.load(tmp_path / "old.st")
+    Y = mixture(rng, n=10)
+    assert not old.clustered
+    np.testing.assert_array_equal(old.towers["image"].loglik(Y), stats.loglik(Y))
+
+
+def test_bad_cluster_requests_are_refused(tmp_path):
+    X = mixture(np.random.default_rng(10), n=20)
+    for bad in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="clusters must be an integer >= 1"):
+            WhiteningStats.fit(X, holdout=0.2, clusters=bad)
+    with pytest.raises(ValueError, match="cannot make 100 clusters of"):
+        WhiteningStats.fit(X, holdout=0.2, clusters=100)
+    with pytest.raises(ValueError, match="held-out rows"):
+        WhiteningStats.fit(X, holdout=0.0, clusters=3)
+    # a file whose cluster tensors were tampered with is refused as a whole
+    stats = WhiteningStats.fit(X, holdout=0.2, clusters=2)
+    path = StatsFile(towers={"image": stats}).save(tmp_path / "s.st")
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+    arrays["image.clusters.weights"] = arrays["image.clusters.weights"] * 2
+    meta["digest"] = content_digest(arrays, meta["wclip"])
+    save_file(arrays, str(tmp_path / "bad.st"), metadata=meta)
+    with pytest.raises(StatsFileError, match="tower 'image'.*weights"):
+        StatsFile.load(tmp_path / "bad.st")
