@@ -5,11 +5,7 @@ contracts on."""
 import grimp
 
 # Imports that close a cycle being fixed elsewhere, (importer, imported); remove an entry with its fix.
-KNOWN = {
-    # pipeline.whitening.stats <-> pipeline.whitening.statsfile: the stats file's rewrite removes it
-    ("pipeline.whitening.stats", "pipeline.whitening.statsfile"),
-    ("pipeline.whitening.statsfile", "pipeline.whitening.stats"),
-}
+KNOWN: set = set()
 
 
 def cycles(graph: grimp.ImportGraph, package: str) -> list:

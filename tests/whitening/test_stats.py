@@ -13,8 +13,8 @@ from scipy import stats
 
 import pipeline
 from pipeline.whitening import FORMAT, Moments, StatsFile, StatsFileError, WhiteningStats, holdout_mask
-from pipeline.whitening.stats import TENSORS, _auto_components
 from pipeline.whitening.fileformat import content_digest
+from pipeline.whitening.stats import TENSORS, _auto_components
 
 
 def gaussian(n, d, seed=0, spectrum=None):
