@@ -17,6 +17,7 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is not read (its sample gets an error)
 STALL_TIMEOUT = 120.0  # seconds without a byte from a remote or piped shard before it counts as stalled
 MAX_ASPECT_RATIO = 50.0  # longer side / shorter side; CLIP's resize of a thinner image would be huge
+CLUSTER_SAMPLE = 50_000  # fit rows (per tower) the local likelihood's clusters are found and fitted on
 
 
 def _non_negative(name: str, value) -> None:
@@ -152,8 +153,12 @@ class FitConfig:
     holdout: float = 0.1  # fraction held out (by key hash) for calibration
     max_samples: Optional[int] = None  # cap on reference samples (first shards first)
     seed: int = 0  # seed of the held-out hash
+    clusters: Optional[int] = None  # K for the local likelihood (pipeline.whitening.clusters); None: global only
+    cluster_sample: int = CLUSTER_SAMPLE  # fit rows the clusters are found on: those with the smallest key hashes
 
     def __post_init__(self):
+        _positive("clusters", self.clusters, allow_none=True)
+        _positive("cluster_sample", self.cluster_sample)
         if not (0.0 <= self.holdout < 1.0):
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if not (0.0 <= self.shrinkage < 1.0):
@@ -262,6 +267,8 @@ class EmbeddingFitConfig:
     max_samples: Optional[int] = None  # cap on rows read (the first rows of the first files)
     max_heldout: int = 50_000  # held-out rows kept for calibration: those with the smallest key hashes
     seed: int = 0  # seed of the held-out hash
+    clusters: Optional[int] = None  # as FitConfig.clusters
+    cluster_sample: int = CLUSTER_SAMPLE  # as FitConfig.cluster_sample
 
     def __post_init__(self):
         FitConfig.__post_init__(self)

@@ -133,6 +133,7 @@ class _Reference:
     def __init__(self, max_heldout: int):
         self.max_heldout = max_heldout
         self.moments, self.held, self.norms, self.used, self.failed = {}, {}, {}, [], []
+        self.samples: dict = {}  # tower -> HashSample of fit rows (--clusters)
         self.rows = self.usable = 0
 
     def add(self, result: dict, url: str) -> None:
@@ -146,6 +147,11 @@ class _Reference:
             hashes, rows = np.concatenate([hashes, r["held_hash"]]), np.concatenate([rows, r["held_rows"]])
             keep = np.argsort(hashes, kind="stable")[: self.max_heldout]
             self.held[tower] = (hashes[keep], rows[keep])
+            sample = r["sample"]  # the file's fit rows with the smallest key hashes (--clusters)
+            if sample is not None and tower in self.samples:
+                self.samples[tower].add(sample.hashes, sample.rows)
+            elif sample is not None:
+                self.samples[tower] = sample
             lo, hi = self.norms.get(tower, (np.inf, 0.0))
             self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
 
@@ -161,8 +167,9 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
         return {"dry_run": True, "inputs": len(source.files), "input_kind": f"{source.label} embedding files",
                 "to_do": len(limits), "rows": sum(r for _, r in limits) if cfg.max_samples else None,
                 "output": str(cfg.output), "replaces": exists(str(cfg.output))}
+    max_sample = cfg.cluster_sample if (cfg.clusters or 1) > 1 else 0
     tasks = [FitFile(file=f, kind=source.kind, holdout=cfg.holdout, seed=cfg.seed, max_heldout=cfg.max_heldout,
-                     rows=rows, block_rows=run.block_rows) for f, rows in limits]
+                     rows=rows, block_rows=run.block_rows, max_sample=max_sample) for f, rows in limits]
     ref = _Reference(cfg.max_heldout)
     with file_runner(run) as runner:
         started = time.time()
@@ -182,9 +189,11 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
     towers = {}
     for tower, moments in ref.moments.items():
         hashes, held = ref.held[tower]
+        sample = ref.samples.get(tower)
         towers[tower] = WhiteningStats.from_moments(moments, heldout=held.astype(np.float64) if len(held) else None,
                                                     components=cfg.components, shrinkage=cfg.shrinkage,
-                                                    seed=cfg.seed)
+                                                    seed=cfg.seed, clusters=cfg.clusters,
+                                                    fit_sample=None if sample is None else sample.rows)
     normalize = _normalized(ref.norms)
     identity = source.identity()
     metadata = {
@@ -194,6 +203,7 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                        "norms": {t: list(v) for t, v in ref.norms.items()}},
         "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
         "seed": cfg.seed, "n_reference": ref.usable, "max_heldout": cfg.max_heldout,
+        "clusters": cfg.clusters, "cluster_sample": cfg.cluster_sample if cfg.clusters else None,
         "n_heldout": {t: ws.n_heldout for t, ws in towers.items()},
         "components": {t: ws.components for t, ws in towers.items()},
         "reference_shards": len(ref.used), "reference_digest": shards_digest(ref.used),

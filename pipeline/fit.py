@@ -16,7 +16,8 @@ from pipeline.flow.batch import TOWERS
 from pipeline.flow.read import check_unique_names
 from pipeline.flow.write import FitSink
 from pipeline.models import model_identity
-from pipeline.whitening import Moments, StatsFile, WhiteningStats, holdout_mask
+from pipeline.whitening import Moments, StatsFile, WhiteningStats
+from pipeline.whitening.moments import HashSample, held_out, key_hashes
 
 log = logging.getLogger("wclip")
 
@@ -29,12 +30,14 @@ def shards_digest(urls) -> str:
 class ReferenceAccumulator:
     """The fit's collector (:class:`pipeline.executor.Collector`): merges shard results in input order (so
     the reference set, and the file, do not depend on timing), splitting each row into the fit or the
-    held-out set by a hash of its key."""
+    held-out set by a hash of its key; with ``--clusters``, it also keeps the fit rows whose key hashes are
+    smallest (:class:`~pipeline.whitening.moments.HashSample`) for the clusters."""
 
     def __init__(self, cfg: FitConfig):
         self.cfg = cfg
         self.moments: dict = {}
         self.heldout: dict = {t: [] for t in TOWERS}
+        self.cluster_rows: dict = {}  # tower -> HashSample of fit rows, with --clusters K > 1
         self.buffer: dict = {}
         self.next_index = 0
         self.samples = 0
@@ -73,11 +76,15 @@ class ReferenceAccumulator:
             tkeys, emb = tkeys[:take], emb[:take].astype(np.float64)
             if not len(tkeys):
                 continue
-            mask = holdout_mask(tkeys, self.cfg.holdout, self.cfg.seed)
+            hashes = key_hashes(tkeys, self.cfg.seed)
+            mask = held_out(hashes, self.cfg.holdout)
             if tower not in self.moments:
                 self.moments[tower] = Moments.empty(emb.shape[1])
             self.moments[tower].update(emb[~mask])
             self.heldout[tower].append(emb[mask])
+            if (self.cfg.clusters or 1) > 1:
+                self.cluster_rows.setdefault(tower, HashSample(self.cfg.cluster_sample, emb.shape[1])).add(
+                    hashes[~mask], emb[~mask])
         self.samples += take
 
 
@@ -101,9 +108,11 @@ def fit(cfg: FitConfig) -> dict:
             raise ValueError(f"no usable {tower} embeddings in the reference shards")
         parts = [h for h in acc.heldout[tower] if len(h)]
         heldout = np.concatenate(parts) if parts else None
+        sample = acc.cluster_rows.get(tower)
         towers[tower] = WhiteningStats.from_moments(acc.moments[tower], heldout=heldout,
                                                     components=cfg.components, shrinkage=cfg.shrinkage,
-                                                    seed=cfg.seed)
+                                                    seed=cfg.seed, clusters=cfg.clusters,
+                                                    fit_sample=None if sample is None else sample.rows)
     metadata = {
         "model": run.model.name, "pretrained": run.model.pretrained,
         "checkpoint_sha256": identity["weights"].split("sha256:")[-1] if run.model.checkpoint else None,
@@ -111,6 +120,7 @@ def fit(cfg: FitConfig) -> dict:
         "model_identity": identity, "normalize": run.encode.normalize, "precision": info["precision"],
         "decode": run.inputs.decode,
         "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
+        "clusters": cfg.clusters, "cluster_sample": cfg.cluster_sample if cfg.clusters else None,
         "seed": cfg.seed, "n_reference": acc.samples,
         "n_heldout": {t: towers[t].n_heldout for t in TOWERS},
         "components": {t: towers[t].components for t in TOWERS},

@@ -172,7 +172,7 @@ def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
                                   f"were fitted on {ws.dim}-d ones: wrong model or stats file")
         log.info("encoders: %s on %s (%s)", encoders.describe(), info["device"], info["precision"])
         sink = ScoreSink(cfg.output, provenance=made, keep_embeddings=cfg.save_embeddings,
-                         dims={t: ws.dim for t, ws in stats.towers.items()})
+                         dims={t: ws.dim for t, ws in stats.towers.items()}, local=stats.clustered)
         report = jobs.run_shards(run, todo, encoders, sink, skipped=skipped)
     for url, error in report.failed:
         append_failure(cfg.output, {"shard": url, "name": shard_name(url), "error": error,

@@ -17,13 +17,38 @@ from pipeline import storage
 SCORE_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue",
                  "text_sqnorm", "text_loglik", "text_pvalue", "clip_score")
 
-SCHEMA = pa.schema(
-    [("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
-     ("url", pa.string()), ("uid", pa.string()), ("caption", pa.string()),
-     ("status", pa.string()), ("error", pa.string())]
-    + [(c, pa.float32()) for c in SCORE_COLUMNS],
-    metadata={b"wclip": b"scores/1"},
-)
+#: The local likelihood's columns (pipeline.whitening.clusters), written only when the stats have clusters:
+#: the most likely cluster (int32), the mixture log-likelihood and its p-value in that cluster (float32).
+LOCAL_COLUMNS = tuple(f"{t}_{c}" for t in ("image", "text") for c in ("cluster", "local_loglik", "local_pvalue"))
+CLUSTER_COLUMNS = ("image_cluster", "text_cluster")
+LOCAL_SCORE_COLUMNS = tuple(c for c in LOCAL_COLUMNS if c not in CLUSTER_COLUMNS)
+#: Every float score column a scores file may have: what filters, cards and sketches read.
+ALL_SCORE_COLUMNS = SCORE_COLUMNS + LOCAL_SCORE_COLUMNS
+
+
+def scores_schema(local: bool = False) -> pa.Schema:
+    """The scores table's schema; ``local``: with the local likelihood's columns at the end."""
+    fields = [("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
+              ("url", pa.string()), ("uid", pa.string()), ("caption", pa.string()),
+              ("status", pa.string()), ("error", pa.string())] + [(c, pa.float32()) for c in SCORE_COLUMNS]
+    if local:
+        fields += [(c, pa.int32() if c in CLUSTER_COLUMNS else pa.float32()) for c in LOCAL_COLUMNS]
+    return pa.schema(fields, metadata={b"wclip": b"scores/1"})
+
+
+SCHEMA = scores_schema()
+LOCAL_SCHEMA = scores_schema(local=True)
+
+
+def score_array(values, kind: pa.DataType) -> pa.Array:
+    """Score values (floats, NaN = no score) as a column of ``kind`` (float32, or int32 for clusters), null
+    where a value is not finite."""
+    v = np.asarray(values)
+    finite = np.isfinite(v)
+    mask = None if finite.all() else ~finite
+    if pa.types.is_integer(kind):
+        v = np.where(finite, v, 0)
+    return pa.array(v.astype(kind.to_pandas_dtype(), copy=False), kind, mask=mask)
 
 BATCH_ROWS = 65_536  # rows per batch when streaming a scores folder
 PROVENANCE_KEY = b"wclip"  # a scores file's metadata key: JSON saying what made it (stats, model, input)
@@ -96,7 +121,7 @@ def iter_batches(path, columns, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Rec
                 if name in present:
                     arrays.append(batch.column(name))
                 else:
-                    kind = pa.float32() if name in SCORE_COLUMNS else pa.string()
+                    kind = LOCAL_SCHEMA.field(name).type if name in LOCAL_SCHEMA.names else pa.string()
                     arrays.append(pa.nulls(batch.num_rows, kind))
             yield pa.RecordBatch.from_arrays(arrays, names=list(columns))
 
@@ -114,15 +139,15 @@ def ok_mask(batch: pa.RecordBatch) -> np.ndarray:
     return pc.fill_null(pc.equal(batch.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
 
 
-def build_table(rows: list, scores: dict) -> pa.Table:
-    """Rows (dicts of metadata/status) + score columns (float arrays, NaN = null) -> Arrow table in SCHEMA."""
+def build_table(rows: list, scores: dict, local: bool = False) -> pa.Table:
+    """Rows (dicts of metadata/status) + score columns (float arrays, NaN = null) -> Arrow table in
+    :func:`scores_schema` (``local``: with the local likelihood's columns)."""
     n = len(rows)
-    cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA if f.name not in SCORE_COLUMNS}
-    arrays = [pa.array(cols[f.name], type=f.type) for f in SCHEMA if f.name not in SCORE_COLUMNS]
-    for c in SCORE_COLUMNS:
-        v = np.asarray(scores.get(c, np.full(n, np.nan)), dtype=np.float64)
-        arrays.append(pa.array(v.astype(np.float32), type=pa.float32(), mask=~np.isfinite(v)))
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    schema = scores_schema(local)
+    scored = set(ALL_SCORE_COLUMNS + CLUSTER_COLUMNS)
+    arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) if f.name not in scored
+              else score_array(scores.get(f.name, np.full(n, np.nan)), f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 DICTIONARY_COLUMNS = ("shard", "status", "error")  # few distinct values per file

@@ -1,6 +1,7 @@
 """`wclip fit`: whitening statistics of a reference corpus (tar shards, or precomputed embeddings)."""
 
 from pipeline.commands import _common
+from pipeline.config import CLUSTER_SAMPLE
 
 HELP = "fit whitening statistics (mean, whitening matrix, calibration) on reference shards or embeddings"
 
@@ -28,6 +29,11 @@ def add_arguments(p):
                    help="--embeddings: held-out rows kept for calibration (those with the smallest key hashes), "
                         "so memory stays bounded whatever the corpus size")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    g.add_argument("--clusters", type=int, metavar="K",
+                   help="also fit the local likelihood: K clusters of the reference, a Gaussian each (the scores "
+                        "gain <tower>_cluster, <tower>_local_loglik and <tower>_local_pvalue); default: off")
+    g.add_argument("--cluster-sample", type=int, default=CLUSTER_SAMPLE,
+                   help="fit rows the clusters are found on (those with the smallest key hashes), per tower")
     norm = g.add_mutually_exclusive_group()
     norm.add_argument("--normalize", action="store_true", help="L2-normalise embeddings before fitting")
     norm.add_argument("--raw", action="store_true", help="raw embeddings, as the paper (default)")
@@ -57,7 +63,8 @@ def _fit_shards(args) -> dict:
     spec = _common.model_spec(args)
     cfg = FitConfig(run=_common.run_config(args, spec, normalize=args.normalize), output=args.output,
                     components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
-                    max_samples=args.max_samples, seed=args.seed)
+                    max_samples=args.max_samples, seed=args.seed, clusters=args.clusters,
+                    cluster_sample=args.cluster_sample)
     if args.dry_run:
         from pipeline.storage import exists
 
@@ -79,5 +86,6 @@ def _fit_embeddings(args) -> dict:
                         f"with no model (the stats record whether they are L2-normalised)")
     cfg = EmbeddingFitConfig(run=_common.embedding_run_config(args), output=args.output,
                              components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
-                             max_samples=args.max_samples, max_heldout=args.max_heldout, seed=args.seed)
+                             max_samples=args.max_samples, max_heldout=args.max_heldout, seed=args.seed,
+                             clusters=args.clusters, cluster_sample=args.cluster_sample)
     return fit_embeddings(cfg, dry_run=args.dry_run)

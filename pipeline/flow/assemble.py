@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.flow.batch import TOWERS, Chunk, ChunkResult
 from pipeline.flow.decode import finalize_status
 from pipeline.flow.read import shard_name
-from pipeline.table import SCORE_COLUMNS
+from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS
 
 
 class ShardAssembler:
@@ -21,7 +21,7 @@ class ShardAssembler:
         self.url = url
         self.name = shard_name(url)
         self.rows: list = []
-        self.columns = {c: [] for c in SCORE_COLUMNS}
+        self.columns = {c: [] for c in SCORE_COLUMNS + LOCAL_COLUMNS}
         self.embeddings = {"image": [], "text": []}
         self.started = time.time()
 
@@ -42,7 +42,7 @@ class ShardAssembler:
             if finite is not None:
                 for i in idx[~finite & ~undecoded]:
                     prepared[i].problems.append(("encode", f"{tower} embedding is not finite (NaN/inf)"))
-            for col in ("sqnorm", "loglik", "pvalue"):
+            for col in ("sqnorm", "loglik", "pvalue", "cluster", "local_loglik", "local_pvalue"):
                 full = np.full(n, np.nan)
                 vals = getattr(res, col)
                 if vals is not None and len(idx):

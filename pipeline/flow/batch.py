@@ -42,6 +42,9 @@ class TowerResult:
     sqnorm: Optional[np.ndarray] = None  # float64 whitened squared norms (NaN: no embedding)
     loglik: Optional[np.ndarray] = None
     pvalue: Optional[np.ndarray] = None
+    cluster: Optional[np.ndarray] = None  # the local likelihood (stats with clusters): most likely cluster,
+    local_loglik: Optional[np.ndarray] = None  # float64 mixture log-likelihood,
+    local_pvalue: Optional[np.ndarray] = None  # its p-value in that cluster
     embeddings: Optional[np.ndarray] = None  # float32 (rows, d), only when asked for (NaN: no embedding)
 
 

@@ -8,7 +8,6 @@ their memory is bounded by ``block_rows`` plus the file's metadata and scores.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -18,8 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.flow.vectors import EmbeddingFile, as_float32, read_blocks, read_metadata
-from pipeline.table import SCHEMA, SCORE_COLUMNS
+from pipeline.table import score_array, scores_schema
+from pipeline.whitening.clusters import ClusterWhitening
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
+from pipeline.whitening.moments import HashSample, Moments, held_out, key_hashes
 
 BAD_ROW = "encode"  # status of a row whose embedding is NaN/inf: its encoding failed upstream
 
@@ -88,11 +89,12 @@ class TowerWhitening:
     mean: np.ndarray  # float32 (d,)
     whitening: np.ndarray  # float32 (d, m)
     calibration: np.ndarray  # float64 sorted held-out sqnorms (empty: no p-values)
+    clusters: Optional[ClusterWhitening] = None  # the local likelihood's mixture, when fitted
 
     @classmethod
     def of(cls, ws) -> "TowerWhitening":
         return cls(mean=ws.mean.astype(np.float32), whitening=np.ascontiguousarray(ws.whitening, dtype=np.float32),
-                   calibration=np.asarray(ws.calibration, dtype=np.float64))
+                   calibration=np.asarray(ws.calibration, dtype=np.float64), clusters=ws.clusters)
 
     @property
     def dim(self) -> int:
@@ -127,6 +129,8 @@ def score_file(task: ScoreFile) -> dict:
     n = meta.num_rows
     params = {t: (ws.mean, ws.whitening) for t, ws in task.stats.items()}
     sqnorm = {t: np.full(n, np.nan, dtype=np.float32) for t in params}
+    mixtures = {t: ws.clusters for t, ws in task.stats.items() if ws.clusters is not None}
+    local = {t: (np.full(n, -1, np.int64), np.full(n, np.nan), np.full(n, np.nan)) for t in mixtures}
     unscored = {t: np.ones(n, dtype=bool) for t, _, _ in file.towers if t not in params}  # finite rows
     clip = np.full(n, np.nan, dtype=np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -140,7 +144,11 @@ def score_file(task: ScoreFile) -> dict:
             for tower, x in x32.items():
                 if tower in params:
                     mu, w = params[tower]
-                    sqnorm[tower][rows] = whitened_sqnorm(x, mu, w, scratch.get(f"{tower}.w", k, w.shape[1]))
+                    y = scratch.get(f"{tower}.w", k, w.shape[1])
+                    sqnorm[tower][rows] = whitened_sqnorm(x, mu, w, y)
+                    if tower in mixtures:
+                        for out, values in zip(local[tower], mixtures[tower].mixture(y, sqnorm[tower][rows])):
+                            out[rows] = values
                 else:
                     unscored[tower][rows] = np.isfinite(x).all(axis=1)
     finite = {t: unscored[t] if t in unscored else np.isfinite(sqnorm[t]) for t, _, _ in file.towers}
@@ -151,7 +159,11 @@ def score_file(task: ScoreFile) -> dict:
     for tower, ws in task.stats.items():
         s = sqnorm[tower]
         scores.update({f"{tower}_sqnorm": s, f"{tower}_loglik": ws.loglik(s), f"{tower}_pvalue": ws.pvalue(s)})
-    table = scores_table(meta, file.url, bad, errors, scores)
+    for tower, (cluster, loglik, s_own) in local.items():
+        cluster[~finite[tower]], loglik[~finite[tower]], s_own[~finite[tower]] = -1, np.nan, np.nan
+        scores.update({f"{tower}_cluster": np.where(cluster >= 0, cluster, np.nan), f"{tower}_local_loglik": loglik,
+                       f"{tower}_local_pvalue": mixtures[tower].pvalue(cluster, s_own)})
+    table = scores_table(meta, file.url, bad, errors, scores, local=bool(mixtures))
     elapsed = time.time() - started
     n_bad = int(bad.sum())
     summary = {"shard": file.url, "name": file.name, "rows": n, "status_counts": _counts(n - n_bad, n_bad),
@@ -160,9 +172,10 @@ def score_file(task: ScoreFile) -> dict:
     return task.sink.write(file.name, file.url, table, summary)
 
 
-def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict) -> pa.Table:
-    """The scores table (:data:`pipeline.table.SCHEMA`) of a file's rows, built column by column (a null
-    where a score is not finite)."""
+def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict,
+                 local: bool = False) -> pa.Table:
+    """The scores table (:func:`pipeline.table.scores_schema`, ``local``: with the local likelihood's columns)
+    of a file's rows, built column by column (a null where a score is not finite)."""
     n = meta.num_rows
     any_bad = bool(bad.any())
     columns = {"key": meta["key"], "url": meta["url"], "uid": meta["uid"], "caption": meta["caption"],
@@ -170,11 +183,12 @@ def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, 
                "status": pc.if_else(pa.array(bad), BAD_ROW, "ok").cast(pa.string()) if any_bad
                else pa.repeat(pa.scalar("ok", pa.string()), n),
                "error": pa.array(errors, pa.string()) if any_bad else pa.nulls(n, pa.string())}
-    for name in SCORE_COLUMNS:
-        v = np.asarray(scores[name], dtype=np.float32) if name in scores else np.full(n, np.nan, np.float32)
-        finite = np.isfinite(v)
-        columns[name] = pa.array(v, pa.float32(), mask=None if finite.all() else ~finite)
-    return pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+    schema = scores_schema(local)
+    for f in schema:
+        if f.name not in columns:
+            columns[f.name] = score_array(scores[f.name] if f.name in scores else np.full(n, np.nan, np.float32),
+                                          f.type)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
 def warm_up() -> None:
@@ -199,27 +213,23 @@ class FitFile:
     max_heldout: int  # held-out rows returned: those with the smallest key hashes
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     rows: Optional[int] = None  # read only the first rows (--max-samples)
-
-
-def key_hashes(keys: list, seed: int) -> np.ndarray:
-    """The 64-bit key hashes :func:`pipeline.whitening.holdout_mask` compares with the held-out fraction."""
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big")
-                     for k in keys], dtype=np.uint64)
+    max_sample: int = 0  # fit rows returned for the clusters (--clusters): those with the smallest key hashes
 
 
 def fit_file(task: FitFile) -> dict:
-    """Float64 moments of the usable fit rows per tower, the held-out rows with their key hashes, norms."""
-    from pipeline.whitening import Moments, holdout_mask
-
+    """Float64 moments of the usable fit rows per tower, the held-out rows with their key hashes, a sample of
+    the fit rows (for the clusters), norms."""
     started = time.time()
     file = task.file
     meta = read_metadata(file, task.kind)
     n = meta.num_rows if task.rows is None else min(task.rows, meta.num_rows)
     keys = [f"{file.name}/{k if k is not None else '#' + str(i)}"
             for i, k in enumerate(meta.column("key").slice(0, n).to_pylist())]
-    held = holdout_mask(keys, task.holdout, task.seed)
+    all_hashes = key_hashes(keys, task.seed)
+    held = held_out(all_hashes, task.holdout)
     towers = [t for t, _, _ in file.towers]
     moments, held_rows, norms, dims = {}, {t: [] for t in towers}, {t: [np.inf, 0.0] for t in towers}, {}
+    samples = {}
     usable = np.zeros(n, dtype=bool)
     for start, blocks in read_blocks(file, meta.num_rows, task.block_rows, rows=n, reuse=True):
         rows = slice(start, start + len(next(iter(blocks.values()))))
@@ -228,13 +238,16 @@ def fit_file(task: FitFile) -> dict:
         for tower, block in blocks.items():
             x = block[ok]
             dims[tower] = block.shape[1]
-            moments.setdefault(tower, Moments.empty(block.shape[1])).update(x[~held[rows][ok]])
-            held_rows[tower].append(x[held[rows][ok]].astype(np.float32))
+            fit_rows = ~held[rows][ok]
+            moments.setdefault(tower, Moments.empty(block.shape[1])).update(x[fit_rows])
+            held_rows[tower].append(x[~fit_rows].astype(np.float32))
+            if task.max_sample:
+                samples.setdefault(tower, HashSample(task.max_sample, block.shape[1])).add(
+                    all_hashes[rows][ok][fit_rows], x[fit_rows])
             if len(x):
                 r = np.linalg.norm(x.astype(np.float64), axis=1)
                 norms[tower] = [min(norms[tower][0], float(r.min())), max(norms[tower][1], float(r.max()))]
-    chosen = np.flatnonzero(held & usable)
-    hashes = key_hashes([keys[i] for i in chosen], task.seed)
+    hashes = all_hashes[held & usable]
     keep = np.argsort(hashes, kind="stable")[: task.max_heldout]
     out = {}
     for tower in towers:
@@ -243,7 +256,8 @@ def fit_file(task: FitFile) -> dict:
         rows = np.concatenate(held_rows[tower]) if held_rows[tower] else np.zeros((0, dims[tower]), np.float32)
         m = moments[tower]
         out[tower] = {"count": m.count, "mean": m.mean, "scatter": m.scatter, "held_hash": hashes[keep],
-                      "held_rows": rows[keep], "norms": norms[tower], "dim": dims[tower]}
+                      "held_rows": rows[keep], "norms": norms[tower], "dim": dims[tower],
+                      "sample": samples.get(tower)}
     summary = {"shard": file.url, "name": file.name, "rows": n, "usable": int(usable.sum()),
                "status_counts": _counts(int(usable.sum()), int(n - usable.sum())),
                "duration_s": round(time.time() - started, 3)}

@@ -15,12 +15,15 @@ class ChunkScorer:
 
     def __init__(self, stats, device):
         self.stats = stats
-        self.whiteners = {}
+        self.whiteners, self.mixtures = {}, {}
         if stats is not None:
             from pipeline.whitening.kernels import make_whitener
+            from pipeline.whitening.kernels.local import TorchMixture
 
             for tower, ws in stats.towers.items():
                 self.whiteners[tower] = make_whitener(ws.mean, ws.whitening, device)
+                if ws.clusters is not None:
+                    self.mixtures[tower] = TorchMixture(ws.clusters, device)
 
     def score(self, chunk: Chunk, towers: dict, keep_embeddings: bool = False) -> ChunkResult:
         """``towers`` is :meth:`pipeline.flow.encode.Encoder.encode`'s answer for ``chunk``."""
@@ -39,13 +42,26 @@ class ChunkScorer:
             if keep_embeddings:
                 result.embeddings = scatter(emb.cpu().numpy(), ok, n, np.nan)
             if name in self.whiteners:
-                sqnorm, loglik = self.whiteners[name].score(emb)
-                sqnorm = sqnorm.double().cpu().numpy()
-                result.sqnorm = scatter(sqnorm, ok, n, np.nan)
-                result.loglik = scatter(loglik.double().cpu().numpy(), ok, n, np.nan)
-                result.pvalue = scatter(self.stats.towers[name].pvalue_from_sqnorm(sqnorm), ok, n, np.nan)
+                self._whiten(name, emb, result, ok, n)
         return ChunkResult(image=results["image"], text=results["text"],
                            clip_score=clip_score(chunk, rows_emb))
+
+    def _whiten(self, name: str, emb, result: TowerResult, ok, n: int) -> None:
+        """The tower's global scores and, with clusters, its local ones, onto ``result``'s rows."""
+        ws = self.stats.towers[name]
+        if name in self.mixtures:
+            sq, ll, w = self.whiteners[name].score_and_whiten(emb)
+            cluster, local, s_own = (t.cpu().numpy() for t in self.mixtures[name].mixture(w, sq, ll))
+            local, s_own = local.astype(np.float64), s_own.astype(np.float64)
+            result.cluster = scatter(np.where(cluster >= 0, cluster, np.nan), ok, n, np.nan)
+            result.local_loglik = scatter(local, ok, n, np.nan)
+            result.local_pvalue = scatter(ws.clusters.pvalue(cluster, s_own), ok, n, np.nan)
+        else:
+            sq, ll = self.whiteners[name].score(emb)
+        sqnorm = sq.double().cpu().numpy()
+        result.sqnorm = scatter(sqnorm, ok, n, np.nan)
+        result.loglik = scatter(ll.double().cpu().numpy(), ok, n, np.nan)
+        result.pvalue = scatter(ws.pvalue_from_sqnorm(sqnorm), ok, n, np.nan)
 
 
 def clip_score(chunk: Chunk, embs: dict) -> np.ndarray:

@@ -191,9 +191,10 @@ class ScoreSink:
     keep_embeddings: bool = False  # also write row-aligned embeddings (clip-retrieval's layout)
     desc: str = "score"  # progress bar label
     dims: dict = field(default_factory=dict)  # {tower: d}: saved towers with no embedding in a shard get NaN rows
+    local: bool = False  # the stats have clusters: write the local likelihood's columns
 
     def finish(self, assembler: ShardAssembler, damage) -> dict:
-        table = build_table(assembler.rows, assembler.scores())
+        table = build_table(assembler.rows, assembler.scores(), local=self.local)
         embeddings = None
         if self.keep_embeddings:
             embeddings = assembler.embedding_arrays()

@@ -225,22 +225,26 @@ class ClusterWhitening:
         loglik = top[:, 0].astype(np.float64) + np.log(total) - 0.5 * self.components * LOG_2PI
         return loglik, own, s_own
 
-    def score(self, z: np.ndarray, sqnorm: np.ndarray) -> LocalScores:
-        """Local scores of whitened rows ``z`` (n, m) whose global squared norms are ``sqnorm``. Rows with NaN
-        in ``sqnorm`` get NaN scores (cluster -1). One cluster scores exactly as the global fit: its
-        ``loglik`` and ``pvalue`` are those of ``sqnorm``."""
+    def mixture(self, z: np.ndarray, sqnorm: np.ndarray) -> tuple:
+        """``(cluster, loglik, s_own)`` of whitened rows ``z`` (n, m; float32 or float64) whose global squared
+        norms are ``sqnorm``: :meth:`score` without the p-values. Rows whose ``sqnorm`` is not finite get NaN
+        (cluster -1). One cluster scores exactly as the global fit: ``loglik`` is that of ``sqnorm``."""
         sqnorm = np.asarray(sqnorm)
         bad = ~np.isfinite(sqnorm)
         if self.k == 1:
-            cluster = np.where(bad, -1, 0)
-            return LocalScores(cluster=cluster, loglik=loglik_from_sqnorm(sqnorm, self.components),
-                               sqnorm=np.asarray(sqnorm, dtype=np.float64),
-                               pvalue=self.pvalue(cluster, sqnorm))
-        z = np.where(bad[:, None], 0, z) if bad.any() else z
-        loglik, own, s_own = self._mixture(z)
-        own = np.where(bad, -1, own)
-        loglik[bad], s_own[bad] = np.nan, np.nan
-        return LocalScores(cluster=own, loglik=loglik, sqnorm=s_own, pvalue=self.pvalue(own, s_own))
+            return (np.where(bad, -1, 0), loglik_from_sqnorm(sqnorm, self.components),
+                    np.asarray(sqnorm, dtype=np.float64))
+        loglik, own, s_own = self._mixture(np.where(bad[:, None], 0, z) if bad.any() else z)
+        if bad.any():
+            own = np.where(bad, -1, own)
+            loglik[bad], s_own[bad] = np.nan, np.nan
+        return own, loglik, s_own
+
+    def score(self, z: np.ndarray, sqnorm: np.ndarray) -> LocalScores:
+        """Local scores of whitened rows ``z`` (n, m) whose global squared norms are ``sqnorm`` (see
+        :meth:`mixture`); one cluster's ``loglik`` and ``pvalue`` are exactly the global ones."""
+        cluster, loglik, s_own = self.mixture(z, sqnorm)
+        return LocalScores(cluster=cluster, loglik=loglik, sqnorm=s_own, pvalue=self.pvalue(cluster, s_own))
 
     def pvalue(self, cluster: np.ndarray, s_own: np.ndarray) -> np.ndarray:
         """Empirical p-value of each row's ``s_own`` against its cluster's held-out table (NaN for cluster -1

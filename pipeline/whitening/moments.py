@@ -94,21 +94,69 @@ class Moments:
         return f"Moments(count={self.count}, dim={self.dim})"
 
 
-def holdout_mask(keys, fraction: float, seed: int = 0) -> np.ndarray:
-    """Boolean mask, True for keys in the held-out split; stable across runs and machines.
-
-    A key is held out when the first 8 bytes of ``blake2b(f"{seed}:{key}")``, read as a
-    big-endian fraction of 2**64, are below ``fraction``: each key decides alone, so
-    distributed workers agree without coordination.
-    """
-    fraction = check_fraction(fraction)
-    out = np.zeros(len(keys), dtype=bool)
+def key_hashes(keys, seed: int = 0) -> np.ndarray:
+    """The 64-bit hash of each key (uint64): the first 8 bytes of ``blake2b(f"{seed}:{key}")``, big-endian."""
+    out = np.empty(len(keys), dtype=np.uint64)
     for i, key in enumerate(keys):
         if not isinstance(key, str):
             raise ValueError(f"keys must be strings; key {i} is {key!r}")
-        digest = hashlib.blake2b(f"{seed}:{key}".encode("utf-8"), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "big") < fraction * 2.0**64
+        out[i] = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode("utf-8"), digest_size=8).digest(), "big")
     return out
+
+
+def holdout_mask(keys, fraction: float, seed: int = 0) -> np.ndarray:
+    """Boolean mask, True for keys in the held-out split; stable across runs and machines.
+
+    A key is held out when its :func:`key_hashes` value, read as a fraction of 2**64, is below
+    ``fraction``: each key decides alone, so distributed workers agree without coordination.
+    """
+    return held_out(key_hashes(keys, seed), fraction)
+
+
+def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """:func:`holdout_mask` of keys whose :func:`key_hashes` are ``hashes`` (compared exactly, as integers)."""
+    limit = check_fraction(fraction) * 2.0**64
+    return np.array([int(h) < limit for h in hashes], dtype=bool)
+
+
+class HashSample:
+    """A bounded sample of rows that does not depend on their order or on how they were split between
+    workers: the ``size`` rows whose key hashes are smallest. Samples of parts merge into the sample of
+    the whole; memory stays below twice ``size`` rows (parts are pruned together once they reach it)."""
+
+    def __init__(self, size: int, dim: int):
+        self.size, self.dim = int(size), int(dim)
+        self._hashes: list = []
+        self._rows: list = []
+        self._count = 0
+
+    def add(self, hashes: np.ndarray, rows: np.ndarray) -> "HashSample":
+        """Offer ``rows`` (n, dim) with their key ``hashes`` (n,); returns ``self``."""
+        if len(hashes):
+            self._hashes.append(np.asarray(hashes, dtype=np.uint64))
+            self._rows.append(np.asarray(rows, dtype=np.float32))
+            self._count += len(hashes)
+            if self._count >= 2 * self.size:
+                self._prune()
+        return self
+
+    def _prune(self) -> None:
+        hashes = np.concatenate(self._hashes) if self._hashes else np.zeros(0, np.uint64)
+        rows = np.concatenate(self._rows) if self._rows else np.zeros((0, self.dim), np.float32)
+        keep = np.sort(np.argsort(hashes, kind="stable")[: self.size])
+        self._hashes, self._rows, self._count = [hashes[keep]], [rows[keep]], keep.size
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """The sample's key hashes, in the order their rows were offered."""
+        self._prune()
+        return self._hashes[0]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The sample's rows (float32), in the order they were offered."""
+        self._prune()
+        return self._rows[0]
 
 
 def check_fraction(fraction) -> float:
