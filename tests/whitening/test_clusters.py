@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import oracle
 import pytest
 from safetensors.numpy import save_file
-from scipy import stats as sps
-from scipy.special import logsumexp
 
 from pipeline.whitening import StatsFile, StatsFileError, WhiteningStats
 from pipeline.whitening.clusters import spherical_kmeans
@@ -23,18 +22,6 @@ def mixture(rng, d=8, k=4, n=1500, spread=4.0, offset=5.0):
     return np.concatenate([c + rng.normal(size=(n, d)) * rng.uniform(0.3, 1.5, size=d) for c in centres])
 
 
-def oracle_local_loglik(stats: WhiteningStats, X: np.ndarray) -> np.ndarray:
-    """float64 mixture log-density from SciPy, per component, in the kept (non-whitened) PCA coordinates,
-    minus the global ``log_det``: the local log-likelihood in the global log-likelihood's units."""
-    cw = stats.clusters
-    lam = stats.eigenvalues[:stats.components]
-    P = (X - stats.mean) @ (stats.whitening * np.sqrt(lam))  # V_m^T (x - mu)
-    terms = [np.log(cw.weights[k]) + sps.multivariate_normal(cw.means[k] * np.sqrt(lam),
-                                                             np.diag(cw.variances[k] * lam)).logpdf(P)
-             for k in range(cw.k)]
-    return logsumexp(np.stack(terms), axis=0) - stats.log_det
-
-
 @pytest.mark.parametrize("components", [None, 5])
 def test_local_loglik_matches_the_scipy_mixture(components):
     rng = np.random.default_rng(0)
@@ -42,7 +29,7 @@ def test_local_loglik_matches_the_scipy_mixture(components):
     assert stats.clusters.k == 4 and stats.clusters.components == stats.components
     Y = mixture(np.random.default_rng(5), n=40)
     local = stats.local_scores(Y)
-    np.testing.assert_allclose(local.loglik, oracle_local_loglik(stats, Y), rtol=1e-11, atol=1e-9)
+    np.testing.assert_allclose(local.loglik, oracle.local_loglik(stats, Y), rtol=1e-11, atol=1e-9)
     # the cluster is the most likely component, s_own its squared norm, the p-value its table's share
     cw = stats.clusters
     z = (Y - stats.mean) @ stats.whitening
@@ -164,3 +151,38 @@ def test_bad_cluster_requests_are_refused(tmp_path):
     save_file(arrays, str(tmp_path / "bad.st"), metadata=meta)
     with pytest.raises(StatsFileError, match="tower 'image'.*weights"):
         StatsFile.load(tmp_path / "bad.st")
+
+
+def _torch_mixture_matches(device):
+    import torch
+
+    from pipeline.whitening.kernels import make_whitener
+    from pipeline.whitening.kernels.local import TorchMixture
+
+    rng = np.random.default_rng(11)
+    stats = WhiteningStats.fit(mixture(rng, d=24, k=5), holdout=0.2, clusters=5, components=20)
+    Y = mixture(np.random.default_rng(12), d=24, k=5, n=64)
+    Y[3] = np.nan  # a row with no embedding
+    x = torch.tensor(Y, dtype=torch.float32, device=device)
+    sq, ll, w = make_whitener(stats.mean, stats.whitening, device).score_and_whiten(x)
+    cluster, local, s_own = (t.cpu().numpy() for t in TorchMixture(stats.clusters, device).mixture(w, sq, ll))
+    fine = np.isfinite(Y).all(axis=1)
+    exact = stats.local_scores(Y[fine])
+    assert cluster[3] == -1 and np.isnan(local[3]) and np.isnan(s_own[3])
+    np.testing.assert_allclose(local[fine], oracle.local_loglik(stats, Y[fine]), rtol=1e-5)
+    np.testing.assert_allclose(s_own[fine], exact.sqnorm, rtol=1e-4)
+    np.testing.assert_array_equal(cluster[fine], exact.cluster)
+    one = WhiteningStats.fit(mixture(rng, d=24, k=5), holdout=0.2, clusters=1, components=20)
+    sq, ll, w = make_whitener(one.mean, one.whitening, device).score_and_whiten(x)
+    _, local, _ = TorchMixture(one.clusters, device).mixture(w, sq, ll)
+    assert local is ll  # one cluster: the global log-likelihood itself
+
+
+def test_the_device_mixture_matches_on_cpu():
+    _torch_mixture_matches("cpu")
+
+
+@pytest.mark.gpu
+def test_the_device_mixture_matches_on_cuda():
+    """The tar path's mixture on a GPU (fused whitener, float32 GEMM against every cluster)."""
+    _torch_mixture_matches("cuda")
