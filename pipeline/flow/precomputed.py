@@ -147,7 +147,10 @@ def score_file(task: ScoreFile) -> dict:
                     y = scratch.get(f"{tower}.w", k, w.shape[1])
                     sqnorm[tower][rows] = whitened_sqnorm(x, mu, w, y)
                     if tower in mixtures:
-                        for out, values in zip(local[tower], mixtures[tower].mixture(y, sqnorm[tower][rows])):
+                        mix = mixtures[tower]
+                        work = [scratch.get(f"{tower}.mix{i}", k, shape[1])
+                                for i, shape in enumerate(mix.work_shapes(k))]
+                        for out, values in zip(local[tower], mix.mixture(y, sqnorm[tower][rows], work)):
                             out[rows] = values
                 else:
                     unscored[tower][rows] = np.isfinite(x).all(axis=1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -190,51 +191,60 @@ class ClusterWhitening:
     def components(self) -> int:
         return self.means.shape[1]
 
+    def work_shapes(self, rows: int) -> tuple:
+        """The shapes of the work arrays :meth:`mixture` computes ``rows`` rows in."""
+        return (rows, self.components), (rows, self.k), (rows, self.k)
+
     def tables(self) -> list:
         """Each cluster's sorted held-out ``s_k``."""
         ends = np.cumsum(self.calibration_counts.astype(np.int64))
         return np.split(self.calibration, ends[:-1])
 
     def parameters(self, dtype) -> tuple:
-        """``(coef (2m, K), offset (K,), log_norm (K,))`` in ``dtype``, with ``s = [z*z, z] @ coef + offset``
-        and ``log N_k + 0.5 m log 2pi = log_norm_k - 0.5 s_k`` (``log_norm`` includes the weights)."""
+        """``(P (2m + 1, K), log_norm (K,))`` in ``dtype``: ``[z*z, z, 1] @ P`` is every cluster's
+        ``log pi_k + log N_k(z) + 0.5 m log 2pi = log_norm_k - 0.5 s_k`` at once (one GEMM), where ``log_norm_k
+        = log pi_k - 0.5 sum_j log v_kj``."""
         key = np.dtype(dtype).str
         if key not in self._cache:
             inv = 1.0 / self.variances
-            coef = np.concatenate([inv.T, (-2.0 * self.means * inv).T])
-            offset = np.sum(self.means ** 2 * inv, axis=1)
             log_norm = np.log(self.weights) - 0.5 * np.sum(np.log(self.variances), axis=1)
-            self._cache[key] = tuple(np.ascontiguousarray(a, dtype=dtype) for a in (coef, offset, log_norm))
+            P = np.concatenate([-0.5 * inv.T, (self.means * inv).T,
+                                (log_norm - 0.5 * np.sum(self.means ** 2 * inv, axis=1))[None, :]])
+            self._cache[key] = (np.ascontiguousarray(P, dtype=dtype), np.ascontiguousarray(log_norm, dtype=dtype))
         return self._cache[key]
 
     # ---- scores ---------------------------------------------------------------------------
-    def _mixture(self, z: np.ndarray) -> tuple:
-        """``(local loglik, own cluster, s_own)`` of whitened rows ``z`` (float32 or float64, as given)."""
-        coef, offset, log_norm = self.parameters(z.dtype)
-        s = np.concatenate([z * z, z], axis=1) @ coef
-        s += offset
-        np.maximum(s, 0.0, out=s)  # the expansion can round a tiny s_k below zero
-        logp = s * np.asarray(-0.5, dtype=s.dtype)
-        logp += log_norm
+    def _mixture(self, z: np.ndarray, work: Optional[tuple] = None) -> tuple:
+        """``(local loglik, own cluster, s_own)`` of whitened rows ``z`` (float32 or float64, as given);
+        ``work``: arrays of ``z``'s dtype to compute in (:meth:`work_shapes`)."""
+        n, m = z.shape
+        P, log_norm = self.parameters(z.dtype)
+        squares, logp, linear = (np.empty(shape, z.dtype) for shape in self.work_shapes(n)) if work is None \
+            else (w[:n] for w in work)
+        np.multiply(z, z, out=squares)
+        np.matmul(squares, P[:m], out=logp)  # two GEMMs: stacking [z*z, z] first costs more at large m
+        logp += np.matmul(z, P[m:2 * m], out=linear)
+        logp += P[2 * m]
         own = np.argmax(logp, axis=1)
         top = np.take_along_axis(logp, own[:, None], axis=1)
-        s_own = np.take_along_axis(s, own[:, None], axis=1)[:, 0].astype(np.float64)
+        s_own = np.maximum(2.0 * (log_norm[own].astype(np.float64) - top[:, 0]), 0.0)  # rounding: never < 0
         logp -= top
-        np.exp(logp, out=logp)
-        total = logp.sum(axis=1, dtype=np.float64)
-        loglik = top[:, 0].astype(np.float64) + np.log(total) - 0.5 * self.components * LOG_2PI
+        np.exp(logp, out=logp)  # terms in (0, 1]: the largest is 1
+        total = logp.sum(axis=1)
+        loglik = top[:, 0].astype(np.float64) + np.log(total, dtype=np.float64) - 0.5 * m * LOG_2PI
         return loglik, own, s_own
 
-    def mixture(self, z: np.ndarray, sqnorm: np.ndarray) -> tuple:
+    def mixture(self, z: np.ndarray, sqnorm: np.ndarray, work: Optional[tuple] = None) -> tuple:
         """``(cluster, loglik, s_own)`` of whitened rows ``z`` (n, m; float32 or float64) whose global squared
         norms are ``sqnorm``: :meth:`score` without the p-values. Rows whose ``sqnorm`` is not finite get NaN
-        (cluster -1). One cluster scores exactly as the global fit: ``loglik`` is that of ``sqnorm``."""
+        (cluster -1). One cluster scores exactly as the global fit: ``loglik`` is that of ``sqnorm``. ``work``:
+        arrays to compute in (see :meth:`work_shapes`), reused by a caller that scores many blocks."""
         sqnorm = np.asarray(sqnorm)
         bad = ~np.isfinite(sqnorm)
         if self.k == 1:
             return (np.where(bad, -1, 0), loglik_from_sqnorm(sqnorm, self.components),
                     np.asarray(sqnorm, dtype=np.float64))
-        loglik, own, s_own = self._mixture(np.where(bad[:, None], 0, z) if bad.any() else z)
+        loglik, own, s_own = self._mixture(np.where(bad[:, None], 0, z) if bad.any() else z, work)
         if bad.any():
             own = np.where(bad, -1, own)
             loglik[bad], s_own[bad] = np.nan, np.nan
