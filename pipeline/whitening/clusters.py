@@ -258,14 +258,16 @@ class ClusterWhitening:
 
     def pvalue(self, cluster: np.ndarray, s_own: np.ndarray) -> np.ndarray:
         """Empirical p-value of each row's ``s_own`` against its cluster's held-out table (NaN for cluster -1
-        and for a cluster with no held-out row)."""
+        and for a cluster with no held-out row): rows grouped by cluster, each group looked up in order."""
+        cluster = np.asarray(cluster)
+        s_own = np.asarray(s_own, dtype=np.float64)
         out = np.full(cluster.shape, np.nan)
-        tables = self.tables()
-        for j in np.unique(cluster):
-            if j < 0 or tables[j].size == 0:
-                continue
-            rows = cluster == j
-            out[rows] = pvalue_from_sqnorm(np.asarray(s_own[rows], dtype=np.float64), tables[j])
+        order = np.argsort(cluster, kind="stable")
+        starts = np.searchsorted(cluster[order], np.arange(self.k + 1))
+        for j, table in enumerate(self.tables()):
+            rows = order[starts[j]:starts[j + 1]]
+            if table.size and rows.size:
+                out[rows] = pvalue_from_sqnorm(s_own[rows], table)
         return out
 
     def summary(self) -> dict:
