@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from pipeline.models import ModelSpec
+from pipeline.models import DeclaredModel, ModelSpec
 
 DECODE_PLACES = ("cpu", "gpu")  # where JPEGs are decoded
 INPUT_FORMATS = ("webdataset", "files", "parquet")  # tars; img2dataset's folders; image bytes in Parquet
@@ -233,6 +233,7 @@ class EmbeddingRunConfig:
     block_rows: int = 4096  # rows read and scored at a time (in the CPU's cache; bounds a task's memory)
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
     executor: str = "auto"  # EXECUTORS (pipeline.executor): "local" (threads of this process), "ray", or "auto"
+    model: Optional[DeclaredModel] = None  # --embeddings-model: the model that made the vectors (None: not said)
 
     def __post_init__(self):
         if not self.paths:

@@ -7,7 +7,9 @@ Scoring keeps every rule of ``wclip score`` (:mod:`pipeline.score`): one Parquet
 the scores schema, provenance in each file and marker, resume, failure records, no mixing of two fits, no
 file of another tool touched. The "model" of precomputed vectors is their source
 (``embeddings:clip-retrieval``, ``embeddings:datacomp-l14``, ...), recorded at fit time and compared at score
-time like a model identity.
+time like a model identity, unless the user names the model that made them (``--embeddings-model``,
+:class:`pipeline.models.DeclaredModel`): scoring then takes a fit of that model, on its tar shards or on its
+declared embeddings, and refuses any other; fitting records it as the stats' model identity.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -26,6 +29,14 @@ from pipeline.filemap import file_runner
 from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
 from pipeline.flow.vectors import discover, open_array, probe
 from pipeline.flow.write import ScoreSink, append_failure
+from pipeline.models import (
+    CHECKPOINT_WEIGHTS,
+    HUB_WEIGHTS,
+    PRETRAINED_WEIGHTS,
+    RANDOM_WEIGHTS,
+    DeclaredModel,
+    declare,
+)
 from pipeline.score import describe_plan, open_folder, plan_folder
 from pipeline.storage import exists, sha256
 from pipeline.whitening import Moments, StatsFile, WhiteningStats
@@ -46,40 +57,107 @@ def _describe_kind(identity: dict) -> str:
     return f"{identity.get('model')} ({identity.get('weights')})"
 
 
+_STATE = {True: "L2-normalised", False: "raw"}
+
+
+def vouched_model(meta: dict) -> Optional[dict]:
+    """The model identity stats stand for: the model a tar fit ran, or the one ``wclip fit --embeddings
+    --embeddings-model`` declared; None for stats of precomputed vectors of a model not declared."""
+    emb = meta.get("embeddings")
+    if not emb:
+        return meta.get("model_identity") or {}
+    return meta.get("model_identity") if emb.get("model") else None
+
+
+def _fitted_source(meta: dict) -> dict:
+    """The kind of precomputed vectors stats were fitted on (:meth:`EmbeddingSource.identity`)."""
+    return meta["embeddings"].get("source") or meta.get("model_identity") or {}
+
+
 # -- score ------------------------------------------------------------------------------------------------
-def check_kind(stats, source, first: dict) -> None:
-    """Refuse stats fitted on another kind of vectors (a model's tar run, another source or DataComp key,
-    another width, the other normalisation); ``first`` is :func:`probe` of the first file."""
+def check_kind(stats, source, first: dict, declared: Optional[DeclaredModel] = None) -> None:
+    """Refuse stats fitted on another kind of vectors: without ``declared`` (``--embeddings-model``) another
+    source or DataComp key, or a model's tar shards; with it, a fit of another model (or of precomputed vectors
+    of a model not declared); and always another width or the other normalisation. ``first`` is :func:`probe`
+    of the first file."""
     meta = stats.metadata
-    fitted = meta.get("model_identity") or {}
-    if not meta.get("embeddings"):
+    if declared is not None:
+        _check_declared(meta, declared)
+    elif not meta.get("embeddings"):
+        fitted = meta.get("model_identity") or {}
         raise ConfigError(f"the stats were fitted on tar shards with model {_describe_kind(fitted)}, not on "
-                          f"precomputed embeddings: fit stats on these with `wclip fit --embeddings PATHS`")
-    if fitted != source.identity():
-        raise ConfigError(f"embedding kind mismatch: the stats were fitted on {fitted.get('model')} vectors, but "
-                          f"these inputs are {source.identity()['model']}; fit stats on them with "
-                          f"`wclip fit --embeddings`" + (" (or pass the fit's --embedding-key)" if source.key else ""))
+                          f"precomputed embeddings: if that model made these, say so with --embeddings-model "
+                          f"{declare(fitted)}; else fit stats on them with `wclip fit --embeddings PATHS`")
+    elif _fitted_source(meta) != source.identity():
+        vouched = vouched_model(meta)
+        raise ConfigError(f"embedding kind mismatch: the stats were fitted on {_fitted_source(meta).get('model')} "
+                          f"vectors, but these inputs are {source.identity()['model']}; fit stats on them with "
+                          f"`wclip fit --embeddings`" + (" (or pass the fit's --embedding-key)" if source.key else "")
+                          + (f", or, if the fit's model made them, say so with --embeddings-model {declare(vouched)}"
+                             if vouched else ""))
+    on_tars = not meta.get("embeddings")
     for tower, ws in stats.towers.items():
         got = first.get(tower)
         if got and got["dim"] != ws.dim:
             raise ConfigError(f"the {tower} embeddings are {got['dim']}-d but the stats were fitted on {ws.dim}-d "
-                              f"ones: wrong embeddings or stats file")
+                              f"ones: " + (f"{declared.text} did not make them (wrong --embeddings-model, embeddings "
+                                           f"or stats file)" if declared else "wrong embeddings or stats file"))
         if got and got["normalized"] is not None and got["normalized"] != bool(meta.get("normalize")):
-            state = {True: "L2-normalised", False: "raw"}
-            raise ConfigError(f"the stats were fitted on {state[bool(meta.get('normalize'))]} vectors, but these "
-                              f"{tower} embeddings are {state[got['normalized']]}: wrong embeddings or stats file")
+            fix = (f"refit on the images with {'--normalize' if got['normalized'] else '--raw'}, as these are"
+                   if on_tars else "wrong embeddings or stats file")
+            raise ConfigError(f"the stats were fitted on {_STATE[bool(meta.get('normalize'))]} vectors, but these "
+                              f"{tower} embeddings are {_STATE[got['normalized']]}: {fix}")
     if not set(stats.towers) & set(source.towers):
         raise ConfigError(f"the inputs have {', '.join(source.towers)} embeddings and the stats "
                           f"{', '.join(stats.towers)}: nothing to score")
 
 
+def _check_declared(meta: dict, declared: DeclaredModel) -> None:
+    """Refuse a fit that is not of the model ``--embeddings-model`` declares."""
+    vouched = vouched_model(meta)
+    if vouched is None:
+        raise ConfigError(f"--embeddings-model {declared.text}: the stats were fitted on precomputed "
+                          f"{_fitted_source(meta).get('model')} vectors of a model not declared, so no model can be "
+                          f"checked: drop --embeddings-model, or refit with `wclip fit --embeddings PATHS "
+                          f"--embeddings-model {declared.text}`")
+    if not declared.matches(vouched):
+        said = f"{declared.model} ({declared.weights or 'any weights of the repository'})"
+        raise ConfigError(f"model mismatch: the stats were fitted with model {_describe_kind(vouched)}, but "
+                          f"--embeddings-model says {said} made these embeddings: score embeddings of the fit's "
+                          f"model (--embeddings-model {declare(vouched)}), or fit on ones of this model")
+
+
+def scored_model(meta: dict, source) -> dict:
+    """The model identity a scores folder records: the source of the vectors (:meth:`EmbeddingSource.identity`),
+    and the model that made them when the stats stand for one (:func:`vouched_model`)."""
+    vouched = vouched_model(meta)
+    if vouched is None:
+        return source.identity()
+    return {"model": vouched.get("model"), "weights": vouched.get("weights"), "source": source.identity()["model"]}
+
+
+def _discover(run, fit_key: Optional[str]):
+    """The inputs of a score run: DataComp arrays default to the fit's ``--embedding-key``; inputs of another
+    kind than the fit's, a clip-retrieval folder (which has no key), are found as they are and then checked
+    (:func:`check_kind`)."""
+    if run.key or not fit_key:
+        return discover(run.paths, run.key)
+    try:
+        return discover(run.paths, fit_key)
+    except ConfigError:
+        return discover(run.paths, None)
+
+
 def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) -> dict:
     """Run ``wclip score --embeddings``; returns the summary dict (or the plan, with ``dry_run``)."""
     run = cfg.run
-    source = discover(run.paths, run.key or (stats.metadata.get("embeddings") or {}).get("key"))
-    check_kind(stats, source, probe(source.files[0]))
-    made = {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path), "model": source.identity(),
-            "normalize": bool(stats.metadata.get("normalize")), "wclip_version": pipeline.__version__}
+    source = _discover(run, (stats.metadata.get("embeddings") or {}).get("key"))
+    check_kind(stats, source, probe(source.files[0]), run.model)
+    made = {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path),
+            "model": scored_model(stats.metadata, source), "normalize": bool(stats.metadata.get("normalize")),
+            "wclip_version": pipeline.__version__}
+    if run.model is not None:
+        made["embeddings_model"] = run.model.text  # as declared (--embeddings-model)
     names = [f.name for f in source.files]
     todo = set(plan_folder(cfg.output, names, made, cfg.overwrite))
     files = [f for f in source.files if f.name in todo]
@@ -156,11 +234,26 @@ class _Reference:
             self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
 
 
+def _weight_fields(weights: str) -> dict:
+    """The stats metadata's ``pretrained``, ``checkpoint_sha256`` and ``random_init_seed``, as a tar fit writes
+    them, for a declared model's weights (all None for precomputed vectors of a model not declared)."""
+    def after(prefix):
+        return weights[len(prefix):] if weights.startswith(prefix) else None
+
+    seed = after(RANDOM_WEIGHTS)
+    return {"pretrained": after(PRETRAINED_WEIGHTS), "checkpoint_sha256": after(CHECKPOINT_WEIGHTS),
+            "random_init_seed": int(seed) if seed is not None else None}
+
+
 def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
     """Run ``wclip fit --embeddings`` and write the stats file; returns a summary dict (or the plan)."""
     from pipeline.fit import shards_digest
 
     run = cfg.run
+    if run.model is not None and run.model.weights is None:
+        raise ConfigError(f"--embeddings-model {run.model.text}: its weights are not in the Hugging Face cache here, "
+                          f"so the fit cannot record which they are: name them as {run.model.model}@"
+                          f"{HUB_WEIGHTS}HEX (their sha256), or fit where they are cached")
     source = discover(run.paths, run.key)
     limits = _row_limits(list(source.files), cfg.max_samples)
     if dry_run:
@@ -195,12 +288,13 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                                                     seed=cfg.seed, clusters=cfg.clusters,
                                                     fit_sample=None if sample is None else sample.rows)
     normalize = _normalized(ref.norms)
-    identity = source.identity()
+    identity = run.model.identity() if run.model else source.identity()
     metadata = {
-        "model": identity["model"], "pretrained": None, "checkpoint_sha256": None, "random_init_seed": None,
+        "model": identity["model"], **_weight_fields(identity["weights"]),
         "model_identity": identity, "normalize": normalize, "precision": "precomputed", "decode": None,
         "embeddings": {"kind": source.kind, "key": source.key, "label": source.label, "l2_normalized": normalize,
-                       "norms": {t: list(v) for t, v in ref.norms.items()}},
+                       "norms": {t: list(v) for t, v in ref.norms.items()}, "source": source.identity(),
+                       "model": run.model.text if run.model else None},
         "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
         "seed": cfg.seed, "n_reference": ref.usable, "max_heldout": cfg.max_heldout,
         "clusters": cfg.clusters, "cluster_sample": cfg.cluster_sample if cfg.clusters else None,

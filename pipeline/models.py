@@ -119,19 +119,96 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# How a model identity names its weights (``{"model": name, "weights": WEIGHTS + value}``), one prefix per source
+RANDOM_WEIGHTS = "random-init:seed="
+CHECKPOINT_WEIGHTS = "checkpoint:sha256:"
+PRETRAINED_WEIGHTS = "pretrained:"
+HUB_WEIGHTS = "hf-hub:sha256:"
+BUILTIN_WEIGHTS = "builtin:sha256:"
+WEIGHT_SOURCES = (RANDOM_WEIGHTS, CHECKPOINT_WEIGHTS, PRETRAINED_WEIGHTS, HUB_WEIGHTS, BUILTIN_WEIGHTS)
+
+
 def model_identity(spec: ModelSpec) -> dict:
     """What identifies the weights: recorded at fit time, compared at score time."""
     if spec.random_init:
-        weights = f"random-init:seed={spec.seed}"
+        weights = f"{RANDOM_WEIGHTS}{spec.seed}"
     elif spec.checkpoint:
-        weights = f"checkpoint:sha256:{file_sha256(spec.checkpoint)}"
+        weights = f"{CHECKPOINT_WEIGHTS}{file_sha256(spec.checkpoint)}"
     elif spec.pretrained:
-        weights = f"pretrained:{spec.pretrained}"
+        weights = f"{PRETRAINED_WEIGHTS}{spec.pretrained}"
     elif spec.hub:
-        weights = f"hf-hub:sha256:{file_sha256(cached_weights(spec))}"
+        weights = f"{HUB_WEIGHTS}{file_sha256(cached_weights(spec))}"
     else:  # a built-in model: its shipped weights
-        weights = f"builtin:sha256:{file_sha256(builtin_weights(spec.name))}"
+        weights = f"{BUILTIN_WEIGHTS}{file_sha256(builtin_weights(spec.name))}"
     return {"model": spec.name, "weights": weights}
+
+
+DECLARE_FORMS = ("ARCH/TAG (an open_clip pretrained tag, e.g. ViT-L-14/openai), hf-hub:org/name, ARCH@CHECKPOINT "
+                 "(a local weights file), MODEL@WEIGHTS as a stats file records them (e.g. "
+                 "ViT-B-32@checkpoint:sha256:HEX), or a built-in model")
+
+
+@dataclass(frozen=True)
+class DeclaredModel:
+    """A model named as the maker of precomputed embeddings (``--embeddings-model``): its identity in
+    :func:`model_identity`'s form, compared with a fit's, never loaded. ``weights`` is None only for an
+    ``hf-hub:`` repository whose weights are not cached here: any weights of that repository then match."""
+
+    text: str  # as the user wrote it
+    model: str  # architecture, hf-hub:org/name, or built-in model
+    weights: Optional[str]  # as model_identity writes them; None: an hf-hub repository's, not known here
+
+    @classmethod
+    def parse(cls, text: str, cache_dir: Optional[str] = None) -> "DeclaredModel":
+        """Read one of :data:`DECLARE_FORMS`; a ValueError says which forms there are."""
+        model, at, weights = text.strip().partition("@")
+        if at:
+            if not model or not weights:
+                raise ValueError(f"--embeddings-model {text!r}: give MODEL@WEIGHTS; the forms: {DECLARE_FORMS}")
+            if weights.startswith(RANDOM_WEIGHTS) and not weights[len(RANDOM_WEIGHTS):].isdigit():
+                raise ValueError(f"--embeddings-model {text!r}: random weights are named {RANDOM_WEIGHTS}N")
+            if weights.startswith(WEIGHT_SOURCES):
+                return cls(text, model, weights)
+            if Path(weights).is_file():
+                return cls(text, model, f"{CHECKPOINT_WEIGHTS}{file_sha256(weights)}")
+            raise ValueError(f"--embeddings-model {text!r}: {weights!r} is neither a local weights file nor weights "
+                             f"as a stats file records them ({', '.join(p + '...' for p in WEIGHT_SOURCES)})")
+        if model.startswith(HF_HUB):
+            spec = ModelSpec(name=model, cache_dir=cache_dir)
+            found = cached_weights(spec)
+            return cls(text, model, f"{HUB_WEIGHTS}{file_sha256(found)}" if found else None)
+        arch, slash, tag = model.partition("/")
+        if slash and arch and tag:
+            return cls(text, arch, f"{PRETRAINED_WEIGHTS}{tag}")
+        if model in builtin_models():
+            return cls(text, model, model_identity(ModelSpec(name=model))["weights"])
+        raise ValueError(f"--embeddings-model {text!r} names no weights; the forms: {DECLARE_FORMS} ("
+                         f"{', '.join(builtin_models())})")
+
+    def identity(self) -> dict:
+        return {"model": self.model, "weights": self.weights}
+
+    def matches(self, identity: dict) -> bool:
+        """Whether a recorded model identity is this model's."""
+        if identity.get("model") != self.model:
+            return False
+        if self.weights is None:
+            return str(identity.get("weights", "")).startswith(HUB_WEIGHTS)
+        return identity.get("weights") == self.weights
+
+
+def declare(identity: dict) -> str:
+    """How ``--embeddings-model`` names the model of a recorded identity: ARCH/TAG, hf-hub:org/name, a built-in
+    model's name while its shipped weights are the recorded ones, else MODEL@WEIGHTS."""
+    model, weights = str(identity.get("model")), str(identity.get("weights"))
+    if weights.startswith(PRETRAINED_WEIGHTS):
+        return f"{model}/{weights[len(PRETRAINED_WEIGHTS):]}"
+    if weights.startswith(HUB_WEIGHTS) and model.startswith(HF_HUB):
+        return model
+    if weights.startswith(BUILTIN_WEIGHTS) and model in builtin_models() and \
+            model_identity(ModelSpec(name=model))["weights"] == weights:
+        return model
+    return f"{model}@{weights}"
 
 
 def _hub_files(spec: ModelSpec) -> tuple:

@@ -179,6 +179,12 @@ def add_embedding_arguments(p) -> None:
                         "shards: {shard}.npz beside {shard}.parquet (URLs, brace patterns, globs, or folders)")
     g.add_argument("--embedding-key", choices=("l14", "b32"),
                    help="DataComp: which arrays of the .npz ({key}_img, {key}_txt); score defaults to the fit's")
+    g.add_argument("--embeddings-model", metavar="MODEL",
+                   help="the model that made the embeddings, as ARCH/TAG (ViT-L-14/openai), hf-hub:org/name, "
+                        "ARCH@CHECKPOINT (a local weights file), MODEL@WEIGHTS as a stats file records them, or a "
+                        "built-in model (" + ", ".join(builtin_models()) + "); score: accept stats fitted on that "
+                        "model's tar shards (same normalisation, same width), refuse any other model; fit: record it "
+                        "as the stats' model. Recorded in the outputs")
     p.add_argument("--dry-run", action="store_true",
                    help="say what would be read, skipped and written, then exit (no Ray, no model)")
 
@@ -196,6 +202,8 @@ def uses_embeddings(args, needs: tuple = ()) -> bool:
     if bool(args.input) == bool(args.embeddings):
         raise UserError("give the inputs as either --input SHARDS or --embeddings PATHS" +
                         (" (not both)" if args.input else ""))
+    if args.input and args.embeddings_model:
+        raise UserError("--embeddings-model names the model of --embeddings; with --input the model is --model")
     if args.input:
         for flag in needs:
             if getattr(args, flag.lstrip("-").replace("-", "_")) is None:
@@ -206,12 +214,15 @@ def uses_embeddings(args, needs: tuple = ()) -> bool:
 def embedding_run_config(args):
     """An :class:`pipeline.config.EmbeddingRunConfig` from ``--embeddings`` and the execution flags."""
     from pipeline.config import EmbeddingRunConfig, RayOptions
+    from pipeline.models import DeclaredModel
 
     try:
+        declared = DeclaredModel.parse(args.embeddings_model, args.cache_dir) if args.embeddings_model else None
         return EmbeddingRunConfig(paths=tuple(args.embeddings), key=args.embedding_key,
                                   ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
                                   max_in_flight=args.max_in_flight, retries=args.retries,
-                                  progress=False if args.no_progress else None, executor=args.executor)
+                                  progress=False if args.no_progress else None, executor=args.executor,
+                                  model=declared)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
