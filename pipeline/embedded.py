@@ -144,8 +144,11 @@ def _discover(run, fit_key: Optional[str]):
         return discover(run.paths, run.key)
     try:
         return discover(run.paths, fit_key)
-    except ConfigError:
-        return discover(run.paths, None)
+    except ConfigError as exc:
+        try:
+            return discover(run.paths, None)
+        except ConfigError:
+            raise exc from None  # DataComp shards need a key: the first error is about them
 
 
 def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) -> dict:

@@ -235,4 +235,7 @@ def test_a_declared_fit_scores_that_model_from_another_source(demo, tmp_path, ca
     assert pq.read_table(tmp_path / "b" / "metadata_00000.parquet")["status"].to_pylist() == ["ok"] * 24
     assert json.loads((tmp_path / "b" / ".wclip" / "run.json").read_text())["model"]["source"] == \
         "embeddings:clip-retrieval"
-    assert not (tmp_path / "a").exists()
+    capsys.readouterr()
+    # DataComp inputs still take the fit's key, and their own errors are the ones shown
+    _refused(capsys, _score(pool / "{00000,00000}.npz", stats, tmp_path / "c"), "two embedding files share")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
