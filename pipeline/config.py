@@ -159,6 +159,9 @@ class FitConfig:
     def __post_init__(self):
         _positive("clusters", self.clusters, allow_none=True)
         _positive("cluster_sample", self.cluster_sample)
+        if self.clusters and self.clusters > self.cluster_sample:
+            raise ValueError(f"--clusters {self.clusters} needs at least as many sampled fit rows: raise "
+                             f"--cluster-sample (now {self.cluster_sample}) or ask for fewer clusters")
         if not (0.0 <= self.holdout < 1.0):
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if not (0.0 <= self.shrinkage < 1.0):

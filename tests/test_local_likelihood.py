@@ -156,4 +156,8 @@ def test_the_clusters_flag_is_checked_before_any_work(laion, tmp_path, capsys):
     assert main(["fit", "--embeddings", str(laion), "--output", str(stats_path), "--clusters", "9999",
                  "--no-progress"]) == 2
     assert "cannot make 9999 clusters of" in capsys.readouterr().err
+    assert main(["fit", "--embeddings", str(laion), "--output", str(stats_path), "--clusters", "64",
+                 "--cluster-sample", "10", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == ("wclip fit: error: --clusters 64 needs at least as many sampled fit "
+                                               "rows: raise --cluster-sample (now 10) or ask for fewer clusters")
     assert not stats_path.exists()
