@@ -18,17 +18,23 @@ conditions (all must hold; repeat each flag as needed):
   baselines), exactly: the threshold is the k-th best value, k = ceil(F * n). Rows tied with the
   threshold are all kept, so a fraction keeps at least k rows. Only rows with status "ok" are
   eligible unless --include-failed; a missing value fails a condition.
+  Scores of stats fitted with --clusters K also have the local likelihood's columns, used the same
+  way: *_local_loglik (under the mixture of per-cluster Gaussians) and *_local_pvalue (against the
+  held-out reference rows of the sample's own cluster), higher = more likely; and image_cluster /
+  text_cluster, the cluster number (keep one cluster with --min image_cluster=J --max
+  image_cluster=J). Asked of scores without them, they are refused before any work.
 
-outputs in OUTPUT/: kept/*.parquet (kept rows, one file per score file), uids.npy (sorted
-DataComp uids, dtype u8,u8; needs a uid per row, which img2dataset records only with
---save_additional_columns '["uid"]'), filter.json (conditions, thresholds, counts), and with --input
-shards/ in img2dataset's layout: NNNNN.tar (exact member bytes, --samples-per-shard kept rows per
-tar), NNNNN.parquet (a row per kept sample: url, caption, uid, key, status, error_message, ...,
-the scores) and NNNNN_stats.json (count, successes, failed_to_download, ...; written last). Rerun
-the same command to resume. A kept sample that cannot be read (truncated or changed input shard)
-is not copied; its row says why (status failed_to_download) and filter.json lists it. When a key
-occurs twice in an input shard, the copy at the scored position (the scores' `index`) is the one
-copied. The scores must come from one fit and model (checked).
+outputs in OUTPUT/: kept/*.parquet (kept rows, one file per score file), uids.npy (sorted DataComp
+uids, dtype u8,u8; needs a uid per row, which img2dataset records only with
+--save_additional_columns '["uid"]'), filter.json (conditions, thresholds, counts), and with
+--input shards/ in img2dataset's layout: NNNNN.tar (exact member bytes, --samples-per-shard kept
+rows per tar), NNNNN.parquet (a row per kept sample: url, caption, uid, key, status, error_message,
+..., the scores, and the local likelihood's columns when the scores have them) and NNNNN_stats.json
+(count, successes, failed_to_download, ...; written last). Rerun the same command to resume. A kept
+sample that cannot be read (truncated or changed input shard) is not copied; its row says why
+(status failed_to_download) and filter.json lists it. When a key occurs twice in an input shard,
+the copy at the scored position (the scores' `index`) is the one copied. The scores must come from
+one fit and model (checked).
 
 example:
   wclip filter --scores scores/ --output keep30/ --keep-fraction clip_score=0.3 \\

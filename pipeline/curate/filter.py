@@ -11,9 +11,14 @@ Semantics (also in ``wclip filter --help``):
   its own over all eligible rows; every row tied with the threshold is kept, so a fraction
   keeps at least ``k`` rows (more only on ties).
 - A kept row is eligible and passes every condition; a missing or non-finite value fails.
+- The local likelihood's columns (:data:`pipeline.table.LOCAL_COLUMNS`, in scores of stats fitted with
+  ``--clusters K``) are conditions like any other: ``*_local_loglik`` and ``*_local_pvalue`` keep their
+  highest values; ``<tower>_cluster`` is a cluster number, selected with ``min``/``max`` (a fraction of it
+  is refused). Asked of scores without them, they are refused before any work, saying how to get them.
 
 Refused before any work: a score file that is not readable Parquet, score files made by different fits
-or models (:func:`pipeline.table.check_scores`), and ``--input`` shards none of which was scored.
+or models (:func:`pipeline.table.check_scores`), a condition on a column the scores lack, and ``--input``
+shards none of which was scored.
 
 Memory: thresholds come from :class:`pipeline.curate.select.RadixSelect` (exact, a few streaming
 passes); rows are streamed in Parquet batches; uids are spilled in sorted runs.
@@ -36,7 +41,9 @@ from pipeline.config import FilterConfig
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UidCollector, parse_uids
 from pipeline.table import (
-    SCORE_COLUMNS,
+    ALL_SCORE_COLUMNS,
+    CLUSTER_COLUMNS,
+    LOCAL_COLUMNS,
     check_scores,
     file_schema,
     float_values,
@@ -72,6 +79,9 @@ class Condition:
         if not math.isfinite(self.value):
             raise ValueError(f"{self.column}: the value must be a finite number; got {self.value}")
         if self.kind == "fraction":
+            if self.column in CLUSTER_COLUMNS:
+                raise ValueError(f"{self.column} is a cluster number, not a score: keep one cluster with "
+                                 f"--min {self.column}=J --max {self.column}=J")
             if not 0.0 <= self.value <= 1.0:
                 raise ValueError(f"{self.column}: a fraction must be in [0, 1]; got {self.value}")
             keep = self.keep or default_direction(self.column)
@@ -127,20 +137,24 @@ class Resolved:
                 "passed_fraction": self.passed / eligible if eligible else None}
 
 
-def check_columns(files, conditions) -> None:
-    """Raise ValueError when a condition names a column no score file has, or a text column."""
-    if not conditions:
-        return
+def check_columns(files, conditions) -> bool:
+    """Raise ValueError when a condition names a column no score file has (a local likelihood column: say
+    how to get it), or a text column. Returns whether the scores have the local likelihood's columns."""
     schema = file_schema(files[0])
     present = set(schema.names) | set(file_schema(files[-1]).names)
+    local = set(LOCAL_COLUMNS) <= present
     for c in conditions:
+        if c.column in LOCAL_COLUMNS and c.column not in present:
+            raise ValueError(f"no column {c.column!r} in the scores: it is the local likelihood's, written only "
+                             f"when the stats have clusters; fit with `wclip fit --clusters K`, then score again")
         if c.column not in present:
-            raise ValueError(f"no column {c.column!r} in the scores; score columns are "
-                             f"{', '.join(SCORE_COLUMNS)}")
+            known = [n for n in ALL_SCORE_COLUMNS + CLUSTER_COLUMNS if n in present] or ALL_SCORE_COLUMNS
+            raise ValueError(f"no column {c.column!r} in the scores; score columns are {', '.join(known)}")
         if c.column in schema.names:
             kind = schema.field(c.column).type
             if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
                 raise ValueError(f"column {c.column!r} is {kind}, not a number")
+    return local
 
 
 def resolve(files, conditions, include_failed: bool = False, progress=None) -> list[Resolved]:
@@ -262,16 +276,17 @@ def _count_shards(batch, kept, file_name, shards) -> None:
             entry[field_name] += item["counts"]
 
 
-def _checked_files(cfg: FilterConfig) -> tuple[list, object]:
-    """The score files, after refusing unreadable ones, mixed fits and unknown condition columns."""
+def _checked_files(cfg: FilterConfig) -> tuple[list, object, bool]:
+    """The score files, after refusing unreadable ones, mixed fits and unknown condition columns; what
+    :func:`pipeline.table.check_scores` found; whether the files have the local likelihood's columns."""
     from pipeline.table import list_score_files
 
     files = list_score_files(cfg.scores)
     if not files:
         raise ValueError(f"no score files (*.parquet) in {cfg.scores}; run `wclip score` first")
     check = check_scores(files)
-    check_columns(files, cfg.conditions)
-    return files, check
+    local = check_columns(files, cfg.conditions)
+    return files, check, local
 
 
 def scored_shards(files) -> list:
@@ -310,7 +325,7 @@ def check_inputs(inputs, files) -> dict:
 def dry_run(cfg: FilterConfig) -> dict:
     """What :func:`run_filter` would read and write, after the same checks; reads footers (and with inputs
     the ``shard`` column), writes nothing and starts nothing."""
-    files, check = _checked_files(cfg)
+    files, check, _ = _checked_files(cfg)
     out = str(cfg.output)
     kept_dir = storage.join(out, "kept")
     read = {"scores": str(cfg.scores), "score_files": len(files), "rows": check.rows,
@@ -337,7 +352,7 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
     if cfg.inputs and mapper is None:
         raise ValueError("writing shards (inputs given) needs a mapper to run the copy tasks, e.g. "
                          "pipeline.runtime.map_tasks inside pipeline.runtime.ray_session")
-    files, check = _checked_files(cfg)
+    files, check, local = _checked_files(cfg)
     if cfg.inputs:
         check_inputs(cfg.inputs, files)
     resolved = resolve(files, cfg.conditions, cfg.include_failed)
@@ -360,7 +375,7 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
 
         report["shards"] = write_shards(
             list(cfg.inputs), result.shards, storage.join(out, "kept"), storage.join(out, "shards"), mapper,
-            cfg.samples_per_shard, cfg.samples_per_task, cfg.max_in_flight, cfg.retries, cfg.progress)
+            cfg.samples_per_shard, cfg.samples_per_task, cfg.max_in_flight, cfg.retries, cfg.progress, local=local)
     report["elapsed_s"] = round(time.time() - started, 3)
     storage.write_json(storage.join(out, "filter.json"), report, sort_keys=False)
     return report

@@ -4,7 +4,8 @@ them as they read img2dataset's own output::
     SHARDS/NNNNN.tar          the kept samples: member names and bytes as in the input shards, in order
     SHARDS/NNNNN.parquet      a row per kept sample: img2dataset's columns (url, caption, uid, key, status,
                               error_message, width, height, original_width, original_height), then wclip's
-                              (source_shard, source_index, wclip_status, wclip_error and the score columns)
+                              (source_shard, source_index, wclip_status, wclip_error and the score columns;
+                              with the local likelihood's columns when the scores have them)
     SHARDS/NNNNN_stats.json   img2dataset's shard stats (count, successes, failed_to_download, failed_to_resize,
                               duration, start_time, end_time, status_dict) plus bytes, sha256 of the tar and the
                               unreadable samples; written last, it is the shard's completion marker
@@ -29,7 +30,7 @@ from collections import Counter
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.table import SCORE_COLUMNS, table_bytes
+from pipeline.table import LOCAL_COLUMNS, LOCAL_SCHEMA, SCORE_COLUMNS, table_bytes
 
 STATE = ".wclip"
 SUCCESS, FAILED = "success", "failed_to_download"
@@ -41,6 +42,9 @@ META_SCHEMA = pa.schema(
     + [("source_shard", pa.string()), ("source_index", pa.int32()), ("wclip_status", pa.string()),
        ("wclip_error", pa.string())]
     + [(c, pa.float32()) for c in SCORE_COLUMNS])
+#: ``META_SCHEMA`` then the local likelihood's columns, typed as in the scores: the metadata of shards filtered
+#: from scores that have them (scores without them keep :data:`META_SCHEMA`, no empty columns added).
+LOCAL_META_SCHEMA = pa.schema(list(META_SCHEMA) + [LOCAL_SCHEMA.field(c) for c in LOCAL_COLUMNS])
 _EOF = b"\0" * 1024
 _PIECE_INFO = b"wclip-piece"
 
@@ -98,14 +102,20 @@ def _sizes(sample) -> dict:
     return {}
 
 
+def meta_schema(local: bool) -> pa.Schema:
+    """The ``NNNNN.parquet`` schema: with the local likelihood's columns when ``local``."""
+    return LOCAL_META_SCHEMA if local else META_SCHEMA
+
+
 def meta_row(outcome) -> dict:
-    """The ``NNNNN.parquet`` row of one kept row's :class:`pipeline.curate.source.Outcome`."""
+    """The ``NNNNN.parquet`` row of one kept row's :class:`pipeline.curate.source.Outcome` (the local
+    likelihood's columns included; :func:`meta_schema` decides whether they are written)."""
     row = outcome.row
     return {"url": row.get("url"), "caption": row.get("caption"), "uid": row.get("uid"), "key": row.get("key"),
             "status": SUCCESS if outcome.sample is not None else FAILED, "error_message": outcome.reason,
             **_sizes(outcome.sample), "source_shard": row.get("shard"), "source_index": row.get("index"),
             "wclip_status": row.get("status"), "wclip_error": row.get("error"),
-            **{c: row.get(c) for c in SCORE_COLUMNS}}
+            **{c: row.get(c) for c in SCORE_COLUMNS + LOCAL_COLUMNS}}
 
 
 def unreadable_record(outcome) -> dict:
@@ -119,11 +129,13 @@ class ShardSink:
 
     Closing a whole shard writes its tar, then ``NNNNN.parquet``, then ``NNNNN_stats.json`` (the marker);
     closing a piece writes its rows, then its tar part (the piece's marker). With ``skip`` (already written)
-    it only counts.
+    it only counts. ``local``: the rows carry the local likelihood's columns (:func:`meta_schema`).
     """
 
-    def __init__(self, out: str, n: int, width: int, path: str, whole: bool, skip: bool = False):
+    def __init__(self, out: str, n: int, width: int, path: str, whole: bool, skip: bool = False,
+                 local: bool = False):
         self.out, self.n, self.width, self.path, self.whole, self.skip = out, n, width, path, whole, skip
+        self.schema = meta_schema(local)
         self.samples, self.size, self.start = 0, 0, time.time()
         self.rows: list = []
         self.unreadable: list = []
@@ -161,7 +173,7 @@ class ShardSink:
         with storage.open_read(piece) as fh:
             while chunk := fh.read(1 << 20):
                 self.write(chunk)
-        table, info = read_piece_rows(piece)
+        table, info = read_piece_rows(piece, self.schema)
         self.rows.extend(table.to_pylist())
         self.unreadable.extend(info.get("unreadable", []))
         self.start = min(self.start, info.get("start_time", self.start))
@@ -177,7 +189,7 @@ class ShardSink:
         if self.fh is None:
             return
         end = time.time()
-        table = pa.Table.from_pylist(self.rows, schema=META_SCHEMA)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
         if self.whole:
             self.write(_EOF)
         else:
@@ -204,11 +216,12 @@ class ShardSink:
                 "unreadable": self.unreadable}
 
 
-def read_piece_rows(piece: str) -> tuple[pa.Table, dict]:
-    """A piece's rows and what its copy task recorded (start time, unreadable samples)."""
+def read_piece_rows(piece: str, schema: pa.Schema = META_SCHEMA) -> tuple[pa.Table, dict]:
+    """A piece's rows (in ``schema``: :func:`meta_schema`) and what its copy task recorded (start time,
+    unreadable samples)."""
     import pyarrow.parquet as pq
 
     with storage.open_read(piece_rows_path(piece)) as fh:
         table = pq.read_table(fh)
     raw = (table.schema.metadata or {}).get(_PIECE_INFO)
-    return table.cast(META_SCHEMA), (json.loads(raw) if raw else {})
+    return table.cast(schema), (json.loads(raw) if raw else {})

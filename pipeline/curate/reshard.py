@@ -8,7 +8,8 @@ or changed input shard, see :mod:`pipeline.curate.source`) keeps its number: its
 left out of the tar, so one bad sample never costs the others. Each copy task takes a group of
 consecutive input shards (each read once); an output shard that spans two groups is written as pieces
 and joined afterwards. Member names are only ever written *inside* tars; file names come from the shard
-numbers. The tasks run through a ``mapper`` the caller passes in (the command passes
+numbers. The shards' metadata carries the local likelihood's columns when the scores have them (``local``).
+The tasks run through a ``mapper`` the caller passes in (the command passes
 :func:`pipeline.runtime.map_tasks`); every file is written crash-safe through :mod:`pipeline.storage`.
 """
 
@@ -24,9 +25,10 @@ from pipeline import storage
 from pipeline.curate import layout
 from pipeline.curate.source import kept_samples
 from pipeline.flow.read import shard_name
-from pipeline.table import SCORE_COLUMNS, iter_batches
+from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS, iter_batches
 
 ROW_COLUMNS = ("key", "shard", "index", "url", "uid", "caption", "status", "error", *SCORE_COLUMNS)
+LOCAL_ROW_COLUMNS = ROW_COLUMNS + LOCAL_COLUMNS  # the rows of scores with the local likelihood
 MAX_LISTED = 10_000  # unreadable samples listed in the summary (all of them are in the shards' files)
 
 
@@ -50,6 +52,7 @@ class CopyJob:
     samples_per_shard: int
     width: int
     total: int                  # kept samples over all jobs
+    local: bool = False         # the rows carry the local likelihood's columns (and the shards' metadata)
 
     @property
     def start(self) -> int:
@@ -96,8 +99,10 @@ def match_inputs(urls, shards: dict) -> tuple[list, list, list]:
 
 
 def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
-              samples_per_task: int | None = None) -> tuple[list, dict]:
-    """Number the kept samples and group input shards into jobs; returns ``(jobs, plan)``."""
+              samples_per_task: int | None = None, local: bool = False) -> tuple[list, dict]:
+    """Number the kept samples and group input shards into jobs; returns ``(jobs, plan)``. ``local``: the
+    shards' metadata gets the local likelihood's columns (part of the plan's digest only then, so folders
+    written without them keep their digest)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1; got {samples_per_shard}")
     per_task = samples_per_task or 4 * samples_per_shard
@@ -119,9 +124,10 @@ def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
             current = []
     if current:
         groups.append(current)
-    jobs = [CopyJob(tuple(g), str(out_dir), samples_per_shard, width, total) for g in groups]
+    jobs = [CopyJob(tuple(g), str(out_dir), samples_per_shard, width, total, local) for g in groups]
     digest = hashlib.sha256(json.dumps(
-        [samples_per_shard, width, [(p.url, p.count) for p in parts]]).encode()).hexdigest()
+        [samples_per_shard, width, [(p.url, p.count) for p in parts]] + (["local"] if local else [])
+    ).encode()).hexdigest()
     plan = {"samples": total, "shards": n_shards, "samples_per_shard": samples_per_shard,
             "width": width, "inputs": len(parts), "digest": digest}
     return jobs, plan
@@ -152,7 +158,7 @@ class _Outputs:
             self.index += 1
             n, _, _, path, whole = self.targets[self.index]
             self.sink = layout.ShardSink(self.job.out_dir, n, self.job.width, path, whole,
-                                         skip=_done(self.job, n, path))
+                                         skip=_done(self.job, n, path), local=self.job.local)
         self.pos += 1
         return self.sink
 
@@ -165,11 +171,12 @@ class _Outputs:
             self.sink.abort()
 
 
-def part_rows(part: InputPart) -> list:
-    """The kept rows of one input shard (dicts of :data:`ROW_COLUMNS`), as the kept files hold them."""
+def part_rows(part: InputPart, local: bool = False) -> list:
+    """The kept rows of one input shard (dicts of :data:`ROW_COLUMNS`, ``local``: :data:`LOCAL_ROW_COLUMNS`),
+    as the kept files hold them."""
     rows = []
     for f in part.kept_files:
-        for batch in iter_batches(f, ROW_COLUMNS):
+        for batch in iter_batches(f, LOCAL_ROW_COLUMNS if local else ROW_COLUMNS):
             rows += batch.filter(pc.fill_null(pc.equal(batch.column("shard"), part.shard), False)).to_pylist()
     if len(rows) != part.count:
         raise RuntimeError(f"{part.url}: the kept files hold {len(rows)} rows of it, the plan {part.count}; "
@@ -183,7 +190,7 @@ def copy_job(job: CopyJob) -> dict:
     outputs, unreadable = _Outputs(job), 0
     try:
         for part in job.parts:
-            for outcome in kept_samples(part.url, part_rows(part)):
+            for outcome in kept_samples(part.url, part_rows(part, job.local)):
                 outputs.next_sink().add(outcome)
                 unreadable += outcome.sample is None
     except BaseException:
@@ -197,25 +204,26 @@ def copy_job(job: CopyJob) -> dict:
 
 
 def straddling(jobs: list) -> list:
-    """``(shard number, out dir, width, [piece paths in order], rows)`` for shards assembled from pieces."""
+    """``(shard number, out dir, width, [piece paths in order], rows, local)`` for shards assembled from
+    pieces."""
     pieces: dict = {}
     for job in jobs:
         for n, lo, hi, path, whole in job.targets():
             if not whole:
                 pieces.setdefault(n, []).append((lo, hi, path))
     return [(n, jobs[0].out_dir, jobs[0].width, [p for _, _, p in sorted(v)],
-             sum(hi - lo for lo, hi, _ in v)) for n, v in sorted(pieces.items())]
+             sum(hi - lo for lo, hi, _ in v), jobs[0].local) for n, v in sorted(pieces.items())]
 
 
 def assemble(item) -> dict:
     """Assembly task: join the pieces of one output shard (tar blocks and rows), then write its marker."""
-    n, out, width, paths, rows = item
+    n, out, width, paths, rows, local = item
     if storage.exists(layout.stats_path(out, n, width)):
         return {"skipped": True}
     missing = [p for p in paths if not storage.exists(p)]
     if missing:
         raise RuntimeError(f"shard {n}: pieces missing {missing}; rerun to recopy them")
-    sink = layout.ShardSink(out, n, width, layout.tar_path(out, n, width), whole=True)
+    sink = layout.ShardSink(out, n, width, layout.tar_path(out, n, width), whole=True, local=local)
     try:
         for p in paths:
             sink.add_piece(p)
@@ -266,8 +274,9 @@ def finished_shards(out_dir, plan: dict) -> dict:
 
 def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shard: int,
                  samples_per_task: int | None = None, max_in_flight: int | None = None, retries: int = 2,
-                 progress=None) -> dict:
-    """Copy the kept samples of ``urls`` into ``out_dir`` (resumable); returns a summary.
+                 progress=None, local: bool = False) -> dict:
+    """Copy the kept samples of ``urls`` into ``out_dir`` (resumable); returns a summary. ``local``: the kept
+    rows have the local likelihood's columns, which the shards' metadata then carries.
 
     ``mapper(fn, items, desc=, max_retries=, max_in_flight=, progress=)`` runs the copy and assembly tasks
     and returns an outcome (``item``, ``ok``, ``error``) per item (:func:`pipeline.runtime.map_tasks`); it is
@@ -275,7 +284,7 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
     """
     out_dir = str(out_dir)
     pairs, unmatched, unused = match_inputs(urls, shards)
-    jobs, plan = make_plan(pairs, shards, kept_dir, out_dir, samples_per_shard, samples_per_task)
+    jobs, plan = make_plan(pairs, shards, kept_dir, out_dir, samples_per_shard, samples_per_task, local)
     storage.makedirs(out_dir)
     check_plan(out_dir, plan)
     pieces = layout.pieces_dir(out_dir)
