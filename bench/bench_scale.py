@@ -20,19 +20,22 @@ Curves:
 * ``shards``: ``wclip score`` with the built-in ``wclip-demo`` model on tiny tar shards (4 samples each, hard
   links to 8 template tars written with tests/shardkit.py), then the same command again: a resume that skips
   every shard. Per-shard overhead, and the driver's own memory (the command's process) beside the tree's.
-* ``filter`` / ``card``: ``wclip filter --keep-fraction clip_score=0.3`` and ``wclip card --no-thumbnails``
-  on a scores folder written directly by this script (``--file-rows`` rows per file, pipeline.table's
-  SCHEMA and encodings, the provenance of a real ``wclip score`` file, ``.wclip/run.json``); the sizes are
-  the first files of one folder (hard links). Neither command runs tasks without ``--input``, so there is
-  no executor to choose.
+* ``filter`` / ``card``: ``wclip filter --keep-fraction clip_score=0.3`` (as typed, and with ``--no-uids``)
+  and ``wclip card --no-thumbnails`` on a scores folder written directly by this script (``--file-rows``
+  rows per file, pipeline.table's SCHEMA and encodings, the provenance of a real ``wclip score`` file,
+  ``.wclip/run.json``); the sizes are the first files of one folder (hard links). Neither command runs tasks
+  without ``--input``, so there is no executor to choose.
 
 Every command runs from a snapshot of the library at a commit (``git archive``, default HEAD, under
 .bench/scale/snapshot/), so that others' edits of the working tree do not change what is measured. The
-peak memory is the summed PSS of the command's whole process tree (bench_cpu_pipeline's helpers), sampled
-every 0.2 s; "driver" is the command's own process. Per size the table gives seconds, the cost per unit
-(row or shard), and the ratios largest/smallest of the per-unit cost and of the peak PSS (the goal: time
-within 1.3x of linear, memory within 1.2x of flat). Results are appended to .bench/scale/results.jsonl;
-``--plot`` draws docs/scale.png from the latest result of each curve and executor.
+peak memory is the summed PSS of the command's whole process tree, sampled every 0.1 s (bench_peers' /proc
+scan for the tree and each process's CPU seconds, bench_cpu_pipeline's PSS reader); "driver" is the
+command's own process; CPU seconds count every process seen in the tree (Ray's workers too). Per size the
+table gives seconds, the cost per unit (row or shard) and the marginal cost (of the units added since the
+previous size: fixed start-up costs drop out), and the ratios largest/smallest of the per-unit cost and of
+the peak PSS (the goal: time within 1.3x of linear, memory within 1.2x of flat). Results are appended to
+.bench/scale/results.jsonl; ``--report`` prints and ``--plot`` draws the latest point of each curve,
+executor and size.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ CURVES = {  # curve: (default sizes, quick sizes, unit, rows per file, executors
     "embeddings64": ([200_000, 2_000_000, 20_000_000], [200_000, 2_000_000], "row", 100_000, ("local", "ray")),
     "embeddings768": ([10_000, 100_000, 1_000_000], [10_000, 100_000], "row", 5_000, ("local", "ray")),
     "shards": ([1_000, 10_000, 100_000], [100, 1_000], "shard", 4, ("local", "ray")),
-    "filter": ([1_000_000, 10_000_000, 100_000_000], [1_000_000, 10_000_000], "row", 100_000, ("none",)),
+    "filter": ([1_000_000, 10_000_000, 100_000_000], [1_000_000, 10_000_000], "row", 100_000, ("uids", "no-uids")),
     "card": ([1_000_000, 10_000_000, 100_000_000], [1_000_000, 10_000_000], "row", 100_000, ("none",)),
 }
 TEMPLATES = 8  # distinct template tars behind the tiny shards
@@ -126,12 +129,14 @@ def measure(lib: Library, cmd: list, every: float = 0.1) -> dict:
 
 
 def repeated(lib: Library, cmd: list, repeat: int, reset) -> dict:
-    """``measure`` ``repeat`` times (``reset()`` before each): the run with the median wall time, with every
-    run's wall seconds."""
+    """``measure`` ``repeat`` times (``reset()`` before each; once when a run takes over a minute): the run
+    with the median wall time, with every run's wall seconds."""
     runs = []
     for _ in range(repeat):
         reset()
         runs.append(measure(lib, cmd))
+        if runs[0]["wall_s"] > 60:
+            break
     runs.sort(key=lambda m: m["wall_s"])
     return dict(runs[len(runs) // 2], walls_s=[round(m["wall_s"], 2) for m in runs])
 
@@ -318,19 +323,22 @@ def scores_folders(lib: Library, sizes: list, file_rows: int) -> tuple:
     return stats, views, files
 
 
-def filter_curve(lib: Library, sizes: list, file_rows: int, repeat: int) -> list:
+def filter_curve(lib: Library, sizes: list, file_rows: int, repeat: int, variants) -> list:
+    """``variants``: "uids" (as typed: kept rows and uids.npy) and/or "no-uids" (``--no-uids``)."""
     _, views, files = scores_folders(lib, sizes, file_rows)
     points = []
-    for n in files:
-        out = WORK / "out-filter"
-        m = repeated(lib, lib.wclip("filter", "--scores", views[n], "--output", out,
-                                    "--keep-fraction", "clip_score=0.3", "--no-progress"),
-                     repeat, lambda out=out: shutil.rmtree(out, ignore_errors=True))
-        report = m["summary"] or {}
-        assert report.get("rows") == n * file_rows, (report.get("rows"), n * file_rows)
-        shutil.rmtree(out, ignore_errors=True)
-        points.append(point("none", n * file_rows, m, files=n, kept=report.get("kept"),
-                            passes=[c.get("passes") for c in report.get("conditions", [])]))
+    for variant in variants:
+        for n in files:
+            out = WORK / "out-filter"
+            m = repeated(lib, lib.wclip("filter", "--scores", views[n], "--output", out,
+                                        "--keep-fraction", "clip_score=0.3", "--no-progress",
+                                        *(["--no-uids"] if variant == "no-uids" else [])),
+                         repeat, lambda out=out: shutil.rmtree(out, ignore_errors=True))
+            report = m["summary"] or {}
+            assert report.get("rows") == n * file_rows, (report.get("rows"), n * file_rows)
+            shutil.rmtree(out, ignore_errors=True)
+            points.append(point(variant, n * file_rows, m, files=n, kept=report.get("kept"),
+                                passes=[c.get("passes") for c in report.get("conditions", [])]))
     return points
 
 
@@ -446,7 +454,8 @@ def main(argv=None) -> int:
     p.add_argument("--curve", choices=sorted(CURVES))
     p.add_argument("--sizes", type=int, nargs="+", help="units (rows or shards) per point")
     p.add_argument("--quick", action="store_true", help="the two smallest default sizes (minutes)")
-    p.add_argument("--executors", help="comma-separated: local,ray (curves that have executors)")
+    p.add_argument("--executors", help="comma-separated: local,ray (score curves); uids,no-uids (filter: as typed, "
+                   "and with --no-uids)")
     p.add_argument("--repeat", type=int, default=1, help="runs per point (the median wall time is kept); "
                    "the shards curve runs each point once")
     p.add_argument("--file-rows", type=int, help="rows per generated file (default: per curve)")
@@ -482,7 +491,7 @@ def main(argv=None) -> int:
     elif args.curve == "shards":
         points = shards_curve(lib, sizes, executors)
     elif args.curve == "filter":
-        points = filter_curve(lib, sizes, file_rows, args.repeat)
+        points = filter_curve(lib, sizes, file_rows, args.repeat, executors)
     else:
         points = card_curve(lib, sizes, file_rows, args.repeat)
     result = {"curve": args.curve, "unit": unit, "commit": lib.commit, "started": started,
