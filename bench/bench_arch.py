@@ -158,7 +158,7 @@ def loop_child(model: str, urls: list, threads: int, device: str) -> None:
     sync()
     print("ready", flush=True)
     sys.stdin.readline()
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     n = 0
     with torch.inference_mode(), amp:
         for pixels, tokens in batches:
@@ -166,8 +166,9 @@ def loop_child(model: str, urls: list, threads: int, device: str) -> None:
             clip.encode_text(tokens)
             n += len(pixels)
     sync()
-    end = time.time()
-    print(json.dumps({"images": n, "start": start, "end": end, "threads": torch.get_num_threads()}), flush=True)
+    end, cpu = time.time(), time.process_time() - cpu
+    print(json.dumps({"images": n, "start": start, "end": end, "cpu_s": cpu, "threads": torch.get_num_threads()}),
+          flush=True)
 
 
 def run_loop(model: str, urls: list, processes: int, threads: int, device: str) -> dict:
@@ -194,6 +195,7 @@ def run_loop(model: str, urls: list, processes: int, threads: int, device: str) 
     images = sum(r["images"] for r in results)
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {"images": images, "seconds": span, "images_per_s": images / span, "processes": processes,
+            "cpu_s": sum(r["cpu_s"] for r in results),
             "threads": [r["threads"] for r in results], "load_before": list(load)}
 
 

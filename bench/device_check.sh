@@ -109,7 +109,11 @@ probe() {  # probe KEY -> the value of KEY in the probe's JSON
     echo "# wclip device check"
     echo
     echo "- started: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), $(nproc) CPUs; mode: $([[ $QUICK == 1 ]] && echo quick || echo full); budget ${BUDGET_S} s"
-    echo "- git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) ($(git status --short 2>/dev/null | wc -l) changed files)"
+    if head=$(git rev-parse --short HEAD 2>/dev/null); then
+        echo "- git: $head ($(git status --short 2>/dev/null | wc -l) changed files)"
+    else
+        echo "- git: not a git checkout (a copy of the working tree)"
+    fi
     echo "- $DEPS_NOTE"
 } > "$REPORT"
 
@@ -197,7 +201,7 @@ step kernel "Fused whitening kernel vs unfused torch (bench_kernel.py)" cuda,cup
     "$PY" bench/bench_kernel.py "${KERNEL_ARGS[@]}" --json "$LOGS/kernel.json"
 step encoder "Image tower images/s, ViT-B-32 and ViT-L-14 (bench_gpu_e2e_model_only.py)" cuda,deps 90 \
     "$PY" bench/bench_gpu_e2e_model_only.py "${ENCODER_ARGS[@]}" --json "$LOGS/encoder.json"
-step arch "wclip score end to end vs the model alone (bench_arch.py --device cuda)" cuda,deps 150 \
+step arch "wclip score end to end vs the model alone (bench_arch.py --device cuda)" cuda,deps 180 \
     "$PY" bench/bench_arch.py --device cuda --rounds 1 "${ARCH_ARGS[@]}" --json "$LOGS/arch.json"
 step e2e_decode "wclip score --decode cpu vs gpu (bench_gpu_e2e.py)" cuda,deps 150 \
     "$PY" bench/bench_gpu_e2e.py --models ViT-B-32 ViT-L-14 --decode cpu,gpu "${E2E_ARGS[@]}" \

@@ -107,7 +107,7 @@ def test_quick_mode_runs_the_benchmark_scripts_cpu_smoke(tmp_path):
     row = encoder["figures"]["results"][0]
     assert row["model"] == "ViT-B-32" and row["images_per_s"] > 0
     body = secs["CPU smoke: bench_kernel.py --cpu-smoke (checks the script; not a GPU figure)"]
-    assert body.startswith("command: `") and "ok: exit 0" in body and "fastest parity-passing method" in body
+    assert body.lstrip().startswith("command: `") and "ok: exit 0" in body and "fastest parity-passing method" in body
 
 
 def test_the_deps_bundle_goes_first_on_pythonpath(tmp_path):
