@@ -12,7 +12,7 @@ import math
 
 from pipeline import storage
 from pipeline.card.hub import HubOptions, hub_section
-from pipeline.card.measure import normality, provenance, summarize
+from pipeline.card.measure import clustered_towers, clusters, normality, provenance, summarize
 from pipeline.card.render import CITATION, render_readme
 from pipeline.card.sketch import QuantileSketch
 from pipeline.config import CardConfig
@@ -25,7 +25,8 @@ FILTER_KEYS = ("rows", "eligible", "kept", "kept_fraction_of_rows", "kept_fracti
 
 
 def build_card(cfg: CardConfig, hub: HubOptions | None = None) -> dict:
-    """Measure the scores, draw the plots, write README.md and card.json; returns card.json.
+    """Measure the scores, draw the plots, write README.md and card.json; returns card.json. With the local
+    likelihood (stats fitted with clusters) the card also covers its columns and has a section on the clusters.
 
     Refused before any work: unreadable score files, files made by different fits or models, and a stats
     file that did not make the scores (files without provenance are accepted with a note)."""
@@ -44,7 +45,9 @@ def build_card(cfg: CardConfig, hub: HubOptions | None = None) -> dict:
     filter_section = _filter_section(cfg.filter_dir)
     out = str(cfg.output)
     storage.makedirs(out)
-    corpus = summarize(files, cfg.rel_err, cfg.extremes)
+    towers, cluster_notes = clustered_towers(sf, files)
+    corpus = summarize(files, cfg.rel_err, cfg.extremes, towers)
+    cluster_section, more = clusters(sf, corpus)   # the local likelihood's clusters ({} without)
     card = {
         "version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "scores": str(cfg.scores), "score_files": len(files), "stats": str(cfg.stats),
@@ -59,10 +62,11 @@ def build_card(cfg: CardConfig, hub: HubOptions | None = None) -> dict:
         "extremes": {"by": "image_loglik",
                      "least_likely": [dict(r, image_loglik=v) for v, r in corpus.extremes.low],
                      "most_likely": [dict(r, image_loglik=v) for v, r in corpus.extremes.high]},
+        **({"clusters": cluster_section} if cluster_section else {}),
         "filter": filter_section, "hub": hub_section(cfg.scores, out, hub), "citation": CITATION,
     }
-    card["plots"], notes = draw_all(out, sf, corpus, cfg)
-    card["notes"] = checked.warnings() + notes
+    card["plots"], notes = draw_all(out, sf, corpus, cfg, cluster_section)
+    card["notes"] = checked.warnings() + cluster_notes + more + notes
     card = storage.jsonable(card)
     storage.write_json(storage.join(out, "card.json"), card, sort_keys=False)
     storage.write_atomic(storage.join(out, "README.md"), render_readme(card).encode("utf-8"))

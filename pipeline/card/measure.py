@@ -1,27 +1,40 @@
 """What a dataset card measures: the scores streamed in two passes, and the fit read from the stats file.
 
-The first pass fills a quantile sketch per score column (:class:`pipeline.card.sketch.QuantileSketch`),
-status and error counts, and the K least and most likely rows; the second fills fixed-bin histograms
-whose ranges come from the first. Memory stays bounded whatever the number of rows.
+The first pass fills a quantile sketch per score column (:class:`pipeline.card.sketch.QuantileSketch`; the
+local likelihood's columns too when the score files have them), status and error counts, the K least and
+most likely rows and, for each tower whose clusters the card shows, the rows per cluster and each
+cluster's lowest local log-likelihoods (:class:`pipeline.card.sketch.GroupedLowest`); the second fills
+fixed-bin histograms whose ranges come from the first. Memory stays bounded whatever the number of rows.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.card.sketch import Extremes, Histogram, Histogram2D, QuantileSketch
+from pipeline.card.sketch import Extremes, GroupedLowest, Histogram, Histogram2D, QuantileSketch
 from pipeline.storage import jsonable
-from pipeline.table import SCORE_COLUMNS, float_values, iter_batches, named_errors, ok_mask
+from pipeline.table import (
+    LOCAL_SCORE_COLUMNS,
+    SCORE_COLUMNS,
+    file_schema,
+    float_values,
+    iter_batches,
+    named_errors,
+    ok_mask,
+)
 
 MAX_ERROR_KINDS = 200
 PAYLOAD = ("key", "shard", "index", "caption")       # what the card keeps of an extreme row
 HISTOGRAM_COLUMNS = ("image_loglik", "text_loglik", "clip_score")
+LOCAL_HISTOGRAM_COLUMNS = tuple(c for c in LOCAL_SCORE_COLUMNS if c.endswith("_loglik"))  # beside the global
+CLUSTER_PAYLOAD = ("key", "url", "caption")          # what the card keeps of a cluster's lowest rows
+CLUSTER_EXAMPLES = 3                                 # lowest-local-likelihood rows kept per cluster
 NORMALITY_TESTS = ("anderson_darling", "dagostino_pearson")
 FIT_METADATA = ("model", "model_identity", "pretrained", "checkpoint_sha256", "normalize", "precision",
                 "reference_digest", "reference_shards", "n_reference", "components_requested", "shrinkage",
@@ -48,15 +61,35 @@ class CorpusSummary:
     extremes: Extremes
     histograms: dict                  # column -> Histogram
     density: Histogram2D | None       # (image_loglik, clip_score)
+    clusters: dict = field(default_factory=dict)  # tower -> GroupedLowest of <tower>_local_loglik by cluster
 
 
-def summarize(files, rel_err: float = 0.001, k: int = 8) -> CorpusSummary:
-    """Stream the score files twice and measure everything the card shows."""
-    summary = CorpusSummary(0, Counter(), Counter(), {c: QuantileSketch(rel_err) for c in SCORE_COLUMNS},
-                            Extremes(k), {}, None)
+def measured_columns(files) -> tuple:
+    """The score columns a card measures: :data:`pipeline.table.SCORE_COLUMNS`, then the local likelihood's
+    float columns that the score files have (one fit per folder: the first file tells)."""
+    present = set(file_schema(files[0]).names)
+    return SCORE_COLUMNS + tuple(c for c in LOCAL_SCORE_COLUMNS if c in present)
+
+
+def cluster_columns(tower: str) -> tuple:
+    """A tower's cluster number and local log-likelihood and p-value columns."""
+    return f"{tower}_cluster", f"{tower}_local_loglik", f"{tower}_local_pvalue"
+
+
+def summarize(files, rel_err: float = 0.001, k: int = 8, clusters: dict | None = None) -> CorpusSummary:
+    """Stream the score files twice and measure everything the card shows; ``clusters``: ``{tower: K}`` of
+    the towers whose clusters are tallied (their cluster columns must be in the files)."""
+    columns = measured_columns(files)
+    summary = CorpusSummary(0, Counter(), Counter(), {c: QuantileSketch(rel_err) for c in columns},
+                            Extremes(k), {}, None,
+                            {t: GroupedLowest(n, CLUSTER_EXAMPLES) for t, n in (clusters or {}).items()})
+    read = ["status", "error", *PAYLOAD, *columns]
+    if summary.clusters:
+        read += [*CLUSTER_PAYLOAD, *(c for t in summary.clusters for c in cluster_columns(t))]
+    read = list(dict.fromkeys(read))
     for path in files:
         with named_errors(path):
-            for batch in iter_batches(path, ["status", "error", *PAYLOAD, *SCORE_COLUMNS]):
+            for batch in iter_batches(path, read):
                 _first_pass(summary, batch)
     summary.histograms, summary.density = _bins(summary.sketches)
     if summary.histograms:
@@ -76,10 +109,24 @@ def _first_pass(summary: CorpusSummary, batch: pa.RecordBatch) -> None:
     if not ok.all():
         bad = pa.array(~ok)
         _count_errors(summary.errors, status.filter(bad).to_pylist(), batch.column("error").filter(bad).to_pylist())
-    for c in SCORE_COLUMNS:
-        summary.sketches[c].update(float_values(batch, c)[ok])
+    for c, sketch in summary.sketches.items():
+        sketch.update(float_values(batch, c)[ok])
     loglik = np.where(ok, float_values(batch, "image_loglik"), np.nan)
     summary.extremes.update(loglik, lambda i, b=batch: {p: b.column(p)[i].as_py() for p in PAYLOAD})
+    for tower, tally in summary.clusters.items():
+        _tally_clusters(tally, batch, ok, *cluster_columns(tower))
+
+
+def _tally_clusters(tally: GroupedLowest, batch: pa.RecordBatch, ok: np.ndarray, cluster: str, loglik: str,
+                    pvalue: str) -> None:
+    """Rows with status ok per cluster, and each cluster's lowest local log-likelihoods."""
+    pvalues = float_values(batch, pvalue)
+
+    def row(i: int) -> dict:
+        found = {p: batch.column(p)[i].as_py() for p in CLUSTER_PAYLOAD}
+        return dict(found, local_pvalue=float(pvalues[i]) if np.isfinite(pvalues[i]) else None)
+
+    tally.update(np.where(ok, float_values(batch, cluster), np.nan), float_values(batch, loglik), row)
 
 
 def _count_errors(errors: Counter, statuses: list, messages: list) -> None:
@@ -95,7 +142,7 @@ def _count_errors(errors: Counter, statuses: list, messages: list) -> None:
 def _bins(sketches: dict) -> tuple[dict, Histogram2D | None]:
     """Histograms over the 0.1%..99.9% range of each column (padded 5%), and the 2-D density box."""
     histograms = {}
-    for c in HISTOGRAM_COLUMNS:
+    for c in HISTOGRAM_COLUMNS + tuple(c for c in LOCAL_HISTOGRAM_COLUMNS if c in sketches):
         s = sketches[c]
         if s.count:
             lo, hi = s.quantile(0.001), s.quantile(0.999)
@@ -142,3 +189,49 @@ def normality(sf) -> dict:
             entry[split]["n_features"] = found.get("n_features")
         result[name] = entry
     return result
+
+
+def clustered_towers(sf, files) -> tuple[dict, list]:
+    """``({tower: K}, notes)``: the towers with clusters in the stats whose cluster column the score files
+    have (those the card tallies), and a note for each clustered tower whose scores lack it."""
+    present, towers, notes = set(file_schema(files[0]).names), {}, []
+    for tower, ws in sf.towers.items():
+        if ws.clusters is None:
+            continue
+        column = cluster_columns(tower)[0]
+        if column in present:
+            towers[tower] = ws.clusters.k
+        else:
+            notes.append(f"{tower} tower: the stats have {ws.clusters.k} clusters, but the score files have no "
+                         f"{column} column, so the clusters' corpus sizes and lowest rows are not shown")
+    return towers, notes
+
+
+def clusters(sf, corpus: CorpusSummary) -> tuple[dict, list]:
+    """``({tower: section}, notes)`` for every tower with clusters in the stats: K, the chosen shrinkage and,
+    per cluster, its weight, rows and held-out rows in the reference (the stats) and its rows with status
+    ok in the scored corpus, with its lowest-local-likelihood rows (``{}`` without clusters)."""
+    section, notes = {}, []
+    for tower, ws in sf.towers.items():
+        if ws.clusters is None:
+            continue
+        info, tally = ws.clusters.summary(), corpus.clusters.get(tower)
+        k = info["k"]
+        sizes = info.get("sizes") or [None] * k
+        total = int(tally.counts.sum()) if tally is not None else None
+        rows = []
+        for j, weight in enumerate(info["weights"]):
+            n = int(tally.counts[j]) if tally is not None else None
+            share = n / total if total else None
+            rows.append({"cluster": j, "reference_weight": weight, "reference_rows": sizes[j],
+                         "heldout_rows": info["calibration_counts"][j], "corpus_rows": n, "corpus_share": share,
+                         "corpus_over_reference": None if share is None else share / weight,
+                         "lowest": [dict(r, local_loglik=v) for v, r in tally.low[j]] if tally is not None else []})
+        section[tower] = {"k": k, "shrinkage": info["shrinkage"],
+                          "reference_rows": None if None in sizes else int(sum(sizes)),
+                          "corpus_rows": total, "outside": tally.outside if tally is not None else None,
+                          "examples_per_cluster": CLUSTER_EXAMPLES, "clusters": rows}
+        if tally is not None and tally.outside:
+            notes.append(f"{tower} tower: {tally.outside} rows have a cluster number outside 0..{k - 1}: the scores "
+                         f"were not made by these stats")
+    return section, notes

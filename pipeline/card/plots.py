@@ -30,18 +30,46 @@ def _save(fig, out: str, name: str) -> str:
 
 
 def loglik_histograms(out: str, histograms: dict) -> str | None:
+    """One panel per tower; the local (mixture) log-likelihood, in the same units, drawn over the global
+    one when the scores have it."""
     panels = [c for c in ("image_loglik", "text_loglik") if c in histograms]
     if not panels:
         return None
     fig = _figure(5 * len(panels), 3.6)
     for ax, c in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         h = histograms[c]
-        ax.stairs(h.counts, h.edges, fill=True, alpha=0.7)
+        ax.stairs(h.counts, h.edges, fill=True, alpha=0.7, label="global")
         ax.set_xlabel(f"{c} (nats)")
         ax.set_ylabel("rows")
         outside = h.below + h.above
+        local = histograms.get(c.replace("_loglik", "_local_loglik"))
+        if local is not None:
+            ax.stairs(local.counts, local.edges, color="C3", lw=1.2, label="local (cluster mixture)")
+            ax.legend(loc="upper left", fontsize=7)
         ax.set_title(c.split("_")[0] + " log-likelihood" + (f"  ({outside} outside)" if outside else ""))
     return _save(fig, out, "loglik_hist.png")
+
+
+def cluster_sizes(out: str, section: dict) -> str | None:
+    """Per clustered tower: each cluster's share of the reference (its weight) and of the scored corpus."""
+    towers = [t for t, v in section.items() if v["clusters"]]
+    if not towers:
+        return None
+    widest = max(section[t]["k"] for t in towers)
+    fig = _figure(min(4 + 0.35 * widest, 16), 2.8 * len(towers))
+    for ax, tower in zip(fig.subplots(len(towers), 1, squeeze=False)[:, 0], towers):
+        rows = section[tower]["clusters"]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["reference_weight"] for r in rows], 0.4, label="reference")
+        if section[tower]["corpus_rows"]:
+            ax.bar(x + 0.2, [r["corpus_share"] for r in rows], 0.4, label="corpus (status ok)")
+        ax.set_xlabel("cluster")
+        ax.set_ylabel("share of rows")
+        if len(rows) <= 40:
+            ax.set_xticks(x)
+        ax.set_title(f"{tower}: {len(rows)} clusters (shrinkage {section[tower]['shrinkage']:g})")
+        ax.legend(fontsize=7)
+    return _save(fig, out, "cluster_sizes.png")
 
 
 def qq_plot(out: str, towers: dict) -> tuple[str | None, list]:
@@ -176,10 +204,13 @@ def _thumbnail(data: bytes):
         return None
 
 
-def draw_all(out: str, sf, corpus, cfg) -> tuple[dict, list]:
-    """Every plot of the card; returns ``({plot: file name}, notes)``."""
+def draw_all(out: str, sf, corpus, cfg, clusters: dict | None = None) -> tuple[dict, list]:
+    """Every plot of the card (``clusters``: the card's section on the local likelihood's clusters); returns
+    ``({plot: file name}, notes)``."""
     plots, notes = {}, []
     plots["loglik_histograms"] = loglik_histograms(out, corpus.histograms)
+    if clusters:
+        plots["cluster_sizes"] = cluster_sizes(out, clusters)
     plots["qq_heldout"], qq_notes = qq_plot(out, sf.towers)
     notes += qq_notes
     plots["spectrum"] = spectrum(out, sf.towers)

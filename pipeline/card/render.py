@@ -107,6 +107,9 @@ def render_readme(card: dict) -> str:
     out += _table(["column", "n", "mean", *levels],
                   [[c, v["count"], v["mean"], *v["q"].values()] for c, v in card["quantiles"].items()])
 
+    if card.get("clusters"):
+        out += _cluster_lines(card["clusters"])
+
     out += ["## Filter", ""]
     out += _filter_lines(card.get("filter"))
 
@@ -125,6 +128,7 @@ def render_readme(card: dict) -> str:
     captions = {"loglik_histograms": "Log-likelihood histograms", "qq_heldout":
                 "Q–Q plot: held-out sqnorm against chi2(m)", "spectrum": "Eigenvalue spectrum",
                 "clipscore_vs_loglik": "CLIP score against image log-likelihood",
+                "cluster_sizes": "Cluster sizes: reference and corpus",
                 "least_likely": "Least likely images", "most_likely": "Most likely images"}
     for key, caption in captions.items():
         if key in plots:
@@ -139,6 +143,56 @@ def render_readme(card: dict) -> str:
             "  booktitle={International Conference on Machine Learning (ICML)},",
             "  year={2025}, eprint={2505.06934}, archivePrefix={arXiv}}", "```", ""]
     return "\n".join(out)
+
+
+MAX_CLUSTERS_SHOWN = 100  # clusters per tower listed in the README; card.json lists them all
+LOCAL_METHOD = (
+    "The statistics also model each tower as a mixture of K clusters in the whitened space (spherical k-means "
+    "of the reference, a Gaussian per cluster whose variances are shrunk toward the global ones by the "
+    "shrinkage chosen on held-out rows). `<tower>_local_loglik` is a row's log-likelihood under that mixture "
+    "(in the units of `<tower>_loglik`), `<tower>_cluster` its most likely cluster and `<tower>_local_pvalue` "
+    "the share of that cluster's held-out reference rows that were less likely. A low local log-likelihood "
+    "marks a sample that is atypical even among its nearest kind, which the one global Gaussian cannot see.")
+
+
+def _text(value, width: int = 80) -> str:
+    """Free text (a caption, a URL) shortened to one line of a Markdown table."""
+    import textwrap
+
+    if value is None:
+        return "–"
+    line = textwrap.shorten(str(value), width, placeholder="...") or "–"
+    return line.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _cluster_lines(section: dict) -> list:
+    out = ["## Clusters (local likelihood)", "", LOCAL_METHOD, "",
+           "Reference: the fit's clustered rows (share = the mixture weight) and its held-out rows per cluster; "
+           "corpus: the scored rows with status `ok` whose most likely cluster it is.", ""]
+    for tower, t in section.items():
+        rows = t["clusters"]
+        shown = rows[:MAX_CLUSTERS_SHOWN]
+        more = [f"The first {len(shown)} of {len(rows)} clusters; card.json lists them all.", ""] \
+            if len(rows) > len(shown) else []
+        corpus = "" if t["corpus_rows"] is None else f", {t['corpus_rows']:,} corpus rows"
+        out += [f"### {tower} tower: {t['k']} clusters, shrinkage {t['shrinkage']:g}{corpus}", ""] + more
+        out += _table(["cluster", "reference rows", "reference share", "held-out rows", "corpus rows",
+                       "corpus share", "corpus / reference"],
+                      [[r["cluster"], r["reference_rows"], _share(r["reference_weight"]), r["heldout_rows"],
+                        r["corpus_rows"], _share(r["corpus_share"]),
+                        "–" if r["corpus_over_reference"] is None else f"{r['corpus_over_reference']:.2f}"]
+                       for r in shown])
+        listed = [[r["cluster"], e["key"], _text(e.get("caption")), _text(e.get("url"), 60), e["local_loglik"],
+                   e.get("local_pvalue")] for r in shown for e in r["lowest"]]
+        if listed:
+            out += [f"Lowest `{tower}_local_loglik` in each cluster (at most {t['examples_per_cluster']} rows "
+                    f"with status `ok` per cluster):", ""]
+            out += _table(["cluster", "key", "caption", "url", "local loglik", "local p-value"], listed)
+    return out
+
+
+def _share(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
 
 
 def _filter_lines(f) -> list:

@@ -6,6 +6,7 @@
   ``|x| < min_value`` count as zero (absolute error below ``min_value``).
 - :class:`Histogram` and :class:`Histogram2D` count into fixed bins with outside counts.
 - :class:`Extremes` keeps the K rows with the smallest and largest value of one column.
+- :class:`GroupedLowest` counts the rows of each group and keeps the K with the smallest value in each.
 """
 
 from __future__ import annotations
@@ -162,3 +163,42 @@ class Extremes:
                           key=lambda t: t[0])[: self.k]
         self.high = sorted(self.high + [(float(x[i]), rows(int(i))) for i in order[-self.k:]],
                            key=lambda t: -t[0])[: self.k]
+
+
+class GroupedLowest:
+    """Per group (numbered ``0 .. groups - 1``) of a streamed column: its row count and the ``k`` rows with
+    the smallest values (ties: the row seen first). Rows whose group is outside that range are counted in
+    :attr:`outside`. Memory: ``groups * k`` rows, whatever the number streamed."""
+
+    def __init__(self, groups: int, k: int = 3):
+        self.k = k
+        self.counts = np.zeros(groups, np.int64)
+        self.outside = 0
+        self.low: list[list[tuple[float, dict]]] = [[] for _ in range(groups)]
+        self._bound = np.full(groups, np.inf)   # a group's k-th smallest value so far (inf while it has fewer)
+
+    def update(self, groups, values, rows) -> None:
+        """``groups``: the group of each row (float, NaN = none: not counted); ``values``: float array (a
+        non-finite value is counted, never listed); ``rows(i)``: the payload dict of batch row ``i``."""
+        g, x = np.asarray(groups, np.float64), np.asarray(values, np.float64)
+        known = np.isfinite(g)
+        inside = known & (g >= 0) & (g < self.counts.size) & (g == np.floor(g))
+        self.outside += int((known & ~inside).sum())
+        self.counts += np.bincount(g[inside].astype(np.int64), minlength=self.counts.size)
+        idx = np.flatnonzero(inside & np.isfinite(x))
+        if self.k == 0 or idx.size == 0:
+            return
+        group = g[idx].astype(np.int64)
+        better = x[idx] < self._bound[group]
+        idx, group = idx[better], group[better]
+        order = np.lexsort((x[idx], group))            # by group, then value; stable: row order on ties
+        idx, group = idx[order], group[order]
+        first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        rank = np.arange(idx.size) - np.repeat(first, np.diff(np.r_[first, idx.size]))
+        take = rank < self.k
+        for i, j in zip(idx[take].tolist(), group[take].tolist()):
+            self.low[j].append((float(x[i]), rows(i)))
+        for j in np.unique(group[take]).tolist():
+            self.low[j] = sorted(self.low[j], key=lambda t: t[0])[: self.k]
+            if len(self.low[j]) == self.k:
+                self._bound[j] = self.low[j][-1][0]
