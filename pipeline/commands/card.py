@@ -6,7 +6,10 @@ EPILOG = """\
 The card refuses score files that are not readable Parquet, files made by different fits or models, and
 a --stats file that did not make the scores (files from an older wclip, which record no provenance, are
 accepted with a note). README.md's YAML header carries --license and `configs`/`data_files`, so the
-Hugging Face Hub's dataset viewer shows the scores; the card copies no data (see --data-files).
+Hugging Face Hub's dataset viewer shows the scores; the card copies no data (see --data-files). With
+stats fitted with --clusters K, the card also covers the local likelihood's columns and has a section on
+each tower's clusters: sizes in the reference and in the corpus, and the rows of lowest local
+log-likelihood in each cluster.
 
 example:
   wclip card --scores repo/scores --stats stats.safetensors --output repo --license cc-by-4.0
