@@ -235,17 +235,14 @@ for line in (logs / "steps.tsv").read_text().splitlines():
     steps.append(entry)
 out.write_text(json.dumps({"report": report, "environment": json.loads((logs / "probe.json").read_text()),
                            "steps": steps}, indent=1))
+with open(report, "a") as fh:
+    fh.write("\n## summary\n\n| step | status |\n|---|---|\n")
+    for s in steps:
+        reason = f": {s['skipped_because']}" if "skipped_because" in s else ""
+        fh.write(f"| {s['title']} | {s['status']}{reason} |\n")
 EOF
 
 {
-    echo
-    echo "## summary"
-    echo
-    echo "| step | status |"
-    echo "|---|---|"
-    while IFS=$'\t' read -r id status rc reason title cmd; do
-        echo "| $title | $status${reason:+: $reason} |"
-    done < "$LOGS/steps.tsv"
     echo
     echo "finished $(date -u '+%Y-%m-%d %H:%M:%S UTC') after ${SECONDS} s; figures as JSON: $JSON"
 } >> "$REPORT"

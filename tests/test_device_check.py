@@ -140,3 +140,32 @@ def test_a_python_that_cannot_run_stops_it(tmp_path):
     assert proc.returncode == 2
     assert "FAILED: " in report.read_text() and "could not run the probe" in report.read_text()
     assert json.loads(js.read_text())["probe"] == "failed"
+
+
+def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path):
+    # a Python that fails the kernel benchmark and runs everything else (the probe, the JSON) as it is
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *bench_kernel.py*) echo "kernel broke" >&2; exit 3;; '
+                       f'*bench_gpu_e2e_model_only.py*) exit 0;; esac\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    proc, report, js = run_check(tmp_path, "--quick", PYTHON=str(wrapper))
+    assert proc.returncode == 1
+    secs = sections(report.read_text())
+    body = secs["CPU smoke: bench_kernel.py --cpu-smoke (checks the script; not a GPU figure)"]
+    assert "failed: exit 3 after" in body and "kernel broke" in body
+    steps = {s["id"]: s for s in json.loads(js.read_text())["steps"]}
+    assert steps["smoke_kernel"]["status"] == "failed" and steps["smoke_kernel"]["exit"] == 3
+    assert steps["smoke_encoder"]["status"] == "ok"  # ran after the failure
+    assert "figures" not in steps["smoke_encoder"]  # it wrote no JSON
+    assert "| CPU smoke: bench_kernel.py --cpu-smoke (checks the script; not a GPU figure) | failed |" \
+        in secs["summary"]
+
+
+def test_a_step_without_enough_time_left_is_skipped(tmp_path):
+    proc, report, js = run_check(tmp_path, "--quick", DEVICE_CHECK_BUDGET_S="0")
+    assert proc.returncode == 0
+    steps = {s["id"]: s for s in json.loads(js.read_text())["steps"]}
+    for sid in ("smoke_kernel", "smoke_encoder"):
+        assert steps[sid]["status"] == "skipped"
+        assert steps[sid]["skipped_because"] == "no time left (budget 0 s, DEVICE_CHECK_BUDGET_S)"
+    assert steps["kernel"]["skipped_because"].startswith("no CUDA")  # the reason that applies first
