@@ -191,7 +191,7 @@ else
     KERNEL_ARGS=()
     ENCODER_ARGS=(--models ViT-B-32 ViT-L-14)
     ARCH_ARGS=()
-    E2E_ARGS=(--shards 16 --per-shard 512)
+    E2E_ARGS=(--shards 16 --per-shard 256)
 fi
 
 # shellcheck disable=SC2086
