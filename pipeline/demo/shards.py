@@ -55,11 +55,13 @@ def write_shard(path: Path, samples: Iterable[tuple[str, world.WorldSample]]) ->
 
 def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
                    anomaly_rate: float = 0.0, anomaly_kinds: Sequence[str] | None = None,
-                   vocabulary: str = "reference") -> list[Path]:
-    """Write ``shards`` tar shards of ``samples_per_shard`` pairs each; return the tar paths."""
+                   vocabulary: str = "reference", unseen_pairs: bool = False) -> list[Path]:
+    """Write ``shards`` tar shards of ``samples_per_shard`` pairs each; return the tar paths.
+
+    ``unseen_pairs``: the world withholds :data:`~pipeline.demo.world.UNSEEN_PAIRS` but as anomalies."""
     if shards < 1 or samples_per_shard < 1:
         raise ValueError(f"shards and samples_per_shard must be >= 1, got {shards} and {samples_per_shard}")
-    kinds = world.validate(anomaly_rate, anomaly_kinds, vocabulary)
+    kinds = world.validate(anomaly_rate, anomaly_kinds, vocabulary, unseen_pairs)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     shard_digits = max(5, len(str(shards - 1)))
@@ -67,7 +69,8 @@ def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
     paths = []
     for shard in range(shards):
         path = out / f"{shard:0{shard_digits}d}.tar"
-        write_shard(path, world.iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits, vocabulary))
+        write_shard(path, world.iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits, vocabulary,
+                                           unseen_pairs))
         paths.append(path)
     return paths
 

@@ -9,6 +9,12 @@ Two vocabularies. The ``reference`` world (the default) is the corpus a data tea
 shapes, six colours, every scene holds objects; anomalies are defined against it ("unseen" means
 absent from it). The ``open`` world is what the demo CLIP is pre-trained on, as a real CLIP is
 pre-trained on the web: every shape and colour, and some empty scenes. It holds no anomalies.
+
+A reference world made with ``unseen_pairs=True`` (``wclip demo``'s) never pairs the shapes and colours
+of :data:`UNSEEN_PAIRS`, though each of them is common there; its one extra anomaly kind,
+``unseen_pairing``, is a scene of exactly such a pair, drawn and described consistently. A scene whose
+first draw would show a withheld pair is drawn again from the sample's own RNG, so every other sample
+is the one the world without ``unseen_pairs`` holds; that world, the default, is unchanged.
 """
 
 from __future__ import annotations
@@ -47,17 +53,27 @@ OPEN_EMPTY_RATE = 0.05         # share of empty scenes (background only) in the 
 IMAGE_ANOMALIES = ("noise", "blank", "damaged", "unseen_shape", "unseen_colour")
 CAPTION_ANOMALIES = ("gibberish", "ungrammatical")
 PAIR_ANOMALIES = ("mismatch",)
-ANOMALY_KINDS = IMAGE_ANOMALIES + CAPTION_ANOMALIES + PAIR_ANOMALIES
+ANOMALY_KINDS = IMAGE_ANOMALIES + CAPTION_ANOMALIES + PAIR_ANOMALIES   # every world's kinds (the default)
+
+#: (shape, colour) pairs that a world made with ``unseen_pairs=True`` never shows, but as its
+#: ``unseen_pairing`` anomalies: one colour per shape, so each shape keeps five of its six colours and
+#: each of these colours three of its four shapes.
+UNSEEN_PAIRS = (("circle", "red"), ("square", "green"), ("triangle", "blue"), ("diamond", "yellow"))
+#: Kinds only a world with ``unseen_pairs=True`` holds: a scene whose image and caption agree on a pair
+#: of :data:`UNSEEN_PAIRS` (modality ``"scene"``: both sides show it, consistently).
+SCENE_ANOMALIES = ("unseen_pairing",)
+ALL_ANOMALY_KINDS = ANOMALY_KINDS + SCENE_ANOMALIES
 
 
 def anomaly_modality(kind: str | None) -> str | None:
-    """Which side a kind of anomaly lives on: ``"image"``, ``"caption"``, ``"pair"`` or None."""
+    """Which side a kind of anomaly lives on: ``"image"``, ``"caption"``, ``"pair"``, ``"scene"`` or None."""
     if kind is None:
         return None
-    for name, kinds in (("image", IMAGE_ANOMALIES), ("caption", CAPTION_ANOMALIES), ("pair", PAIR_ANOMALIES)):
+    for name, kinds in (("image", IMAGE_ANOMALIES), ("caption", CAPTION_ANOMALIES), ("pair", PAIR_ANOMALIES),
+                        ("scene", SCENE_ANOMALIES)):
         if kind in kinds:
             return name
-    raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {', '.join(ANOMALY_KINDS)}")
+    raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {', '.join(ALL_ANOMALY_KINDS)}")
 
 
 @dataclass
@@ -115,6 +131,21 @@ def _random_scene(rng: np.random.Generator, shapes=SHAPES, colours=COLOURS, empt
         placed.append((cx, cy, r))
         scene.objects.append((shape, colour, size, float(cx), float(cy), r))
     return scene
+
+
+def _pairing(scene: Scene) -> tuple[str, str] | None:
+    """The (shape, colour) of a scene's objects (all alike), None for an empty scene."""
+    return scene.objects[0][:2] if scene.objects else None
+
+
+def _scene_of(rng: np.random.Generator, shapes, colours, unseen: bool | None) -> Scene:
+    """A scene of ``shapes`` and ``colours``; ``unseen`` True: redrawn until it pairs as in :data:`UNSEEN_PAIRS`,
+    False: until it does not, None: the first draw. A first draw that fits is the scene of a world without
+    ``unseen_pairs`` (same RNG draws), so only scenes that would show a pair of them change."""
+    while True:
+        scene = _random_scene(rng, shapes, colours)
+        if unseen is None or (_pairing(scene) in UNSEEN_PAIRS) == unseen:
+            return scene
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -211,21 +242,24 @@ def _shuffled(caption: str, rng: np.random.Generator) -> str:
 
 
 def make_pair(rng: np.random.Generator, anomaly: str | None = None,
-              vocabulary: str = "reference") -> tuple[np.ndarray, str, Scene]:
+              vocabulary: str = "reference", unseen_pairs: bool = False) -> tuple[np.ndarray, str, Scene]:
     """One ``(image array, caption, scene)``; ``anomaly`` (a kind name or None) corrupts it.
 
     ``vocabulary="open"`` draws a clean pair from the pre-training world (see the module doc).
+    ``unseen_pairs``: no scene (nor a mismatch's caption) pairs as in :data:`UNSEEN_PAIRS`, but the
+    ``unseen_pairing`` anomaly's, which always does.
     """
     anomaly_modality(anomaly)
+    _check_world(() if anomaly is None else (anomaly,), vocabulary, unseen_pairs)
     if vocabulary == "open":
         if anomaly is not None:
             raise ValueError("the open world holds no anomalies: they are defined against the reference world")
         scene = _random_scene(rng, OPEN_SHAPES, OPEN_COLOURS, OPEN_EMPTY_RATE)
         return render(scene, rng), describe(scene, rng), scene
-    _check_vocabulary(vocabulary)
     shapes = UNSEEN_SHAPES if anomaly == "unseen_shape" else SHAPES
     colours = UNSEEN_COLOURS if anomaly == "unseen_colour" else COLOURS
-    scene = _random_scene(rng, shapes, colours)
+    unseen = (anomaly == "unseen_pairing") if unseen_pairs else None
+    scene = _scene_of(rng, shapes, colours, unseen)
     image, caption = render(scene, rng), describe(scene, rng)
     if anomaly == "noise":
         image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
@@ -240,7 +274,7 @@ def make_pair(rng: np.random.Generator, anomaly: str | None = None,
     elif anomaly == "mismatch":
         key = {g[:2] for g in scene.groups()}
         while True:
-            other = _random_scene(rng)
+            other = _scene_of(rng, SHAPES, COLOURS, False if unseen_pairs else None)
             if not key & {g[:2] for g in other.groups()}:
                 break
         caption = describe(other, rng)
@@ -283,29 +317,46 @@ def _check_vocabulary(vocabulary: str) -> None:
         raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
 
 
-def validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference") -> tuple[str, ...]:
-    """Check a world's anomaly rate, kinds (None: all) and vocabulary; return the kinds."""
+def _check_world(kinds, vocabulary: str, unseen_pairs: bool) -> None:
+    _check_vocabulary(vocabulary)
+    if unseen_pairs and vocabulary != "reference":
+        raise ValueError(f"unseen_pairs withholds pairs of the reference world; the {vocabulary} world has all")
+    if not unseen_pairs and set(kinds or ()) & set(SCENE_ANOMALIES):
+        raise ValueError("unseen_pairing anomalies need a world that never shows those pairs otherwise: "
+                         "pass unseen_pairs=True")
+
+
+def validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference",
+             unseen_pairs: bool = False) -> tuple[str, ...]:
+    """Check a world's anomaly rate, kinds (None: all it can hold) and vocabulary; return the kinds."""
     if not 0.0 <= anomaly_rate <= 1.0:
         raise ValueError(f"anomaly_rate must be in [0, 1], got {anomaly_rate!r}")
     _check_vocabulary(vocabulary)
     if vocabulary == "open" and anomaly_rate > 0:
         raise ValueError("the open world holds no anomalies (they are defined against the reference "
                          "world): use anomaly_rate 0 with vocabulary 'open'")
-    kinds = tuple(ANOMALY_KINDS if anomaly_kinds is None else anomaly_kinds)
+    if anomaly_kinds is None:
+        anomaly_kinds = ALL_ANOMALY_KINDS if unseen_pairs else ANOMALY_KINDS
+    kinds = tuple(anomaly_kinds)
     for kind in kinds:
         anomaly_modality(kind)
+    _check_world(kinds, vocabulary, unseen_pairs)
     return kinds
 
 
 def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
                anomaly_kinds: Sequence[str] | None = None, key_digits: int = 4,
-               vocabulary: str = "reference") -> Iterator[tuple[str, WorldSample]]:
-    """The ``(key, sample)`` pairs of one shard, in memory; what :func:`pipeline.demo.shards.generate_world` writes."""
-    kinds = validate(anomaly_rate, anomaly_kinds, vocabulary)
+               vocabulary: str = "reference", unseen_pairs: bool = False) -> Iterator[tuple[str, WorldSample]]:
+    """The ``(key, sample)`` pairs of one shard, in memory; what :func:`pipeline.demo.shards.generate_world` writes.
+
+    ``unseen_pairs``: the world withholds :data:`UNSEEN_PAIRS` and its kinds (None: all) include
+    ``unseen_pairing`` (see the module doc)."""
+    kinds = validate(anomaly_rate, anomaly_kinds, vocabulary, unseen_pairs)
     plan = _plan(np.random.default_rng([seed, shard, 1]), n, anomaly_rate, kinds)
     for i, anomaly in enumerate(plan):
         key = f"{shard * 10 ** key_digits + i:0{5 + key_digits}d}"
-        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly, vocabulary)
+        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly, vocabulary,
+                                          unseen_pairs)
         jpeg = encode_jpeg(image)
         groups = scene.groups()
         open_tag = "" if vocabulary == "reference" else "open"

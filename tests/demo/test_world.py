@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -222,3 +223,81 @@ def test_twins_differ_only_in_shape():
         ys, xs = np.nonzero(changed)
         assert all(any(np.hypot(x + 0.5 - cx, y + 0.5 - cy) <= 1.25 * r + 1 for *_, cx, cy, r in scene_a.objects)
                    for y, x in zip(ys, xs))                 # a square's corners reach 1.2 r
+
+
+def _pinned_digest(seed, shard, n, anomaly_rate=0.0, vocabulary="reference"):
+    """Every sample's pixels (before JPEG, which depends on the codec) and labels but the JPEG digest."""
+    h = hashlib.sha256()
+    plan = world._plan(np.random.default_rng([seed, shard, 1]), n, anomaly_rate, world.ANOMALY_KINDS)
+    for i, ((_, sample), kind) in enumerate(zip(world.iter_world(seed, shard, n, anomaly_rate, vocabulary=vocabulary),
+                                                plan)):
+        image, _, _ = world.make_pair(np.random.default_rng([seed, shard, 0, i]), kind, vocabulary)
+        h.update(image.tobytes())
+        h.update(json.dumps({k: v for k, v in sample.labels.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def test_worlds_without_unseen_pairs_are_pinned():
+    # computed at 75e978b, before worlds could withhold pairs: the reference, target and open worlds the
+    # shipped model was trained, selected and evaluated on are unchanged by it
+    assert _pinned_digest(7, 0, 40) == "55cf1b8d0c279e57"
+    assert _pinned_digest(8, 1, 40, anomaly_rate=0.5) == "f5b2d2fe52cdbf4d"
+    assert _pinned_digest(3, 0, 40, vocabulary="open") == "39ff38168d150253"
+
+
+def _pairing(labels):
+    return labels["shapes"], labels["colours"]
+
+
+def test_unseen_pairs_world_withholds_them_though_each_shape_and_colour_is_common():
+    plain = {k: s for k, s in world.iter_world(seed=5, shard=0, n=1200)}
+    held = {k: s for k, s in world.iter_world(seed=5, shard=0, n=1200, unseen_pairs=True)}
+    assert set(world.UNSEEN_PAIRS) <= {(s, c) for s in world.SHAPES for c in world.COLOURS}
+    assert all(_pairing(s.labels) not in world.UNSEEN_PAIRS for s in held.values())
+    shapes = Counter(s.labels["shapes"] for s in held.values())
+    colours = Counter(s.labels["colours"] for s in held.values())
+    for shape, colour in world.UNSEEN_PAIRS:                   # common: near 1/4 and 1/6 of the world
+        assert shapes[shape] >= 0.15 * 1200 and colours[colour] >= 0.1 * 1200, (shapes, colours)
+    assert set(shapes) == set(world.SHAPES) and set(colours) == set(world.COLOURS)
+    # only the scenes that would show a withheld pair are drawn again; every other sample is the plain one
+    redrawn = {k for k, s in plain.items() if _pairing(s.labels) in world.UNSEEN_PAIRS}
+    assert 0.08 * 1200 < len(redrawn) < 0.25 * 1200
+    for key in plain:
+        same = plain[key].image == held[key].image and plain[key].labels == held[key].labels
+        assert same == (key not in redrawn)
+
+
+def test_unseen_pairing_anomalies_are_the_withheld_pairs_drawn_and_described(tmp_path):
+    paths = shards.generate_world(tmp_path, 2, 180, seed=9, anomaly_rate=0.5, unseen_pairs=True)
+    rows = shards.read_labels(tmp_path)
+    counts = Counter(r["anomaly"] for r in rows)
+    assert set(counts) - {None} == set(world.ALL_ANOMALY_KINDS) and counts["unseen_pairing"] == 20
+    data = {m.name: d for p in paths for m, d in _members(p)}
+    for row in rows:
+        kind, pairing = row["anomaly"], _pairing(row)
+        if kind != "unseen_pairing":                           # nothing else shows a withheld pair
+            assert pairing not in world.UNSEEN_PAIRS
+            if kind == "mismatch":
+                assert not any(f"{c} {s}" in row["caption"] for s, c in world.UNSEEN_PAIRS)
+            continue
+        assert row["anomaly_modality"] == "scene" and pairing in world.UNSEEN_PAIRS
+        shape, colour = pairing
+        assert f"{colour} {world._plural(shape, row['count'])}" in row["caption"]   # the caption agrees
+        # and so does the image: the object's colour, as drawn, is the named one
+        img = _decode(data[f"{row['key']}.jpg"]).astype(float)
+        o = row["objects"][0]
+        centre = img[int(o["y"]) - 1:int(o["y"]) + 2, int(o["x"]) - 1:int(o["x"]) + 2].reshape(-1, 3).mean(0)
+        nearest = min(world.OPEN_COLOURS, key=lambda c: np.abs(centre - world.OPEN_COLOURS[c]).sum())
+        assert nearest == colour, (row["key"], centre, colour)
+
+
+def test_unseen_pairing_needs_a_world_that_withholds_the_pairs(tmp_path):
+    assert world.validate(0.3, None) == world.ANOMALY_KINDS                 # the default kinds are unchanged
+    assert world.validate(0.3, None, unseen_pairs=True) == world.ALL_ANOMALY_KINDS
+    with pytest.raises(ValueError, match="unseen_pairs=True"):
+        shards.generate_world(tmp_path, 1, 4, 0, 0.5, ["unseen_pairing"])
+    with pytest.raises(ValueError, match="unseen_pairs=True"):
+        world.make_pair(np.random.default_rng(0), "unseen_pairing")
+    with pytest.raises(ValueError, match="open world has all"):
+        shards.generate_world(tmp_path, 1, 4, 0, vocabulary="open", unseen_pairs=True)
+    assert world.anomaly_modality("unseen_pairing") == "scene"
