@@ -148,7 +148,6 @@ why_not() {  # why_not NEEDS (comma-separated: cuda, cupy, deps) -> empty when a
 }
 
 FAILED=0
-STEPS=()
 step() {  # step ID TITLE NEEDS LIMIT_S COMMAND...: run COMMAND (its own JSON report at $LOGS/ID.json, if any)
     local id="$1" title="$2" needs="$3" limit="$4"
     shift 4
@@ -177,7 +176,6 @@ step() {  # step ID TITLE NEEDS LIMIT_S COMMAND...: run COMMAND (its own JSON re
           echo '```'; tail -n 45 "$LOGS/$id.log"; echo '```'; } >> "$REPORT"
     fi
     echo "$id	$status	${rc}	${reason}	$title	$*" >> "$LOGS/steps.tsv"
-    STEPS+=("$id")
 }
 
 : > "$LOGS/steps.tsv"
