@@ -168,7 +168,9 @@ def _text(value, width: int = 80) -> str:
 def _cluster_lines(section: dict) -> list:
     out = ["## Clusters (local likelihood)", "", LOCAL_METHOD, "",
            "Reference: the fit's clustered rows (share = the mixture weight) and its held-out rows per cluster; "
-           "corpus: the scored rows with status `ok` whose most likely cluster it is.", ""]
+           "a cluster with n held-out rows gives local p-values no smaller than 1 / (n + 1), so a threshold on "
+           "`<tower>_local_pvalue` below that cannot separate its rows. Corpus: the scored rows with status "
+           "`ok` whose most likely cluster it is.", ""]
     for tower, t in section.items():
         rows = t["clusters"]
         shown = rows[:MAX_CLUSTERS_SHOWN]
@@ -176,10 +178,10 @@ def _cluster_lines(section: dict) -> list:
             if len(rows) > len(shown) else []
         corpus = "" if t["corpus_rows"] is None else f", {t['corpus_rows']:,} corpus rows"
         out += [f"### {tower} tower: {t['k']} clusters, shrinkage {t['shrinkage']:g}{corpus}", ""] + more
-        out += _table(["cluster", "reference rows", "reference share", "held-out rows", "corpus rows",
-                       "corpus share", "corpus / reference"],
+        out += _table(["cluster", "reference rows", "reference share", "held-out rows", "smallest p-value",
+                       "corpus rows", "corpus share", "corpus / reference"],
                       [[r["cluster"], r["reference_rows"], _share(r["reference_weight"]), r["heldout_rows"],
-                        r["corpus_rows"], _share(r["corpus_share"]),
+                        r["pvalue_floor"], r["corpus_rows"], _share(r["corpus_share"]),
                         "–" if r["corpus_over_reference"] is None else f"{r['corpus_over_reference']:.2f}"]
                        for r in shown])
         listed = [[r["cluster"], e["key"], _text(e.get("caption")), _text(e.get("url"), 60), e["local_loglik"],

@@ -112,6 +112,7 @@ def test_cluster_section_sizes_and_lowest_rows(clustered):
             assert entry["cluster"] == j
             assert (entry["reference_weight"], entry["reference_rows"], entry["heldout_rows"]) == \
                 (info["weights"][j], info["sizes"][j], info["calibration_counts"][j])
+            assert entry["pvalue_floor"] == 1 / (info["calibration_counts"][j] + 1)
             assert entry["corpus_rows"] == counts[j] and entry["corpus_share"] == counts[j] / len(ok)
             assert entry["corpus_over_reference"] == pytest.approx(counts[j] / len(ok) / info["weights"][j])
             members = sorted((r for r in ok if r[f"{tower}_cluster"] == j and r[f"{tower}_local_loglik"] is not None),
