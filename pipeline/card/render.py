@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import yaml
 
 from pipeline.card.hub import DEFAULT_LICENSE, data_section, header_fields
@@ -157,8 +159,6 @@ LOCAL_METHOD = (
 
 def _text(value, width: int = 80) -> str:
     """Free text (a caption, a URL) shortened to one line of a Markdown table."""
-    import textwrap
-
     if value is None:
         return "–"
     line = textwrap.shorten(str(value), width, placeholder="...") or "–"
