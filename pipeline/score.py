@@ -56,8 +56,10 @@ def check_model_matches(stats, run) -> None:
 
 
 def refuse_embedding_stats(meta: dict) -> None:
-    """Stats fitted on precomputed embeddings score embeddings only (``wclip score --embeddings``)."""
-    if meta.get("embeddings"):
+    """Stats fitted on precomputed embeddings score embeddings only (``wclip score --embeddings``), unless the fit
+    declared the model that made them (``--embeddings-model``): then they score that model's shards like a fit on
+    tars (the model identity is checked as for any fit)."""
+    if meta.get("embeddings") and not meta["embeddings"].get("model"):
         raise ConfigError(f"the stats were fitted on precomputed embeddings ({meta['model_identity']['model']}): score "
                           f"that kind of embeddings with `wclip score --embeddings PATHS`, or fit on these shards "
                           f"with `wclip fit --input`")

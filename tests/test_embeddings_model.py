@@ -239,3 +239,29 @@ def test_a_declared_fit_scores_that_model_from_another_source(demo, tmp_path, ca
     # DataComp inputs still take the fit's key, and their own errors are the ones shown
     _refused(capsys, _score(pool / "{00000,00000}.npz", stats, tmp_path / "c"), "two embedding files share")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_declared_embeddings_fit_scores_that_models_shards(demo, tmp_path, capsys):
+    """The other way round: fit on released embeddings of a model, score shards with that model."""
+    root, _, tars, embeddings = demo
+    targets = sorted(str(p) for p in (root / "targets").glob("*.tar"))
+    declared, plain = tmp_path / "declared.safetensors", tmp_path / "plain.safetensors"
+    for path, extra in ((declared, ["--embeddings-model", "wclip-demo"]), (plain, [])):
+        assert main(["fit", "--embeddings", str(embeddings), *extra, "--output", str(path), "--components", "8",
+                     *RUN]) == 0
+    out = tmp_path / "tars"
+    assert main(["score", "--input", *targets, "--stats", str(declared), "--output", str(out), *RUN]) == 0
+    emb_out = tmp_path / "emb"
+    assert _score(embeddings, declared, emb_out) == 0
+    for name in SHARDS:
+        a, b = pq.read_table(out / f"{name}.parquet"), pq.read_table(emb_out / f"metadata_{name}.parquet")
+        assert a["key"].to_pylist() == b["key"].to_pylist()
+        for column in COLUMNS:  # a p-value may take the next step when a sqnorm sits on a held-out one
+            step = 1.0 / 7 + 1e-6 if column.endswith("pvalue") else 1e-6  # 6 held-out rows
+            np.testing.assert_allclose(a[column].to_numpy(zero_copy_only=False),
+                                       b[column].to_numpy(zero_copy_only=False), rtol=2e-6, atol=step)
+    capsys.readouterr()
+    _refused(capsys, main(["score", "--input", *targets, "--stats", str(plain), "--output", str(tmp_path / "z"),
+                           *RUN]), "the stats were fitted on precomputed embeddings (embeddings:clip-retrieval): "
+                                   "score that kind of embeddings with `wclip score --embeddings PATHS`")
+    assert not (tmp_path / "z").exists()
