@@ -9,7 +9,7 @@
 #     bench/device_check.sh [--quick] [REPORT.md]
 #
 # REPORT.md defaults to $OUT/device_check.md where $OUT is set (the device tool's folder), else
-# .bench/device/device_check.md. --quick: small sizes (a minute or two on a GPU); on a machine without CUDA it
+# .bench/device/device_check.md. --quick: small sizes (a first try; not timed on a GPU yet); on a machine without CUDA it
 # also runs the benchmarks' CPU smoke modes, which check the scripts and measure nothing.
 #
 # On a machine without CUDA (or CuPy, or the packages of the deps bundle) each step that needs it is skipped
