@@ -9,8 +9,8 @@
 #     bench/device_check.sh [--quick] [REPORT.md]
 #
 # REPORT.md defaults to $OUT/device_check.md where $OUT is set (the device tool's folder), else
-# .bench/device/device_check.md. --quick: small sizes (a first try; not timed on a GPU yet); on a machine without CUDA it
-# also runs the benchmarks' CPU smoke modes, which check the scripts and measure nothing.
+# .bench/device/device_check.md. --quick: small sizes (a first try; not timed on a GPU yet); on a machine
+# without CUDA it also runs the benchmarks' CPU smoke modes, which check the scripts and measure nothing.
 #
 # On a machine without CUDA (or CuPy, or the packages of the deps bundle) each step that needs it is skipped
 # with a line saying why; the report is still written. Exit status: 0 when every step passed or was skipped,
