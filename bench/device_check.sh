@@ -60,7 +60,7 @@ if [[ -f "$BUNDLE" ]]; then
             || { echo "device_check: could not unpack $BUNDLE" >&2; exit 2; }
     fi
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    DEPS_NOTE="deps bundle $BUNDLE unpacked to $SITE, first on PYTHONPATH ($(cat "$SITE/WCLIP_DEPS_PINS" 2>/dev/null || echo 'pins unknown'))"
+    DEPS_NOTE="deps bundle $BUNDLE unpacked to $SITE, on PYTHONPATH ahead of site-packages ($(cat "$SITE/WCLIP_DEPS_PINS" 2>/dev/null || echo 'pins unknown'))"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # `python -m pipeline` from any folder
 export PYTHONUNBUFFERED=1

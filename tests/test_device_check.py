@@ -110,7 +110,7 @@ def test_quick_mode_runs_the_benchmark_scripts_cpu_smoke(tmp_path):
     assert body.lstrip().startswith("command: `") and "ok: exit 0" in body and "fastest parity-passing method" in body
 
 
-def test_the_deps_bundle_goes_first_on_pythonpath(tmp_path):
+def test_the_deps_bundle_goes_ahead_of_site_packages(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     buf = io.BytesIO()
