@@ -18,6 +18,9 @@ import pyarrow.compute as pc
 from pipeline.storage import open_atomic
 
 UID_DTYPE = np.dtype("u8,u8")
+RUN_ROWS = 1 << 22   # uids sorted in memory at once: 64 MiB, ~3.5x that while sorted (a 1e8-row filter peaked
+                     # at 1476 MB with 1 << 24, docs/benchmarks.md "Cost curves")
+MIN_BLOCK = 4096     # fewest uids read from one sorted run per merge step
 _HEX = np.full(256, 255, dtype=np.uint64)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
@@ -63,8 +66,9 @@ def sort_uids(uids: np.ndarray) -> np.ndarray:
 class UidCollector:
     """Collect uid arrays and write them sorted to one ``.npy``; memory stays near ``run_rows``."""
 
-    def __init__(self, run_rows: int = 1 << 24, spill_parent=None):
+    def __init__(self, run_rows: int = RUN_ROWS, spill_parent=None, min_block: int = MIN_BLOCK):
         self.run_rows = run_rows
+        self.min_block = min_block
         self.spill_parent = spill_parent   # where sorted runs go (default: the system temp folder)
         self.count = 0
         self._buffer: list[np.ndarray] = []
@@ -87,8 +91,8 @@ class UidCollector:
     def _spill(self) -> None:
         if self._spill_dir is None:
             self._spill_dir = tempfile.mkdtemp(prefix=".wclip-uids-", dir=self.spill_parent)
-        path = Path(self._spill_dir) / f"run-{len(self._runs):05d}.npy"
-        np.save(path, self._take_buffer())
+        path = Path(self._spill_dir) / f"run-{len(self._runs):05d}.u8u8"
+        self._take_buffer().tofile(path)   # raw records: the merge reads them back in blocks
         self._runs.append(path)
 
     def write(self, path) -> int:
@@ -108,17 +112,20 @@ class UidCollector:
         return self.count
 
     def _merge(self, fh) -> None:
-        """Merge the sorted runs into ``fh`` as one ``.npy`` array, block by block, in order."""
+        """Merge the sorted runs into ``fh`` as one ``.npy`` array, block by block, in order. About
+        ``run_rows`` uids are held at once (``min_block`` from each run when there are more runs than
+        ``run_rows / min_block``); blocks are read, not memory-mapped, since mapped pages count as this
+        process's memory until the whole run is unmapped."""
         np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(UID_DTYPE),
                                                   "fortran_order": False, "shape": (self.count,)})
-        runs = [np.load(p, mmap_mode="r") for p in self._runs]
-        block = max(1 << 16, self.run_rows // len(runs))
-        pos, written = [0] * len(runs), 0
+        lengths = [p.stat().st_size // UID_DTYPE.itemsize for p in self._runs]
+        block = max(self.min_block, self.run_rows // len(self._runs))
+        pos, written = [0] * len(self._runs), 0
         while written < self.count:
-            live = [i for i, r in enumerate(runs) if pos[i] < len(r)]
-            blocks = {i: np.asarray(runs[i][pos[i]: pos[i] + block]) for i in live}
+            live = [i for i, n in enumerate(lengths) if pos[i] < n]
+            blocks = {i: read_run(self._runs[i], pos[i], block) for i in live}
             # every uid <= the smallest last-of-block among runs not exhausted is safe to emit
-            partial = [blocks[i][-1] for i in live if pos[i] + len(blocks[i]) < len(runs[i])]
+            partial = [blocks[i][-1] for i in live if pos[i] + len(blocks[i]) < lengths[i]]
             bound = min(partial, key=lambda u: (int(u[0]), int(u[1]))) if partial else None
             parts = []
             for i in live:
@@ -127,5 +134,13 @@ class UidCollector:
                 parts.append(blocks[i][:take])
                 pos[i] += take
             merged = sort_uids(np.concatenate(parts))
-            fh.write(np.ascontiguousarray(merged).tobytes())
+            del blocks, parts
+            fh.write(memoryview(np.ascontiguousarray(merged)).cast("B"))
             written += len(merged)
+
+
+def read_run(path, start: int, count: int) -> np.ndarray:
+    """Up to ``count`` uids of a spilled run file, from position ``start``."""
+    with open(path, "rb") as fh:
+        fh.seek(start * UID_DTYPE.itemsize)
+        return np.fromfile(fh, dtype=UID_DTYPE, count=count)
