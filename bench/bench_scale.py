@@ -384,7 +384,7 @@ def table(curve: str, unit: str, points: list) -> str:
         per = {k: (hi[k] / hi["units"]) / (lo[k] / lo["units"]) for k in ("wall_s", "cpu_s")}
         summary.append(f"{curve} {executor}: {lo['units']:,} -> {hi['units']:,} {unit}s ({hi['units'] / lo['units']:.0f}x): "
                        f"per-{unit} cost ratio largest/smallest: wall {per['wall_s']:.2f}, CPU {per['cpu_s']:.2f}"
-                       + (f", marginal last/first segment {marginal[-1] / marginal[0]:.2f}" if len(marginal) > 1 else "")
+                       + (f", marginal last/first segment {marginal[-1] / marginal[0]:.2f}" if len(marginal) > 1 and marginal[0] > 0 else "")
                        + f"; peak PSS ratio {hi['peak_pss_mb'] / lo['peak_pss_mb']:.2f}, "
                        f"driver {hi['driver_pss_mb'] / lo['driver_pss_mb']:.2f}")
     return "\n".join(lines + [""] + summary)
