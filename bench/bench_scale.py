@@ -233,7 +233,20 @@ def shards_curve(lib: Library, sizes: list, executors) -> list:
             points.append(point(executor, size, first, samples=(first["summary"] or {}).get("rows")))
             again = measure(lib, cmd)
             points.append(point(executor + "-resume", size, again))
-            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(WORK / f"done-shards-{size}", ignore_errors=True)
+            out.rename(WORK / f"done-shards-{size}")  # kept for --resume-only (a later library's resume)
+    return points
+
+
+def resume_curve(lib: Library, sizes: list) -> list:
+    """The resume alone, on the folders a shards run left (done-shards-SIZE): for measuring another library."""
+    stats, shards, points = WORK / "stats-demo.safetensors", WORK / "shards", []
+    for size in sizes:
+        out = WORK / f"done-shards-{size}"
+        m = repeated(lib, lib.wclip("score", "--input", f"{shards}/{{000000..{size - 1:06d}}}.tar", "--stats", stats,
+                                    "--output", out, "--no-progress", "--executor", "local"), 3, lambda: None)
+        assert (m["summary"] or {}).get("shards_skipped") == size, m["summary"]
+        points.append(point("local-resume", size, m))
     return points
 
 
@@ -458,6 +471,8 @@ def main(argv=None) -> int:
                    "and with --no-uids)")
     p.add_argument("--repeat", type=int, default=1, help="runs per point (the median wall time is kept); "
                    "the shards curve runs each point once")
+    p.add_argument("--resume-only", action="store_true", help="shards: time the resume alone on the folders an "
+                   "earlier shards run left (.bench/scale/done-shards-SIZE)")
     p.add_argument("--file-rows", type=int, help="rows per generated file (default: per curve)")
     p.add_argument("--commit", default="HEAD", help="the library commit to measure")
     p.add_argument("--plot", nargs="?", const=str(ROOT / "docs" / "scale.png"), help="draw the plot (path)")
@@ -488,6 +503,8 @@ def main(argv=None) -> int:
           f"{free_page_cache_note()}", file=sys.stderr)
     if args.curve.startswith("embeddings"):
         points = embeddings_curve(lib, int(args.curve[len("embeddings"):]), sizes, file_rows, executors, args.repeat)
+    elif args.curve == "shards" and args.resume_only:
+        points = resume_curve(lib, sizes)
     elif args.curve == "shards":
         points = shards_curve(lib, sizes, executors)
     elif args.curve == "filter":
