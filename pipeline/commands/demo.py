@@ -13,7 +13,7 @@ def add_arguments(p):
     p.add_argument("--anomaly-rate", type=float, default=0.3, help="fraction of labelled anomalies in the target")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated world")
     p.add_argument("--clusters", type=int, default=CLUSTERS,
-                   help="clusters K of the local likelihood (wclip fit --clusters; default: %(default)s)")
+                   help="clusters K of the local likelihood (as wclip fit --clusters)")
     p.add_argument("--num-cpus", type=int, help="CPUs to use (default: all)")
     p.add_argument("--executor", choices=EXECUTORS, default="auto",
                    help="local: worker processes of this machine, no Ray; ray: a private local Ray (as on a "
