@@ -238,11 +238,29 @@ def shards_curve(lib: Library, sizes: list, executors) -> list:
     return points
 
 
+def copied_folder(out: Path, size: int) -> None:
+    """A scored folder of ``size`` shards made of hard links to one real shard's score file and marker (from
+    the smallest done-shards-N a shards run left) under every shard's name: what a resume reads (markers,
+    file sizes, run.json), without scoring them all first."""
+    real = min((p for p in WORK.glob("done-shards-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / ".wclip" / "shards").mkdir(parents=True)
+    shutil.copy(real / ".wclip" / "run.json", tmp / ".wclip" / "run.json")
+    for i in range(size):
+        os.link(real / "000000.parquet", tmp / f"{i:06d}.parquet")
+        os.link(real / ".wclip" / "shards" / "000000.json", tmp / ".wclip" / "shards" / f"{i:06d}.json")
+    tmp.rename(out)
+
+
 def resume_curve(lib: Library, sizes: list) -> list:
-    """The resume alone, on the folders a shards run left (done-shards-SIZE): for measuring another library."""
+    """The resume alone, on the folders a shards run left (done-shards-SIZE; where there is none, one made by
+    :func:`copied_folder`): for measuring another library, or more shards than were scored."""
     stats, shards, points = WORK / "stats-demo.safetensors", WORK / "shards", []
     for size in sizes:
         out = WORK / f"done-shards-{size}"
+        if not out.exists():
+            copied_folder(out, size)
         m = repeated(lib, lib.wclip("score", "--input", f"{shards}/{{000000..{size - 1:06d}}}.tar", "--stats", stats,
                                     "--output", out, "--no-progress", "--executor", "local"), 3, lambda: None)
         assert (m["summary"] or {}).get("shards_skipped") == size, m["summary"]
@@ -472,7 +490,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs per point (the median wall time is kept); "
                    "the shards curve runs each point once")
     p.add_argument("--resume-only", action="store_true", help="shards: time the resume alone on the folders an "
-                   "earlier shards run left (.bench/scale/done-shards-SIZE)")
+                   "earlier shards run left (.bench/scale/done-shards-SIZE), or on copies of one of its shards")
     p.add_argument("--file-rows", type=int, help="rows per generated file (default: per curve)")
     p.add_argument("--commit", default="HEAD", help="the library commit to measure")
     p.add_argument("--plot", nargs="?", const=str(ROOT / "docs" / "scale.png"), help="draw the plot (path)")
