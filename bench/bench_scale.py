@@ -206,16 +206,22 @@ def shard_templates() -> tuple:
     return folder, [str(folder / "fit" / f"{s:05d}.tar") for s in range(8)]
 
 
-def shards_curve(lib: Library, sizes: list, executors) -> list:
+def tiny_shards(count: int) -> tuple:
+    """``count`` tiny shards (hard links to the templates) in .bench/scale/shards, and the fit set."""
     templates, fit_set = shard_templates()
     shards = WORK / "shards"
     shards.mkdir(exist_ok=True)
     started = time.perf_counter()
-    for i in range(max(sizes)):
+    for i in range(count):
         target = shards / f"{i:06d}.tar"
         if not target.exists():
             os.link(templates / f"t{i % TEMPLATES}.tar", target)
-    print(f"{max(sizes)} shards ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    print(f"{count} shards ready ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    return shards, fit_set
+
+
+def shards_curve(lib: Library, sizes: list, executors) -> list:
+    shards, fit_set = tiny_shards(max(sizes))
     stats = WORK / "stats-demo.safetensors"
     if not stats.exists():
         measure(lib, lib.wclip("fit", "--input", *fit_set, "--model", "wclip-demo", "--output", stats,
@@ -256,7 +262,7 @@ def copied_folder(out: Path, size: int) -> None:
 def resume_curve(lib: Library, sizes: list) -> list:
     """The resume alone, on the folders a shards run left (done-shards-SIZE; where there is none, one made by
     :func:`copied_folder`): for measuring another library, or more shards than were scored."""
-    stats, shards, points = WORK / "stats-demo.safetensors", WORK / "shards", []
+    (shards, _), stats, points = tiny_shards(max(sizes)), WORK / "stats-demo.safetensors", []
     for size in sizes:
         out = WORK / f"done-shards-{size}"
         if not out.exists():
