@@ -270,7 +270,7 @@ def resume_curve(lib: Library, sizes: list) -> list:
         m = repeated(lib, lib.wclip("score", "--input", f"{shards}/{{000000..{size - 1:06d}}}.tar", "--stats", stats,
                                     "--output", out, "--no-progress", "--executor", "local"), 3, lambda: None)
         assert (m["summary"] or {}).get("shards_skipped") == size, m["summary"]
-        points.append(point("local-resume", size, m))
+        points.append(point(f"local-resume, copies, {lib.commit}", size, m))
     return points
 
 
