@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 from pipeline.storage import open_atomic
 
 UID_DTYPE = np.dtype("u8,u8")
-RUN_ROWS = 1 << 22   # uids sorted in memory at once: 64 MiB, ~3.5x that while sorted (a 1e8-row filter peaked
-                     # at 1476 MB with 1 << 24, docs/benchmarks.md "Cost curves")
+RUN_ROWS = 1 << 20   # uids sorted in memory at once: 16 MiB, ~3.5x that while sorted (a 1e8-row filter peaked
+                     # at 1476 MB with 1 << 24 and mapped runs, 539 MB with 1 << 22: docs/benchmarks.md "Cost curves")
 MIN_BLOCK = 4096     # fewest uids read from one sorted run per merge step
 _HEX = np.full(256, 255, dtype=np.uint64)
 for _i, _c in enumerate(b"0123456789abcdef"):
