@@ -307,6 +307,9 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
         "max_samples": cfg.max_samples, "wclip_version": pipeline.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    for tower, ws in towers.items():
+        for line in ws.clusters.warnings(tower) if ws.clusters is not None else ():
+            log.warning(line)
     StatsFile(towers=towers, metadata=metadata).save(cfg.output)
     counts = {k: v for k, v in (("encode", ref.rows - ref.usable), ("ok", ref.usable)) if v}
     return {"rows": ref.rows, "status_counts": counts,

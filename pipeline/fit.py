@@ -128,6 +128,9 @@ def fit(cfg: FitConfig) -> dict:
         "max_samples": cfg.max_samples, "wclip_version": pipeline.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    for tower, ws in towers.items():
+        for line in ws.clusters.warnings(tower) if ws.clusters is not None else ():
+            log.warning(line)
     StatsFile(towers=towers, metadata=metadata).save(cfg.output)
     summary = report.summary()
     summary.update(reference_samples=acc.samples, stats=str(cfg.output),

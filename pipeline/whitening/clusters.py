@@ -40,6 +40,8 @@ from pipeline.whitening.formulas import LOG_2PI, loglik_from_sqnorm, pvalue_from
 SHRINKAGE_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 #: Lloyd iterations of the spherical k-means at most (it stops when no assignment changes).
 KMEANS_MAX_ITER = 100
+#: Held-out rows a cluster needs before its local p-values are worth a warning-free fit (p >= 1/(n + 1)).
+MIN_HELDOUT_PER_CLUSTER = 100
 #: Tensors of a clustered tower in a stats file, under ``{tower}.clusters.``.
 CLUSTER_TENSORS = ("means", "variances", "weights", "calibration", "calibration_counts")
 
@@ -270,6 +272,17 @@ class ClusterWhitening:
             if table.size and rows.size:
                 out[rows] = pvalue_from_sqnorm(s_own[rows], table)
         return out
+
+    def warnings(self, tower: str) -> list:
+        """Lines worth a user's attention: clusters whose held-out rows are too few for fine p-values (a cluster
+        with n held-out rows gives no local p-value below 1 / (n + 1))."""
+        counts = self.calibration_counts.astype(int)
+        coarse = np.flatnonzero(counts < MIN_HELDOUT_PER_CLUSTER)
+        if self.k == 1 or not coarse.size:
+            return []
+        return [f"{tower}: {coarse.size} of {self.k} clusters have fewer than {MIN_HELDOUT_PER_CLUSTER} held-out rows "
+                f"(the fewest: {counts.min()}), so their local p-values cannot go below {1 / (counts.min() + 1):.3f}: "
+                f"use fewer --clusters, a larger --holdout or more reference rows for finer ones"]
 
     def summary(self) -> dict:
         """JSON-able numbers describing the clusters (for the stats file and the card)."""

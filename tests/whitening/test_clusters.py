@@ -186,3 +186,16 @@ def test_the_device_mixture_matches_on_cpu():
 def test_the_device_mixture_matches_on_cuda():
     """The tar path's mixture on a GPU (fused whitener, float32 GEMM against every cluster)."""
     _torch_mixture_matches("cuda")
+
+
+def test_too_few_heldout_rows_per_cluster_are_named():
+    rng = np.random.default_rng(13)
+    few = WhiteningStats.fit(mixture(rng, n=200), holdout=0.2, clusters=4)
+    (line,) = few.clusters.warnings("image")
+    fewest = int(few.clusters.calibration_counts.min())
+    assert line == (f"image: 4 of 4 clusters have fewer than 100 held-out rows (the fewest: {fewest}), so their "
+                    f"local p-values cannot go below {1 / (fewest + 1):.3f}: use fewer --clusters, a larger "
+                    "--holdout or more reference rows for finer ones")
+    many = WhiteningStats.fit(mixture(rng, n=3000), holdout=0.2, clusters=4)
+    assert many.clusters.calibration_counts.min() >= 100 and many.clusters.warnings("image") == []
+    assert WhiteningStats.fit(mixture(rng, n=50), holdout=0.2, clusters=1).clusters.warnings("image") == []
