@@ -245,17 +245,20 @@ def shards_curve(lib: Library, sizes: list, executors) -> list:
 
 
 def copied_folder(out: Path, size: int) -> None:
-    """A scored folder of ``size`` shards made of hard links to one real shard's score file and marker (from
-    the smallest done-shards-N a shards run left) under every shard's name: what a resume reads (markers,
-    file sizes, run.json), without scoring them all first."""
-    real = min((p for p in WORK.glob("done-shards-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
+    """A scored folder of ``size`` shards made of hard links to the real shards' score files and markers (of
+    the smallest done-shards-N a shards run left, in turn) under every shard's name: what a resume reads
+    (markers, file sizes, run.json), without scoring them all first."""
+    real = min((p for p in WORK.glob("done-shards-*") if p.name.split("-")[-1].isdigit()),
+               key=lambda p: int(p.name.split("-")[-1]))
+    names = sorted(p.stem for p in real.glob("*.parquet"))  # links to each in turn (a file takes 65,000 at most)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / ".wclip" / "shards").mkdir(parents=True)
     shutil.copy(real / ".wclip" / "run.json", tmp / ".wclip" / "run.json")
     for i in range(size):
-        os.link(real / "000000.parquet", tmp / f"{i:06d}.parquet")
-        os.link(real / ".wclip" / "shards" / "000000.json", tmp / ".wclip" / "shards" / f"{i:06d}.json")
+        name = names[i % len(names)]
+        os.link(real / f"{name}.parquet", tmp / f"{i:06d}.parquet")
+        os.link(real / ".wclip" / "shards" / f"{name}.json", tmp / ".wclip" / "shards" / f"{i:06d}.json")
     tmp.rename(out)
 
 
