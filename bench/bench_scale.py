@@ -1,14 +1,16 @@
 """Cost curves (issue #22): wall time and peak memory of wclip's commands against the amount of work, each at
 three or more sizes spanning >= 100x, on both executors where they apply. Not a test: run it by hand, one
-curve at a time (each run stays within ~10 minutes on a 2-core VM), and read the table.
+curve at a time (each run took 1-11 minutes on a 2-core VM: docs/benchmarks.md), and read the table.
 
     .venv/bin/python bench/bench_scale.py --curve embeddings64              # 2e5, 2e6, 2e7 rows at d = 64
     .venv/bin/python bench/bench_scale.py --curve embeddings768             # 1e4, 1e5, 1e6 rows at d = 768
-    .venv/bin/python bench/bench_scale.py --curve shards                    # 1e3, 1e4, 1e5 tiny tar shards (+ resume)
+    .venv/bin/python bench/bench_scale.py --curve shards                    # 1e2, 1e3, 1e4 tiny tar shards (+ resume)
+    .venv/bin/python bench/bench_scale.py --curve shards --sizes 300 3000 30000 --executors ray
+    .venv/bin/python bench/bench_scale.py --curve shards --resume-only --sizes 1000 10000 100000 [--commit C]
     .venv/bin/python bench/bench_scale.py --curve filter                    # 1e6, 1e7, 1e8 score rows
     .venv/bin/python bench/bench_scale.py --curve card                      # 1e6, 1e7, 1e8 score rows
     .venv/bin/python bench/bench_scale.py --curve shards --sizes 100 1000 --executors local
-    .venv/bin/python bench/bench_scale.py --plot                            # docs/scale.png from the saved results
+    .venv/bin/python bench/bench_scale.py --report --plot                   # tables, docs/scale.png from the results
     .venv/bin/python bench/bench_scale.py --clean                           # delete the generated inputs
 
 Curves:
@@ -20,6 +22,8 @@ Curves:
 * ``shards``: ``wclip score`` with the built-in ``wclip-demo`` model on tiny tar shards (4 samples each, hard
   links to 8 template tars written with tests/shardkit.py), then the same command again: a resume that skips
   every shard. Per-shard overhead, and the driver's own memory (the command's process) beside the tree's.
+  The scored folders are kept (.bench/scale/done-shards-N); ``--resume-only`` times the resume alone on them,
+  or on folders of hard links to their shards under more names (a resume of 1e5 shards without scoring 1e5).
 * ``filter`` / ``card``: ``wclip filter --keep-fraction clip_score=0.3`` (as typed, and with ``--no-uids``)
   and ``wclip card --no-thumbnails`` on a scores folder written directly by this script (``--file-rows``
   rows per file, pipeline.table's SCHEMA and encodings, the provenance of a real ``wclip score`` file,
@@ -61,7 +65,7 @@ from bench_peers import _scan, _tree  # noqa: E402  (one /proc scan: the tree an
 CURVES = {  # curve: (default sizes, quick sizes, unit, rows per file, executors)
     "embeddings64": ([200_000, 2_000_000, 20_000_000], [200_000, 2_000_000], "row", 100_000, ("local", "ray")),
     "embeddings768": ([10_000, 100_000, 1_000_000], [10_000, 100_000], "row", 5_000, ("local", "ray")),
-    "shards": ([1_000, 10_000, 100_000], [100, 1_000], "shard", 4, ("local", "ray")),
+    "shards": ([100, 1_000, 10_000], [100, 1_000], "shard", 4, ("local", "ray")),  # 1e5: ~14 min local, ~36 Ray
     "filter": ([1_000_000, 10_000_000, 100_000_000], [1_000_000, 10_000_000], "row", 100_000, ("uids", "no-uids")),
     "card": ([1_000_000, 10_000_000, 100_000_000], [1_000_000, 10_000_000], "row", 100_000, ("none",)),
 }
