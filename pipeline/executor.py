@@ -144,6 +144,13 @@ class Collector:
         """Shard ``index`` failed every attempt."""
 
 
+def shard_config(run, url: str):
+    """The run config one shard task is sent: with its own URL in place of the job's list. Every task is
+    pickled with its config, so a list of 10^5 URLs made each task 4.4 MB and the job's cost grow with the
+    square of its shards (docs/benchmarks.md, cost curves)."""
+    return replace(run, shards=(url,))
+
+
 def cpu_encode_config(encode_cfg, cpus: int, in_flight: int):
     """The encode config of a CPU job whose model runs in each of ``in_flight`` reader tasks on ``cpus``
     cores: torch threads split between them, so the cores are busy without oversubscription."""

@@ -41,6 +41,7 @@ from pipeline.executor import (
     describe_error,
     failure_line,
     local_cpus,
+    shard_config,
 )
 from pipeline.progress import Progress
 
@@ -201,7 +202,7 @@ class LocalJobs:
                         item = queue.popleft()
                     else:
                         break
-                    running[pool.submit(_shard, item[1], run, sink)] = item
+                    running[pool.submit(_shard, item[1], shard_config(run, item[1]), sink)] = item
                 if not running:
                     break
                 ready, _ = wait(list(running), return_when=FIRST_COMPLETED)

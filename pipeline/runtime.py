@@ -23,7 +23,16 @@ from typing import Any, Callable, Optional
 import ray
 
 from pipeline.config import RayOptions, RunConfig
-from pipeline.executor import Collector, Encoders, JobReport, Outcome, cpu_encode_config, describe_error, failure_line
+from pipeline.executor import (
+    Collector,
+    Encoders,
+    JobReport,
+    Outcome,
+    cpu_encode_config,
+    describe_error,
+    failure_line,
+    shard_config,
+)
 from pipeline.flow.assemble import ShardAssembler
 from pipeline.flow.stage import EncodeStage, encode_shard, shard_chunks
 from pipeline.progress import Progress
@@ -206,7 +215,7 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
         while (queue and not collector.stop) or running:
             while queue and len(running) < limit and not collector.stop:
                 i, url = queue.popleft()
-                running[task.remote(url, run, encoders, transforms_ref, sink)] = (i, url)
+                running[task.remote(url, shard_config(run, url), encoders, transforms_ref, sink)] = (i, url)
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1)

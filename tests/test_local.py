@@ -227,3 +227,29 @@ def test_one_failure_line_for_every_executor():
         "shard failed after 2 retries: s3://b/00007.tar: OSError: [Errno 5] Input/output error"
     assert failure_line(0, error) == "failed after 0 retries: OSError: [Errno 5] Input/output error"
     assert failure_line(1, "") == "failed after 1 retries: "
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_shard_task_is_sent_its_own_url_not_the_jobs_list(corpus, tmp_path, monkeypatch, executor, request):
+    """A task's config carries one URL: with the job's whole list, each of 10^5 tasks pickled 4.4 MB."""
+    import pickle
+
+    from pipeline import executor as executor_module
+
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
+    _, targets, stats_path = corpus
+    sent = []
+    module = __import__(f"pipeline.{'local' if executor == 'local' else 'runtime'}", fromlist=["shard_config"])
+
+    def recording(run, url):
+        config = executor_module.shard_config(run, url)
+        sent.append((url, config.shards, len(pickle.dumps(config))))
+        return config
+
+    monkeypatch.setattr(module, "shard_config", recording)
+    summary = _score(targets, stats_path, tmp_path / "scores", executor=executor, max_in_flight=2)
+    assert summary["rows"] == 4 * PER_SHARD and sorted(u for u, _, _ in sent) == sorted(targets)
+    assert all(shards == (url,) for url, shards, _ in sent)
+    many = tiny_run([f"/data/{i:06d}.tar" for i in range(100_000)])
+    assert len(pickle.dumps(executor_module.shard_config(many, many.shards[7]))) < 4096 < len(pickle.dumps(many))
