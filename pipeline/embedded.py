@@ -181,14 +181,15 @@ def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) ->
         started = time.time()
         outcomes = runner.map(score_file, tasks, "score")
         elapsed = time.time() - started
-    failed = []
+    report = JobReport(skipped=skipped, elapsed=elapsed)
     for o in outcomes:
-        if not o.ok:
-            failed.append((o.item.file.url, o.error))
-            append_failure(cfg.output, {"shard": o.item.file.url, "name": o.item.file.name, "error": o.error,
-                                        "attempts": run.retries + 1})
-    return JobReport(done=[o.result for o in outcomes if o.ok], failed=failed, skipped=skipped,
-                     elapsed=elapsed).summary()
+        if o.ok:
+            report.add(o.result)
+            continue
+        report.failed.append((o.item.file.url, o.error))
+        append_failure(cfg.output, {"shard": o.item.file.url, "name": o.item.file.name, "error": o.error,
+                                    "attempts": run.retries + 1})
+    return report.summary()
 
 
 # -- fit --------------------------------------------------------------------------------------------------

@@ -177,7 +177,8 @@ class LocalJobs:
         suspects: deque = deque()  # shards that were running when a worker died: rerun alone
         attempts = [0] * len(urls)
         running: dict = {}
-        done, failed = [], []
+        report = JobReport(skipped=skipped)
+        failed = report.failed
         started = time.time()
 
         def give_up_or_retry(i: int, url: str, error: str, again: deque) -> None:
@@ -218,10 +219,11 @@ class LocalJobs:
                         give_up_or_retry(i, url, describe_error(exc), queue)
                         continue
                     result = future.result()
-                    done.append(result)
+                    report.add(result)
                     collector.add(i, url, result)
                     bar.update(1, samples=result["summary"]["rows"])
-        return JobReport(done=done, failed=failed, skipped=skipped, elapsed=time.time() - started)
+        report.elapsed = time.time() - started
+        return report
 
     def _worker_died(self, running: dict, suspects: deque, give_up_or_retry) -> None:
         """A worker died and the pool with it: finished shards count, the others go to ``suspects``, except a

@@ -209,7 +209,8 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
     limit = run.max_in_flight or cluster_cpus()
     queue = deque(enumerate(urls))
     running: dict = {}
-    done, failed = [], []
+    report = JobReport(skipped=skipped)
+    failed = report.failed
     started = time.time()
     with Progress(total=len(urls) + skipped, initial=skipped, desc=sink.desc, enabled=run.progress) as bar:
         while (queue and not collector.stop) or running:
@@ -230,10 +231,11 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
                     collector.failed(i, url)
                     bar.write(failure_line(run.retries, error, url))
                     continue
-                done.append(result)
+                report.add(result)
                 collector.add(i, url, result)
                 bar.update(1, samples=result["summary"]["rows"])
-    return JobReport(done=done, failed=failed, skipped=skipped, elapsed=time.time() - started)
+    report.elapsed = time.time() - started
+    return report
 
 
 class RayJobs:

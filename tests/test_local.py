@@ -253,3 +253,21 @@ def test_a_shard_task_is_sent_its_own_url_not_the_jobs_list(corpus, tmp_path, mo
     assert all(shards == (url,) for url, shards, _ in sent)
     many = tiny_run([f"/data/{i:06d}.tar" for i in range(100_000)])
     assert len(pickle.dumps(executor_module.shard_config(many, many.shards[7]))) < 4096 < len(pickle.dumps(many))
+
+
+def test_a_job_report_counts_results_without_keeping_them():
+    from pipeline.executor import JobReport
+
+    report = JobReport(skipped=3)
+    results = [{"summary": {"shard": f"s{i}.tar", "rows": 10 + i, "status_counts": {"ok": 9 + i, "decode": 1},
+                            "damage": "truncated after 9 members" if i == 2 else None, "extra": "x" * 1000}}
+               for i in range(4)]
+    for result in results:
+        report.add(result)
+    report.failed.append(("s9.tar", "OSError: gone"))
+    report.elapsed = 2.0
+    assert report.summary() == {
+        "rows": 46, "status_counts": {"decode": 4, "ok": 42}, "shards_done": 4, "shards_skipped": 3,
+        "failed": [{"shard": "s9.tar", "error": "OSError: gone"}],
+        "damaged": [("s2.tar", "truncated after 9 members")], "elapsed_s": 2.0, "samples_per_s": 23.0}
+    assert not any(r["summary"] is v or r is v for r in results for v in vars(report).values())
