@@ -162,8 +162,7 @@ def score_file(task: ScoreFile) -> dict:
     for tower, ws in task.stats.items():
         s = sqnorm[tower]
         scores.update({f"{tower}_sqnorm": s, f"{tower}_loglik": ws.loglik(s), f"{tower}_pvalue": ws.pvalue(s)})
-    for tower, (cluster, loglik, s_own) in local.items():
-        cluster[~finite[tower]], loglik[~finite[tower]], s_own[~finite[tower]] = -1, np.nan, np.nan
+    for tower, (cluster, loglik, s_own) in local.items():  # a row without a finite sqnorm: cluster -1, NaN
         scores.update({f"{tower}_cluster": np.where(cluster >= 0, cluster, np.nan), f"{tower}_local_loglik": loglik,
                        f"{tower}_local_pvalue": mixtures[tower].pvalue(cluster, s_own)})
     table = scores_table(meta, file.url, bad, errors, scores, local=bool(mixtures))
