@@ -124,9 +124,8 @@ def _fit_clusters(k: int, fit_sample, held: np.ndarray, mean: np.ndarray, W: np.
     embedding shares removed, so that cosine separates the modes), Gaussians in the whitened space."""
     if k == 1:
         return ClusterWhitening.single(W.shape[1], cal)
-    sample = as_rows(fit_sample, "fit rows", dim=mean.size)
-    labels = spherical_kmeans(sample - mean, k, seed)
-    return ClusterWhitening.fit((sample - mean) @ W, (held - mean) @ W, labels, k, cal)
+    centred = as_rows(fit_sample, "fit rows", dim=mean.size) - mean
+    return ClusterWhitening.fit(centred @ W, (held - mean) @ W, spherical_kmeans(centred, k, seed), k, cal)
 
 
 @dataclass(frozen=True, eq=False)
