@@ -40,7 +40,6 @@ from pipeline.models import (
 from pipeline.score import describe_plan, open_folder, plan_folder
 from pipeline.storage import exists, sha256
 from pipeline.whitening import Moments, StatsFile, WhiteningStats
-from pipeline.whitening.moments import HashSample
 
 log = logging.getLogger("wclip")
 
@@ -226,10 +225,15 @@ class _Reference:
         for tower, r in result["towers"].items():
             part = Moments(r["count"], r["mean"], r["scatter"])
             self.moments[tower] = self.moments[tower].merge(part) if tower in self.moments else part
-            self.held.setdefault(tower, HashSample(self.max_heldout, r["dim"])).add(r["held_hash"], r["held_rows"])
+            hashes, rows = self.held.get(tower, (np.zeros(0, np.uint64), np.zeros((0, r["dim"]), np.float32)))
+            hashes, rows = np.concatenate([hashes, r["held_hash"]]), np.concatenate([rows, r["held_rows"]])
+            keep = np.argsort(hashes, kind="stable")[: self.max_heldout]
+            self.held[tower] = (hashes[keep], rows[keep])
             sample = r["sample"]  # the file's fit rows with the smallest key hashes (--clusters)
-            if sample is not None:
-                self.samples.setdefault(tower, HashSample(sample.size, sample.dim)).add(sample.hashes, sample.rows)
+            if sample is not None and tower in self.samples:
+                self.samples[tower].add(sample.hashes, sample.rows)
+            elif sample is not None:
+                self.samples[tower] = sample
             lo, hi = self.norms.get(tower, (np.inf, 0.0))
             self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
 
@@ -281,7 +285,7 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                          "file failed; check the --embeddings paths")
     towers = {}
     for tower, moments in ref.moments.items():
-        held = ref.held[tower].rows
+        hashes, held = ref.held[tower]
         sample = ref.samples.get(tower)
         towers[tower] = WhiteningStats.from_moments(moments, heldout=held.astype(np.float64) if len(held) else None,
                                                     components=cfg.components, shrinkage=cfg.shrinkage,

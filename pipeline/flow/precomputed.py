@@ -230,8 +230,8 @@ def fit_file(task: FitFile) -> dict:
     all_hashes = key_hashes(keys, task.seed)
     held = held_out(all_hashes, task.holdout)
     towers = [t for t, _, _ in file.towers]
-    moments, norms, dims = {}, {t: [np.inf, 0.0] for t in towers}, {}
-    heldout, samples = {}, {}  # tower -> HashSample: held-out rows, and fit rows for the clusters
+    moments, held_rows, norms, dims = {}, {t: [] for t in towers}, {t: [np.inf, 0.0] for t in towers}, {}
+    samples = {}
     usable = np.zeros(n, dtype=bool)
     for start, blocks in read_blocks(file, meta.num_rows, task.block_rows, rows=n, reuse=True):
         rows = slice(start, start + len(next(iter(blocks.values()))))
@@ -240,23 +240,25 @@ def fit_file(task: FitFile) -> dict:
         for tower, block in blocks.items():
             x = block[ok]
             dims[tower] = block.shape[1]
-            fit_rows, hashes = ~held[rows][ok], all_hashes[rows][ok]
+            fit_rows = ~held[rows][ok]
             moments.setdefault(tower, Moments.empty(block.shape[1])).update(x[fit_rows])
-            heldout.setdefault(tower, HashSample(task.max_heldout, block.shape[1])).add(hashes[~fit_rows],
-                                                                                         x[~fit_rows])
+            held_rows[tower].append(x[~fit_rows].astype(np.float32))
             if task.max_sample:
                 samples.setdefault(tower, HashSample(task.max_sample, block.shape[1])).add(
-                    hashes[fit_rows], x[fit_rows])
+                    all_hashes[rows][ok][fit_rows], x[fit_rows])
             if len(x):
                 r = np.linalg.norm(x.astype(np.float64), axis=1)
                 norms[tower] = [min(norms[tower][0], float(r.min())), max(norms[tower][1], float(r.max()))]
+    hashes = all_hashes[held & usable]
+    keep = np.argsort(hashes, kind="stable")[: task.max_heldout]
     out = {}
     for tower in towers:
         if tower not in moments:
             continue
+        rows = np.concatenate(held_rows[tower]) if held_rows[tower] else np.zeros((0, dims[tower]), np.float32)
         m = moments[tower]
-        out[tower] = {"count": m.count, "mean": m.mean, "scatter": m.scatter, "held_hash": heldout[tower].hashes,
-                      "held_rows": heldout[tower].rows, "norms": norms[tower], "dim": dims[tower],
+        out[tower] = {"count": m.count, "mean": m.mean, "scatter": m.scatter, "held_hash": hashes[keep],
+                      "held_rows": rows[keep], "norms": norms[tower], "dim": dims[tower],
                       "sample": samples.get(tower)}
     summary = {"shard": file.url, "name": file.name, "rows": n, "usable": int(usable.sum()),
                "status_counts": _counts(int(usable.sum()), int(n - usable.sum())),

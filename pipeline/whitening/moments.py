@@ -121,16 +121,14 @@ def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
 
 class HashSample:
     """A bounded sample of rows that does not depend on their order or on how they were split between
-    workers: the ``size`` rows whose key hashes are smallest, in hash order. Samples of parts merge into the
-    sample of the whole; memory stays below twice ``size`` rows (parts are pruned together once they reach
-    it)."""
+    workers: the ``size`` rows whose key hashes are smallest. Samples of parts merge into the sample of
+    the whole; memory stays below twice ``size`` rows (parts are pruned together once they reach it)."""
 
     def __init__(self, size: int, dim: int):
         self.size, self.dim = int(size), int(dim)
         self._hashes: list = []
         self._rows: list = []
         self._count = 0
-        self._pruned = False  # one part, at most ``size`` rows, in hash order
 
     def add(self, hashes: np.ndarray, rows: np.ndarray) -> "HashSample":
         """Offer ``rows`` (n, dim) with their key ``hashes`` (n,); returns ``self``."""
@@ -138,28 +136,25 @@ class HashSample:
             self._hashes.append(np.asarray(hashes, dtype=np.uint64))
             self._rows.append(np.asarray(rows, dtype=np.float32))
             self._count += len(hashes)
-            self._pruned = False
             if self._count >= 2 * self.size:
                 self._prune()
         return self
 
     def _prune(self) -> None:
-        if self._pruned:
-            return
         hashes = np.concatenate(self._hashes) if self._hashes else np.zeros(0, np.uint64)
         rows = np.concatenate(self._rows) if self._rows else np.zeros((0, self.dim), np.float32)
-        keep = np.argsort(hashes, kind="stable")[: self.size]
-        self._hashes, self._rows, self._count, self._pruned = [hashes[keep]], [rows[keep]], keep.size, True
+        keep = np.sort(np.argsort(hashes, kind="stable")[: self.size])
+        self._hashes, self._rows, self._count = [hashes[keep]], [rows[keep]], keep.size
 
     @property
     def hashes(self) -> np.ndarray:
-        """The sample's key hashes, ascending."""
+        """The sample's key hashes, in the order their rows were offered."""
         self._prune()
         return self._hashes[0]
 
     @property
     def rows(self) -> np.ndarray:
-        """The sample's rows (float32), in the order of their hashes."""
+        """The sample's rows (float32), in the order they were offered."""
         self._prune()
         return self._rows[0]
 

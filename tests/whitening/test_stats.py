@@ -407,24 +407,3 @@ def test_an_edited_header_or_tensor_is_detected(tmp_path):
         with pytest.raises(StatsFileError, match=r"was changed after `wclip fit` wrote it.*Re-run `wclip fit`"):
             StatsFile.load(tmp_path / f"{name}.st")
     assert StatsFile.load(path).metadata["normalize"] is False
-
-
-def test_a_hash_sample_keeps_the_smallest_hashes_whatever_the_split():
-    from pipeline.whitening.moments import HashSample
-
-    rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 2**63, size=1000).astype(np.uint64)
-    rows = rng.normal(size=(1000, 3))
-    whole = HashSample(100, 3).add(hashes, rows)
-    by_blocks = HashSample(100, 3)
-    for i in range(0, 1000, 7):
-        by_blocks.add(hashes[i:i + 7], rows[i:i + 7])
-        assert sum(len(h) for h in by_blocks._hashes) < 2 * 100 + 7  # bounded while it grows
-    parts = [HashSample(100, 3).add(hashes[i::3], rows[i::3]) for i in range(3)]
-    merged = HashSample(100, 3)
-    for part in parts:
-        merged.add(part.hashes, part.rows)
-    smallest = np.argsort(hashes)[:100]
-    for sample in (whole, by_blocks, merged):
-        np.testing.assert_array_equal(sample.hashes, hashes[smallest])
-        np.testing.assert_array_equal(sample.rows, rows[smallest].astype(np.float32))
