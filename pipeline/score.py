@@ -166,6 +166,10 @@ def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
     wedges the folder; the next run resumes. An object store (``s3://``, ``gs://``, ...) has no lock fsspec can
     take: there nothing excludes two runs started at the same moment (the check of ``run.json`` refuses a run
     started after another wrote it); run one ``wclip score`` per folder there.
+
+    A run refused before it opened a folder that had no ``.wclip/`` (files of another tool) leaves it as it
+    was: the lock file and the folders the claim made are removed while still held (a run that opened the
+    removed file in that instant may hold it, but it meets the same files of another tool and is refused too).
     """
     path = storage.local_file(out)
     if not hold or path is None:
@@ -173,6 +177,7 @@ def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
         return
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "stats_path": str(stats_path),
               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    made = [p for p in (path, state_path(path)) if not os.path.isdir(p)]  # what the claim creates
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(storage.exclusive(state_path(path, LOCK), holder))
@@ -180,7 +185,14 @@ def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
             raise ConfigError(f"--output {out} is being written by another `wclip score` ({_holder(busy.holder)}); "
                               f"wait for it to end, then rerun this command (a run with the same stats resumes "
                               f"where it stopped), or choose another --output") from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if state_path(path) in made and not os.path.exists(run_path(path)):  # refused before opening it:
+                os.remove(state_path(path, LOCK))                             # leave the folder as it was
+                for folder in reversed(made):
+                    storage.remove_empty_folder(folder)
+            raise
 
 
 def _holder(made: dict) -> str:
