@@ -37,7 +37,7 @@ from pipeline.models import (
     DeclaredModel,
     declare,
 )
-from pipeline.score import describe_plan, open_folder, plan_folder
+from pipeline.score import claim_folder, describe_plan, open_folder, plan_folder
 from pipeline.storage import exists, sha256
 from pipeline.whitening import Moments, StatsFile, WhiteningStats
 
@@ -152,7 +152,13 @@ def _discover(run, fit_key: Optional[str]):
 
 
 def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) -> dict:
-    """Run ``wclip score --embeddings``; returns the summary dict (or the plan, with ``dry_run``)."""
+    """Run ``wclip score --embeddings``; returns the summary dict (or the plan, with ``dry_run``). The run holds
+    its output folder throughout (:func:`pipeline.score.claim_folder`)."""
+    with claim_folder(cfg.output, cfg.stats_path, hold=not dry_run):
+        return _score_embeddings(cfg, stats, dry_run)
+
+
+def _score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool) -> dict:
     run = cfg.run
     source = _discover(run, (stats.metadata.get("embeddings") or {}).get("key"))
     check_kind(stats, source, probe(source.files[0]), run.model)

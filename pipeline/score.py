@@ -2,17 +2,23 @@
 
 Before any work it checks the output folder (:mod:`pipeline.flow.write` describes its layout): it never
 overwrites a file wclip did not write, never mixes scores of two fits or models in one folder, and skips
-exactly the shards whose outputs are complete and were made by the same stats and model.
+exactly the shards whose outputs are complete and were made by the same stats and model. A run holds the
+folder from before it plans until it ends (:func:`claim_folder`): a second run started on it meanwhile is
+refused before it reads or writes anything there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
+import os
+import socket
+from typing import Iterator
 
 import pipeline
-from pipeline import launch
+from pipeline import launch, storage
 from pipeline.config import ScoreConfig
 from pipeline.errors import ConfigError
 from pipeline.flow.read import check_unique_names, shard_name
@@ -140,6 +146,61 @@ def plan_folder(out: str, names: list, made: dict, overwrite: bool, need_embeddi
     return [n for n in names if n not in complete]
 
 
+LOCK = "lock"  # DIR/.wclip/lock: held by the run writing the folder (local folders)
+
+
+@contextlib.contextmanager
+def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
+    """Hold scores folder ``out`` for this run for the block (planning, opening, scoring): another ``wclip score``
+    (tar shards or ``--embeddings``, same stats or not) that starts on it meanwhile is refused in one line
+    (:class:`ConfigError`, exit 2) before it reads or writes anything there. ``hold=False`` (``--dry-run``, which
+    writes nothing) claims nothing.
+
+    It refuses rather than waits: a score run takes hours, and what the second run should do depends on the
+    first (same stats: resume it afterwards, doing only what is left; other stats: the folder is taken), so it
+    says who holds the folder and the user reruns. Two runs with the same stats are excluded too: they would
+    write the same shards and each clear the other's temporary files as a killed run's.
+
+    A local folder (or ``file://``) is held by ``flock`` on ``DIR/.wclip/lock`` (:func:`storage.exclusive`):
+    released by the operating system when the run ends in any way, ``kill -9`` included, so a crash never
+    wedges the folder; the next run resumes. An object store (``s3://``, ``gs://``, ...) has no lock fsspec can
+    take: there nothing excludes two runs started at the same moment (the check of ``run.json`` refuses a run
+    started after another wrote it); run one ``wclip score`` per folder there.
+
+    A run refused before it opened a folder that had no ``.wclip/`` (files of another tool) leaves it as it
+    was: the lock file and the folders the claim made are removed while still held (a run that opened the
+    removed file in that instant may hold it, but it meets the same files of another tool and is refused too).
+    """
+    path = storage.local_file(out)
+    if not hold or path is None:
+        yield
+        return
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "stats_path": str(stats_path),
+              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    made = [p for p in (path, state_path(path)) if not os.path.isdir(p)]  # what the claim creates
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(storage.exclusive(state_path(path, LOCK), holder))
+        except storage.Held as busy:
+            raise ConfigError(f"--output {out} is being written by another `wclip score` ({_holder(busy.holder)}); "
+                              f"wait for it to end, then rerun this command (a run with the same stats resumes "
+                              f"where it stopped), or choose another --output") from None
+        try:
+            yield
+        except BaseException:
+            if state_path(path) in made and not os.path.exists(run_path(path)):  # refused before opening it:
+                os.remove(state_path(path, LOCK))                             # leave the folder as it was
+                for folder in reversed(made):
+                    storage.remove_empty_folder(folder)
+            raise
+
+
+def _holder(made: dict) -> str:
+    if not made:
+        return "just starting"
+    return f"pid {made.get('pid')} on {made.get('host')}, since {made.get('since')}, stats {made.get('stats_path')}"
+
+
 def open_folder(out: str, made: dict, todo: list) -> None:
     """Record what makes the folder and clear what a killed run left, before the outputs ``todo`` are made."""
     makedirs(out)
@@ -170,10 +231,18 @@ def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
     check_unique_names(run.shards)
     check_model_matches(stats, run)
     made = provenance(cfg)
+    if dry_run:
+        todo = plan_outputs(cfg, made)
+        return describe_plan(cfg.output, [shard_name(u) for u in run.shards], [shard_name(u) for u in todo])
+    with claim_folder(cfg.output, cfg.stats_path):
+        return _score(cfg, stats, made)
+
+
+def _score(cfg: ScoreConfig, stats, made: dict) -> dict:
+    """The score job in a folder this run holds."""
+    run = cfg.run
     todo = plan_outputs(cfg, made)
     skipped = len(run.shards) - len(todo)
-    if dry_run:
-        return describe_plan(cfg.output, [shard_name(u) for u in run.shards], [shard_name(u) for u in todo])
     open_folder(cfg.output, made, [shard_name(u) for u in todo])
     if skipped:
         log.info("resuming: %d of %d shards already done in %s (--overwrite redoes them)",

@@ -92,6 +92,12 @@ def remove_empty_folder(path) -> None:
         fs.rmdir(p)
 
 
+def local_file(path):
+    """The local path of ``path`` (a plain path or a ``file://`` URL), or None on any other file system."""
+    fs, p = filesystem(path)
+    return p if "file" in _protocols(fs) else None
+
+
 def _protocols(fs) -> tuple:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
@@ -234,3 +240,51 @@ def remove_stale_temporaries(folder) -> int:
     for entry in stale:
         remove(entry)
     return len(stale)
+
+
+class Held(Exception):
+    """:func:`exclusive` found the lock held by another process; ``holder`` is what that process recorded."""
+
+    def __init__(self, path, holder: dict):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive(path, holder: dict) -> Iterator[None]:
+    """Hold the lock file ``path`` (a local path) for the block, recording ``holder`` (JSON) in it; raise
+    :class:`Held` at once, without waiting, when another process holds it.
+
+    The lock is ``fcntl.flock`` on the file: the operating system releases it when the process ends, however
+    it ends (``kill -9`` included), so a crashed run never wedges the path. The file is never deleted (a
+    process may have it open to lock it: deleting it would let two processes lock two files of one name).
+    Locks are per open file, so two claims in one process exclude each other too. NFS emulates ``flock``
+    with byte-range locks, which hold across clients.
+    """
+    import fcntl
+
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Held(path, _recorded(fd)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, dumps_json(holder), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the next holder records itself; a reader meanwhile finds nothing
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _recorded(fd: int) -> dict:
+    """What the holder of a lock file wrote in it ({} while it has not written yet)."""
+    try:
+        made = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except ValueError:
+        return {}
+    return made if isinstance(made, dict) else {}

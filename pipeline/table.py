@@ -4,6 +4,7 @@ reading a scores folder (local or any fsspec URL) back in bounded-size batches."
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -67,8 +68,6 @@ def read_provenance(path):
 
 def provenance_from(metadata) -> Optional[dict]:
     """:func:`read_provenance` of a file whose schema metadata is ``metadata``."""
-    import json
-
     raw = (metadata or {}).get(PROVENANCE_KEY)
     if raw == b"scores/1":  # written by wclip before provenance was recorded
         return {"format": "wclip-scores/1"}
@@ -79,11 +78,83 @@ def provenance_from(metadata) -> Optional[dict]:
     return made if isinstance(made, dict) else None
 
 
+# -- the scores folder's layout (pipeline.flow.write writes it; filters and cards read it back) ----------------
+STATE_DIR = ".wclip"  # hidden: every Parquet reader and Hugging Face datasets skip it
+SCORES_SUFFIX = ".parquet"
+
+
+def state_path(output: str, *names: str) -> str:
+    return storage.join(output, STATE_DIR, *names)
+
+
+def marker_path(output: str, name: str) -> str:
+    return state_path(output, "shards", name + ".json")
+
+
+def scores_path(output: str, name: str) -> str:
+    return storage.join(output, name + SCORES_SUFFIX)
+
+
+def file_sizes(folder: str, suffix: str = "") -> dict:
+    """``{file name: size in bytes}`` of the files directly in ``folder`` (empty when it does not exist)."""
+    fs, p = storage.uncached(folder)
+    if not fs.exists(p):
+        return {}
+    return {storage.basename(e["name"]): int(e.get("size") or 0) for e in fs.ls(p, detail=True)
+            if e.get("type") == "file" and storage.basename(e["name"]).endswith(suffix)}
+
+
+def markers(output: str, project=None) -> dict:
+    """``{shard name: marker}`` of the completed shards under ``output``; ``project(marker)``, when given,
+    stands for each marker as it is read (a parsed marker takes ~3.6 KB: keep only what is needed)."""
+    folder = state_path(output, "shards")
+    out = {}
+    for name in sorted(file_sizes(folder, ".json")):
+        if name.startswith("."):
+            continue
+        try:
+            marker = json.loads(storage.read_bytes(storage.join(folder, name)))
+        except (ValueError, OSError):
+            continue  # an unreadable marker counts as no marker: the shard is redone
+        out[name[: -len(".json")]] = project(marker) if project else marker
+    return out
+
+
+def incomplete_shards(directory) -> list:
+    """``[(shard name, what is wrong)]`` of the shards whose completion marker is in ``directory`` but whose
+    score file is missing or has another size than the marker recorded (a folder without markers, scores of
+    another tool, has none)."""
+    sizes = file_sizes(directory, SCORES_SUFFIX)
+    recorded = markers(directory, lambda m: (m.get("parquet") or {}).get("bytes"))
+    wrong = []
+    for name, size in recorded.items():
+        found = sizes.get(name + SCORES_SUFFIX)
+        if found is None:
+            wrong.append((name, "missing"))
+        elif size is not None and found != size:
+            wrong.append((name, f"{found} bytes, {size} recorded"))
+    return wrong
+
+
+def check_complete(directory) -> None:
+    """Refuse a scores folder that lost score files it recorded as done (or holds them changed), naming them."""
+    from pipeline.errors import ConfigError
+
+    wrong = incomplete_shards(directory)
+    if wrong:
+        shown = "; ".join(f"{name}{SCORES_SUFFIX} {what}" for name, what in wrong[:3])
+        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ConfigError(f"the scores folder {directory} is incomplete: {len(wrong)} shard(s) recorded as scored "
+                          f"have no score file or one of another size ({shown}{more}); rerun the `wclip score` "
+                          f"command that wrote the folder to rescore them")
+
+
 def list_score_files(directory) -> list[str]:
     """The finished score files in ``directory`` (a local folder or URL), sorted by name (temporary files
-    skipped)."""
+    skipped), after refusing a folder that lost files its markers record (:func:`check_complete`)."""
     if not storage.is_dir(directory):
         raise FileNotFoundError(f"scores directory {str(directory)!r} does not exist")
+    check_complete(directory)
     return [f for f in storage.list_files(directory, ".parquet")
             if not storage.basename(f).startswith(".") and not f.endswith(".tmp")]
 

@@ -40,24 +40,20 @@ from typing import Optional
 import numpy as np
 
 from pipeline.flow.assemble import ShardAssembler
-from pipeline.storage import basename, exists, join, read_bytes, uncached, write_atomic
-from pipeline.table import PROVENANCE_KEY, SCORES_FORMAT, build_table, table_bytes
-
-STATE_DIR = ".wclip"  # hidden: every Parquet reader and Hugging Face datasets skip it
-SCORES_SUFFIX = ".parquet"
-
-
-def state_path(output: str, *names: str) -> str:
-    return join(output, STATE_DIR, *names)
-
-
-def marker_path(output: str, name: str) -> str:
-    return state_path(output, "shards", name + ".json")
-
-
-def scores_path(output: str, name: str) -> str:
-    return join(output, name + SCORES_SUFFIX)
-
+from pipeline.storage import exists, join, read_bytes, uncached, write_atomic
+from pipeline.table import (  # noqa: F401 (the folder's layout, read back by pipeline.table, re-exported here)
+    PROVENANCE_KEY,
+    SCORES_FORMAT,
+    SCORES_SUFFIX,
+    STATE_DIR,
+    build_table,
+    file_sizes,
+    marker_path,
+    markers,
+    scores_path,
+    state_path,
+    table_bytes,
+)
 
 EMBEDDING_FILES = {"image": ("img_emb", "img_emb_", ".npy"), "text": ("text_emb", "text_emb_", ".npy"),
                    "metadata": ("metadata", "metadata_", ".parquet")}  # clip-retrieval's layout
@@ -88,31 +84,6 @@ def failures_path(output: str) -> str:
 
 def run_path(output: str) -> str:
     return state_path(output, "run.json")
-
-
-def file_sizes(folder: str, suffix: str = "") -> dict:
-    """``{file name: size in bytes}`` of the files directly in ``folder`` (empty when it does not exist)."""
-    fs, p = uncached(folder)
-    if not fs.exists(p):
-        return {}
-    return {basename(e["name"]): int(e.get("size") or 0) for e in fs.ls(p, detail=True)
-            if e.get("type") == "file" and basename(e["name"]).endswith(suffix)}
-
-
-def markers(output: str, project=None) -> dict:
-    """``{shard name: marker}`` of the completed shards under ``output``; ``project(marker)``, when given,
-    stands for each marker as it is read (a parsed marker takes ~3.6 KB: keep only what is needed)."""
-    folder = state_path(output, "shards")
-    out = {}
-    for name in sorted(file_sizes(folder, ".json")):
-        if name.startswith("."):
-            continue
-        try:
-            marker = json.loads(read_bytes(join(folder, name)))
-        except (ValueError, OSError):
-            continue  # an unreadable marker counts as no marker: the shard is redone
-        out[name[: -len(".json")]] = project(marker) if project else marker
-    return out
 
 
 def input_info(url: str) -> dict:

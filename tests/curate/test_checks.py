@@ -160,3 +160,39 @@ def test_dry_run_reads_footers_writes_nothing_and_starts_no_ray(tmp_path, capsys
     # the dry run makes the same checks: a condition on a missing column is refused
     assert main(argv[:-1] + ["--min", "nope=1", "--dry-run"]) == 2
     assert "no column 'nope'" in capsys.readouterr().err
+
+
+def test_a_scores_folder_that_lost_files_its_markers_record_is_refused_by_filter_and_card(tmp_path, capsys):
+    from test_embeddings import write_clip_retrieval
+
+    folder = write_clip_retrieval(tmp_path / "laion")
+    stats, scores = str(tmp_path / "stats.safetensors"), tmp_path / "scores"
+    assert main(["fit", "--embeddings", str(folder), "--output", stats, "--components", "4"]) == 0
+    score = ["score", "--embeddings", str(folder), "--stats", stats, "--output", str(scores), "--no-progress"]
+    assert main(score) == 0
+    (scores / "metadata_1.parquet").unlink()                                     # lost
+    changed = scores / "metadata_0.parquet"                                      # replaced by other bytes
+    pq.write_table(pq.read_table(changed).slice(0, 10), changed)
+    size = changed.stat().st_size
+    recorded = json.loads((scores / ".wclip" / "shards" / "metadata_0.json").read_text())["parquet"]["bytes"]
+    capsys.readouterr()
+    out, card = tmp_path / "out", tmp_path / "card"
+    for command, argv in (("filter", ["filter", "--scores", str(scores), "--output", str(out)]),
+                          ("card", ["card", "--scores", str(scores), "--stats", stats, "--output", str(card)])):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith(f"wclip {command}: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0] == (f"wclip {command}: error: the scores folder {scores} is incomplete: 2 shard(s) recorded "
+                            f"as scored have no score file or one of another size (metadata_0.parquet {size} bytes, "
+                            f"{recorded} recorded; metadata_1.parquet missing); rerun the `wclip score` command "
+                            f"that wrote the folder to rescore them")
+    assert not out.exists() and not card.exists()
+    # as the message says: the score command rescores exactly those two, then filter and card go ahead
+    assert main(score) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["shards_done"], summary["shards_skipped"], summary["rows"]) == (2, 1, 120 + 90)
+    assert main(["filter", "--scores", str(scores), "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 120 + 90
+    assert main(["card", "--scores", str(scores), "--stats", stats, "--output", str(card), "--no-thumbnails"]) == 0
+    assert json.loads((card / "card.json").read_text())["rows"] == 120 + 90
