@@ -174,3 +174,23 @@ def test_saved_embeddings_are_row_aligned(tmp_path, stats_path):
         assert np.isnan(emb[tower][~scored]).all() and np.isfinite(emb[tower][scored]).all()
         np.testing.assert_allclose(stats.towers[tower].sqnorm(emb[tower][scored].astype(np.float64)),
                                    sq[scored], rtol=1e-5)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_duplicate_key_is_its_own_row_and_the_marker_says_so(tmp_path, stats_path, executor):
+    """Issue #26 item 9: a key written twice in a row used to be one sample (the second never scored)."""
+    again = ("000000001", {"jpg": image_bytes(99), "txt": b"the second sample under key 1"})
+    url = write_shard(tmp_path / "00000.tar", [sample(0), sample(1), again, sample(2)])
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(run=run_cfg([url], executor=executor), stats_path=stats_path, output=str(out)),
+                    StatsFile.load(stats_path))
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [(r["key"], r["index"], r["status"]) for r in rows] == [
+        ("000000000", 0, "ok"), ("000000001", 1, "ok"), ("000000001", 2, "read"), ("000000002", 3, "ok")]
+    assert rows[2]["caption"] == "the second sample under key 1" and rows[1]["caption"] == sample(1)[1]["txt"].decode()
+    assert rows[2]["error"].startswith("duplicate key: sample 1 of this shard has the same key '000000001'")
+    assert rows[2]["image_loglik"] != rows[1]["image_loglik"]  # each scored from its own members
+    note = ("1 sample repeats the key of an earlier sample (000000001 at sample 2): each is its own row, "
+            "with status read")
+    assert summary["status_counts"] == {"ok": 3, "read": 1} and [tuple(d) for d in summary["damaged"]] == [(url, note)]
+    assert marker(out, "00000")["damage"] == note
