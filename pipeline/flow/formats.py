@@ -37,7 +37,22 @@ def expand_inputs(patterns, input_format: str) -> list:
             urls.extend(_units(storage, url, input_format))
     if not urls:
         raise ValueError(f"no {input_format} inputs found in {patterns!r}")
+    if input_format == "parquet":
+        _check_first_parquet(urls[0])
     return list(dict.fromkeys(urls))
+
+
+def _check_first_parquet(url: str) -> None:
+    """Refuse, before any work, image Parquet inputs whose first file's columns cannot be read
+    (:func:`parquet_columns`); each file's reader checks its own file again (one footer read here, not one
+    per file: a dataset's files share their schema)."""
+    from pipeline.table import file_schema
+
+    try:
+        schema = file_schema(url)
+    except (OSError, ValueError):  # missing, unreadable or not Parquet: the run's checks and the reader say so
+        return
+    parquet_columns(url, schema)
 
 
 def _units(storage, url: str, input_format: str) -> list:
@@ -105,22 +120,16 @@ class ParquetReader:
     def __iter__(self) -> Iterator[RawSample]:
         from pipeline.table import parquet_file
 
-        pf = parquet_file(self.url)
-        names = pf.schema_arrow.names
-        image = next((c for c in IMAGE_COLUMNS if c in names), None)
-        caption = next((c for c in CAPTION_COLUMNS if c in names), None)
-        key = next((c for c in KEY_COLUMNS if c in names), None)
-        if image is None:
-            raise ValueError(f"{self.url}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; "
-                             f"the file has {', '.join(names)})")
-        index = 0
-        try:
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                for row in batch.to_pylist():
-                    yield self._sample(row, index, image, caption, key)
-                    index += 1
-        except OSError as exc:  # a truncated or corrupt file after some row groups: damage, rows kept
-            self.damage = f"parquet damaged after {index} rows: {exc}"
+        with parquet_file(self.url) as pf:
+            image, caption, key = parquet_columns(self.url, pf.schema_arrow)
+            index = 0
+            try:
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                    for row in batch.to_pylist():
+                        yield self._sample(row, index, image, caption, key)
+                        index += 1
+            except OSError as exc:  # a truncated or corrupt file after some row groups: damage, rows kept
+                self.damage = f"parquet damaged after {index} rows: {exc}"
 
     def _sample(self, row: dict, index: int, image: str, caption: Optional[str], key: Optional[str]) -> RawSample:
         name = str(row[key]) if key and row.get(key) is not None else f"{index:09d}"
@@ -129,20 +138,52 @@ class ParquetReader:
         if isinstance(data, dict):  # Hugging Face's Image feature: {"bytes": ..., "path": ...}
             data = data.get("bytes")
         if isinstance(data, (bytes, bytearray)) and data:
-            if len(data) > self.max_member_bytes:
-                sample.skipped.append(f"column {image} is {len(data)} bytes, over the {self.max_member_bytes}-byte "
-                                      f"limit (raise --max-member-bytes if such images are legitimate)")
-            else:
-                sample.members["jpg"] = bytes(data)
+            self._member(sample, "jpg", image, bytes(data), "images")
         text = row.get(caption) if caption else None
-        if text is not None:
-            sample.members["txt"] = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if text is not None:  # str or bytes: parquet_columns refused any other type
+            self._member(sample, "txt", caption, text.encode("utf-8") if isinstance(text, str) else bytes(text),
+                         "captions")
         meta = {k: v for k, v in row.items() if k not in (image, caption) and _scalar(v)}
         sample.members["json"] = json.dumps(meta, default=str).encode()
         return sample
 
+    def _member(self, sample: RawSample, ext: str, column: str, data: bytes, what: str) -> None:
+        if len(data) > self.max_member_bytes:
+            sample.skipped.append(f"column {column} is {len(data)} bytes, over the {self.max_member_bytes}-byte "
+                                  f"limit (raise --max-member-bytes if such {what} are legitimate)")
+        else:
+            sample.members[ext] = data
+
+
+def parquet_columns(url: str, schema) -> tuple:
+    """``(image, caption, key)``: the columns of an image Parquet file (``schema``) that hold the image,
+    the caption (None: no caption column) and the key (None: keys are row numbers), the first present of
+    each list. Raises ValueError, in one line, for a file without an image column or whose caption column
+    does not hold text (a number or a list is not a caption; strings and bytes are, bytes decoded as UTF-8)."""
+    names = schema.names
+    image = next((c for c in IMAGE_COLUMNS if c in names), None)
+    caption = next((c for c in CAPTION_COLUMNS if c in names), None)
+    key = next((c for c in KEY_COLUMNS if c in names), None)
+    if image is None:
+        raise ValueError(f"{url}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; "
+                         f"the file has {', '.join(names)})")
+    if caption is not None and not _is_text(schema.field(caption).type):
+        raise ValueError(f"{url}: the caption column {caption!r} holds {schema.field(caption).type}, not text "
+                         f"(string, or binary holding UTF-8); the caption is the first of "
+                         f"{', '.join(CAPTION_COLUMNS)} present: rename that column or store the captions as strings")
+    return image, caption, key
+
+
+def _is_text(kind) -> bool:
+    """A Parquet column type that can hold captions: strings, bytes, a dictionary of either, or only nulls."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        return _is_text(kind.value_type)
+    return any(check(kind) for check in (
+        pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+        pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary, pa.types.is_null))
+
 
 def _scalar(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
-
-

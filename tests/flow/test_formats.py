@@ -97,3 +97,62 @@ def test_score_reads_the_formats_one_row_per_sample(tmp_path, ray_local, input_f
     table = pq.read_table(out / "00001.parquet").to_pylist()
     assert [r["key"] for r in table] == [f"00001{j:04d}" for j in range(5)]
     assert table[3]["status"] == "decode" and table[3]["image_loglik"] is None and table[3]["text_loglik"] is not None
+
+
+# -- a caption column that does not hold text (issue #26 item 3) -------------------------------------------
+@pytest.mark.parametrize("values, kind", [
+    ([3, 5], "int64"), ([int(1e11), 7], "int64"), ([2_000_000_000, 1], "int64"), ([0.5, 1.5], "double"),
+    ([["a", "b"], ["c"]], "list<element: string>"), ([{"t": "a"}, {"t": "b"}], "struct<t: string>"),
+    ([True, False], "bool")])
+def test_a_caption_column_that_is_not_text_is_refused_before_any_row(tmp_path, values, kind):
+    """A number used to become that many NUL bytes scored ok (1e11: MemoryError), a float or list a
+    TypeError that lost every row; now the file is refused in one line naming the column and its type."""
+    pq.write_table(pa.table({"key": ["a", "b"], "jpg": [image_bytes(0), image_bytes(1)], "text": values}),
+                   tmp_path / "00000.parquet")
+    message = (f"{tmp_path / '00000.parquet'}: the caption column 'text' holds {kind}, not text (string, or "
+               f"binary holding UTF-8); the caption is the first of caption, text, txt, prompt present: rename "
+               f"that column or store the captions as strings")
+    with pytest.raises(ValueError) as refused:
+        expand_inputs([str(tmp_path)], "parquet")
+    assert str(refused.value) == message
+    reader = open_reader(str(tmp_path / "00000.parquet"), InputConfig(input_format="parquet"))
+    with pytest.raises(ValueError) as failed:  # a later file of another schema: that file fails, recorded
+        next(iter(reader))
+    assert str(failed.value) == message
+
+
+def test_binary_dictionary_and_null_captions_are_read(tmp_path):
+    rows = {"jpg": [image_bytes(i) for i in range(3)]}
+    cases = {"binary": pa.array([b"caf\xc3\xa9", b"\xff bad utf-8", None], pa.binary()),
+             "dictionary": pa.array(["x", "y", "x"]).dictionary_encode(),
+             "null": pa.nulls(3)}
+    for name, column in cases.items():
+        pq.write_table(pa.table(dict(rows, caption=column)), tmp_path / f"{name}.parquet")
+    assert expand_inputs([str(tmp_path)], "parquet") == [str(tmp_path / f"{n}.parquet")
+                                                        for n in ("binary", "dictionary", "null")]
+    captions = {name: [s.members.get("txt") for s in ParquetReader(str(tmp_path / f"{name}.parquet"), 1 << 20)]
+                for name in cases}
+    assert captions == {"binary": [b"caf\xc3\xa9", b"\xff bad utf-8", None], "dictionary": [b"x", b"y", b"x"],
+                        "null": [None, None, None]}
+
+
+def test_an_oversized_caption_is_skipped_like_an_oversized_member(tmp_path):
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "txt": ["x" * 5000]}), tmp_path / "00000.parquet")
+    [only] = ParquetReader(str(tmp_path / "00000.parquet"), 4096)
+    assert "txt" not in only.members and only.members["jpg"] == image_bytes(0)
+    assert only.skipped == ["column txt is 5000 bytes, over the 4096-byte limit (raise --max-member-bytes if such "
+                            "captions are legitimate)"]
+
+
+def test_the_command_refuses_a_non_text_caption_in_one_line_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "caption": pa.array([1.5])}), tmp_path / "00000.parquet")
+    stats = tmp_path / "stats.safetensors"
+    code = main(["fit", "--input", str(tmp_path), "--input-format", "parquet", "--output", str(stats),
+                 "--model", "wclip-tiny", "--random-init", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not stats.exists()
+    assert err[-1] == (f"wclip fit: error: {tmp_path / '00000.parquet'}: the caption column 'caption' holds double, "
+                       f"not text (string, or binary holding UTF-8); the caption is the first of caption, text, txt, "
+                       f"prompt present: rename that column or store the captions as strings")
