@@ -178,6 +178,13 @@ def clean_key(key: str) -> tuple:
         return shown, f"member name is not valid UTF-8; the key is shown with \\x escapes: {shown}"
 
 
+def listed(names, shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and how many more there are: ``a, b, c and 2 more``."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _joined(*parts: Optional[str]) -> Optional[str]:
     """The non-empty ``parts`` joined with ``; `` (None when there are none)."""
     return "; ".join(p for p in parts if p) or None
@@ -189,8 +196,6 @@ class KeyGrouping:
     (the same key written twice in a row: webdataset refuses such a tar). A sample whose key an earlier
     sample of the shard had is still its own sample, never merged into that one; its ``error`` says so (its
     row's status is ``read``) and :meth:`duplicates_note` counts them for the shard's record."""
-
-    SHOWN = 3  # duplicate keys named in the note
 
     def __init__(self):
         self.current: Optional[RawSample] = None
@@ -223,11 +228,10 @@ class KeyGrouping:
         """One line on the samples that repeat a key (None when none do)."""
         if not self.duplicates:
             return None
-        shown = ", ".join(f"{key} at sample {index}" for key, index in self.duplicates[: self.SHOWN])
-        more = f" and {len(self.duplicates) - self.SHOWN} more" if len(self.duplicates) > self.SHOWN else ""
+        shown = listed(f"{key} at sample {index}" for key, index in self.duplicates)
         n = len(self.duplicates)
         return (f"{n} sample{'s' if n > 1 else ''} repeat{'' if n > 1 else 's'} the key of an earlier sample "
-                f"({shown}{more}): each is its own row, with status read")
+                f"({shown}): each is its own row, with status read")
 
 
 class ShardReader:
