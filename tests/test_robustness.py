@@ -174,3 +174,55 @@ def test_saved_embeddings_are_row_aligned(tmp_path, stats_path):
         assert np.isnan(emb[tower][~scored]).all() and np.isfinite(emb[tower][scored]).all()
         np.testing.assert_allclose(stats.towers[tower].sqnorm(emb[tower][scored].astype(np.float64)),
                                    sq[scored], rtol=1e-5)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_duplicate_key_is_its_own_row_and_the_marker_says_so(tmp_path, stats_path, executor):
+    """Issue #26 item 9: a key written twice in a row used to be one sample (the second never scored)."""
+    again = ("000000001", {"jpg": image_bytes(99), "txt": b"the second sample under key 1"})
+    url = write_shard(tmp_path / "00000.tar", [sample(0), sample(1), again, sample(2)])
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(run=run_cfg([url], executor=executor), stats_path=stats_path, output=str(out)),
+                    StatsFile.load(stats_path))
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [(r["key"], r["index"], r["status"]) for r in rows] == [
+        ("000000000", 0, "ok"), ("000000001", 1, "ok"), ("000000001", 2, "read"), ("000000002", 3, "ok")]
+    assert rows[2]["caption"] == "the second sample under key 1" and rows[1]["caption"] == sample(1)[1]["txt"].decode()
+    assert rows[2]["error"].startswith("duplicate key: sample 1 of this shard has the same key '000000001'")
+    assert rows[2]["image_loglik"] != rows[1]["image_loglik"]  # each scored from its own members
+    note = ("1 sample repeats the key of an earlier sample (000000001 at sample 2): each is its own row, "
+            "with status read")
+    assert summary["status_counts"] == {"ok": 3, "read": 1} and [tuple(d) for d in summary["damaged"]] == [(url, note)]
+    assert marker(out, "00000")["damage"] == note
+
+
+def test_a_files_folder_with_links_clashes_and_a_nested_folder_loses_no_sample(tmp_path, stats_path):
+    """Issue #26 item 6: links were 'no image member', clashing names and nested folders skipped unsaid."""
+    from pipeline.config import InputConfig
+    from pipeline.flow.formats import expand_inputs
+
+    shard = tmp_path / "in" / "00000"
+    (shard / "nested").mkdir(parents=True)
+    (tmp_path / "a.jpg").write_bytes(image_bytes(0))
+    (shard / "a.jpg").symlink_to(tmp_path / "a.jpg")
+    (shard / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    (shard / "c.jpg").write_bytes(image_bytes(2))
+    (shard / "c.JPG").write_bytes(image_bytes(3))
+    for key in "abc":
+        (shard / f"{key}.txt").write_text(f"caption {key}")
+    urls = expand_inputs([str(tmp_path / "in")], "files")
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(run=run_cfg(urls, inputs=InputConfig(input_format="files"), executor="local"),
+                                stats_path=stats_path, output=str(out)), StatsFile.load(stats_path))
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [(r["key"], r["status"]) for r in rows] == [("a", "ok"), ("b", "read"), ("c", "read")]
+    assert rows[0]["image_loglik"] is not None and rows[1]["image_loglik"] is None and rows[2]["image_loglik"] is None
+    assert [r["text_loglik"] is not None for r in rows] == [True, True, True]
+    assert rows[1]["error"] == f"member .jpg (b.jpg) is a dangling symbolic link (to {tmp_path / 'gone.jpg'}): not read"
+    assert rows[2]["error"] == ("member .jpg not read: 2 files give it (c.JPG, c.jpg: their names differ only in "
+                                "case); rename or remove all but one")
+    note = ("1 folder inside this shard folder not read (nested): wclip reads the files directly in a shard folder; "
+            "pass such a folder as its own --input")
+    assert summary["status_counts"] == {"ok": 1, "read": 2} and [tuple(d) for d in summary["damaged"]] == [
+        (urls[0], note)]
+    assert marker(out, "00000")["damage"] == note

@@ -178,6 +178,62 @@ def clean_key(key: str) -> tuple:
         return shown, f"member name is not valid UTF-8; the key is shown with \\x escapes: {shown}"
 
 
+def listed(names, shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and how many more there are: ``a, b, c and 2 more``."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _joined(*parts: Optional[str]) -> Optional[str]:
+    """The non-empty ``parts`` joined with ``; `` (None when there are none)."""
+    return "; ".join(p for p in parts if p) or None
+
+
+class KeyGrouping:
+    """Tar members -> samples by ``__key__`` (webdataset's convention), made exact: a member starts a new
+    sample when its key differs from the current sample's *or* the current sample already has its extension
+    (the same key written twice in a row: webdataset refuses such a tar). A sample whose key an earlier
+    sample of the shard had is still its own sample, never merged into that one; its ``error`` says so (its
+    row's status is ``read``) and :meth:`duplicates_note` counts them for the shard's record."""
+
+    def __init__(self):
+        self.current: Optional[RawSample] = None
+        self.count = 0  # samples started
+        self._exts: set = set()  # extensions of the current sample
+        self._first: dict = {}  # key -> index of its first sample
+        self.duplicates: list = []  # (key, index) of the samples that repeat a key
+
+    def add(self, name: str, ext: str) -> Optional[RawSample]:
+        """Place member (``name``, ``ext``) of :func:`member_key` in :attr:`current`; returns the sample it
+        finished, if any."""
+        key, warning = clean_key(name)
+        done = None
+        if self.current is not None and (key != self.current.key or ext in self._exts):
+            done, self.current = self.current, None
+        if self.current is None:
+            self.current = RawSample(key=key, index=self.count, warnings=[warning] if warning else [])
+            self._exts = set()
+            first = self._first.setdefault(key, self.count)
+            if first != self.count:
+                self.duplicates.append((key, self.count))
+                self.current.error = (f"duplicate key: sample {first} of this shard has the same key {key!r}; this "
+                                      f"one is read as its own row (not merged into that one) but not marked ok, "
+                                      f"since its key does not identify it: give each sample its own key")
+            self.count += 1
+        self._exts.add(ext)
+        return done
+
+    def duplicates_note(self) -> Optional[str]:
+        """One line on the samples that repeat a key (None when none do)."""
+        if not self.duplicates:
+            return None
+        shown = listed(f"{key} at sample {index}" for key, index in self.duplicates)
+        n = len(self.duplicates)
+        return (f"{n} sample{'s' if n > 1 else ''} repeat{'' if n > 1 else 's'} the key of an earlier sample "
+                f"({shown}): each is its own row, with status read")
+
+
 class ShardReader:
     """Iterate the samples of one tar shard; ``damage`` describes a truncated or corrupt archive, if any.
 
@@ -204,8 +260,7 @@ class ShardReader:
                 stream.close()
 
     def _samples(self, reader: "_TailReader") -> Iterator[RawSample]:
-        current: Optional[RawSample] = None
-        index = 0
+        groups = KeyGrouping()
         try:
             tar = tarfile.open(fileobj=reader, mode="r|")
         except tarfile.ReadError as exc:  # not a tar at all (header unreadable)
@@ -215,46 +270,43 @@ class ShardReader:
                 try:
                     info = tar.next()
                     if info is None:
-                        self._check_end(tar, reader, index + (current is not None))
+                        self._check_end(tar, reader, groups.count)
                         break
                     named = member_key(info)
                     if named is None:
                         self.skipped_members += 1
                         continue
-                    key, warning = clean_key(named[0])
-                    ext = named[1]
-                    if current is not None and key != current.key:
-                        yield current
-                        index += 1
-                        current = None
-                    if current is None:
-                        current = RawSample(key=key, index=index, warnings=[warning] if warning else [])
-                    self._add_member(tar, info, ext, current)
+                    done = groups.add(*named)
+                    if done is not None:
+                        yield done
+                    self._add_member(tar, info, named[1], groups.current)
                 except TransportError:
                     raise
                 except damage_errors() as exc:
-                    self.damage = f"tar damaged after {index + (current is not None)} samples: {exc}"
-                    if current is not None:
-                        current.error = (f"the shard is truncated or corrupt inside this sample ({exc}); "
-                                         f"members read: {sorted(current.members) or 'none'}")
+                    self._damaged(f"tar damaged after {groups.count} samples: {exc}")
+                    if groups.current is not None:
+                        groups.current.error = _joined(
+                            groups.current.error, f"the shard is truncated or corrupt inside this sample ({exc}); "
+                                                  f"members read: {sorted(groups.current.members) or 'none'}")
                     break
-        if current is not None:
-            yield current
+        self._damaged(groups.duplicates_note())
+        if groups.current is not None:
+            yield groups.current
+
+    def _damaged(self, note: Optional[str]) -> None:
+        self.damage = _joined(self.damage, note)
 
     def _add_member(self, tar, info, ext: str, sample: RawSample) -> None:
         if info.size > self.max_member_bytes:
             sample.skipped.append(f"member .{ext} is {info.size} bytes, over the {self.max_member_bytes}-byte "
                                   f"limit (raise --max-member-bytes if such members are legitimate)")
             return
-        data = tar.extractfile(info).read()
-        if ext in sample.members:
-            ext = f"{ext}.dup{len(sample.members)}"
-        sample.members[ext] = data
+        sample.members[ext] = tar.extractfile(info).read()
 
     def _check_end(self, tar, reader: "_TailReader", samples: int) -> None:
         """A tar must end with a zero block; a missing one means the archive was cut short (also inside a
         compressed stream that was itself completed, e.g. a cut tar gzipped afterwards)."""
         block = reader.block_at(tar.offset)
         if len(block) < 512 or block.count(0) != 512:
-            self.damage = (f"tar has no end-of-archive marker: the archive was cut short after {samples} "
-                           f"samples ({reader.total} bytes); later samples, if any, are lost")
+            self._damaged(f"tar has no end-of-archive marker: the archive was cut short after {samples} "
+                          f"samples ({reader.total} bytes); later samples, if any, are lost")

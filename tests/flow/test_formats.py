@@ -2,6 +2,7 @@
 row or sample read is one output row (real files, real Parquet written by the tools' own conventions)."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -97,3 +98,130 @@ def test_score_reads_the_formats_one_row_per_sample(tmp_path, ray_local, input_f
     table = pq.read_table(out / "00001.parquet").to_pylist()
     assert [r["key"] for r in table] == [f"00001{j:04d}" for j in range(5)]
     assert table[3]["status"] == "decode" and table[3]["image_loglik"] is None and table[3]["text_loglik"] is not None
+
+
+# -- a caption column that does not hold text (issue #26 item 3) -------------------------------------------
+@pytest.mark.parametrize("values, kind", [
+    ([3, 5], "int64"), ([int(1e11), 7], "int64"), ([2_000_000_000, 1], "int64"), ([0.5, 1.5], "double"),
+    ([["a", "b"], ["c"]], "list<element: string>"), ([{"t": "a"}, {"t": "b"}], "struct<t: string>"),
+    ([True, False], "bool")])
+def test_a_caption_column_that_is_not_text_is_refused_before_any_row(tmp_path, values, kind):
+    """A number used to become that many NUL bytes scored ok (1e11: MemoryError), a float or list a
+    TypeError that lost every row; now the file is refused in one line naming the column and its type."""
+    pq.write_table(pa.table({"key": ["a", "b"], "jpg": [image_bytes(0), image_bytes(1)], "text": values}),
+                   tmp_path / "00000.parquet")
+    message = (f"{tmp_path / '00000.parquet'}: the caption column 'text' holds {kind}, not text (string, or "
+               f"binary holding UTF-8); the caption is the first of caption, text, txt, prompt present: rename "
+               f"that column or store the captions as strings")
+    with pytest.raises(ValueError) as refused:
+        expand_inputs([str(tmp_path)], "parquet")
+    assert str(refused.value) == message
+    reader = open_reader(str(tmp_path / "00000.parquet"), InputConfig(input_format="parquet"))
+    with pytest.raises(ValueError) as failed:  # a later file of another schema: that file fails, recorded
+        next(iter(reader))
+    assert str(failed.value) == message
+
+
+def test_binary_dictionary_and_null_captions_are_read(tmp_path):
+    rows = {"jpg": [image_bytes(i) for i in range(3)]}
+    cases = {"binary": pa.array([b"caf\xc3\xa9", b"\xff bad utf-8", None], pa.binary()),
+             "dictionary": pa.array(["x", "y", "x"]).dictionary_encode(),
+             "null": pa.nulls(3)}
+    for name, column in cases.items():
+        pq.write_table(pa.table(dict(rows, caption=column)), tmp_path / f"{name}.parquet")
+    assert expand_inputs([str(tmp_path)], "parquet") == [str(tmp_path / f"{n}.parquet")
+                                                        for n in ("binary", "dictionary", "null")]
+    captions = {name: [s.members.get("txt") for s in ParquetReader(str(tmp_path / f"{name}.parquet"), 1 << 20)]
+                for name in cases}
+    assert captions == {"binary": [b"caf\xc3\xa9", b"\xff bad utf-8", None], "dictionary": [b"x", b"y", b"x"],
+                        "null": [None, None, None]}
+
+
+def test_an_oversized_caption_is_skipped_like_an_oversized_member(tmp_path):
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "txt": ["x" * 5000]}), tmp_path / "00000.parquet")
+    [only] = ParquetReader(str(tmp_path / "00000.parquet"), 4096)
+    assert "txt" not in only.members and only.members["jpg"] == image_bytes(0)
+    assert only.skipped == ["column txt is 5000 bytes, over the 4096-byte limit (raise --max-member-bytes if such "
+                            "captions are legitimate)"]
+
+
+def test_the_command_refuses_a_non_text_caption_in_one_line_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "caption": pa.array([1.5])}), tmp_path / "00000.parquet")
+    stats = tmp_path / "stats.safetensors"
+    code = main(["fit", "--input", str(tmp_path), "--input-format", "parquet", "--output", str(stats),
+                 "--model", "wclip-tiny", "--random-init", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not stats.exists()
+    assert err[-1] == (f"wclip fit: error: {tmp_path / '00000.parquet'}: the caption column 'caption' holds double, "
+                       f"not text (string, or binary holding UTF-8); the caption is the first of caption, text, txt, "
+                       f"prompt present: rename that column or store the captions as strings")
+
+
+# -- what the files layout used to skip without a word (issue #26 item 6) ---------------------------------
+def test_symlinked_members_are_followed_and_a_dangling_link_is_a_read_row(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.jpg").write_bytes(image_bytes(0))
+    (store / "a.txt").write_bytes(b"linked caption")
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    (shard / "a.jpg").symlink_to(store / "a.jpg")
+    (shard / "a.txt").symlink_to("../store/a.txt")  # relative, as `cp -s` or a dedup tool writes
+    (shard / "b.jpg").symlink_to(store / "gone.jpg")
+    (shard / "b.txt").write_bytes(b"b")
+    reader = FolderReader(str(shard), 1 << 20)
+    samples = list(reader)
+    assert [s.key for s in samples] == ["a", "b"] and reader.damage is None
+    assert samples[0].members == {"jpg": image_bytes(0), "txt": b"linked caption"} and samples[0].skipped == []
+    assert samples[1].members == {"txt": b"b"}
+    assert samples[1].skipped == [f"member .jpg (b.jpg) is a dangling symbolic link (to {store / 'gone.jpg'}): "
+                                  f"not read"]
+
+
+def test_case_clashing_names_read_neither_and_say_so(tmp_path):
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    (shard / "a.JPG").write_bytes(image_bytes(0))
+    (shard / "a.jpg").write_bytes(image_bytes(1))
+    (shard / "a.txt").write_bytes(b"caption")
+    os.mkfifo(shard / "c.jpg")  # reading it would block for ever
+    (shard / "c.txt").write_bytes(b"fifo")
+    samples = list(FolderReader(str(shard), 1 << 20))
+    assert [s.key for s in samples] == ["a", "c"]
+    assert samples[0].members == {"txt": b"caption"}
+    assert samples[0].skipped == ["member .jpg not read: 2 files give it (a.JPG, a.jpg: their names differ only in "
+                                  "case); rename or remove all but one"]
+    assert samples[1].members == {"txt": b"fifo"}
+    assert samples[1].skipped == ["member .jpg (c.jpg) is not a regular file (a fifo, socket or device): not read"]
+
+
+def test_nested_folders_and_loose_files_are_named(tmp_path, caplog):
+    root = files_layout(tmp_path / "out", shards=2, per_shard=2)
+    for name in ("x", "y", "z", "w"):
+        (root / "00000" / name).mkdir()
+    (root / "00001" / "linked").symlink_to(root / "00000")
+    (root / "stray.jpg").write_bytes(image_bytes(9))
+    (root / "stray.txt").write_bytes(b"stray")
+    (root / "_SUCCESS").write_bytes(b"")  # hidden by convention, as inside a shard folder
+    with caplog.at_level("WARNING", logger="wclip"):
+        urls = expand_inputs([str(root)], "files")
+    assert urls == [str(root / "00000"), str(root / "00001")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root}: 2 files beside its shard subfolders not read (stray.jpg, stray.txt): only the files inside each "
+        f"subfolder are samples; move them into a subfolder of their own to score them"]  # not 0000N.parquet/_stats
+    readers = [FolderReader(u, 1 << 20) for u in urls]
+    assert [len(list(r)) for r in readers] == [2, 2]
+    assert [r.damage for r in readers] == [
+        "4 folders inside this shard folder not read (w, x, y and 1 more): wclip reads the files directly in a "
+        "shard folder; pass such a folder as its own --input",
+        "1 folder inside this shard folder not read (linked): wclip reads the files directly in a shard folder; "
+        "pass such a folder as its own --input"]
+    caplog.clear()  # a shard folder given with a folder inside: that folder is the unit, its files are named
+    with caplog.at_level("WARNING", logger="wclip"):
+        assert expand_inputs([str(root / "00001")], "files") == [str(root / "00001" / "linked")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / '00001'}: 6 files beside its shard subfolders not read (000010000.jpg, 000010000.json, "
+        f"000010000.txt and 3 more): only the files inside each subfolder are samples; move them into a subfolder "
+        f"of their own to score them"]

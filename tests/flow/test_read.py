@@ -1,6 +1,6 @@
 
 import pytest
-from shardkit import sample, write_shard
+from shardkit import image_bytes, sample, write_shard
 
 from pipeline.flow.read import ShardReader, expand_shards, shard_name, split_member
 
@@ -203,3 +203,53 @@ def test_a_member_name_that_is_not_utf8_becomes_a_warning(tmp_path):
     assert samples[0].members == {"jpg": b"j", "txt": b"t"}
     assert samples[0].warnings == ["member name is not valid UTF-8; the key is shown with \\x escapes: caf\\xe9"]
     samples[0].key.encode("utf-8")  # writable to Parquet
+
+
+# -- a key written twice (issue #26 item 9): every sample its own row, nothing merged ----------------------
+def test_an_adjacent_duplicate_key_is_its_own_sample_not_merged(tmp_path):
+    first = ("000000001", {"jpg": image_bytes(1), "txt": b"first"})
+    again = ("000000001", {"jpg": image_bytes(2), "txt": b"second"})
+    path = tmp_path / "00000.tar"
+    path.write_bytes(_tar_bytes([sample(0), first, again, sample(3)]))
+    reader = ShardReader(str(path))
+    samples = list(reader)
+    assert [(s.key, s.index) for s in samples] == [("000000000", 0), ("000000001", 1), ("000000001", 2),
+                                                   ("000000003", 3)]
+    assert samples[1].members == first[1] and samples[1].error is None
+    assert samples[2].members == again[1]
+    assert samples[2].error == ("duplicate key: sample 1 of this shard has the same key '000000001'; this one is "
+                                "read as its own row (not merged into that one) but not marked ok, since its key "
+                                "does not identify it: give each sample its own key")
+    assert reader.damage == ("1 sample repeats the key of an earlier sample (000000001 at sample 2): each is its "
+                             "own row, with status read")
+
+
+def test_a_key_repeated_later_or_twice_in_a_row_each_time_is_counted(tmp_path):
+    a = ("a", {"jpg": b"1", "txt": b"1"})
+    path = tmp_path / "00000.tar"
+    # a, b, a (not adjacent), then a three times in a row: each starts where an extension repeats
+    path.write_bytes(_tar_bytes([a, ("b", {"txt": b"b"}), ("a", {"jpg": b"2", "txt": b"2"}), ("a", {"txt": b"3"}),
+                                 ("a", {"txt": b"4", "jpg": b"4"}), ("a", {"jpg": b"5"}), ("c", {"txt": b"c"})]))
+    reader = ShardReader(str(path))
+    samples = list(reader)
+    assert [s.key for s in samples] == ["a", "b", "a", "a", "a", "a", "c"]
+    assert [s.members for s in samples] == [{"jpg": b"1", "txt": b"1"}, {"txt": b"b"}, {"jpg": b"2", "txt": b"2"},
+                                            {"txt": b"3"}, {"txt": b"4", "jpg": b"4"}, {"jpg": b"5"}, {"txt": b"c"}]
+    assert [s.error is not None for s in samples] == [False, False, True, True, True, True, False]
+    assert all("sample 0 of this shard has the same key 'a'" in s.error for s in samples[2:6])
+    assert reader.damage == ("4 samples repeat the key of an earlier sample (a at sample 2, a at sample 3, "
+                             "a at sample 4 and 1 more): each is its own row, with status read")
+
+
+def test_a_duplicate_cut_by_damage_keeps_both_reasons(tmp_path):
+    data = _tar_bytes([sample(0), sample(0), sample(2)])
+    path = tmp_path / "00000.tar"
+    path.write_bytes(data[: data.rindex(b"000000000.txt") + 600])  # inside the duplicate's caption
+    reader = ShardReader(str(path))
+    samples = list(reader)
+    assert [s.key for s in samples] == ["000000000", "000000000"]
+    assert samples[1].error.startswith("duplicate key: sample 0 ")
+    assert "; the shard is truncated or corrupt inside this sample" in samples[1].error
+    assert reader.damage.startswith("tar damaged after 2 samples: ")
+    assert reader.damage.endswith("; 1 sample repeats the key of an earlier sample (000000000 at sample 1): each "
+                                  "is its own row, with status read")
