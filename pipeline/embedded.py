@@ -321,11 +321,10 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                 else:
                     ref.failed.append({"shard": o.item.file.url, "error": o.error})
         elapsed = time.time() - started
-    if ref.failed:
-        log.error("no stats file written: %d of %d embedding files failed (below); stats of the others would not be "
-                  "the fit asked for: mend or remove those files and rerun", len(ref.failed), len(tasks))
+    if ref.failed:  # stats of the other files would not be the fit asked for
         return {"rows": ref.rows, "shards_done": len(ref.used), "shards_skipped": 0, "failed": ref.failed,
-                "damaged": [], "elapsed_s": round(elapsed, 2), "stats": None}
+                "damaged": [], "elapsed_s": round(elapsed, 2), "stats": None,
+                "not_written": f"{len(ref.failed)} of {len(tasks)} embedding files failed"}
     if ref.usable == 0:
         raise ValueError("no usable reference rows: every embedding is NaN/inf, the files are empty, or every "
                          "file failed; check the --embeddings paths")

@@ -40,8 +40,8 @@ def check_request(cfg, width: Optional[int] = None, rows: Optional[int] = None, 
         raise ConfigError(f"--holdout 0 holds no reference rows out, but {' and '.join(needs)}: give --holdout > 0 "
                           f"(e.g. 0.1)" + (", or a fixed --components" if components == "auto" else ""))
     if clusters > 1 and rows is not None and clusters > rows:
-        raise ConfigError(f"--clusters {clusters} needs a fit row per cluster, but the reference has at most {rows} "
-                          f"rows ({rows_from}): ask for fewer clusters or give more reference rows")
+        raise ConfigError(f"cannot make {clusters} clusters of at most {rows} reference rows ({rows_from}): pass "
+                          f"fewer --clusters or more reference rows")
 
 
 def shards_digest(urls) -> str:
