@@ -254,9 +254,12 @@ class _Reference:
         self.moments, self.held, self.norms, self.used, self.failed = {}, {}, {}, [], []
         self.samples: dict = {}  # tower -> HashSample of fit rows (--clusters)
         self.rows = self.usable = 0
+        self.states: list = []  # (url, L2-normalised or not) of each file with usable rows, in file order
 
     def add(self, result: dict, url: str) -> None:
         self.used.append(url)
+        if result["summary"]["usable"]:
+            self.states.append((url, _normalized({t: r["norms"] for t, r in result["towers"].items()})))
         self.rows += result["summary"]["rows"]
         self.usable += result["summary"]["usable"]
         for tower, r in result["towers"].items():
@@ -273,6 +276,16 @@ class _Reference:
                 self.samples[tower] = sample
             lo, hi = self.norms.get(tower, (np.inf, 0.0))
             self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
+
+
+def _odd_normalisation(states: list) -> list:
+    """Failure records of the files whose normalisation is not the first file's: one reference is of one kind."""
+    if not states:
+        return []
+    first, normalized = states[0]
+    return [{"shard": url, "error": f"its embeddings are {NORM_STATE[state]}, but those of {first} (the first "
+                                    f"file) are {NORM_STATE[normalized]}: a file of another kind among the inputs"}
+            for url, state in states[1:] if state != normalized]
 
 
 def _weight_fields(weights: str) -> dict:
@@ -321,6 +334,7 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                 else:
                     ref.failed.append({"shard": o.item.file.url, "error": o.error})
         elapsed = time.time() - started
+    ref.failed.extend(_odd_normalisation(ref.states))
     if ref.failed:  # stats of the other files would not be the fit asked for
         return {"rows": ref.rows, "shards_done": len(ref.used), "shards_skipped": 0, "failed": ref.failed,
                 "damaged": [], "elapsed_s": round(elapsed, 2), "stats": None,

@@ -168,6 +168,20 @@ def test_a_later_file_of_another_width_fails_alone_in_score_and_fit(tmp_path, ca
     assert not (tmp_path / "new.safetensors").exists()
 
 
+def test_a_fit_over_files_of_both_normalisations_writes_no_stats(tmp_path, capsys):
+    folder = _folder(tmp_path / "laion")
+    _change(folder, 1, _raw)
+    stats = tmp_path / "stats.safetensors"
+    assert _fit(folder, stats) == 1
+    summary, err = _summary(capsys)
+    first = folder / "metadata" / "metadata_0.parquet"
+    assert summary["failed"] == [{"shard": str(folder / "metadata" / "metadata_1.parquet"),
+                                  "error": f"its embeddings are raw, but those of {first} (the first file) are "
+                                           f"L2-normalised: a file of another kind among the inputs"}]
+    assert summary["shards_done"] == 3 and summary["not_written"] == "1 of 3 embedding files failed"
+    assert not stats.exists()
+
+
 # -- item 11: fits that cannot be right are refused, or write nothing ----------------------------------------
 def test_a_datacomp_fit_with_a_shard_missing_its_arrays_writes_no_stats(tmp_path, capsys):
     pool = write_datacomp(tmp_path / "pool", shards=4, rows=30)
