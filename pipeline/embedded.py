@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.executor import JobReport
 from pipeline.filemap import file_runner
 from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
-from pipeline.flow.vectors import discover, open_array, probe
+from pipeline.flow.vectors import NORM_STATE, array_name, discover, open_array, probe
 from pipeline.flow.write import ScoreSink, append_failure
 from pipeline.models import (
     CHECKPOINT_WEIGHTS,
@@ -36,6 +36,7 @@ from pipeline.models import (
     RANDOM_WEIGHTS,
     DeclaredModel,
     declare,
+    embed_dim,
 )
 from pipeline.score import claim_folder, describe_plan, open_folder, plan_folder
 from pipeline.storage import exists, sha256
@@ -55,9 +56,6 @@ def _normalized(norms: dict):
 
 def _describe_kind(identity: dict) -> str:
     return f"{identity.get('model')} ({identity.get('weights')})"
-
-
-_STATE = {True: "L2-normalised", False: "raw"}
 
 
 def vouched_model(meta: dict) -> Optional[dict]:
@@ -105,8 +103,8 @@ def check_kind(stats, source, first: dict, declared: Optional[DeclaredModel] = N
         if got and got["normalized"] is not None and got["normalized"] != bool(meta.get("normalize")):
             fix = (f"refit on the images with {'--normalize' if got['normalized'] else '--raw'}, as these are"
                    if on_tars else "wrong embeddings or stats file")
-            raise ConfigError(f"the stats were fitted on {_STATE[bool(meta.get('normalize'))]} vectors, but these "
-                              f"{tower} embeddings are {_STATE[got['normalized']]}: {fix}")
+            raise ConfigError(f"the stats were fitted on {NORM_STATE[bool(meta.get('normalize'))]} vectors, but these "
+                              f"{tower} embeddings are {NORM_STATE[got['normalized']]}: {fix}")
     if not set(stats.towers) & set(source.towers):
         raise ConfigError(f"the inputs have {', '.join(source.towers)} embeddings and the stats "
                           f"{', '.join(stats.towers)}: nothing to score")
@@ -181,7 +179,8 @@ def _score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool) -> dict:
         return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
     sink = ScoreSink(cfg.output, provenance=made)
     towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in source.towers}
-    tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows) for f in files]
+    tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows,
+                       normalized=bool(stats.metadata.get("normalize"))) for f in files]
     warm_up()
     with file_runner(run) as runner:
         started = time.time()
@@ -199,20 +198,58 @@ def _score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool) -> dict:
 
 
 # -- fit --------------------------------------------------------------------------------------------------
+def _header_rows(file) -> int:
+    """Rows of a file's first array, from its header."""
+    _, url, member = file.towers[0]
+    with open_array(url, member) as reader:
+        return reader.rows
+
+
 def _row_limits(files: list, max_samples) -> list:
     """``[(file, rows or None)]``: with ``max_samples``, the first rows of the first files (headers only)."""
     if max_samples is None:
         return [(f, None) for f in files]
     out, left = [], max_samples
     for f in files:
-        _, url, member = f.towers[0]
-        with open_array(url, member) as reader:
-            rows = reader.rows
+        rows = _header_rows(f)
         out.append((f, min(rows, left)))
         left -= min(rows, left)
         if left <= 0:
             break
     return out
+
+
+def _fit_widths(source, declared: Optional[DeclaredModel]) -> dict:
+    """``{tower: (width, whose)}`` every file of a fit must have (:func:`read_blocks`' ``widths``): the first
+    file's, from its headers; with ``--embeddings-model``, refused here unless they are that model's width."""
+    dims = {}
+    for tower, url, member in source.files[0].towers:
+        with open_array(url, member) as reader:
+            dims[tower] = (reader.dim, array_name(url, member))
+    made = embed_dim(declared.model) if declared is not None else None
+    if made is None:
+        return {t: (dim, f"{where} (the first file) holds") for t, (dim, where) in dims.items()}
+    for tower, (dim, where) in dims.items():
+        if dim != made:
+            raise ConfigError(f"--embeddings-model {declared.text}: that model makes {made}-d embeddings, but "
+                              f"{where} holds {dim}-d {tower} embeddings: name the model that made them, or leave "
+                              f"--embeddings-model out")
+    return {t: (made, f"--embeddings-model {declared.text} makes") for t in dims}
+
+
+def _known_rows(files: list, max_samples, need: int) -> tuple:
+    """``(rows, how known)``: at most how many rows the reference holds, for ``--clusters`` ``need``, read from
+    headers only until ``need`` rows are found (a large corpus costs one header); ``(None, "")`` for no need."""
+    if need <= 1:
+        return None, ""
+    total = 0
+    for f in files:
+        total += _header_rows(f)
+        if total >= need:
+            break
+    if max_samples is not None and max_samples < total:
+        return max_samples, f"--max-samples {max_samples}"
+    return total, "counted from the embedding files' headers"
 
 
 class _Reference:
@@ -223,9 +260,12 @@ class _Reference:
         self.moments, self.held, self.norms, self.used, self.failed = {}, {}, {}, [], []
         self.samples: dict = {}  # tower -> HashSample of fit rows (--clusters)
         self.rows = self.usable = 0
+        self.states: list = []  # (url, L2-normalised or not) of each file with usable rows, in file order
 
     def add(self, result: dict, url: str) -> None:
         self.used.append(url)
+        if result["summary"]["usable"]:
+            self.states.append((url, _normalized({t: r["norms"] for t, r in result["towers"].items()})))
         self.rows += result["summary"]["rows"]
         self.usable += result["summary"]["usable"]
         for tower, r in result["towers"].items():
@@ -244,6 +284,16 @@ class _Reference:
             self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
 
 
+def _odd_normalisation(states: list) -> list:
+    """Failure records of the files whose normalisation is not the first file's: one reference is of one kind."""
+    if not states:
+        return []
+    first, normalized = states[0]
+    return [{"shard": url, "error": f"its embeddings are {NORM_STATE[state]}, but those of {first} (the first "
+                                    f"file) are {NORM_STATE[normalized]}: a file of another kind among the inputs"}
+            for url, state in states[1:] if state != normalized]
+
+
 def _weight_fields(weights: str) -> dict:
     """The stats metadata's ``pretrained``, ``checkpoint_sha256`` and ``random_init_seed``, as a tar fit writes
     them, for a declared model's weights (all None for precomputed vectors of a model not declared)."""
@@ -257,7 +307,7 @@ def _weight_fields(weights: str) -> dict:
 
 def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
     """Run ``wclip fit --embeddings`` and write the stats file; returns a summary dict (or the plan)."""
-    from pipeline.fit import shards_digest
+    from pipeline.fit import check_request, shards_digest
 
     run = cfg.run
     if run.model is not None and run.model.weights is None:
@@ -265,6 +315,9 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                           f"so the fit cannot record which they are: name them as {run.model.model}@"
                           f"{HUB_WEIGHTS}HEX (their sha256), or fit where they are cached")
     source = discover(run.paths, run.key)
+    widths = _fit_widths(source, run.model)
+    rows, rows_from = _known_rows(list(source.files), cfg.max_samples, cfg.clusters or 0)
+    check_request(cfg, width=min(w for w, _ in widths.values()), rows=rows, rows_from=rows_from)
     limits = _row_limits(list(source.files), cfg.max_samples)
     if dry_run:
         return {"dry_run": True, "inputs": len(source.files), "input_kind": f"{source.label} embedding files",
@@ -272,7 +325,8 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                 "output": str(cfg.output), "replaces": exists(str(cfg.output))}
     max_sample = cfg.cluster_sample if (cfg.clusters or 1) > 1 else 0
     tasks = [FitFile(file=f, kind=source.kind, holdout=cfg.holdout, seed=cfg.seed, max_heldout=cfg.max_heldout,
-                     rows=rows, block_rows=run.block_rows, max_sample=max_sample) for f, rows in limits]
+                     rows=rows, block_rows=run.block_rows, max_sample=max_sample, widths=widths)
+             for f, rows in limits]
     ref = _Reference(cfg.max_heldout)
     with file_runner(run) as runner:
         started = time.time()
@@ -286,6 +340,11 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                 else:
                     ref.failed.append({"shard": o.item.file.url, "error": o.error})
         elapsed = time.time() - started
+    ref.failed.extend(_odd_normalisation(ref.states))
+    if ref.failed:  # stats of the other files would not be the fit asked for
+        return {"rows": ref.rows, "shards_done": len(ref.used), "shards_skipped": 0, "failed": ref.failed,
+                "damaged": [], "elapsed_s": round(elapsed, 2), "stats": None,
+                "not_written": f"{len(ref.failed)} of {len(tasks)} embedding files failed"}
     if ref.usable == 0:
         raise ValueError("no usable reference rows: every embedding is NaN/inf, the files are empty, or every "
                          "file failed; check the --embeddings paths")

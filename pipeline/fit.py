@@ -6,20 +6,42 @@ import datetime
 import hashlib
 import logging
 from collections import Counter
+from typing import Optional
 
 import numpy as np
 
 import pipeline
 from pipeline import launch
 from pipeline.config import FitConfig
+from pipeline.errors import ConfigError
 from pipeline.flow.batch import TOWERS
 from pipeline.flow.read import check_unique_names
 from pipeline.flow.write import FitSink
-from pipeline.models import model_identity
+from pipeline.models import embed_dim, model_identity
 from pipeline.whitening import Moments, StatsFile, WhiteningStats
 from pipeline.whitening.moments import HashSample, held_out, key_hashes
 
 log = logging.getLogger("wclip")
+
+
+def check_request(cfg, width: Optional[int] = None, rows: Optional[int] = None, rows_from: str = "") -> None:
+    """Refuse, before any encoding or reading, a fit that cannot end in a stats file: ``--components`` above
+    the embeddings' ``width`` (when known), ``--holdout 0`` where held-out rows are needed (``--components
+    auto`` chooses by them, ``--clusters`` its shrinkage and calibration), and ``--clusters`` above the ``rows``
+    the reference can have (when known; ``rows_from`` says how that is known). ``cfg``: a
+    :class:`~pipeline.config.FitConfig` or :class:`~pipeline.config.EmbeddingFitConfig`."""
+    components, clusters = cfg.components, cfg.clusters or 1
+    if isinstance(components, int) and width is not None and components > width:
+        raise ConfigError(f"--components {components}: the embeddings are {width}-d, so at most {width} components "
+                          f"can be kept: give --components {width} or fewer (or 'all')")
+    needs = [why for why, needed in (("--components auto chooses the components by them", components == "auto"),
+                                     (f"--clusters {clusters} chooses its shrinkage by them", clusters > 1)) if needed]
+    if cfg.holdout == 0 and needs:
+        raise ConfigError(f"--holdout 0 holds no reference rows out, but {' and '.join(needs)}: give --holdout > 0 "
+                          f"(e.g. 0.1)" + (", or a fixed --components" if components == "auto" else ""))
+    if clusters > 1 and rows is not None and clusters > rows:
+        raise ConfigError(f"cannot make {clusters} clusters of at most {rows} reference rows ({rows_from}): pass "
+                          f"fewer --clusters or more reference rows")
 
 
 def shards_digest(urls) -> str:
@@ -92,6 +114,8 @@ def fit(cfg: FitConfig) -> dict:
     """Run the fit job and write the stats file; returns a summary dict."""
     run = cfg.run
     check_unique_names(run.shards)
+    check_request(cfg, width=embed_dim(run.model.name, run.model.cache_dir), rows=cfg.max_samples,
+                  rows_from=f"--max-samples {cfg.max_samples}")
     identity = model_identity(run.model)  # fails early on an unreadable checkpoint
     acc = ReferenceAccumulator(cfg)
     with launch.jobs(run) as jobs:

@@ -263,6 +263,32 @@ def architectures() -> list:
     return sorted(names)
 
 
+def embed_dim(name: str, cache_dir: Optional[str] = None) -> Optional[int]:
+    """The width of the embeddings model ``name`` makes (its config's ``embed_dim``), read from the config
+    file, no weights and no open_clip import needed: wclip's configs, open_clip's, or an ``hf-hub:`` repository's
+    ``open_clip_config.json`` when it is cached; None when no config is at hand."""
+    import importlib.util
+
+    if name.startswith(HF_HUB):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(name[len(HF_HUB):], "open_clip_config.json", cache_dir=cache_dir)
+        path = Path(found) if isinstance(found, str) else None
+    else:
+        path = builtin_configs().get(name)
+        spec = importlib.util.find_spec("open_clip")
+        for folder in (spec.submodule_search_locations or []) if spec and path is None else []:
+            candidate = Path(folder) / "model_configs" / f"{name}.json"
+            path = candidate if candidate.is_file() else path
+    if path is None or not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    value = config.get("model_cfg", config).get("embed_dim")
+    return int(value) if value is not None else None
+
+
 def _reachable(host: str, timeout: float = 3.0) -> bool:
     import socket
 

@@ -53,6 +53,9 @@ def run(args):
         raise UserError(str(exc)) from exc
     if summary.get("dry_run"):
         return _common.print_plan(f"fit -> {args.output}", summary)
+    if summary.get("not_written"):  # a fit on part of the input is no fit: nothing was written
+        return _common.print_summary(f"fit -> {args.output} NOT WRITTEN ({summary['not_written']}: mend or remove "
+                                     f"them and rerun)", summary)
     return _common.print_summary(f"fit -> {args.output}", summary)
 
 

@@ -16,7 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.flow.vectors import EmbeddingFile, as_float32, read_blocks, read_metadata
+from pipeline.flow.vectors import (
+    NORM_STATE,
+    NORM_TOLERANCE,
+    EmbeddingFile,
+    array_name,
+    as_float32,
+    read_blocks,
+    read_metadata,
+)
 from pipeline.table import score_array, scores_schema
 from pipeline.whitening.clusters import ClusterWhitening
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
@@ -43,16 +51,47 @@ def _counts(ok: int, bad: int) -> dict:
     return {k: v for k, v in ((BAD_ROW, bad), ("ok", ok)) if v}
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine(a: np.ndarray, b: np.ndarray, aa: Optional[np.ndarray] = None,
+           bb: Optional[np.ndarray] = None) -> np.ndarray:
     """Row-wise cosine of two float32 arrays, float32 (NaN or inf where a row is not finite or is zero: the
-    caller keeps only finite values)."""
+    caller keeps only finite values); ``aa``, ``bb``: the rows' squared norms, when already at hand."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         dot = np.vecdot(a, b)
-        norms = np.vecdot(a, a)
-        norms *= np.vecdot(b, b)
+        norms = np.vecdot(a, a) if aa is None else aa.copy()
+        norms *= np.vecdot(b, b) if bb is None else bb
         np.sqrt(norms, out=norms)
         dot /= norms
     return dot
+
+
+class NormRange:
+    """The smallest and largest squared L2 norm of each tower's finite rows, over a file's blocks: whether the
+    whole file is L2-normalised (every finite row of unit norm within ``NORM_TOLERANCE``, the rule of
+    :func:`~pipeline.flow.vectors.is_normalized` and of the fit)."""
+
+    def __init__(self):
+        self.ranges: dict = {}
+
+    def add(self, tower: str, sq: np.ndarray) -> None:
+        finite = sq[np.isfinite(sq)]
+        if finite.size:
+            lo, hi = self.ranges.get(tower, (np.inf, 0.0))
+            self.ranges[tower] = (min(lo, float(finite.min())), max(hi, float(finite.max())))
+
+    def normalized(self, tower: str) -> Optional[bool]:
+        """None: no finite row to tell."""
+        if tower not in self.ranges:
+            return None
+        return all(abs(np.sqrt(v) - 1.0) <= NORM_TOLERANCE for v in self.ranges[tower])
+
+    def check(self, file: EmbeddingFile, towers, normalized: bool) -> None:
+        """A ValueError naming the first of ``towers`` whose rows are not ``normalized`` as the stats' are."""
+        for tower, url, member in file.towers:
+            got = self.normalized(tower) if tower in towers else None
+            if got is not None and got != normalized:
+                raise ValueError(f"{array_name(url, member)}: these {tower} embeddings are {NORM_STATE[got]}, but "
+                                 f"the stats were fitted on {NORM_STATE[normalized]} vectors: a file of another kind "
+                                 f"among the inputs (its rows are not scored)")
 
 
 def whitened_sqnorm(x: np.ndarray, mu: np.ndarray, w: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -119,53 +158,70 @@ class ScoreFile:
     stats: dict  # {tower: TowerWhitening}
     sink: object  # pipeline.flow.write.ScoreSink
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
+    normalized: Optional[bool] = None  # the stats' normalisation, which every file must have (None: unchecked)
+
+
+class _Columns:
+    """A file's score arrays, filled block by block."""
+
+    def __init__(self, task: ScoreFile, n: int):
+        self.params = {t: (ws.mean, ws.whitening) for t, ws in task.stats.items()}
+        self.sqnorm = {t: np.full(n, np.nan, dtype=np.float32) for t in self.params}
+        self.mixtures = {t: ws.clusters for t, ws in task.stats.items() if ws.clusters is not None}
+        self.local = {t: (np.full(n, -1, np.int64), np.full(n, np.nan), np.full(n, np.nan)) for t in self.mixtures}
+        self.unscored = {t: np.ones(n, dtype=bool) for t, _, _ in task.file.towers if t not in self.params}
+        self.clip = np.full(n, np.nan, dtype=np.float32)
+        self.norms = NormRange()
+        self.scratch = Scratch(task.block_rows)
+
+    def add(self, start: int, blocks: dict) -> None:
+        k = len(next(iter(blocks.values())))
+        rows, scratch = slice(start, start + k), self.scratch
+        x32 = {t: as_float32(b, scratch.get(t, k, b.shape[1])) for t, b in blocks.items()}
+        sq = {t: np.vecdot(x, x) for t, x in x32.items()}  # before the whitening centres x in place
+        if "image" in x32 and "text" in x32:
+            self.clip[rows] = cosine(x32["image"], x32["text"], sq["image"], sq["text"])
+        for tower, x in x32.items():
+            if tower not in self.params:
+                self.unscored[tower][rows] = np.isfinite(x).all(axis=1)
+                continue
+            self.norms.add(tower, sq[tower])
+            mu, w = self.params[tower]
+            y = scratch.get(f"{tower}.w", k, w.shape[1])
+            self.sqnorm[tower][rows] = whitened_sqnorm(x, mu, w, y)
+            if tower in self.mixtures:
+                mix = self.mixtures[tower]
+                work = [scratch.get(f"{tower}.mix{i}", k, shape[1]) for i, shape in enumerate(mix.work_shapes(k))]
+                for out, values in zip(self.local[tower], mix.mixture(y, self.sqnorm[tower][rows], work)):
+                    out[rows] = values
 
 
 def score_file(task: ScoreFile) -> dict:
-    """Score every row of one file and write its Parquet file and marker; returns ``{"summary": ...}``."""
+    """Score every row of one file and write its Parquet file and marker; returns ``{"summary": ...}``. A file
+    whose width or normalisation is not the stats' fails (a ValueError naming it) and writes nothing."""
     started = time.time()
     file = task.file
     meta = read_metadata(file, task.kind)
     n = meta.num_rows
-    params = {t: (ws.mean, ws.whitening) for t, ws in task.stats.items()}
-    sqnorm = {t: np.full(n, np.nan, dtype=np.float32) for t in params}
-    mixtures = {t: ws.clusters for t, ws in task.stats.items() if ws.clusters is not None}
-    local = {t: (np.full(n, -1, np.int64), np.full(n, np.nan), np.full(n, np.nan)) for t in mixtures}
-    unscored = {t: np.ones(n, dtype=bool) for t, _, _ in file.towers if t not in params}  # finite rows
-    clip = np.full(n, np.nan, dtype=np.float32)
+    cols = _Columns(task, n)
+    widths = {t: (ws.dim, "the stats were fitted on") for t, ws in task.stats.items()}
     with np.errstate(invalid="ignore", over="ignore"):
-        scratch = Scratch(task.block_rows)
-        for start, blocks in read_blocks(file, n, task.block_rows, reuse=True):
-            k = len(next(iter(blocks.values())))
-            rows = slice(start, start + k)
-            x32 = {t: as_float32(b, scratch.get(t, k, b.shape[1])) for t, b in blocks.items()}
-            if "image" in x32 and "text" in x32:
-                clip[rows] = cosine(x32["image"], x32["text"])
-            for tower, x in x32.items():
-                if tower in params:
-                    mu, w = params[tower]
-                    y = scratch.get(f"{tower}.w", k, w.shape[1])
-                    sqnorm[tower][rows] = whitened_sqnorm(x, mu, w, y)
-                    if tower in mixtures:
-                        mix = mixtures[tower]
-                        work = [scratch.get(f"{tower}.mix{i}", k, shape[1])
-                                for i, shape in enumerate(mix.work_shapes(k))]
-                        for out, values in zip(local[tower], mix.mixture(y, sqnorm[tower][rows], work)):
-                            out[rows] = values
-                else:
-                    unscored[tower][rows] = np.isfinite(x).all(axis=1)
-    finite = {t: unscored[t] if t in unscored else np.isfinite(sqnorm[t]) for t, _, _ in file.towers}
-    for tower, s in sqnorm.items():
+        for start, blocks in read_blocks(file, n, task.block_rows, reuse=True, widths=widths):
+            cols.add(start, blocks)
+    if task.normalized is not None:
+        cols.norms.check(file, task.stats, task.normalized)
+    finite = {t: cols.unscored[t] if t in cols.unscored else np.isfinite(cols.sqnorm[t]) for t, _, _ in file.towers}
+    for tower, s in cols.sqnorm.items():
         s[~finite[tower]] = np.nan  # a NaN p-value, not the one of an infinite sqnorm
     bad, errors = _bad_rows(finite, n)
-    scores = {"clip_score": clip}
+    scores = {"clip_score": cols.clip}
     for tower, ws in task.stats.items():
-        s = sqnorm[tower]
+        s = cols.sqnorm[tower]
         scores.update({f"{tower}_sqnorm": s, f"{tower}_loglik": ws.loglik(s), f"{tower}_pvalue": ws.pvalue(s)})
-    for tower, (cluster, loglik, s_own) in local.items():  # a row without a finite sqnorm: cluster -1, NaN
+    for tower, (cluster, loglik, s_own) in cols.local.items():  # a row without a finite sqnorm: cluster -1, NaN
         scores.update({f"{tower}_cluster": np.where(cluster >= 0, cluster, np.nan), f"{tower}_local_loglik": loglik,
-                       f"{tower}_local_pvalue": mixtures[tower].pvalue(cluster, s_own)})
-    table = scores_table(meta, file.url, bad, errors, scores, local=bool(mixtures))
+                       f"{tower}_local_pvalue": cols.mixtures[tower].pvalue(cluster, s_own)})
+    table = scores_table(meta, file.url, bad, errors, scores, local=bool(cols.mixtures))
     elapsed = time.time() - started
     n_bad = int(bad.sum())
     summary = {"shard": file.url, "name": file.name, "rows": n, "status_counts": _counts(n - n_bad, n_bad),
@@ -216,6 +272,7 @@ class FitFile:
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     rows: Optional[int] = None  # read only the first rows (--max-samples)
     max_sample: int = 0  # fit rows returned for the clusters (--clusters): those with the smallest key hashes
+    widths: Optional[dict] = None  # {tower: (width, whose)} every file must have (read_blocks' widths)
 
 
 def fit_file(task: FitFile) -> dict:
@@ -233,7 +290,7 @@ def fit_file(task: FitFile) -> dict:
     moments, held_rows, norms, dims = {}, {t: [] for t in towers}, {t: [np.inf, 0.0] for t in towers}, {}
     samples = {}
     usable = np.zeros(n, dtype=bool)
-    for start, blocks in read_blocks(file, meta.num_rows, task.block_rows, rows=n, reuse=True):
+    for start, blocks in read_blocks(file, meta.num_rows, task.block_rows, rows=n, reuse=True, widths=task.widths):
         rows = slice(start, start + len(next(iter(blocks.values()))))
         ok = np.logical_and.reduce([np.isfinite(b).all(axis=1) for b in blocks.values()])
         usable[rows] = ok

@@ -65,7 +65,8 @@ class EmbeddingSource:
 
     @property
     def towers(self) -> tuple:
-        return tuple(t for t, _, _ in self.files[0].towers) if self.files else ()
+        """The towers any file has (a clip-retrieval batch without metadata may have fewer)."""
+        return tuple(dict.fromkeys(t for f in self.files for t, _, _ in f.towers))
 
 
 # -- finding the files --------------------------------------------------------------------------------
@@ -125,26 +126,58 @@ def _datacomp_file(url: str, key: Optional[str]) -> EmbeddingFile:
 
 
 def _clip_retrieval_files(folder: str) -> list:
-    present = {}
+    """One :class:`EmbeddingFile` per batch ``N`` that has a ``metadata_N.parquet`` or any ``*_emb_N.npy``, so
+    that no embeddings file goes unread: a batch whose metadata is missing is kept, and fails in its task
+    (:func:`read_metadata`: a recorded failure, exit 1), as a DataComp ``.npz`` without its ``.parquet`` does.
+    Refused here (ConfigError): metadata without a tower's ``.npy``, and ``.npy`` files not named
+    ``img_emb_N.npy`` / ``text_emb_N.npy``, whose rows no metadata can name."""
+    present, stray = {}, []
     for tower, (sub, prefix) in CLIP_FOLDERS.items():
-        names = {storage.basename(u) for u in storage.list_files(storage.join(folder, sub), ".npy")}
-        if names:
-            present[tower] = (sub, prefix, names)
+        numbers = set()
+        for url in storage.list_files(storage.join(folder, sub), ".npy"):
+            name = storage.basename(url)
+            if name.startswith(prefix) and len(name) > len(prefix) + len(".npy"):
+                numbers.add(name[len(prefix): -len(".npy")])
+            else:
+                stray.append(f"{sub}/{name}")
+        if numbers:
+            present[tower] = (sub, prefix, numbers)
+    if stray:
+        raise ConfigError(f"--embeddings {folder}: {_some(stray)} not named like clip-retrieval's "
+                          f"img_emb/img_emb_N.npy or text_emb/text_emb_N.npy, so no metadata_N.parquet names "
+                          f"{'their' if len(stray) > 1 else 'its'} rows: move {'them' if len(stray) > 1 else 'it'} "
+                          f"out of the folder")
     if not present:
         raise ConfigError(f"--embeddings {folder}: no img_emb/*.npy or text_emb/*.npy beside metadata/")
-    files = []
+    metadata = {}
     for meta in storage.list_files(storage.join(folder, "metadata"), ".parquet"):
         match = _METADATA_NAME.match(storage.basename(meta))
-        if not match:
-            continue
-        n, towers = match.group(1), []
-        for tower, (sub, prefix, names) in present.items():
-            if f"{prefix}{n}.npy" not in names:
-                raise ConfigError(f"--embeddings {folder}: metadata/metadata_{n}.parquet has no {sub}/{prefix}{n}.npy; "
-                                  f"the folder is incomplete")
-            towers.append((tower, storage.join(folder, sub, f"{prefix}{n}.npy"), ""))
-        files.append(EmbeddingFile(name=f"metadata_{n}", url=meta, metadata=meta, towers=tuple(towers)))
+        if match:
+            metadata[match.group(1)] = meta
+    for n in metadata:
+        missing = [f"{sub}/{prefix}{n}.npy" for sub, prefix, numbers in present.values() if n not in numbers]
+        if missing:
+            raise ConfigError(f"--embeddings {folder}: metadata/metadata_{n}.parquet has no {', '.join(missing)}; "
+                              f"the folder is incomplete")
+    files = []
+    for n in _batch_order(metadata, present):
+        meta = metadata.get(n, storage.join(folder, "metadata", f"metadata_{n}.parquet"))
+        towers = tuple((tower, storage.join(folder, sub, f"{prefix}{n}.npy"), "")
+                       for tower, (sub, prefix, numbers) in present.items() if n in numbers)
+        files.append(EmbeddingFile(name=f"metadata_{n}", url=meta, metadata=meta, towers=towers))
     return files
+
+
+def _batch_order(metadata: dict, present: dict) -> list:
+    """The batch numbers: those with metadata in listing order, then those with embeddings only, sorted."""
+    orphans = set().union(*(numbers for _, _, numbers in present.values())) - set(metadata)
+    return list(metadata) + sorted(orphans, key=lambda n: (len(n), n))
+
+
+def _some(names: list, shown: int = 3) -> str:
+    """A few names of a list, and how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -221,28 +254,39 @@ def open_array(url: str, member: str = "") -> Iterator[ArrayReader]:
     """An :class:`ArrayReader` on a ``.npy`` file, or on array ``member`` of a ``.npz``."""
     with storage.open_read(url) as fh:
         if not member:
-            yield ArrayReader(fh, storage.basename(url))
+            yield ArrayReader(fh, array_name(url))
             return
         with zipfile.ZipFile(fh) as zf:
             if member + ".npy" not in zf.namelist():
                 raise ValueError(f"{storage.basename(url)} has no array {member!r} "
                                  f"(it has {', '.join(n[:-4] for n in zf.namelist())})")
             with zf.open(member + ".npy") as inner:
-                yield ArrayReader(inner, f"{storage.basename(url)}:{member}")
+                yield ArrayReader(inner, array_name(url, member))
+
+
+def array_name(url: str, member: str = "") -> str:
+    """How errors name an array: the ``.npy`` file's name, or ``shard.npz:member``."""
+    return f"{storage.basename(url)}:{member}" if member else storage.basename(url)
 
 
 def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional[int] = None,
-                reuse: bool = False) -> Iterator[tuple]:
+                reuse: bool = False, widths: Optional[dict] = None) -> Iterator[tuple]:
     """``(start, {tower: block})`` over the first ``rows`` rows (default: all) of every tower of ``file``, in
-    lockstep; a tower whose row count is not ``total`` (the metadata's) is an error. ``reuse``: each tower's
-    blocks share one buffer, valid until the next block (see :func:`pipeline.flow.precomputed.score_file`)."""
+    lockstep; a tower whose row count is not ``total`` (the metadata's) is an error, and so is one whose width
+    is not ``widths[tower]``, ``(width, whose)``: the error says "``whose`` ``width``-d ones" ("the stats
+    were fitted on 64-d ones"). ``reuse``: each tower's blocks share one buffer, valid until the next block
+    (see :func:`pipeline.flow.precomputed.score_file`)."""
     rows = total if rows is None else rows
     with contextlib.ExitStack() as stack:
         readers = {t: stack.enter_context(open_array(url, member)) for t, url, member in file.towers}
-        for reader in readers.values():
+        for tower, reader in readers.items():
             if reader.rows != total:
                 raise ValueError(f"{reader.where} has {reader.rows} rows but {storage.basename(file.metadata)} has "
                                  f"{total}: the files are not row-aligned")
+            width, whose = (widths or {}).get(tower, (reader.dim, ""))
+            if reader.dim != width:
+                raise ValueError(f"{reader.where} holds {reader.dim}-d {tower} embeddings, but {whose} {width}-d "
+                                 f"ones: a file of another model among the inputs")
         for start in range(0, rows, block_rows):
             yield start, {t: r.read(min(block_rows, rows - start), reuse) for t, r in readers.items()}
 
@@ -252,7 +296,10 @@ def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
     from pipeline.table import file_schema, read_columns
 
     if not storage.exists(file.metadata):
-        raise ValueError(f"{file.metadata} does not exist: the embeddings have no metadata (keys) beside them")
+        arrays = list(dict.fromkeys(storage.basename(url) for _, url, _ in file.towers))
+        raise ValueError(f"{file.metadata} does not exist: {' and '.join(arrays)} "
+                         f"{'have' if len(arrays) > 1 else 'has'} no metadata (keys) beside "
+                         f"{'them' if len(arrays) > 1 else 'it'}")
     wanted = METADATA_COLUMNS[kind]
     names = file_schema(file.metadata).names
     source = {out: next((c for c in cols if c in names), None) for out, cols in wanted.items()}
@@ -278,6 +325,7 @@ def probe(file: EmbeddingFile, rows: int = 1024) -> dict:
 
 
 NORM_TOLERANCE = 1e-2  # |norm - 1| of an L2-normalised row stored in float16 stays well below this
+NORM_STATE = {True: "L2-normalised", False: "raw"}  # how messages name is_normalized's answer
 
 
 def is_normalized(rows: np.ndarray) -> Optional[bool]:
