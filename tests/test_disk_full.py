@@ -63,3 +63,26 @@ def test_score_and_fit_on_a_full_disk(tmp_path, tiny_disk):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "No space left on device" in result.stderr and str(tiny_disk / "s.safetensors") in result.stderr
     assert _debris(tiny_disk) == [] and not (tiny_disk / "s.safetensors").exists()
+
+
+def test_filter_on_a_full_disk_blames_the_output_not_the_scores(tmp_path, tiny_disk, capsys):
+    """Issue #26 (7): ENOSPC while writing kept/ said "cannot read .../scores/00000.parquet ... move it out of the
+    scores folder" (exit 2). Now: one line naming the kept file it could not write, exit 1, no debris."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "curate"))
+    from test_filter import make_corpus
+
+    from pipeline.cli import main
+
+    _, score_dir, _ = make_corpus(tmp_path)
+    before = {p.name: p.read_bytes() for p in score_dir.iterdir()}
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 4096))
+    out = tiny_disk / "out"
+    capsys.readouterr()
+    assert main(["filter", "--scores", str(score_dir), "--output", str(out), "--min", "clip_score=0",
+                 "--no-progress"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"wclip filter: error: cannot write {out / 'kept' / '00000.parquet'}: No space left on device; "
+                    "free space there (or fix its permissions) or pass another --output, then rerun")
+    assert _debris(tiny_disk) == [] and list((out / "kept").iterdir()) == []
+    assert {p.name: p.read_bytes() for p in score_dir.iterdir()} == before   # the input untouched

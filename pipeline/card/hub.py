@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pipeline import storage
+from pipeline.card.markdown import code
 
 DEFAULT_LICENSE = "unknown"
 _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")  # Hub license ids: apache-2.0, mit, cc-by-4.0, other, ...
@@ -73,14 +74,14 @@ def header_fields(hub: dict) -> dict:
 
 def data_section(hub: dict) -> list:
     """The README's lines on where the viewer finds the data."""
-    lines = [f"The Hub's dataset viewer reads `{hub['data_files']}` (relative to this README, "
+    lines = [f"The Hub's dataset viewer reads {code(hub['data_files'])} (relative to this README, "
              f"`configs` in the YAML header): the score files, one row per sample."]
     if not hub.get("inside"):
         folder = hub["data_files"].rsplit("/", 1)[0] if "/" in hub["data_files"] else "."
-        lines.append(f"Upload the score files (`*.parquet` of `{hub['scores']}`) to `{folder}/` of the dataset "
-                     f"repository, e.g. `huggingface-cli upload REPO_ID {hub['scores']} {folder} --repo-type dataset "
-                     f"--include '*.parquet'`, and this card's folder to its root.")
-    lines.append(f"License: `{hub['license']}`"
+        upload = f"huggingface-cli upload REPO_ID {hub['scores']} {folder} --repo-type dataset --include '*.parquet'"
+        lines.append(f"Upload the score files (`*.parquet` of {code(hub['scores'])}) to {code(folder + '/')} of the "
+                     f"dataset repository, e.g. {code(upload)}, and this card's folder to its root.")
+    lines.append(f"License: {code(hub['license'])}"
                  + (" (not known to wclip: set it with `wclip card --license ID`)." if hub["license"] == "unknown"
                     else "."))
     return [" ".join(lines), ""]

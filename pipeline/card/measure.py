@@ -210,8 +210,8 @@ def clustered_towers(sf, files) -> tuple[dict, list]:
 def clusters(sf, corpus: CorpusSummary) -> tuple[dict, list]:
     """``({tower: section}, notes)`` for every tower with clusters in the stats: K, the chosen shrinkage and,
     per cluster, its weight, rows and held-out rows in the reference (the stats; ``n`` held-out rows make
-    ``1 / (n + 1)`` the smallest local p-value it can give) and its rows with status ok in the scored
-    corpus, with its lowest-local-likelihood rows (``{}`` without clusters)."""
+    ``1 / (n + 1)`` the smallest local p-value it can give; one without uses all clusters' held-out rows) and
+    its rows with status ok in the scored corpus, with its lowest-local-likelihood rows (``{}`` without clusters)."""
     section, notes = {}, []
     for tower, ws in sf.towers.items():
         if ws.clusters is None:
@@ -220,13 +220,14 @@ def clusters(sf, corpus: CorpusSummary) -> tuple[dict, list]:
         k = info["k"]
         sizes = info.get("sizes") or [None] * k
         total = int(tally.counts.sum()) if tally is not None else None
+        pooled = int(sum(info["calibration_counts"]))  # a cluster without held-out rows uses all of them
         rows = []
         for j, weight in enumerate(info["weights"]):
             n = int(tally.counts[j]) if tally is not None else None
             share = n / total if total else None
             heldout = info["calibration_counts"][j]
             rows.append({"cluster": j, "reference_weight": weight, "reference_rows": sizes[j],
-                         "heldout_rows": heldout, "pvalue_floor": 1.0 / (heldout + 1) if heldout else None,
+                         "heldout_rows": heldout, "pvalue_floor": 1.0 / ((heldout or pooled) + 1) if pooled else None,
                          "corpus_rows": n, "corpus_share": share,
                          "corpus_over_reference": None if share is None else share / weight,
                          "lowest": [dict(r, local_loglik=v) for v, r in tally.low[j]] if tally is not None else []})

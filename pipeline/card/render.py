@@ -7,6 +7,7 @@ import textwrap
 import yaml
 
 from pipeline.card.hub import DEFAULT_LICENSE, data_section, header_fields
+from pipeline.card.markdown import code, text
 
 CITATION = ('Betser, Levi, Gilboa, "Whitened CLIP as a Likelihood Surrogate of Images and '
             'Captions", ICML 2025, arXiv:2505.06934')
@@ -39,7 +40,7 @@ def _fmt(x, digits: int = 4) -> str:
         return f"{x:.{digits}g}"
     if isinstance(x, int):
         return f"{x:,}"
-    return str(x).replace("|", "\\|")
+    return text(x)   # statuses, error kinds, keys, captions, names from files: shown as text, never markup
 
 
 def _table(header: list, rows: list) -> list:
@@ -72,8 +73,8 @@ def render_readme(card: dict) -> str:
     meta = prov["metadata"]
     rows = card["rows"]
     out = [yaml_header(card), "# Whitened CLIP likelihood card", "",
-           f"{rows:,} rows in {card['score_files']} score files (`{card['scores']}`), scored with "
-           f"the statistics in `{card['stats']}`. Numbers for machines: `card.json`.", ""]
+           f"{rows:,} rows in {card['score_files']} score files ({code(card['scores'])}), scored with "
+           f"the statistics in {code(card['stats'])}. Numbers for machines: `card.json`.", ""]
 
     if card.get("hub"):
         out += ["## Data files", ""] + data_section(card["hub"])
@@ -136,7 +137,7 @@ def render_readme(card: dict) -> str:
         if key in plots:
             out += [f"### {caption}", "", f"![{caption}]({plots[key]})", ""]
     if card.get("notes"):
-        out += ["Notes:", ""] + [f"- {n}" for n in card["notes"]] + [""]
+        out += ["Notes:", ""] + [f"- {text(n)}" for n in card["notes"]] + [""]
 
     out += ["## Method", "", METHOD, "", f"Citation: {CITATION}.", "",
             "```bibtex", "@inproceedings{betser2025whitened,",
@@ -158,11 +159,10 @@ LOCAL_METHOD = (
 
 
 def _text(value, width: int = 80) -> str:
-    """Free text (a caption, a URL) shortened to one line of a Markdown table."""
+    """Free text (a caption, a URL) shortened to one line of a Markdown table (escaped by :func:`_fmt`)."""
     if value is None:
         return "–"
-    line = textwrap.shorten(str(value), width, placeholder="...") or "–"
-    return line.replace("<", "&lt;").replace(">", "&gt;")
+    return textwrap.shorten(str(value), width, placeholder="...") or "–"
 
 
 def _cluster_lines(section: dict) -> list:

@@ -26,6 +26,7 @@ passes); rows are streamed in Parquet batches; uids are spilled in sorted runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -212,10 +213,12 @@ def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = T
     malformed = missing = 0
     for path in files:
         target = storage.join(kept_dir, storage.basename(path))
-        with named_errors(path), parquet_file(path) as pf, storage.open_atomic(target) as fh:
+        with named_errors(path):
+            pf = parquet_file(path)
+        with pf, writing(target), storage.open_atomic(target) as fh:
             writer = pq.ParquetWriter(fh, pf.schema_arrow, compression="zstd")
             try:
-                for batch in pf.iter_batches(batch_size=65_536):
+                for batch in _named_batches(path, pf.iter_batches(batch_size=65_536)):
                     keep = _keep_mask(batch, resolved, include_failed, result)
                     kept = batch.filter(pa.array(keep))
                     if kept.num_rows:   # no empty row groups: Hugging Face datasets cannot read them
@@ -236,6 +239,37 @@ def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = T
     else:
         storage.remove(uids_path)   # never leave a stale list behind
     return result
+
+
+def _named_batches(path, batches):
+    """``batches`` with a failure to read them named as the score file's (:func:`named_errors`): only the
+    reads, so that an error writing the output is not blamed on the input."""
+    while True:
+        with named_errors(path):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+@contextlib.contextmanager
+def writing(target):
+    """An ``OSError`` writing ``target`` (a full disk, a permission) as one line naming the output and what to
+    do (the operating system's own reason, not a wrapper's), so that the input is not blamed; the error keeps
+    its ``errno``."""
+    try:
+        yield
+    except OSError as exc:
+        if getattr(exc, "wclip_output", None) is not None:
+            raise
+        root = exc
+        while isinstance(root.__cause__, OSError):
+            root = root.__cause__
+        reason = root.strerror or (str(root).strip().splitlines() or [type(root).__name__])[0]
+        error = OSError(f"cannot write {target}: {reason}; free space there (or fix its permissions) or pass "
+                        f"another --output, then rerun")
+        error.errno, error.wclip_output = exc.errno, str(target)
+        raise error from exc
 
 
 def _collect_uids(kept, collector) -> tuple[int, int]:

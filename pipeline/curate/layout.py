@@ -1,7 +1,8 @@
 """The filter's new shards in img2dataset's layout, so img2dataset, DataComp and webdataset tooling read
 them as they read img2dataset's own output::
 
-    SHARDS/NNNNN.tar          the kept samples: member names and bytes as in the input shards, in order
+    SHARDS/NNNNN.tar          the kept samples: member bytes as in the input shards, in order; names
+                              as there, made safe to extract (:mod:`pipeline.curate.members`)
     SHARDS/NNNNN.parquet      a row per kept sample: img2dataset's columns (url, caption, uid, key, status,
                               error_message, width, height, original_width, original_height), then wclip's
                               (source_shard, source_index, wclip_status, wclip_error and the score columns;
@@ -30,6 +31,7 @@ from collections import Counter
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.curate.members import member_chunks, member_name, member_size, safe_key
 from pipeline.table import LOCAL_COLUMNS, LOCAL_SCHEMA, SCORE_COLUMNS, table_bytes
 
 STATE = ".wclip"
@@ -89,7 +91,7 @@ def is_piece(path: str) -> bool:
 def _sizes(sample) -> dict:
     """``width`` .. ``original_height`` from the sample's ``.json`` member (img2dataset writes them)."""
     for info, data in sample.members if sample is not None else ():
-        if info.name.rsplit("/", 1)[-1].partition(".")[2].lower() != "json":
+        if info.name.rsplit("/", 1)[-1].partition(".")[2].lower() != "json" or not isinstance(data, bytes):
             continue
         try:
             meta = json.loads(data)
@@ -111,7 +113,8 @@ def meta_row(outcome) -> dict:
     """The ``NNNNN.parquet`` row of one kept row's :class:`pipeline.curate.source.Outcome` (the local
     likelihood's columns included; :func:`meta_schema` decides whether they are written)."""
     row = outcome.row
-    return {"url": row.get("url"), "caption": row.get("caption"), "uid": row.get("uid"), "key": row.get("key"),
+    return {"url": row.get("url"), "caption": row.get("caption"), "uid": row.get("uid"),
+            "key": None if row.get("key") is None else safe_key(row["key"]),
             "status": SUCCESS if outcome.sample is not None else FAILED, "error_message": outcome.reason,
             **_sizes(outcome.sample), "source_shard": row.get("shard"), "source_index": row.get("index"),
             "wclip_status": row.get("status"), "wclip_error": row.get("error"),
@@ -149,12 +152,15 @@ class ShardSink:
             self.sha.update(data)
             self.size += len(data)
 
-    def _member(self, info: tarfile.TarInfo, data: bytes) -> None:
-        header = tarfile.TarInfo(info.name)
-        header.size, header.mtime, header.mode = len(data), info.mtime, info.mode
+    def _member(self, info: tarfile.TarInfo, data) -> None:
+        """One member: its name made safe (:func:`member_name`), its bytes (or spooled file) in pieces."""
+        header = tarfile.TarInfo(member_name(info.name))
+        header.size, header.mtime, header.mode = member_size(data), info.mtime, info.mode
         header.uid, header.gid, header.uname, header.gname = info.uid, info.gid, info.uname, info.gname
         self.write(header.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        self.write(data + b"\0" * (-len(data) % 512))
+        for chunk in member_chunks(data):
+            self.write(chunk)
+        self.write(b"\0" * (-header.size % 512))
 
     def add(self, outcome) -> None:
         """One kept row: its sample's members into the tar (when readable) and its metadata row."""

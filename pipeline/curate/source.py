@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+from pipeline.curate.members import read_member
 from pipeline.errors import TransportError
 from pipeline.flow.read import clean_key, member_key
 from pipeline.flow.transport import damage_errors, decompressed, open_shard
@@ -36,7 +37,7 @@ class Sample:
 
     index: int
     key: str
-    members: list = field(default_factory=list)  # (TarInfo, bytes) in tar order; only for wanted samples
+    members: list = field(default_factory=list)  # (TarInfo, bytes or Spooled) in tar order; wanted samples
     kind: Optional[str] = None     # set when this sample cannot be copied
     reason: Optional[str] = None
 
@@ -118,7 +119,7 @@ class SampleReader:
                 if current is None:
                     current = Sample(self.count, key)
                 if self.wanted(current.index, key):
-                    current.members.append((info, tar.extractfile(info).read()))
+                    current.members.append((info, read_member(tar, info)))
             except TransportError:
                 raise
             except damage_errors() as exc:

@@ -29,7 +29,7 @@ global ``log_det`` for the density of ``x`` in the kept subspace. One cluster *i
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -42,6 +42,9 @@ SHRINKAGE_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7
 KMEANS_MAX_ITER = 100
 #: Held-out rows a cluster needs before its local p-values are worth a warning-free fit (p >= 1/(n + 1)).
 MIN_HELDOUT_PER_CLUSTER = 100
+#: Cosine gap below which two unit rows count as one direction: k-means stops seeding when every row is this
+#: close to a chosen centre (there are no more distinct directions to make clusters of).
+SAME_DIRECTION = 1e-6
 #: Tensors of a clustered tower in a stats file, under ``{tower}.clusters.``.
 CLUSTER_TENSORS = ("means", "variances", "weights", "calibration", "calibration_counts")
 
@@ -56,7 +59,9 @@ def check_clusters(k) -> int:
 def spherical_kmeans(X: np.ndarray, k: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER) -> np.ndarray:
     """Cluster labels (int64, one per row) of the rows of ``X`` by cosine: k-means++ seeding on ``1 - cos``,
     then Lloyd iterations on the unit sphere until no label changes; an emptied cluster is reseeded with the
-    row farthest from its centre."""
+    row farthest from its centre. Rows with fewer than ``k`` distinct directions (duplicates) get fewer
+    clusters: seeding stops when every row is a chosen centre (within :data:`SAME_DIRECTION`), so the labels
+    are ``0 .. j - 1`` with ``j`` the number of distinct directions."""
     U = np.asarray(X, dtype=np.float64)
     norms = np.linalg.norm(U, axis=1, keepdims=True)
     U = (U / np.where(norms > 0, norms, 1.0)).astype(np.float32)  # cosines need no more; half the GEMMs' time
@@ -68,6 +73,9 @@ def spherical_kmeans(X: np.ndarray, k: int, seed: int = 0, max_iter: int = KMEAN
     centres[0] = U[rng.integers(n)]
     dist = np.maximum(1.0 - (U @ centres[0]).astype(np.float64), 0.0)
     for j in range(1, k):
+        if dist.max() < SAME_DIRECTION:  # every row is one of the j centres: no distinct row left to seed
+            k, centres = j, centres[:j]
+            break
         total = dist.sum()
         pick = rng.choice(n, p=dist / total) if total > 0 else rng.integers(n)
         centres[j] = U[pick]
@@ -90,6 +98,17 @@ def spherical_kmeans(X: np.ndarray, k: int, seed: int = 0, max_iter: int = KMEAN
         lengths = np.linalg.norm(sums, axis=1, keepdims=True)
         centres = sums / np.where(lengths > 0, lengths, 1.0)
     return labels
+
+
+def _used_labels(labels: np.ndarray, k: int) -> tuple:
+    """``(labels, clusters)``: the labels renumbered ``0 .. j - 1`` over the ``j`` of ``0 .. k - 1`` that have
+    rows (k-means of fewer distinct rows than ``k`` leaves some without any)."""
+    used = np.flatnonzero(np.bincount(labels, minlength=k))
+    if used.size == k:
+        return labels, k
+    renumber = np.zeros(k, dtype=np.int64)
+    renumber[used] = np.arange(used.size)
+    return renumber[labels], int(used.size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,11 +170,16 @@ class ClusterWhitening:
     def fit(cls, z_sample: np.ndarray, z_heldout: np.ndarray, labels: np.ndarray, k: int,
             global_calibration: np.ndarray) -> "ClusterWhitening":
         """Per-cluster Gaussians of whitened sample rows ``z_sample`` grouped by ``labels`` (from
-        :func:`spherical_kmeans`), with the shrinkage chosen and the calibration taken on ``z_heldout``."""
-        k = check_clusters(k)
+        :func:`spherical_kmeans`), with the shrinkage chosen and the calibration taken on ``z_heldout``.
+        Labels without rows (fewer distinct sample rows than ``k``) are dropped: the fit has fewer clusters,
+        and ``diagnostics["k_requested"]`` keeps ``k`` for :meth:`warnings`."""
+        requested = check_clusters(k)
         m = z_sample.shape[1]
+        labels, k = _used_labels(np.asarray(labels), requested)
         if k == 1:
-            return cls.single(m, global_calibration)
+            single = cls.single(m, global_calibration)
+            return single if requested == 1 else replace(single, diagnostics={"sizes": None,
+                                                                              "k_requested": requested})
         if z_heldout.shape[0] == 0:
             raise ValueError("clusters choose their shrinkage on held-out rows, but there are none: use "
                              "holdout > 0 (e.g. 0.1)")
@@ -180,6 +204,7 @@ class ClusterWhitening:
         _, own, s_own = chosen._mixture(z_heldout)
         tables = [np.sort(s_own[own == j]) for j in range(k)]
         diagnostics = {"sizes": sizes.tolist(), "heldout_sizes": [t.size for t in tables],
+                       **({"k_requested": requested} if requested != k else {}),
                        "heldout_local_loglik": {str(a): v for a, v in heldout_loglik.items()},
                        "heldout_global_loglik": float(np.mean(loglik_from_sqnorm(np.sum(z_heldout ** 2, 1), m)))}
         return cls(means=means, variances=variances, weights=weights, calibration=np.concatenate(tables),
@@ -259,9 +284,17 @@ class ClusterWhitening:
         cluster, loglik, s_own = self.mixture(z, sqnorm)
         return LocalScores(cluster=cluster, loglik=loglik, sqnorm=s_own, pvalue=self.pvalue(cluster, s_own))
 
+    def pooled_table(self) -> np.ndarray:
+        """Every cluster's held-out ``s_own`` in one sorted table: the calibration of a cluster that has no
+        held-out row of its own (a row's ``s_own`` against all held-out rows' ``s_own`` in their clusters)."""
+        if "pooled" not in self._cache:
+            self._cache["pooled"] = np.sort(self.calibration)
+        return self._cache["pooled"]
+
     def pvalue(self, cluster: np.ndarray, s_own: np.ndarray) -> np.ndarray:
-        """Empirical p-value of each row's ``s_own`` against its cluster's held-out table (NaN for cluster -1
-        and for a cluster with no held-out row): rows grouped by cluster, each group looked up in order."""
+        """Empirical p-value of each row's ``s_own`` against its cluster's held-out table (NaN for cluster -1;
+        a cluster with no held-out row uses :meth:`pooled_table`): rows grouped by cluster, each group looked
+        up in order."""
         cluster = np.asarray(cluster)
         s_own = np.asarray(s_own, dtype=np.float64)
         out = np.full(cluster.shape, np.nan)
@@ -269,20 +302,34 @@ class ClusterWhitening:
         starts = np.searchsorted(cluster[order], np.arange(self.k + 1))
         for j, table in enumerate(self.tables()):
             rows = order[starts[j]:starts[j + 1]]
+            table = table if table.size else self.pooled_table()
             if table.size and rows.size:
                 out[rows] = pvalue_from_sqnorm(s_own[rows], table)
         return out
 
     def warnings(self, tower: str) -> list:
-        """Lines worth a user's attention: clusters whose held-out rows are too few for fine p-values (a cluster
-        with n held-out rows gives no local p-value below 1 / (n + 1))."""
+        """Lines worth a user's attention: fewer clusters than asked for (too few distinct reference rows),
+        clusters without held-out rows (their p-values use the pooled table) and clusters whose held-out rows
+        are too few for fine p-values (a cluster with n held-out rows gives no local p-value below 1 / (n + 1))."""
+        lines = []
+        requested = self.diagnostics.get("k_requested")
+        if requested and requested != self.k:
+            lines.append(f"{tower}: asked for {requested} clusters, fitted {self.k}: the reference sample has only "
+                         f"{self.k} distinct direction(s), and a cluster of copies of one row cannot be calibrated")
         counts = self.calibration_counts.astype(int)
-        coarse = np.flatnonzero(counts < MIN_HELDOUT_PER_CLUSTER)
+        empty = int(np.sum(counts == 0))
+        if self.k > 1 and empty:
+            lines.append(f"{tower}: {empty} of {self.k} clusters have no held-out row: their rows' local p-values "
+                         f"are taken against all clusters' held-out rows (pooled); use fewer --clusters, a larger "
+                         f"--holdout or more reference rows")
+        coarse = np.flatnonzero((counts > 0) & (counts < MIN_HELDOUT_PER_CLUSTER))
         if self.k == 1 or not coarse.size:
-            return []
-        return [f"{tower}: {coarse.size} of {self.k} clusters have fewer than {MIN_HELDOUT_PER_CLUSTER} held-out rows "
-                f"(the fewest: {counts.min()}), so their local p-values cannot go below {1 / (counts.min() + 1):.3f}: "
-                f"use fewer --clusters, a larger --holdout or more reference rows for finer ones"]
+            return lines
+        fewest = counts[coarse].min()
+        return lines + [f"{tower}: {coarse.size} of {self.k} clusters have fewer than {MIN_HELDOUT_PER_CLUSTER} "
+                        f"held-out rows (the fewest: {fewest}), so their local p-values cannot go below "
+                        f"{1 / (fewest + 1):.3f}: use fewer --clusters, a larger --holdout or more reference rows "
+                        f"for finer ones"]
 
     def summary(self) -> dict:
         """JSON-able numbers describing the clusters (for the stats file and the card)."""

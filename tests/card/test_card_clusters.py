@@ -172,3 +172,48 @@ def test_clustered_stats_over_scores_without_local_columns(tmp_path):
     assert all(e["corpus_rows"] is None and e["lowest"] == [] for e in section["clusters"])
     assert any("no image_cluster column" in n for n in card["notes"])
     assert list(card["quantiles"]) == list(SCORE_COLUMNS)
+
+
+HOSTILE = ["![x](http://evil.example/pixel.png) <img src=x onerror=alert(1)>",
+           "line one\nline two | cell [link](https://evil.example) <script>alert(1)</script>",
+           "`code` *bold* &lt;b&gt; www.evil.example \\| end"]
+
+
+def test_hostile_captions_keys_and_urls_render_as_text(tmp_path):
+    """Issue #26 (12): a caption holding Markdown image syntax rendered as an image in the card (a remote fetch
+    when the card is viewed). Every user string in the README is text: no image, link, HTML or broken row."""
+    from markdown_it import MarkdownIt
+
+    from pipeline.card.markdown import text
+
+    write_stats(tmp_path / "stats.safetensors", K)
+    write_corpus(tmp_path, True, tmp_path / "stats.safetensors")
+    for path in sorted((tmp_path / "scores").glob("*.parquet")):
+        table = pq.read_table(path)
+        n = table.num_rows
+        hostile = {"caption": [HOSTILE[i % 3] for i in range(n)], "url": [HOSTILE[(i + 1) % 3] for i in range(n)],
+                   "key": [f"{HOSTILE[(i + 2) % 3]} {i}" for i in range(n)],
+                   "error": [None if e is None else "![e](http://evil.example/e.png)"
+                             for e in table["error"].to_pylist()]}
+        for name, values in hostile.items():
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        pq.write_table(table.replace_schema_metadata(table.schema.metadata), path)
+    card = build_card(CardConfig(str(tmp_path / "scores"), str(tmp_path / "stats.safetensors"), str(tmp_path / "card"),
+                                 extremes=4, thumbnails=False))
+    readme = (tmp_path / "card" / "README.md").read_text()
+    section = readme.split("## Clusters (local likelihood)")[1].split("## Filter")[0]
+    listed = [e for entry in card["clusters"]["image"]["clusters"] for e in entry["lowest"]]
+    assert listed and all(e["caption"] in HOSTILE for e in listed)          # card.json keeps the data as it was
+    for e in listed:
+        assert f"| {text(e['key'])} | {text(e['caption'])} |" in section
+    html = MarkdownIt("commonmark").enable("table").render(readme)
+    assert "evil.example" in html and "alert(1)" in html                    # shown...
+    images = re.findall(r"<img [^>]*>", html)                               # ...but only the card's own plots
+    assert images and all(re.fullmatch(r'<img src="[a-z_]+\.png" alt="[^"]*" />', i) for i in images), images
+    assert "<a " not in html and "<script" not in html and "&lt;script&gt;alert(1)" in html
+    assert "://" not in readme.replace("arXiv", "").split("## Clusters")[1].split("## Method")[0]  # no bare URL
+    # every table row keeps its cells: a caption's newline or pipe does not end or split it
+    lowest = [line for line in section.splitlines() if line.startswith("| ") and "evil" in line]
+    assert lowest and all(len(re.findall(r"(?<!\\)\|", line)) == 7 for line in lowest)
+    assert text("a\nb\r\tc|d") == "a b c\\|d" and text("<b>&") == "&lt;b&gt;&amp;"
+    assert text("see https://x.example or www.y.example") == "see https:\\/\\/x.example or www\\.y.example"

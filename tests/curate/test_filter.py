@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.config import FilterConfig
 from pipeline.curate.filter import Condition, run_filter
+from pipeline.curate.members import member_name
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UID_DTYPE, UidCollector, parse_uids, uid_to_int
 from pipeline.filemap import map_on_threads
@@ -269,7 +270,7 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local, m
     for url in urls:
         for name, data in members(url):
             if name.rsplit(".", 1)[0] in kept_keys:
-                expected.append((name, data))
+                expected.append((member_name(name), data))   # names made safe to extract
     out = tmp_path / "out/shards"
     tars = sorted(out.glob("*.tar"))
     got, counts = [], []
@@ -282,7 +283,8 @@ def test_reshard_copies_members_byte_for_byte_and_resumes(tmp_path, ray_local, m
         assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (counts[-1], counts[-1], 0)
         meta = pq.read_table(t.with_suffix(".parquet"))
         assert meta.column("key").to_pylist() == list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in m))
-    assert got == expected                           # same names, same bytes, same order
+    assert got == expected                           # same (safe) names, same bytes, same order
+    assert ("%2E%2E/%2E%2E/escape.txt", b"evil") in got and not any(n.startswith("..") for n, _ in got)
     assert counts[:-1] == [7] * (len(tars) - 1) and sum(counts) == report["kept"]
     assert not (tmp_path.parent / "escape.txt").exists() and not (tmp_path / "escape.txt").exists()
     assert not list(tmp_path.rglob("escape*")) and not os.path.exists("../../escape.txt")

@@ -195,3 +195,77 @@ def test_kept_samples_by_index_by_key_and_without_end_marker(tmp_path):
     assert broken[0].kind == DAMAGED and "not a readable tar" in broken[0].reason
     with pytest.raises(FileNotFoundError):                 # a missing shard is retried, not recorded
         list(kept_samples(str(tmp_path / "missing.tar"), [{"key": "x", "index": 0}]))
+
+
+def _one_shard(tmp_path, samples, rows, include_failed=False):
+    """One input shard of ``samples`` with score ``rows``, and the ``wclip filter --input`` that keeps them all
+    (copy tasks on threads), to call."""
+    from pipeline.config import FilterConfig
+    from pipeline.curate.filter import run_filter
+    from pipeline.filemap import map_on_threads
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "scores").mkdir()
+    url = str(tmp_path / "data" / "00000.tar")
+    write_tar(url, samples)
+    write_scores(tmp_path / "scores" / "00000.parquet", [dict(r, shard=url, index=i) for i, r in enumerate(rows)])
+    cfg = FilterConfig(str(tmp_path / "scores"), str(tmp_path / "out"), (), include_failed=include_failed,
+                       inputs=(url,), samples_per_shard=100, progress=False)
+    return lambda: run_filter(cfg, mapper=map_on_threads)
+
+
+def test_an_oversize_member_is_copied_streaming(tmp_path):
+    """Issue #26 (8): a member scoring skipped (over --max-member-bytes), kept with --include-failed, was read
+    whole into memory (1 GB member: 1-2 GB RSS). Now it is copied in 1 MiB pieces: byte-identical, and the copy's
+    Python peak stays far below the member's 64 MiB."""
+    import hashlib
+    import tracemalloc
+
+    big = os.urandom(1 << 20) * 64 + b"tail"
+    digest, size = hashlib.sha256(big).hexdigest(), len(big)
+    rows = [{"key": "0-000", "status": "ok"},
+            {"key": "huge", "status": "read", "error": f"member .jpg is {size} bytes, over the 4194304-byte limit"},
+            {"key": "0-002", "status": "ok"}]
+    run = _one_shard(tmp_path, [sample(0, 0), ("huge", {"jpg": big, "txt": b"a huge image"}), sample(0, 2)], rows,
+                     include_failed=True)
+    del big
+    tracemalloc.start()
+    try:
+        report = run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report["kept"] == 3 and not report["shards"]["failed"] and report["shards"]["copied"] == 3
+    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB copying a {size / 2**20:.0f} MiB member"
+    with tarfile.open(tmp_path / "out" / "shards" / "00000.tar") as tar:
+        names = tar.getnames()
+        got = tar.extractfile("huge.jpg")
+        h = hashlib.sha256()
+        while chunk := got.read(1 << 20):
+            h.update(chunk)
+    assert names == ["0-000.jpg", "0-000.txt", "0-000.json", "huge.jpg", "huge.txt", "0-002.jpg", "0-002.txt",
+                     "0-002.json"]
+    assert h.hexdigest() == digest
+
+
+def test_new_shards_hold_only_names_that_extract_inside_their_folder(tmp_path):
+    """Issue #26 (12): absolute and ``..`` member names were copied verbatim, so ``tar x`` of a new shard wrote
+    outside its folder. Now each is ``{safe key}.{ext}``; the metadata's key is the same safe key."""
+    from pipeline.curate.members import member_name, safe_key
+
+    hostile = ["../../escape", "/etc/cron.d/evil", "a/./b/../../c", "ok/000001"]
+    samples = [(key, {"txt": key.encode(), "jpg": b"\xff\xd8" + key.encode()}) for key in hostile]
+    report = _one_shard(tmp_path, samples, [{"key": key, "status": "ok"} for key in hostile])()
+    assert report["shards"]["copied"] == 4
+    shards = tmp_path / "out" / "shards"
+    with tarfile.open(shards / "00000.tar") as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "x", filter="data")        # refuses any name that leaves the folder
+    assert names == ["%2E%2E/%2E%2E/escape.txt", "%2E%2E/%2E%2E/escape.jpg", "etc/cron.d/evil.txt",
+                     "etc/cron.d/evil.jpg", "a/b/%2E%2E/%2E%2E/c.txt", "a/b/%2E%2E/%2E%2E/c.jpg", "ok/000001.txt",
+                     "ok/000001.jpg"]
+    assert (tmp_path / "x" / "etc" / "cron.d" / "evil.txt").read_bytes() == b"/etc/cron.d/evil"
+    assert pq.read_table(shards / "00000.parquet").column("key").to_pylist() == \
+        ["%2E%2E/%2E%2E/escape", "etc/cron.d/evil", "a/b/%2E%2E/%2E%2E/c", "ok/000001"]
+    assert not list(tmp_path.parent.glob("escape*")) and not (tmp_path / "escape.txt").exists()
+    assert safe_key("x\0y/../z") == "x%00y/%2E%2E/z" and member_name("/a//b/./k.seg.PNG") == "a/b/k.seg.PNG"

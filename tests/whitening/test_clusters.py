@@ -4,6 +4,7 @@ for bit, what it sees that the global Gaussian cannot, stats files with and with
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import oracle
@@ -11,8 +12,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from pipeline.whitening import StatsFile, StatsFileError, WhiteningStats
-from pipeline.whitening.clusters import spherical_kmeans
+from pipeline.whitening.clusters import ClusterWhitening, spherical_kmeans
 from pipeline.whitening.fileformat import content_digest
+from pipeline.whitening.formulas import pvalue_from_sqnorm
 from pipeline.whitening.stats import TENSORS
 
 
@@ -199,3 +201,76 @@ def test_too_few_heldout_rows_per_cluster_are_named():
     many = WhiteningStats.fit(mixture(rng, n=3000), holdout=0.2, clusters=4)
     assert many.clusters.calibration_counts.min() >= 100 and many.clusters.warnings("image") == []
     assert WhiteningStats.fit(mixture(rng, n=50), holdout=0.2, clusters=1).clusters.warnings("image") == []
+
+
+def _twenty_rows_repeated(rng, copies=100, d=8):
+    base = rng.normal(size=(20, d)) * 3 + 5
+    return base, np.tile(base, (copies, 1))
+
+
+def test_twenty_distinct_rows_make_twenty_clusters_not_64_and_no_nan_pvalue():
+    """Issue #26 (5): 20 distinct reference rows and --clusters 64 left 44 clusters without a held-out row,
+    so 98-99% of rows had a NaN local p-value beside status ok."""
+    rng = np.random.default_rng(21)
+    base, X = _twenty_rows_repeated(rng)
+    stats = WhiteningStats.fit(X, holdout=0.2, clusters=64, shrinkage=0.1)
+    cw = stats.clusters
+    assert cw.k == 20 and cw.diagnostics["k_requested"] == 64 and cw.calibration_counts.min() > 0
+    assert sorted(np.bincount(spherical_kmeans(X - X.mean(0), 64))) == [100] * 20  # one cluster per distinct row
+    assert cw.warnings("image")[0] == ("image: asked for 64 clusters, fitted 20: the reference sample has only 20 "
+                                       "distinct direction(s), and a cluster of copies of one row cannot be "
+                                       "calibrated")
+    near = base[rng.integers(20, size=2000)] + rng.normal(size=(2000, 8)) * 0.3
+    for rows in (X, near):
+        local = stats.local_scores(rows)
+        assert np.isfinite(local.pvalue).all() and np.isfinite(local.loglik).all()
+
+
+def test_a_cluster_without_heldout_rows_takes_the_pooled_table():
+    """K large against the held-out rows: some clusters get none; their rows' p-values come from every
+    cluster's held-out s_own (never NaN), the others' from their own table as before."""
+    rng = np.random.default_rng(22)
+    base, _ = _twenty_rows_repeated(rng)
+    X = np.concatenate([c + rng.normal(size=(100, 8)) * 0.5 for c in base])
+    stats = WhiteningStats.fit(X, holdout=0.1, clusters=64)
+    cw = stats.clusters
+    empty = np.flatnonzero(cw.calibration_counts == 0)
+    assert cw.k == 64 and empty.size > 0   # the situation of the issue
+    assert f"image: {empty.size} of 64 clusters have no held-out row: their rows' local p-values are taken " \
+           "against all clusters' held-out rows (pooled); use fewer --clusters, a larger --holdout or more " \
+           "reference rows" in cw.warnings("image")
+    Y = np.concatenate([X, base[rng.integers(20, size=2000)] + rng.normal(size=(2000, 8)) * 0.5])
+    local = stats.local_scores(Y)
+    assert np.isfinite(local.pvalue).all()
+    pooled = np.sort(cw.calibration)
+    tables = cw.tables()
+    in_empty = np.isin(local.cluster, empty)
+    assert in_empty.any()
+    for i in np.flatnonzero(in_empty)[:50]:
+        assert local.pvalue[i] == (1 + np.sum(pooled >= local.sqnorm[i])) / (pooled.size + 1)
+    for i in np.flatnonzero(~in_empty)[:50]:
+        table = tables[local.cluster[i]]
+        assert local.pvalue[i] == (1 + np.sum(table >= local.sqnorm[i])) / (table.size + 1)
+
+
+def test_a_file_written_before_with_empty_calibration_tables_loads_and_scores_without_nan(tmp_path):
+    """Stats an older wclip wrote (clusters with no held-out row, no ``k_requested``): same format, they load,
+    and their empty clusters now use the pooled table."""
+    rng = np.random.default_rng(23)
+    X = mixture(rng)
+    stats = WhiteningStats.fit(X, holdout=0.2, clusters=3)
+    cw = stats.clusters
+    tables = cw.tables()
+    old = ClusterWhitening(means=cw.means, variances=cw.variances, weights=cw.weights,
+                           calibration=np.concatenate([tables[0], tables[1]]),
+                           calibration_counts=np.array([tables[0].size, tables[1].size, 0]), shrinkage=cw.shrinkage,
+                           diagnostics={"sizes": cw.diagnostics["sizes"]})
+    path = StatsFile(towers={"image": replace(stats, clusters=old)}).save(tmp_path / "old.st")
+    back = StatsFile.load(path).towers["image"].clusters
+    assert list(back.calibration_counts) == [tables[0].size, tables[1].size, 0]
+    assert "k_requested" not in back.diagnostics
+    local = StatsFile.load(path).towers["image"].local_scores(X)
+    third = local.cluster == 2
+    assert third.any() and np.isfinite(local.pvalue).all()
+    pooled = pvalue_from_sqnorm(local.sqnorm[third], np.sort(old.calibration))
+    np.testing.assert_array_equal(local.pvalue[third], pooled)
