@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 from pipeline.curate.members import read_member
 from pipeline.errors import TransportError
-from pipeline.flow.read import clean_key, member_key
+from pipeline.flow.read import KeyGrouping, member_key
 from pipeline.flow.transport import damage_errors, decompressed, open_shard
 
 DAMAGED = "shard truncated or corrupt"
@@ -102,6 +102,7 @@ class SampleReader:
 
     def _samples(self, tar, tail: _Tail) -> Iterator[Sample]:
         current, last_is_sample = None, False
+        groups = KeyGrouping()
         while True:
             try:
                 info = tar.next()
@@ -111,14 +112,13 @@ class SampleReader:
                 last_is_sample = named is not None
                 if named is None:
                     continue
-                key = clean_key(named[0])[0]
-                if current is not None and key != current.key:
+                if groups.add(*named) is not None:  # a new sample starts here, as ShardReader splits them
                     self.count += 1
                     yield current
                     current = None
                 if current is None:
-                    current = Sample(self.count, key)
-                if self.wanted(current.index, key):
+                    current = Sample(groups.current.index, groups.current.key)
+                if self.wanted(current.index, current.key):
                     current.members.append((info, read_member(tar, info)))
             except TransportError:
                 raise

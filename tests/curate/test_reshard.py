@@ -197,6 +197,25 @@ def test_kept_samples_by_index_by_key_and_without_end_marker(tmp_path):
         list(kept_samples(str(tmp_path / "missing.tar"), [{"key": "x", "index": 0}]))
 
 
+def test_an_adjacent_duplicate_key_is_two_samples_as_the_scores_count_them(tmp_path):
+    """The key written twice in a row is two samples for the scorer (flow.read.KeyGrouping), so it is two for
+    the copier too: every later sample keeps the index its row has, and each copy of "k" is its own sample."""
+    from pipeline.flow.read import ShardReader
+
+    url = str(tmp_path / "a.tar")
+    samples = [sample(0, 0), sample(0, 1, "k"), sample(0, 2, "k"), sample(0, 3), sample(0, 4)]
+    write_tar(url, samples)
+    scored = [(s.index, s.key) for s in ShardReader(url)]
+    assert scored == [(0, "0-000"), (1, "k"), (2, "k"), (3, "0-003"), (4, "0-004")]
+    rows = [{"key": key, "index": index} for index, key in scored]
+    got = list(kept_samples(url, rows))
+    assert [(o.row["index"], o.kind) for o in got] == [(0, None), (1, None), (2, None), (3, None), (4, None)]
+    images = [dict((i.name, d) for i, d in o.sample.members) for o in got]
+    assert [b"image 0 1 " in images[1]["k.jpg"], b"image 0 2 " in images[2]["k.jpg"]] == [True, True]
+    assert [len(m) for m in images] == [3, 3, 3, 3, 3]  # no member of one copy merged into the other
+    assert b"image 0 4 " in images[4]["0-004.jpg"]
+
+
 def _one_shard(tmp_path, samples, rows, include_failed=False):
     """One input shard of ``samples`` with score ``rows``, and the ``wclip filter --input`` that keeps them all
     (copy tasks on threads), to call."""
