@@ -102,12 +102,8 @@ def run_score(urls, stats_path: str, output: Path, model_name: str, extra=()) ->
             "--output", str(output), "--no-progress", "--overwrite", *extra]
     if model_name != "wclip-demo":
         args += ["--random-init"]
-    ran = benchkit.run(args, env=benchkit.command_env(None, PYTHONUNBUFFERED="1"), interval=0.25)
-    if ran.returncode != 0:
-        raise SystemExit(f"wclip score failed:\n{ran.stderr[-3000:]}")
-    summary = benchkit.last_json(ran.stdout)
-    summary.update(wall_s=ran.wall_s, peak_pss_mb=ran.memory.peak_pss_kb / 1024)
-    return summary
+    return benchkit.run_summary(args, "wclip score", env=benchkit.command_env(None, PYTHONUNBUFFERED="1"),
+                                interval=0.25)
 
 
 def main(argv=None):

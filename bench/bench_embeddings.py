@@ -97,13 +97,8 @@ NICE = ["nice", "-n", "15"]  # Ray runs its workers at niceness 15 (worker_nicen
 def run(args: list, env_extra=None) -> dict:
     """Run a command to its end, sampling the peak PSS of its process tree; its last stdout line is JSON."""
     args = NICE + list(args)
-    ran = benchkit.run(args, env=benchkit.command_env(None, PYTHONUNBUFFERED="1", **(env_extra or {})), cwd=ROOT,
-                       interval=0.2)
-    if ran.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:5])} ... failed:\n{ran.stderr[-3000:]}")
-    result = benchkit.last_json(ran.stdout)
-    result.update(wall_s=ran.wall_s, peak_pss_mb=ran.memory.peak_pss_kb / 1024)
-    return result
+    return benchkit.run_summary(args, f"{' '.join(args[:5])} ...", cwd=ROOT, interval=0.2,
+                                env=benchkit.command_env(None, PYTHONUNBUFFERED="1", **(env_extra or {})))
 
 
 def parallel_baseline(folder: Path, stats: Path, cores: int) -> float:

@@ -32,8 +32,8 @@ Curves:
 
 Every command runs from a snapshot of the library at a commit (``git archive``, default HEAD, under
 .bench/scale/snapshot/), so that others' edits of the working tree do not change what is measured. The
-peak memory is the summed PSS of the command's whole process tree, sampled every 0.1 s (bench_peers' /proc
-scan for the tree and each process's CPU seconds, bench_cpu_pipeline's PSS reader); "driver" is the
+peak memory is the summed PSS of the command's whole process tree, sampled every 0.1 s (benchkit.TreeSampler: one
+/proc scan for the tree and each process's CPU seconds, PSS from smaps_rollup); "driver" is the
 command's own process; CPU seconds count every process seen in the tree (Ray's workers too). Per size the
 table gives seconds, the cost per unit (row or shard) and the marginal cost (of the units added since the
 previous size: fixed start-up costs drop out), and the ratios largest/smallest of the per-unit cost and of

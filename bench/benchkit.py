@@ -194,6 +194,15 @@ def last_json(text: str):
     return json.loads(text.strip().splitlines()[-1])
 
 
+def run_summary(cmd: list, what: str, **kw) -> dict:
+    """``run(cmd, **kw)``, exiting with ``what`` failed and the end of its stderr unless it succeeded: its last
+    stdout line (JSON), with ``wall_s`` and the tree's ``peak_pss_mb``."""
+    ran = run(cmd, **kw)
+    if ran.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{ran.stderr[-3000:]}")
+    return dict(last_json(ran.stdout), wall_s=ran.wall_s, peak_pss_mb=ran.memory.peak_pss_kb / 1024)
+
+
 def run_command(cmd: list, log_stem: Path, cwd: Path) -> dict:
     """Run ``cmd`` (the snapshot in use on its path, logs at ``log_stem``.out/.err) and exit if it fails; wall
     time, CPU time of the tree, peak memory (RSS summed every 0.25 s, PSS every 1 s)."""
