@@ -44,12 +44,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import bench_peers  # noqa: E402  (one place for: library snapshot, running a command, brace patterns)
+import benchkit
+from benchkit import ROOT, WCLIP, pattern
 
 WORK = ROOT / ".bench" / "arch"
 TOOLS = ("loop", "loop-split", "wclip")
@@ -64,7 +60,6 @@ ADJECTIVES = ("a small", "an old", "a red", "a blurry", "a sunlit", "a crowded",
 # -- data and stats -------------------------------------------------------------------------------------
 def _make_shard(args) -> None:
     from bench_decode import make_jpegs
-    from shardkit import write_shard
 
     path, s, per_shard = args
     samples = []
@@ -75,7 +70,7 @@ def _make_shard(args) -> None:
                                      "json": json.dumps({"url": f"http://example.com/{i}.jpg",
                                                          "uid": f"{i:032x}"}).encode()}))
     tmp = Path(path).with_suffix(".tmp")
-    write_shard(tmp, samples)
+    benchkit.shardkit().write_shard(tmp, samples)
     tmp.rename(path)
 
 
@@ -100,24 +95,16 @@ def ensure_shards(count: int, per_shard: int, distinct: int | None = None) -> li
 
 def ensure_stats(model: str, urls: list, device: str) -> Path:
     """An untimed `wclip fit --model MODEL --random-init` on ``urls`` (reused while the model identity holds)."""
-    from safetensors import safe_open
-
     from pipeline.models import ModelSpec, model_identity
 
     path = WORK / f"stats-{model}.safetensors"
-    want = model_identity(ModelSpec(model, random_init=True))
-    if path.exists():
-        with safe_open(str(path), "numpy") as f:
-            if json.loads(f.metadata()["wclip"]).get("model_identity") == want:
-                return path
-    cmd = [*WCLIP, "fit", "--input", bench_peers.pattern(urls), "--output", str(path), "--model", model,
+    if benchkit.stats_match(path, model_identity(ModelSpec(model, random_init=True))):
+        return path
+    cmd = [*WCLIP, "fit", "--input", pattern(urls), "--output", str(path), "--model", model,
            "--random-init", "--components", "all", "--shrinkage", "0.1", "--device", device, "--no-progress"]
     print(f"fitting (not timed): {shlex.join(cmd)}", flush=True)
-    bench_peers.run_command(cmd, WORK / "logs" / f"fit-{model}")
+    benchkit.run_command(cmd, WORK / "logs" / f"fit-{model}", WORK)
     return path
-
-
-WCLIP = [sys.executable, "-m", "pipeline"]  # `wclip`, also where no console script is installed (a GPU machine)
 
 
 # -- the model-only loop (runs in child processes) ------------------------------------------------------
@@ -177,7 +164,7 @@ def run_loop(model: str, urls: list, processes: int, threads: int, device: str) 
     load = os.getloadavg()
     procs = [subprocess.Popen([sys.executable, __file__, "--child", model, "--threads", str(threads),
                                "--device", device, *part],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bench_peers._env())
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=benchkit.command_env())
              for part in parts]
     for p in procs:
         line = p.stdout.readline()
@@ -191,7 +178,7 @@ def run_loop(model: str, urls: list, processes: int, threads: int, device: str) 
         out, _ = p.communicate()
         if p.returncode != 0:
             raise SystemExit(f"loop child exited {p.returncode}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(benchkit.last_json(out))
     images = sum(r["images"] for r in results)
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {"images": images, "seconds": span, "images_per_s": images / span, "processes": processes,
@@ -204,10 +191,10 @@ def run_wclip(model: str, urls: list, stats: Path, tag: str, device: str, batch:
     out = WORK / f"scores-{model}"
     gpu = ["--device", "cuda", "--precision", "bf16", "--batch-size", str(batch), "--chunk-size", str(batch)] \
         if device == "cuda" else []
-    cmd = [*WCLIP, "score", "--input", bench_peers.pattern(urls), "--stats", str(stats), "--output", str(out),
+    cmd = [*WCLIP, "score", "--input", pattern(urls), "--stats", str(stats), "--output", str(out),
            "--model", model, "--random-init", "--overwrite", "--no-progress", *gpu]
-    res = bench_peers.run_command(cmd, WORK / "logs" / f"score-{model}-{tag}")
-    summary = json.loads(res.pop("stdout").strip().splitlines()[-1])
+    res = benchkit.run_command(cmd, WORK / "logs" / f"score-{model}-{tag}", WORK)
+    summary = benchkit.last_json(res.pop("stdout"))
     if summary["rows"] != summary.get("status_counts", {}).get("ok"):
         raise SystemExit(f"wclip score: not every row is ok: {summary['status_counts']}")
     return {"images": summary["rows"], "images_per_s": summary["samples_per_s"],
@@ -227,19 +214,15 @@ def measure(tool: str, model: str, urls: list, stats: Path, tag: str, args) -> d
 # -- profile -------------------------------------------------------------------------------------------
 def profile(model: str, urls: list, stats: Path, rate: int) -> dict:
     """py-spy over one `wclip score` (all its processes): the share of samples per stage."""
-    import shutil
+    from profile_wclip import find_pyspy, parse_pyspy
 
-    from profile_wclip import parse_pyspy
-
-    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-    if spy is None:
-        raise SystemExit("py-spy not found: pip install py-spy")
+    spy = find_pyspy()
     raw = WORK / f"pyspy-{model}.txt"
     cmd = [spy, "record", "--subprocesses", "--nonblocking", "--rate", str(rate), "--format", "raw",
-           "--output", str(raw), "--", *WCLIP, "score", "--input", bench_peers.pattern(urls), "--stats",
+           "--output", str(raw), "--", *WCLIP, "score", "--input", pattern(urls), "--stats",
            str(stats), "--output", str(WORK / f"scores-{model}-pyspy"), "--model", model, "--random-init",
            "--overwrite", "--no-progress"]
-    res = bench_peers.run_command(cmd, WORK / "logs" / f"pyspy-{model}")
+    res = benchkit.run_command(cmd, WORK / "logs" / f"pyspy-{model}", WORK)
     parsed = parse_pyspy([raw])
     total = parsed["samples"] or 1
     return {"command": shlex.join(cmd), "wall_s": res["wall_s"], "load_before": res["load_before"],
@@ -332,8 +315,8 @@ def main(argv=None) -> int:
     args.per_shard = args.per_shard or defaults["per_shard"]
     images = dict(defaults["images"])
     images.update({k: int(v) for k, v in (x.split("=", 1) for x in args.images)})
-    bench_peers.use_snapshot(args)
-    bench_peers.WORK.mkdir(parents=True, exist_ok=True)  # run_command's working directory
+    benchkit.use_snapshot(args)
+    WORK.mkdir(parents=True, exist_ok=True)  # run_command's working directory
 
     n_shards = {m: max(1, images.get(m, 4 * args.per_shard) // args.per_shard) for m in args.models}
     all_urls = ensure_shards(max(n_shards.values()), args.per_shard, args.distinct or defaults["distinct"])
@@ -356,7 +339,7 @@ def main(argv=None) -> int:
     summary = report(runs, tools, args.models) if runs else {}
     result = {"device": args.device, "cores": len(os.sched_getaffinity(0)), "per_shard": args.per_shard,
               "images": {m: len(u) * args.per_shard for m, u in urls.items()},
-              "snapshot": bench_peers.SNAPSHOT, "runs": runs, "summary": summary, "profile": prof,
+              "snapshot": benchkit.SNAPSHOT, "runs": runs, "summary": summary, "profile": prof,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     path = args.json or WORK / f"results-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=1, default=str))

@@ -16,15 +16,13 @@ import argparse
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
+import benchkit
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import ROOT
 
 
 def make_shards(folder: Path, shards: int, per_shard: int, size: int, seed: int = 0) -> list:
@@ -98,53 +96,14 @@ def bare_loop(urls, model_name: str, stats_path: str, batch: int = 256) -> tuple
     return n, time.perf_counter() - start
 
 
-def _descendants(pid: int) -> list:
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_score(urls, stats_path: str, output: Path, model_name: str, extra=()) -> dict:
     """`wclip score` as a user runs it; returns its JSON summary plus wall time and peak PSS."""
-    args = [sys.executable, "-m", "pipeline", "score", "--input", *urls, "--stats", stats_path,
+    args = [*benchkit.WCLIP, "score", "--input", *urls, "--stats", stats_path,
             "--output", str(output), "--no-progress", "--overwrite", *extra]
     if model_name != "wclip-demo":
         args += ["--random-init"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, sum(_pss_kb(p) for p in _descendants(proc.pid)))
-        time.sleep(0.25)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"wclip score failed:\n{err[-3000:]}")
-    summary = json.loads(out.strip().splitlines()[-1])
-    summary.update(wall_s=time.perf_counter() - start, peak_pss_mb=peak / 1024)
-    return summary
+    return benchkit.run_summary(args, "wclip score", env=benchkit.command_env(None, PYTHONUNBUFFERED="1"),
+                                interval=0.25)
 
 
 def main(argv=None):

@@ -41,11 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchkit
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_pipeline import _descendants, _pss_kb  # noqa: E402
+from benchkit import ROOT
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -99,23 +97,8 @@ NICE = ["nice", "-n", "15"]  # Ray runs its workers at niceness 15 (worker_nicen
 def run(args: list, env_extra=None) -> dict:
     """Run a command to its end, sampling the peak PSS of its process tree; its last stdout line is JSON."""
     args = NICE + list(args)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    env.pop("RAY_ADDRESS", None)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, sum(_pss_kb(p) for p in _descendants(proc.pid)))
-            time.sleep(0.2)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(args[:5])} ... failed:\n{err.read()[-3000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result.update(wall_s=wall, peak_pss_mb=peak / 1024)
-    return result
+    return benchkit.run_summary(args, f"{' '.join(args[:5])} ...", cwd=ROOT, interval=0.2,
+                                env=benchkit.command_env(None, PYTHONUNBUFFERED="1", **(env_extra or {})))
 
 
 def parallel_baseline(folder: Path, stats: Path, cores: int) -> float:
@@ -125,7 +108,7 @@ def parallel_baseline(folder: Path, stats: Path, cores: int) -> float:
     env = dict(os.environ, **ONE_THREAD)
     procs = [subprocess.Popen(script + [str(i), str(cores)], stdout=subprocess.PIPE, text=True, env=env)
              for i in range(cores)]
-    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    results = [benchkit.last_json(p.communicate()[0]) for p in procs]
     return sum(r["rows"] for r in results) / max(r["elapsed_s"] for r in results)  # loops, not imports
 
 

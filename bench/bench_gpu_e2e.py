@@ -17,10 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_cpu_pipeline import make_shards, run_score  # noqa: E402
+from bench_cpu_pipeline import make_shards, run_score
+from benchkit import ROOT
 
 
 def main(argv=None) -> int:
@@ -32,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--decode", default="cpu,gpu", help="JPEG decode places to compare, comma-separated")
-    ap.add_argument("--workdir", default=str(Path(__file__).resolve().parents[1] / ".bench-gpu"))
+    ap.add_argument("--workdir", default=str(ROOT / ".bench-gpu"))
     ap.add_argument("--json", type=Path, default=Path("bench_gpu_e2e.json"))
     args = ap.parse_args(argv)
     decodes = [d.strip() for d in args.decode.split(",") if d.strip()]

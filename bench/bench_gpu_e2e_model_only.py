@@ -20,13 +20,9 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_kernel import environment, random_whitening, require_gpu, run_and_report, summarize, time_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_kernel import environment, random_whitening, require_gpu, run_and_report, summarize, time_ms  # noqa: E402
-
-from pipeline.whitening.kernels.reference import GemmWhitener  # noqa: E402
+from pipeline.whitening.kernels.reference import GemmWhitener
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -31,9 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.whitening.kernels.reference import GemmWhitener  # noqa: E402
+from pipeline.whitening.kernels.reference import GemmWhitener
 
 PARITY_RTOL = 1e-5
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

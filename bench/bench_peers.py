@@ -52,14 +52,13 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
+import benchkit
 import numpy as np
+from benchkit import BENCH, ROOT, pattern
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
 WORK = ROOT / ".bench" / "peers"
 CR_REQUIREMENTS = ("clip-retrieval==2.45.0", "setuptools<81")  # clip-anytorch imports pkg_resources
 DEMO_CONFIG = ROOT / "pipeline" / "assets" / "wclip-demo.json"
@@ -149,12 +148,6 @@ def ensure_shards(folder: Path, count: int, samples: int, seed: int) -> list:
     return [str(p) for p in paths]
 
 
-def pattern(urls: list) -> str:
-    """A brace pattern for consecutive shards NNNNN.tar in one folder."""
-    first, last = Path(urls[0]), Path(urls[-1])
-    return str(first) if len(urls) == 1 else str(first.parent / f"{{{first.stem}..{last.stem}}}.tar")
-
-
 # -- set-up -----------------------------------------------------------------------------------------
 def ensure_clip_retrieval() -> Path:
     """clip-retrieval in its own virtualenv (``.bench/clip-retrieval``) with the project's torch pins."""
@@ -170,190 +163,16 @@ def ensure_clip_retrieval() -> Path:
 
 def ensure_stats(wclip: str, urls: list, path: Path) -> Path:
     """`wclip fit` on ``urls`` (not timed); reused while the demo model's weights are the same."""
-    from safetensors import safe_open
-
     from pipeline.models import ModelSpec, model_identity
 
-    want = model_identity(ModelSpec("wclip-demo"))
-    if path.exists():
-        with safe_open(str(path), "numpy") as f:
-            if json.loads(f.metadata()["wclip"]).get("model_identity") == want:
-                return path
+    if benchkit.stats_match(path, model_identity(ModelSpec("wclip-demo"))):
+        return path
     cmd = [wclip, "fit", "--input", *urls, "--output", str(path), "--model", "wclip-demo"]
     print(f"fitting: {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=WORK)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=benchkit.command_env(), cwd=WORK)
     if proc.returncode != 0:
         raise SystemExit(f"wclip fit failed:\n{proc.stderr[-3000:]}")
     return path
-
-
-def use_snapshot(args) -> None:
-    """--snapshot / --use-snapshot: this process and every command run from then on import that copy."""
-    if not (args.snapshot or args.use_snapshot):
-        return
-    assert "pipeline" not in sys.modules
-    if args.use_snapshot:
-        path = Path(args.use_snapshot).resolve()
-        if not (path / ".complete").exists():
-            raise SystemExit(f"--use-snapshot {path}: not a complete snapshot")
-        SNAPSHOT.update(path=str(path), digest=(path / ".complete").read_text().strip())
-    else:
-        SNAPSHOT.update(snapshot_library())
-    sys.path.insert(0, SNAPSHOT["path"])
-    print(f"library snapshot: {SNAPSHOT}", flush=True)
-
-
-# -- running a command ------------------------------------------------------------------------------
-_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _scan() -> dict:
-    """{pid: (parent pid, CPU seconds so far)} of every process, from /proc/<pid>/stat."""
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    fields = fh.read().rsplit(b")", 1)[1].split()
-                procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
-            except (OSError, IndexError, ValueError):
-                continue
-    return procs
-
-
-def _tree(root: int, procs: dict | None = None) -> list:
-    """``root`` and all its descendants."""
-    procs = _scan() if procs is None else procs
-    kids: dict = {}
-    for pid, (ppid, _) in procs.items():
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, ()))
-    return out
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE_KB
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return 0
-
-
-class TreeMemory(threading.Thread):
-    """Samples the process tree under ``pid``: peak summed RSS (every ``interval``) and PSS (every 4th),
-    and the CPU time of every process seen in it (its last sample; a process that lives less than
-    ``interval`` is missed). Ray's workers are not waited for by the command, so getrusage would miss them."""
-
-    def __init__(self, pid: int, interval: float = 0.25):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_rss_kb = self.peak_pss_kb = self.max_procs = 0
-        self.cpu: dict = {}
-        self.done = threading.Event()
-
-    @property
-    def cpu_s(self) -> float:
-        return sum(self.cpu.values())
-
-    def run(self):
-        i = 0
-        while not self.done.is_set():
-            procs = _scan()
-            pids = _tree(self.pid, procs)
-            for p in pids:
-                if p in procs:
-                    self.cpu[p] = max(self.cpu.get(p, 0.0), procs[p][1])
-            self.max_procs = max(self.max_procs, len(pids))
-            self.peak_rss_kb = max(self.peak_rss_kb, sum(_rss_kb(p) for p in pids))
-            if i % 4 == 0:
-                self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(p) for p in pids))
-            i += 1
-            self.done.wait(self.interval)
-
-
-SNAPSHOT: dict = {}  # {"path": folder put first on PYTHONPATH, "digest": ...} with --snapshot
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # a local Ray, as on a user's machine
-    if SNAPSHOT:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [SNAPSHOT["path"], env.get("PYTHONPATH")]))
-    return env
-
-
-def snapshot_library() -> dict:
-    """Copy the working tree's ``pipeline`` package (sources and assets) to .bench/peers/snapshot/<digest>/
-    and run every tool against that copy (PYTHONPATH, and a working directory outside the checkout, since
-    Ray puts the driver's working directory on its workers' path). For a checkout that others edit while
-    the benchmark runs: all runs then measure one version of the library."""
-    import compileall
-
-    src = ROOT / "pipeline"
-    files = sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    digest = hashlib.sha256()
-    for p in files:
-        digest.update(str(p.relative_to(src)).encode() + b"\0" + p.read_bytes() + b"\0")
-    digest = digest.hexdigest()
-    dest = WORK / "snapshot" / digest[:16]
-    if not (dest / ".complete").exists():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in files:
-            target = tmp / "pipeline" / p.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, target)
-        if not compileall.compile_dir(str(tmp / "pipeline"), quiet=1):
-            raise SystemExit(f"the working tree's pipeline/ does not compile right now (someone is mid-edit?); "
-                             f"retry in a moment (copy left in {tmp})")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-        (dest / ".complete").write_text(digest + "\n")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--short", "--", "pipeline"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.splitlines()
-    return {"path": str(dest), "digest": digest, "git_head": head, "uncommitted_files_in_pipeline": len(dirty)}
-
-
-def run_command(cmd: list, log_stem: Path) -> dict:
-    """Run ``cmd`` to completion; wall time, CPU time of the tree (waited-for processes), peak memory."""
-    log_stem.parent.mkdir(parents=True, exist_ok=True)
-    out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
-    load = os.getloadavg()
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=WORK)
-        mem = TreeMemory(proc.pid)
-        mem.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        mem.done.set()
-        mem.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed (exit {proc.returncode}): {shlex.join(cmd)}\n"
-                         f"{err_path.read_text()[-3000:]}")
-    return {"wall_s": wall, "cpu_s": max(mem.cpu_s, usage.ru_utime + usage.ru_stime), "load_before": list(load),
-            "peak_rss_mb": mem.peak_rss_kb / 1024, "peak_pss_mb": mem.peak_pss_kb / 1024,
-            "max_processes": mem.max_procs, "stdout": out_path.read_text(), "log": str(err_path)}
 
 
 # -- the three tools ---------------------------------------------------------------------------------
@@ -498,12 +317,12 @@ def measure(tool: str, urls: list, label: str, run_no: int, ctx: dict) -> dict:
         cmd = loop_command(urls, ctx["stats"], out, tool)
     else:
         cmd = cr_command(ctx["cr_python"], urls, out)
-    res = run_command(cmd, WORK / "logs" / ctx["stamp"] / f"{label}-r{run_no}-{tool}")
+    res = benchkit.run_command(cmd, WORK / "logs" / ctx["stamp"] / f"{label}-r{run_no}-{tool}", WORK)
     rows, data = rows_of(tool, out)
     res.update(tool=tool, round=run_no, rows=rows, samples_per_s=rows / res["wall_s"],
                command=shlex.join(cmd), typed=display_command(tool, urls, ctx, str(out)))
     if tool.startswith("wclip"):
-        summary = json.loads(res["stdout"].strip().splitlines()[-1])
+        summary = benchkit.last_json(res["stdout"])
         res["wclip_summary"] = {k: summary.get(k) for k in ("rows", "elapsed_s", "samples_per_s", "status_counts")}
         assert summary["rows"] == rows
     res.pop("stdout")
@@ -512,7 +331,7 @@ def measure(tool: str, urls: list, label: str, run_no: int, ctx: dict) -> dict:
 
 
 def run_rounds(tools: list, urls: list, label: str, rounds: int, ctx: dict, check: bool) -> list:
-    expected = _count_samples(urls)
+    expected = count_samples(urls)
     results = []
     for r in range(rounds):
         order = tools[r % len(tools):] + tools[:r % len(tools)]
@@ -556,7 +375,7 @@ def embeddings_interop(folder: Path, cr: dict, ctx: dict) -> dict:
             "clip_score_max_abs_diff_vs_clip_retrieval_vectors": float(np.abs(score - cosine).max())}
 
 
-def _count_samples(urls: list) -> int:
+def count_samples(urls: list) -> int:
     n = 0
     for url in urls:
         with tarfile.open(url) as tar:
@@ -711,7 +530,7 @@ def main(argv=None):
     stamp = started.strftime("%Y%m%d-%H%M%S")
     n_shards = args.shards * args.scale
     WORK.mkdir(parents=True, exist_ok=True)
-    use_snapshot(args)
+    benchkit.use_snapshot(args)
     urls = ensure_shards(WORK / "data" / f"s{args.samples}", max(n_shards, args.fit_shards), args.samples, args.seed)
     fixed = ensure_shards(WORK / "data" / "fixed50", 1, 50, args.seed + 1)
     ctx = {"stamp": stamp, "wclip": str(Path(sys.executable).parent / "wclip")}
@@ -727,7 +546,7 @@ def main(argv=None):
         print(f"  {tool}: {display_command(tool, urls, ctx)}")
     result = {"started": started.isoformat(), "cpus": os.cpu_count(), "argv": sys.argv,
               "size": {"shards": n_shards, "samples_per_shard": args.samples, "image_px": IMAGE_SIZE},
-              "stats": str(ctx["stats"]), "tools": tools, "snapshot": dict(SNAPSHOT) or None}
+              "stats": str(ctx["stats"]), "tools": tools, "snapshot": dict(benchkit.SNAPSHOT) or None}
 
     fixed_rounds = args.rounds if args.fixed_rounds is None else args.fixed_rounds
     if fixed_rounds:

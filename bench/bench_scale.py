@@ -32,8 +32,8 @@ Curves:
 
 Every command runs from a snapshot of the library at a commit (``git archive``, default HEAD, under
 .bench/scale/snapshot/), so that others' edits of the working tree do not change what is measured. The
-peak memory is the summed PSS of the command's whole process tree, sampled every 0.1 s (bench_peers' /proc
-scan for the tree and each process's CPU seconds, bench_cpu_pipeline's PSS reader); "driver" is the
+peak memory is the summed PSS of the command's whole process tree, sampled every 0.1 s (benchkit.TreeSampler: one
+/proc scan for the tree and each process's CPU seconds, PSS from smaps_rollup); "driver" is the
 command's own process; CPU seconds count every process seen in the tree (Ray's workers too). Per size the
 table gives seconds, the cost per unit (row or shard) and the marginal cost (of the units added since the
 previous size: fixed start-up costs drop out), and the ratios largest/smallest of the per-unit cost and of
@@ -48,19 +48,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import benchkit
 import numpy as np
+from benchkit import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench" / "scale"
 RESULTS = WORK / "results.jsonl"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_pipeline import _pss_kb  # noqa: E402
-from bench_peers import _scan, _tree  # noqa: E402  (one /proc scan: the tree and each process's CPU seconds)
 
 CURVES = {  # curve: (default sizes, quick sizes, unit, rows per file, executors)
     "embeddings64": ([200_000, 2_000_000, 20_000_000], [200_000, 2_000_000], "row", 100_000, ("local", "ray")),
@@ -73,63 +70,39 @@ TEMPLATES = 8  # distinct template tars behind the tiny shards
 
 
 # -- running a command -------------------------------------------------------------------------------------
-class Library:
-    """The library at one commit, extracted once; commands run with it first on PYTHONPATH and with a working
-    directory outside the checkout (``python -m`` puts the working directory first on the path)."""
+class Library(benchkit.Library):
+    """The library at one commit, extracted once under .bench/scale/snapshot/; commands run with it first on
+    PYTHONPATH and with a working directory outside the checkout (``python -m`` puts the working directory
+    first on the path)."""
 
     def __init__(self, commit: str = "HEAD"):
-        self.commit = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, text=True,
-                                     cwd=ROOT, check=True).stdout.strip()
-        self.path = WORK / "snapshot" / self.commit
-        if not (self.path / ".complete").exists():
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.mkdir(parents=True)
-            archive = subprocess.run(["git", "archive", self.commit, "pipeline"], capture_output=True, cwd=ROOT,
-                                     check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(self.path)], input=archive, check=True)
-            (self.path / ".complete").write_text(self.commit + "\n")
+        lib = benchkit.Library.at_commit(commit, WORK / "snapshot")
+        super().__init__(lib.path, lib.info)
+        self.commit = lib.info["commit"]
 
     def wclip(self, *args) -> list:
-        return [sys.executable, "-m", "pipeline", *map(str, args)]
+        return [*benchkit.WCLIP, *map(str, args)]
 
     def env(self) -> dict:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(self.path))
-        env.pop("RAY_ADDRESS", None)  # a private local Ray, as on a user's machine
-        return env
+        return super().env(PYTHONUNBUFFERED="1")
 
 
 def measure(lib: Library, cmd: list, every: float = 0.1) -> dict:
     """Run ``cmd`` to its end: wall seconds, CPU seconds of every process seen in its tree (Ray's workers too,
     which the command does not wait for), peak summed PSS of the tree and of the command's own process (the
     driver), the PSS over time, the 1-minute load average before, and its last stdout line when it is JSON."""
-    load = os.getloadavg()[0]
-    log = WORK / "last-command.err"
-    with open(WORK / "last-command.out", "w+") as out, open(log, "w") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=lib.env(), cwd=WORK)
-        peak = driver = procs = 0
-        cpu, timeline = {}, []
-        while proc.poll() is None:
-            seen = _scan()
-            tree = _tree(proc.pid, seen)
-            cpu.update((p, seen[p][1]) for p in tree if p in seen)
-            sizes = [_pss_kb(p) for p in tree]
-            peak, driver, procs = max(peak, sum(sizes)), max(driver, sizes[0]), max(procs, len(tree))
-            timeline.append((round(time.perf_counter() - start, 2), sum(sizes) >> 10))
-            time.sleep(every)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        lines = out.read().strip().splitlines()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[3:6])} ... exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    ran = benchkit.run(cmd, env=lib.env(), cwd=WORK, log_stem=WORK / "last-command", interval=every)
+    if ran.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[3:6])} ... exited {ran.returncode}:\n{ran.stderr[-3000:]}")
     try:
-        summary = json.loads(lines[-1]) if lines else None
-    except ValueError:
+        summary = benchkit.last_json(ran.stdout)
+    except (ValueError, IndexError):
         summary = None
-    step = max(1, len(timeline) // 40)
-    return {"wall_s": wall, "cpu_s": sum(cpu.values()), "peak_pss_mb": peak / 1024, "driver_pss_mb": driver / 1024,
-            "processes": procs, "load_before": load, "pss_timeline": timeline[::step],
-            "summary": summary if isinstance(summary, dict) else None}
+    mem = ran.memory
+    step = max(1, len(mem.timeline) // 40)
+    return {"wall_s": ran.wall_s, "cpu_s": mem.cpu_s, "peak_pss_mb": mem.peak_pss_kb / 1024,
+            "driver_pss_mb": mem.driver_pss_kb / 1024, "processes": mem.max_procs, "load_before": ran.load_before[0],
+            "pss_timeline": mem.timeline[::step], "summary": summary if isinstance(summary, dict) else None}
 
 
 def repeated(lib: Library, cmd: list, repeat: int, reset) -> dict:
@@ -196,16 +169,15 @@ def embeddings_curve(lib: Library, d: int, sizes: list, file_rows: int, executor
 # -- curve: wclip score on tiny shards, and its resume -----------------------------------------------------------
 def shard_templates() -> tuple:
     """TEMPLATES tiny tars (4 samples each) and a fit set, written with tests/shardkit.py."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from shardkit import clean_shards, sample, write_shard
+    kit = benchkit.shardkit()
 
     folder = WORK / "templates"
     if not (folder / "done").exists():
         folder.mkdir(parents=True, exist_ok=True)
         for t in range(TEMPLATES):
-            write_shard(folder / f"t{t}.tar", [sample(t * 4 + j) for j in range(4)])
+            kit.write_shard(folder / f"t{t}.tar", [kit.sample(t * 4 + j) for j in range(4)])
         (folder / "fit").mkdir(exist_ok=True)
-        clean_shards(folder / "fit", 8, 128, start=1000)
+        kit.clean_shards(folder / "fit", 8, 128, start=1000)
         (folder / "done").write_text("")
     return folder, [str(folder / "fit" / f"{s:05d}.tar") for s in range(8)]
 
@@ -343,7 +315,7 @@ def scores_file(n: int, rows: int, made: dict):
 
 def scores_folders(lib: Library, sizes: list, file_rows: int) -> tuple:
     """One folder of max(sizes) rows in files of ``file_rows``; a view (hard links) per size."""
-    sys.path.insert(0, str(lib.path))
+    lib.import_here()
     from pipeline.table import table_bytes
 
     stats, made, run_json = template_scores(lib)

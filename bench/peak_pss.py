@@ -10,11 +10,9 @@ docs/benchmarks.md used it for `wclip score` on 8 and on 64 shards (memory flat 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 
-import psutil
+import benchkit
 
 
 def main(argv=None) -> int:
@@ -25,28 +23,13 @@ def main(argv=None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command given")
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = psutil.Process(proc.pid)
-    peak_total, peaks = 0, {}
-    while proc.poll() is None:
-        total = 0
-        try:
-            tree = [root] + root.children(recursive=True)
-        except psutil.Error:
-            break
-        for q in tree:
-            try:
-                m = q.memory_full_info()
-            except psutil.Error:
-                continue
-            role = "command" if q.pid == proc.pid else "child"
-            peaks[(q.pid, role)] = max(peaks.get((q.pid, role), (0, 0)), (m.pss >> 20, m.uss >> 20))
-            total += m.pss >> 20
-        peak_total = max(peak_total, total)
-        time.sleep(args.every)
-    print(f"exit {proc.returncode}; peak summed PSS {peak_total} MB; per process (pid, role): (peak PSS, peak USS) MB "
-          f"{dict(sorted(peaks.items()))}")
-    return proc.returncode
+    ran = benchkit.run(command, interval=args.every, quiet=True)
+    root = ran.memory.pid
+    peaks = {(pid, "command" if pid == root else "child"): (pss >> 10, uss >> 10)
+             for pid, (pss, uss) in ran.memory.per_process.items()}
+    print(f"exit {ran.returncode}; peak summed PSS {ran.memory.peak_pss_kb >> 10} MB; per process (pid, role): "
+          f"(peak PSS, peak USS) MB {dict(sorted(peaks.items()))}")
+    return ran.returncode
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_peers  # noqa: E402  (shards, stats, the command line)
+import bench_peers  # the benchmark's shards and stats: the same inputs profiled
+import benchkit
+from benchkit import ROOT, pattern
 
-ROOT = bench_peers.ROOT
 WORK = ROOT / ".bench" / "profile"
 
 
@@ -93,11 +93,11 @@ def driver(out_json: str, argv: list) -> int:
 def timeline(urls: list, stats: Path, out: Path, tag: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     trace = WORK / f"timeline-{tag}.json"
-    args = ["score", "--input", bench_peers.pattern(urls), "--stats", str(stats), "--output", str(out)]
+    args = ["score", "--input", pattern(urls), "--stats", str(stats), "--output", str(out)]
     cmd = [sys.executable, __file__, "--driver", str(trace), "--", *args]
     load = os.getloadavg()
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_peers._env(), cwd=bench_peers.WORK)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=benchkit.command_env(), cwd=bench_peers.WORK)
     t_exit = time.time()
     if proc.returncode != 0:
         raise SystemExit(f"wclip score failed:\n{proc.stderr[-3000:]}")
@@ -138,7 +138,7 @@ def timeline(urls: list, stats: Path, out: Path, tag: str) -> dict:
             "task_seconds_total": round(sum(t["end"] - t["start"] for t in tasks), 3),
             "rows": sum(t["rows"] for t in tasks),
         }
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = benchkit.last_json(proc.stdout)
     return {"total_s": round(total, 3), "phases": rows, "shards": shard_view, "load_before": list(load),
             "command": "wclip " + " ".join(args), "wclip_summary_samples_per_s": summary.get("samples_per_s")}
 
@@ -232,30 +232,36 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def find_pyspy() -> str:
+    """py-spy beside this Python, else on PATH; exits saying how to install it."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("py-spy not found: pip install py-spy (into .venv or a virtualenv under .bench/)")
+    return spy
+
+
 def pyspy(urls: list, stats: Path, out: Path, tag: str, rate: int) -> dict:
     """py-spy over the job's process tree. The encoder actor is started through Ray's runtime-env set-up
     (an exec), which the --subprocesses follower loses, so a second py-spy attaches to it by pid."""
     import threading
 
-    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-    if spy is None:
-        raise SystemExit("py-spy not found: pip install py-spy (into .venv or a virtualenv under .bench/)")
+    spy = find_pyspy()
     shutil.rmtree(out, ignore_errors=True)
     raw, raw_enc = WORK / f"pyspy-{tag}.txt", WORK / f"pyspy-{tag}-encoder.txt"
     raw_enc.unlink(missing_ok=True)
     wclip = str(Path(sys.executable).parent / "wclip")
     common = ["--nonblocking", "--rate", str(rate), "--format", "raw"]
     cmd = [spy, "record", "--subprocesses", *common, "--output", str(raw), "--", wclip, "score",
-           "--input", bench_peers.pattern(urls), "--stats", str(stats), "--output", str(out)]
+           "--input", pattern(urls), "--stats", str(stats), "--output", str(out)]
     load = os.getloadavg()
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bench_peers._env(),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=benchkit.command_env(),
                             cwd=bench_peers.WORK)
     attached: list = []
 
     def watch():
         while proc.poll() is None and not attached:
-            for pid in bench_peers._tree(proc.pid):
+            for pid in benchkit.tree(proc.pid):
                 if _cmdline(pid).startswith(("ray::EncoderActor", "ray::EncodeStage")):
                     attached.append(subprocess.Popen([spy, "record", "--pid", str(pid), *common, "--output",
                                                       str(raw_enc)], stdout=subprocess.DEVNULL,
@@ -355,7 +361,7 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
             ("whiten + p-values + clip_score (ChunkScorer.score)", whiten),
             ("assemble rows", assemble),
             ("write Parquet + marker (ScoreSink.finish)", write)]
-    samples = bench_peers._count_samples([url])
+    samples = bench_peers.count_samples([url])
     return {"shard": url, "samples": samples, "torch_threads": threads, "encoder_setup_s": round(setup_s, 3),
             "model_in_task": hasattr(runtime, "Encoders"),
             "shard_s_without_profiler": round(plain_s, 3), "shard_s_profiled": round(total, 3),
@@ -420,7 +426,7 @@ def main(argv=None):
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     bench_peers.WORK.mkdir(parents=True, exist_ok=True)
-    bench_peers.use_snapshot(args)
+    benchkit.use_snapshot(args)
     wclip = str(Path(sys.executable).parent / "wclip")
     pool = bench_peers.ensure_shards(bench_peers.WORK / "data" / f"s{args.samples}", max(args.shards, 2),
                                      args.samples, 0)
@@ -436,7 +442,7 @@ def main(argv=None):
         print_report(tag, tl, spy)
         path = WORK / f"profile-{tag}-{stamp}.json"
         path.write_text(json.dumps({"case": tag, "timeline": tl, "pyspy": spy, "cpus": os.cpu_count(),
-                                    "snapshot": dict(bench_peers.SNAPSHOT) or None}, indent=1))
+                                    "snapshot": dict(benchkit.SNAPSHOT) or None}, indent=1))
         print(f"results: {path}")
     if not args.no_stages:
         st = stages(pool[0], stats, WORK / "out-stages")
