@@ -22,8 +22,22 @@ def _module(name: str):
     return importlib.import_module(f"pipeline.commands.{name.replace('-', '_')}")
 
 
+_REQUIRED = "the following arguments are required: "
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (what is wrong, where the flags are), not the usage
+    text: ``wclip score: error: --stats is required; see `wclip score --help```, exit code 2."""
+
+    def error(self, message: str):
+        if message.startswith(_REQUIRED):
+            missing = message[len(_REQUIRED):]
+            message = f"{missing} {'are' if ', ' in missing else 'is'} required"
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="wclip",
         description="Score, filter and document image-caption datasets with the Whitened CLIP likelihood.")
     parser.add_argument("--version", action="version", version=f"wclip {__version__}")

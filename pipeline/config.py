@@ -182,6 +182,7 @@ class FilterConfig:
     conditions: tuple = ()            # Condition objects, all must pass
     include_failed: bool = False      # rows whose status is not "ok" are eligible too
     inputs: tuple = ()                # input shard URLs (expanded): write new shards when given
+    input_format: str = "webdataset"  # the inputs' layout: tars, img2dataset's files folders, image Parquet
     samples_per_shard: int = 10_000   # samples per output shard
     samples_per_task: int | None = None  # kept samples per copy task (default 4 shards' worth)
     uids: bool = True                 # write uids.npy when the rows carry uids
@@ -193,6 +194,8 @@ class FilterConfig:
 
     def __post_init__(self):
         _check_executor(self.executor)
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}; got {self.input_format!r}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1; got {self.samples_per_shard}")
         if self.samples_per_task is not None and self.samples_per_task < 1:

@@ -93,6 +93,9 @@ class ModelSpec:
         if len(sources) > 1:
             raise ValueError(f"choose one weight source for model {self.name!r}, got {', '.join(sources)}")
         if not sources and builtin_weights(self.name) is None:
+            unknown = unknown_model(self.name)
+            if unknown:
+                raise ValueError(unknown)
             raise ValueError(
                 f"model {self.name!r} has no weights: pass --pretrained TAG (downloaded by open_clip), "
                 f"--checkpoint PATH (a local file), or --random-init (random weights, meaningless scores); "
@@ -251,6 +254,25 @@ def cached_weights(spec: ModelSpec) -> Optional[Path]:
     return None
 
 
+def unknown_model(name: str) -> Optional[str]:
+    """None for a model name open_clip or wclip knows (or an ``hf-hub:`` repository); else the one-line
+    error, which always suggests names: the closest known ones (case ignored), the built-in models, and how
+    Hub models are named."""
+    import difflib
+
+    if name.startswith(HF_HUB):
+        return None
+    known = architectures()
+    if name in known:
+        return None
+    by_lower = {n.lower(): n for n in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3) or \
+        difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.0)
+    return (f"unknown model {name!r}" + (f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else "")
+            + "; open_clip.list_models() has the architectures, built-in: " + ", ".join(builtin_models())
+            + "; Hub models are named hf-hub:org/name")
+
+
 def architectures() -> list:
     """Every architecture name open_clip and wclip know, read from their config files (without importing
     open_clip and torch, which takes seconds)."""
@@ -302,17 +324,13 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 def preflight(spec: ModelSpec) -> None:
     """Check, before any work, that ``spec`` names a known model whose weights are at hand: cached, or
     downloadable now (then downloaded here, once). Raises :class:`pipeline.errors.ConfigError`."""
-    import difflib
     import os
 
     from pipeline.errors import ConfigError
 
-    known = architectures()
-    if not spec.hub and spec.name not in known:
-        close = difflib.get_close_matches(spec.name, known, n=3)
-        raise ConfigError(f"unknown model {spec.name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                          + "; open_clip.list_models() has the architectures, built-in: "
-                          + ", ".join(builtin_models()) + "; Hub models are named hf-hub:org/name")
+    unknown = unknown_model(spec.name)
+    if unknown:
+        raise ConfigError(unknown)
     if not (spec.pretrained or spec.hub):
         return  # built-in, local checkpoint or random weights: nothing to fetch (open_clip not even imported)
     open_clip = require("open_clip", "loading CLIP models")

@@ -130,3 +130,14 @@ def test_a_hub_model_scores_end_to_end_offline(tmp_path, ray_local):
     meta = StatsFile.load(tmp_path / "s.safetensors").metadata
     assert meta["model_identity"] == model_identity(spec) and meta["model"] == "hf-hub:wclip-test/tiny"
     assert np.isfinite(meta["summary"]["image"]["log_det"])
+
+
+def test_an_unknown_model_without_a_weight_source_is_named_with_suggestions():
+    with pytest.raises(ValueError, match=r"^unknown model 'wclip-dem' \(did you mean wclip-demo"):
+        ModelSpec("wclip-dem")
+    with pytest.raises(ValueError, match=r"^unknown model 'vit-b-32' \(did you mean ViT-B-32"):
+        ModelSpec("vit-b-32")  # case is ignored when suggesting
+    with pytest.raises(ConfigError, match=r"^unknown model 'qqqqqqqq' \(did you mean \w"):
+        preflight(ModelSpec("qqqqqqqq", random_init=True))  # nothing close: still the nearest names
+    with pytest.raises(ValueError, match=r"'wclip-tiny' has no weights"):
+        ModelSpec("wclip-tiny")  # a known architecture without weights keeps its message

@@ -11,7 +11,7 @@ import datetime
 import math
 
 from pipeline import storage
-from pipeline.card.hub import HubOptions, hub_section
+from pipeline.card.hub import HubOptions, hub_section, plan_copies
 from pipeline.card.measure import clustered_towers, clusters, normality, provenance, summarize
 from pipeline.card.render import CITATION, render_readme
 from pipeline.card.sketch import QuantileSketch
@@ -44,6 +44,7 @@ def build_card(cfg: CardConfig, hub: HubOptions | None = None) -> dict:
     check_stats_made_scores(cfg.stats, checked)
     filter_section = _filter_section(cfg.filter_dir)
     out = str(cfg.output)
+    copies = plan_copies(files, cfg.scores, out, hub)   # score files from elsewhere go into the card folder
     storage.makedirs(out)
     towers, cluster_notes = clustered_towers(sf, files)
     corpus = summarize(files, cfg.rel_err, cfg.extremes, towers)
@@ -63,9 +64,14 @@ def build_card(cfg: CardConfig, hub: HubOptions | None = None) -> dict:
                      "least_likely": [dict(r, image_loglik=v) for v, r in corpus.extremes.low],
                      "most_likely": [dict(r, image_loglik=v) for v, r in corpus.extremes.high]},
         **({"clusters": cluster_section} if cluster_section else {}),
-        "filter": filter_section, "hub": hub_section(cfg.scores, out, hub), "citation": CITATION,
+        "filter": filter_section, "hub": None, "citation": CITATION,   # hub: once the score files are copied
     }
     card["plots"], notes = draw_all(out, sf, corpus, cfg, cluster_section)
+    copied = copies.run() if copies else []
+    card["hub"] = hub_section(cfg.scores, out, hub, copied)
+    if copied:
+        notes.append(f"copied the {len(copied)} score files to {copies.folder} (the Hub's data_files resolve inside "
+                     f"the card folder); --data-files GLOB copies none")
     card["notes"] = checked.warnings() + cluster_notes + more + notes
     card = storage.jsonable(card)
     storage.write_json(storage.join(out, "card.json"), card, sort_keys=False)

@@ -209,8 +209,21 @@ def _filter_lines(f) -> list:
     if f.get("shards"):
         s = f["shards"]
         lost = s.get("unreadable_count") or 0
-        lines += [f"New shards: {_fmt(s['shards'])} tars of {_fmt(s['samples_per_shard'])} samples "
-                  f"({_fmt(s['samples'])} samples"
+        lines += [f"New shards: {_shard_counts(s['shards'], s['samples'], s['samples_per_shard'])}"
                   + (f"; {_fmt(lost)} could not be read from their input shards and are not in the tars" if lost
-                     else "") + ").", ""]
+                     else "") + ".", ""]
     return lines
+
+
+def _shard_counts(shards, samples, per_shard) -> str:
+    """How many kept samples the filter's tars hold (each ``per_shard``, the last the rest), e.g. ``2 tars,
+    748 kept samples: 400 in each but the last, which holds 348``."""
+    if not shards or samples is None or not per_shard:
+        return f"{_fmt(shards)} tars, {_fmt(samples)} kept samples"
+    last = samples - (shards - 1) * per_shard
+    if shards == 1:
+        return f"1 tar of {_fmt(samples)} kept samples"
+    if last == per_shard:
+        return f"{_fmt(shards)} tars of {_fmt(per_shard)} kept samples ({_fmt(samples)} in all)"
+    return (f"{_fmt(shards)} tars, {_fmt(samples)} kept samples: {_fmt(per_shard)} in each but the last, "
+            f"which holds {_fmt(last)}")

@@ -117,7 +117,7 @@ def run_config(args, spec, normalize: bool):
     from pipeline.flow.formats import expand_inputs
 
     try:
-        shards = tuple(expand_inputs(args.input, args.input_format))
+        shards = tuple(absolute(u) for u in expand_inputs(args.input, args.input_format))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     _check_device(args)
@@ -140,6 +140,12 @@ def run_config(args, spec, normalize: bool):
             retries=args.retries, progress=False if args.no_progress else None, executor=args.executor)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (URLs and ``pipe:`` commands as they are): the scores record each sample's
+    shard, and `wclip card` (thumbnails) or `wclip filter` run from another folder must find it."""
+    return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
 
 
 def _check_device(args) -> None:

@@ -6,14 +6,19 @@ EPILOG = """\
 The card refuses score files that are not readable Parquet, files made by different fits or models, and
 a --stats file that did not make the scores (files from an older wclip, which record no provenance, are
 accepted with a note). README.md's YAML header carries --license and `configs`/`data_files`, so the
-Hugging Face Hub's dataset viewer shows the scores; the card copies no data (see --data-files). With
+Hugging Face Hub's dataset viewer shows the scores. The card folder is the dataset repository as written:
+scores inside it are named where they are; scores elsewhere have their score files (*.parquet, not the
+.wclip bookkeeping) copied into OUTPUT/<scores folder name>/ (a rerun replaces its own copies and drops those
+of score files that are gone; a file there the card did not copy is refused); --data-files GLOB copies
+nothing and says how to upload the score files. README.md ends with the `hf upload` command. With
 stats fitted with --clusters K, the card also covers the local likelihood's columns and has a section on
 each tower's clusters: sizes in the reference and in the corpus, and the rows of lowest local
 log-likelihood in each cluster.
 
 example:
-  wclip card --scores repo/scores --stats stats.safetensors --output repo --license cc-by-4.0
-  # repo/README.md points the viewer at scores/*.parquet; upload repo/ as a dataset repository
+  wclip card --scores scores/ --stats stats.safetensors --output card/ --license cc-by-4.0
+  # card/scores/*.parquet are copies of the score files, card/README.md points the viewer at them
+  hf upload USER/NAME card/ . --repo-type dataset --exclude '*/.wclip/*'
 """
 
 
@@ -43,8 +48,9 @@ def add_arguments(p):
                         "by default, since the images and captions are their authors' and wclip cannot know the terms")
     h.add_argument("--data-files", metavar="GLOB",
                    help="where the score files are, relative to the card's README in the dataset repository, for "
-                        "the Hub's dataset viewer (default: the scores folder's path below --output when it lies "
-                        "inside it, else SCORES_FOLDER_NAME/*.parquet; the card copies no data)")
+                        "the Hub's dataset viewer; the card then copies nothing (default: the scores folder's path "
+                        "below --output when it lies inside it, else SCORES_FOLDER_NAME/*.parquet, where the card "
+                        "copies the score files)")
 
 
 def run(args):

@@ -1,7 +1,7 @@
 """`wclip filter`: keep the rows of a scores folder that pass thresholds; write kept rows,
 a DataComp uid list and, with ``--input``, new shards holding exactly the kept samples."""
 
-from pipeline.config import EXECUTORS
+from pipeline.config import EXECUTORS, INPUT_FORMATS
 
 HELP = "select samples by score thresholds or top fractions; writes kept rows, uids.npy, new shards"
 
@@ -27,7 +27,8 @@ conditions (all must hold; repeat each flag as needed):
 outputs in OUTPUT/: kept/*.parquet (kept rows, one file per score file), uids.npy (sorted DataComp
 uids, dtype u8,u8; needs a uid per row, which img2dataset records only with
 --save_additional_columns '["uid"]'), filter.json (conditions, thresholds, counts), and with
---input shards/ in img2dataset's layout: NNNNN.tar (exact member bytes, --samples-per-shard kept
+--input shards/ in img2dataset's layout (from tars, or with --input-format files|parquet from img2dataset's
+other two layouts): NNNNN.tar (exact member bytes, --samples-per-shard kept
 rows per tar), NNNNN.parquet (a row per kept sample: url, caption, uid, key, status, error_message,
 ..., the scores, and the local likelihood's columns when the scores have them) and NNNNN_stats.json
 (count, successes, failed_to_download, ...; written last). Rerun the same command to resume. A kept
@@ -60,6 +61,12 @@ def add_arguments(p):
     o = p.add_argument_group("outputs")
     o.add_argument("--input", nargs="+", metavar="SHARDS",
                    help="the scored shards (URLs, brace patterns, folders): also write new shards")
+    o.add_argument("--input-format", default="webdataset", choices=INPUT_FORMATS,
+                   help="the layout of --input, as scored: webdataset (tars), files (img2dataset's folders of "
+                        "{key}.jpg/.txt/.json, each numbered subfolder a shard) or parquet (image bytes in a "
+                        "column, each file a shard); the new shards are tars in any case, their members the "
+                        "input's bytes (a files folder's files; a Parquet row's image and caption, its other "
+                        "columns as the .json)"),
     o.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per output shard")
     o.add_argument("--samples-per-task", type=int,
                    help="kept samples copied per Ray task (default: 4 output shards' worth)")
@@ -94,12 +101,12 @@ def run(args):
                            for text in texts)
         inputs = ()
         if args.input:
-            from pipeline.flow.read import expand_shards
+            from pipeline.flow.formats import expand_inputs
 
-            inputs = tuple(expand_shards(args.input))
+            inputs = tuple(expand_inputs(args.input, args.input_format))
         cfg = FilterConfig(
             scores=args.scores, output=args.output, conditions=conditions,
-            include_failed=args.include_failed, inputs=inputs,
+            include_failed=args.include_failed, inputs=inputs, input_format=args.input_format,
             samples_per_shard=args.samples_per_shard, samples_per_task=args.samples_per_task,
             uids=not args.no_uids, ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
             max_in_flight=args.max_in_flight, retries=args.retries,

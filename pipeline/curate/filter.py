@@ -409,7 +409,8 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
 
         report["shards"] = write_shards(
             list(cfg.inputs), result.shards, storage.join(out, "kept"), storage.join(out, "shards"), mapper,
-            cfg.samples_per_shard, cfg.samples_per_task, cfg.max_in_flight, cfg.retries, cfg.progress, local=local)
+            cfg.samples_per_shard, cfg.samples_per_task, cfg.max_in_flight, cfg.retries, cfg.progress, local=local,
+            input_format=cfg.input_format)
     report["elapsed_s"] = round(time.time() - started, 3)
     storage.write_json(storage.join(out, "filter.json"), report, sort_keys=False)
     return report

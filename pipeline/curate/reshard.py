@@ -53,6 +53,7 @@ class CopyJob:
     width: int
     total: int                  # kept samples over all jobs
     local: bool = False         # the rows carry the local likelihood's columns (and the shards' metadata)
+    input_format: str = "webdataset"  # the input shards' layout (pipeline.config.INPUT_FORMATS)
 
     @property
     def start(self) -> int:
@@ -99,10 +100,11 @@ def match_inputs(urls, shards: dict) -> tuple[list, list, list]:
 
 
 def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
-              samples_per_task: int | None = None, local: bool = False) -> tuple[list, dict]:
+              samples_per_task: int | None = None, local: bool = False,
+              input_format: str = "webdataset") -> tuple[list, dict]:
     """Number the kept samples and group input shards into jobs; returns ``(jobs, plan)``. ``local``: the
-    shards' metadata gets the local likelihood's columns (part of the plan's digest only then, so folders
-    written without them keep their digest)."""
+    shards' metadata gets the local likelihood's columns; ``input_format``: the inputs' layout (each part of
+    the plan's digest only when not the default, so folders written before keep their digest)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1; got {samples_per_shard}")
     per_task = samples_per_task or 4 * samples_per_shard
@@ -124,9 +126,10 @@ def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
             current = []
     if current:
         groups.append(current)
-    jobs = [CopyJob(tuple(g), str(out_dir), samples_per_shard, width, total, local) for g in groups]
+    jobs = [CopyJob(tuple(g), str(out_dir), samples_per_shard, width, total, local, input_format) for g in groups]
     digest = hashlib.sha256(json.dumps(
         [samples_per_shard, width, [(p.url, p.count) for p in parts]] + (["local"] if local else [])
+        + ([input_format] if input_format != "webdataset" else [])
     ).encode()).hexdigest()
     plan = {"samples": total, "shards": n_shards, "samples_per_shard": samples_per_shard,
             "width": width, "inputs": len(parts), "digest": digest}
@@ -190,7 +193,7 @@ def copy_job(job: CopyJob) -> dict:
     outputs, unreadable = _Outputs(job), 0
     try:
         for part in job.parts:
-            for outcome in kept_samples(part.url, part_rows(part, job.local)):
+            for outcome in kept_samples(part.url, part_rows(part, job.local), job.input_format):
                 outputs.next_sink().add(outcome)
                 unreadable += outcome.sample is None
     except BaseException:
@@ -274,9 +277,9 @@ def finished_shards(out_dir, plan: dict) -> dict:
 
 def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shard: int,
                  samples_per_task: int | None = None, max_in_flight: int | None = None, retries: int = 2,
-                 progress=None, local: bool = False) -> dict:
-    """Copy the kept samples of ``urls`` into ``out_dir`` (resumable); returns a summary. ``local``: the kept
-    rows have the local likelihood's columns, which the shards' metadata then carries.
+                 progress=None, local: bool = False, input_format: str = "webdataset") -> dict:
+    """Copy the kept samples of ``urls`` (in ``input_format``) into ``out_dir`` (resumable); returns a summary.
+    ``local``: the kept rows have the local likelihood's columns, which the shards' metadata then carries.
 
     ``mapper(fn, items, desc=, max_retries=, max_in_flight=, progress=)`` runs the copy and assembly tasks
     and returns an outcome (``item``, ``ok``, ``error``) per item (:func:`pipeline.runtime.map_tasks`); it is
@@ -284,7 +287,8 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
     """
     out_dir = str(out_dir)
     pairs, unmatched, unused = match_inputs(urls, shards)
-    jobs, plan = make_plan(pairs, shards, kept_dir, out_dir, samples_per_shard, samples_per_task, local)
+    jobs, plan = make_plan(pairs, shards, kept_dir, out_dir, samples_per_shard, samples_per_task, local,
+                           input_format)
     storage.makedirs(out_dir)
     check_plan(out_dir, plan)
     pieces = layout.pieces_dir(out_dir)
@@ -306,7 +310,8 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
                 failed.append({"shard": outcome.item[0], "error": outcome.error})
     storage.remove_empty_folder(pieces)
     done = finished_shards(out_dir, plan)
-    return {"dir": out_dir, "layout": "img2dataset", "shards": plan["shards"], "finished": done["finished"],
+    return {"dir": out_dir, "layout": "img2dataset", "input_format": input_format, "shards": plan["shards"],
+            "finished": done["finished"],
             "samples": plan["samples"], "samples_per_shard": samples_per_shard, "copied": done["successes"],
             "tasks": len(jobs), "tasks_run": len(todo), "assembled": len(ready), "failed": failed,
             "inputs_matched": len(pairs), "inputs_unmatched": len(unmatched),

@@ -1,6 +1,8 @@
 """The kept samples of one input shard, read for copying: tar members grouped into samples the way
-:class:`pipeline.flow.read.ShardReader` groups them (so a sample's position is the scores' ``index``), each
-kept row matched to its sample, and every kept sample that cannot be copied given a reason.
+:class:`pipeline.flow.read.ShardReader` groups them (so a sample's position is the scores' ``index``), or
+img2dataset's ``files`` folders and image Parquet files read by the scorer's own readers
+(:class:`RecordReader`), each kept row matched to its sample, and every kept sample that cannot be copied
+given a reason.
 
 Which copy is kept. A row of the scores names its sample by ``index`` (the sample's position in the
 shard) and ``key``: the sample at that position is copied when its key agrees. A key that occurs twice
@@ -29,6 +31,7 @@ from pipeline.flow.transport import damage_errors, decompressed, open_shard
 DAMAGED = "shard truncated or corrupt"
 CUT_SHORT = "shard cut short after this sample"
 CHANGED = "shard differs from the scored one"
+UNREADABLE_MEMBER = "member not readable"
 
 
 @dataclass
@@ -144,7 +147,54 @@ class SampleReader:
             yield current
 
 
-def _lost(reader: SampleReader, index) -> tuple:
+class RecordReader:
+    """The samples of one img2dataset ``files`` folder or image Parquet file, read by the scorer's own readers
+    (:func:`pipeline.flow.formats.open_reader`), so positions and keys are the scores' ``index`` and ``key``.
+    A wanted sample's members become tar members ``{key}.{ext}`` holding their bytes as they are (a file's
+    bytes; a Parquet row's image bytes and caption, and its other columns as the ``.json`` the scorer read).
+    A member that could not be read (a dangling link, names differing only in case) makes the sample
+    unreadable. Same interface as :class:`SampleReader`."""
+
+    def __init__(self, url: str, wanted: Callable[[int, str], bool], input_format: str):
+        self.url, self.wanted, self.input_format = url, wanted, input_format
+        self.damage: Optional[str] = None
+        self.count = 0
+
+    def __iter__(self) -> Iterator[Sample]:
+        import sys
+
+        from pipeline.config import InputConfig
+        from pipeline.flow.formats import open_reader
+
+        reader = open_reader(self.url, InputConfig(input_format=self.input_format, max_member_bytes=sys.maxsize))
+        for raw in reader:
+            self.count += 1
+            sample = Sample(raw.index, raw.key)
+            if self.wanted(raw.index, raw.key):
+                problem = "; ".join(([raw.error] if raw.error else []) + raw.skipped)
+                if problem:
+                    sample.kind, sample.reason = UNREADABLE_MEMBER, f"not copied: {problem}"
+                else:
+                    sample.members = [(_member_info(raw.key, ext, data), data) for ext, data in raw.members.items()]
+            yield sample
+        if self.input_format == "parquet":  # a files folder's note (folders inside it) loses no sample
+            self.damage = reader.damage
+
+
+def _member_info(key: str, ext: str, data: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: a resumed run writes identical tars
+    return info
+
+
+def open_samples(url: str, wanted: Callable[[int, str], bool], input_format: str = "webdataset"):
+    """The sample reader of one input shard in ``input_format`` (one of ``pipeline.config.INPUT_FORMATS``)."""
+    if input_format == "webdataset":
+        return SampleReader(url, wanted)
+    return RecordReader(url, wanted, input_format)
+
+
+def _lost(reader, index) -> tuple:
     if reader.damage:
         return DAMAGED, f"not read: {reader.damage}"
     where = f" at #{index}" if index is not None else ""
@@ -152,20 +202,20 @@ def _lost(reader: SampleReader, index) -> tuple:
                      "from the one that was scored")
 
 
-def kept_samples(url: str, rows: list) -> Iterator[Outcome]:
-    """One :class:`Outcome` per kept row of shard ``url``, in output order (tar order; rows no sample
-    matched come last)."""
+def kept_samples(url: str, rows: list, input_format: str = "webdataset") -> Iterator[Outcome]:
+    """One :class:`Outcome` per kept row of shard ``url`` (in ``input_format``), in output order (the shard's
+    order; rows no sample matched come last)."""
     if rows and all(r.get("index") is not None for r in rows):
-        yield from _by_index(url, rows)
+        yield from _by_index(url, rows, input_format)
     else:
-        yield from _by_key(url, rows)
+        yield from _by_key(url, rows, input_format)
 
 
-def _by_index(url: str, rows: list) -> Iterator[Outcome]:
+def _by_index(url: str, rows: list, input_format: str) -> Iterator[Outcome]:
     wanted: dict = {}
     for row in sorted(rows, key=lambda r: r["index"]):
         wanted.setdefault(int(row["index"]), []).append(row)
-    reader = SampleReader(url, lambda index, key: index in wanted)
+    reader = open_samples(url, lambda index, key: index in wanted, input_format)
     for sample in reader:
         found = wanted.pop(sample.index, None)
         if not found:
@@ -185,11 +235,11 @@ def _by_index(url: str, rows: list) -> Iterator[Outcome]:
             yield Outcome(row, None, *_lost(reader, index))
 
 
-def _by_key(url: str, rows: list) -> Iterator[Outcome]:
+def _by_key(url: str, rows: list, input_format: str) -> Iterator[Outcome]:
     wanted: dict = {}
     for row in rows:
         wanted.setdefault(row["key"], deque()).append(row)
-    reader = SampleReader(url, lambda index, key: bool(wanted.get(key)))
+    reader = open_samples(url, lambda index, key: bool(wanted.get(key)), input_format)
     for sample in reader:
         queue = wanted.get(sample.key)
         if not queue:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -191,6 +192,16 @@ def _prepare(sample: RawSample, url: str, cfg: InputConfig, preprocessor: Prepro
     return prepared
 
 
+_ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")  # an object's repr: "<_io.BytesIO object at 0x7f6d...>"
+
+
+def stable_text(message: str) -> str:
+    """``message`` without run-specific text: an object's repr loses its memory address (``<_io.BytesIO
+    object at 0x7f6d...>`` -> ``<_io.BytesIO object>``), so identical failures have identical ``error``
+    strings and group."""
+    return _ADDRESS.sub(r"<\1>", message)
+
+
 # Statuses, most severe first: the row's status is the first failed stage in this order.
 STATUS_ORDER = ("read", "missing", "decode", "encode")
 # Problems that are reported in ``error`` but leave a scored row ``ok``.
@@ -201,6 +212,6 @@ def finalize_status(prepared: PreparedSample) -> None:
     """Set ``status``/``error`` from the collected problems (``WARNING_STAGES`` are warnings on an ok row)."""
     stages = [s for s, _ in prepared.problems if s not in WARNING_STAGES]
     status = next((s for s in STATUS_ORDER if s in stages), "ok")
-    messages = [f"{s}: {m}" if s != status else m for s, m in prepared.problems]
+    messages = [stable_text(f"{s}: {m}" if s != status else m) for s, m in prepared.problems]
     prepared.row["status"] = status
     prepared.row["error"] = "; ".join(messages) if messages else None

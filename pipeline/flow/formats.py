@@ -28,7 +28,10 @@ BATCH_ROWS = 256  # Parquet rows read at once (images are large)
 def expand_inputs(patterns, input_format: str) -> list:
     """Shard URLs for ``input_format``: tars (webdataset), numbered subfolders (files) or Parquet files."""
     if input_format == "webdataset":
-        return expand_shards(patterns)
+        try:
+            return expand_shards(patterns)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{_not_tars(patterns)}") from None
     from pipeline import storage
 
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -41,6 +44,20 @@ def expand_inputs(patterns, input_format: str) -> list:
     if input_format == "parquet":
         _check_first_parquet(urls[0])
     return list(dict.fromkeys(urls))
+
+
+def _not_tars(patterns) -> str:
+    """What to say when a tar pattern matched nothing: a folder holding no tars may be img2dataset's files or
+    parquet output, read with ``--input-format``."""
+    import os
+
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    folders = [p for p in patterns if "://" not in p and os.path.isdir(p)]
+    if not folders:
+        return ""
+    return (f": {folders[0]} is a folder without .tar shards; img2dataset's other layouts are read with "
+            f"--input-format files (numbered subfolders of {{key}}.jpg/.txt/.json) or --input-format parquet "
+            f"(image bytes in Parquet files)")
 
 
 def _check_first_parquet(url: str) -> None:

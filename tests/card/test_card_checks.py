@@ -167,7 +167,7 @@ def test_readme_header_has_license_and_configs_the_hub_reads(fits, tmp_path, cap
     loaded = datasets.load_dataset(str(repo), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert loaded.num_rows == 30 and {"key", "image_loglik", "clip_score"} <= set(loaded.column_names)
 
-    # scores elsewhere: the glob names the scores folder and the README says where to upload them; the
+    # scores elsewhere: copied into the card folder under the scores folder's name, which the glob names; the
     # license defaults to "unknown"
     other = tmp_path / "kept"
     write_scores(other / "00000.parquet", provenance=made(a))
@@ -175,10 +175,15 @@ def test_readme_header_has_license_and_configs_the_hub_reads(fits, tmp_path, cap
     hub = DatasetCard.load(tmp_path / "card" / "README.md")
     assert hub.data.to_dict()["license"] == "unknown"
     assert hub.data.to_dict()["configs"][0]["data_files"] == [{"split": "train", "path": "kept/*.parquet"}]
-    assert f"huggingface-cli upload REPO_ID {other} kept --repo-type dataset" in hub.text
+    assert (tmp_path / "card" / "kept" / "00000.parquet").read_bytes() == (other / "00000.parquet").read_bytes()
+    assert f"hf upload REPO_ID {tmp_path / 'card'} . --repo-type dataset" in hub.text
+    # --data-files: no copy, the README says where to upload the score files
     assert card(other, a, tmp_path / "card2", "--data-files", "data/scores-*.parquet") == 0
     assert DatasetCard.load(tmp_path / "card2" / "README.md").data.to_dict()["configs"][0]["data_files"] == \
         [{"split": "train", "path": "data/scores-*.parquet"}]
+    assert not (tmp_path / "card2" / "kept").exists()
+    assert f"hf upload REPO_ID {other} data --repo-type dataset --include '*.parquet'" in \
+        (tmp_path / "card2" / "README.md").read_text()
     capsys.readouterr()
 
     assert card(other, a, tmp_path / "card3", "--license", "MIT License") == 2
@@ -186,3 +191,82 @@ def test_readme_header_has_license_and_configs_the_hub_reads(fits, tmp_path, cap
     assert card(other, a, tmp_path / "card3", "--data-files", "../kept/*.parquet") == 2
     assert "--data-files must be a glob relative to the card's README" in _err_line(capsys)
     assert not (tmp_path / "card3").exists()
+
+
+def _upload_line(readme: str) -> str:
+    import re
+
+    found = re.findall(r"`(hf upload [^`]+)`", readme)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_card_folder_publishes_as_written(fits, tmp_path, monkeypatch, capsys):
+    """The README's command (relative paths, scores beside the card): the card folder is the dataset repository;
+    the Hub's data_files, resolved in it as the Hub does, load exactly the score rows; the upload line is one
+    the real `hf` command accepts; a rerun follows the scores; a file the card did not copy is never replaced."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    datasets = pytest.importorskip("datasets")
+    a = fits / "a.safetensors"
+    monkeypatch.chdir(tmp_path)
+    for s in range(3):
+        write_scores(Path("scores") / f"{s:05d}.parquet", n=10 + s, provenance=made(a), seed=s)
+    (tmp_path / "scores" / ".wclip").mkdir()
+    (tmp_path / "scores" / ".wclip" / "run.json").write_text("{}")   # wclip's bookkeeping: not data
+    assert card("scores/", a, "card/", "--license", "cc-by-4.0") == 0
+    assert "copied the 3 score files to card/scores" in capsys.readouterr().err
+    readme = (tmp_path / "card" / "README.md").read_text()
+    loaded = datasets.load_dataset(str(tmp_path / "card"), split="train", cache_dir=str(tmp_path / "hf1"))
+    assert loaded.num_rows == 33 and sorted(set(loaded["key"]))[:2] == ["00000-0", "00000-1"]
+
+    line = _upload_line(readme)
+    assert line == "hf upload REPO_ID card/ . --repo-type dataset --exclude '*/.wclip/*'"
+    argv = shlex.split(line.replace("REPO_ID", "someone/scores"))
+    hf = Path(sys.executable).parent / "hf"
+    out = subprocess.run([str(hf), *argv[1:]], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_none",
+                              "HF_HOME": str(tmp_path / "hf-home")})
+    assert out.returncode == 1 and "offline mode" in out.stderr and "No such option" not in out.stderr, out.stderr
+    files = [str(p.relative_to(tmp_path / "card")) for p in (tmp_path / "card").rglob("*") if p.is_file()]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=["*/.wclip/*"]))
+    assert {f for f in uploaded if f.endswith(".parquet")} == {f"scores/{s:05d}.parquet" for s in range(3)}
+    assert {"README.md", "card.json"} <= uploaded
+
+    # the scores change: a rerun copies them again and removes the copy of the score file that is gone
+    (tmp_path / "scores" / "00002.parquet").unlink()
+    write_scores(Path("scores") / "00001.parquet", n=4, provenance=made(a), seed=9)
+    assert card("scores/", a, "card/") == 0
+    assert sorted(p.name for p in (tmp_path / "card" / "scores").iterdir()) == ["00000.parquet", "00001.parquet"]
+    loaded = datasets.load_dataset(str(tmp_path / "card"), split="train", cache_dir=str(tmp_path / "hf2"))
+    assert loaded.num_rows == 14
+
+    # a file the card did not copy, differing from the score file of its name: refused, kept as it was
+    foreign = tmp_path / "other-card" / "scores" / "00000.parquet"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"mine")
+    capsys.readouterr()
+    assert card("scores/", a, "other-card/") == 2
+    assert _err_line(capsys) == ("wclip card: error: other-card/scores/00000.parquet exists and was not copied "
+                                 "there by `wclip card`: move it away (the card copies the score files to "
+                                 "other-card/scores/), or pass another --output")
+    assert foreign.read_bytes() == b"mine" and not (tmp_path / "other-card" / "README.md").exists()
+
+
+def test_the_filters_shard_counts_are_each_tars():
+    from pipeline.card.render import _filter_lines
+
+    base = {"kept": 748, "rows": 1000, "eligible": 900, "conditions": []}
+    lines = _filter_lines(dict(base, shards={"shards": 2, "samples": 748, "samples_per_shard": 400}))
+    assert "New shards: 2 tars, 748 kept samples: 400 in each but the last, which holds 348." in lines
+    lines = _filter_lines(dict(base, shards={"shards": 2, "samples": 800, "samples_per_shard": 400,
+                                             "unreadable_count": 3}))
+    assert "New shards: 2 tars of 400 kept samples (800 in all); 3 could not be read from their input shards and " \
+           "are not in the tars." in lines
+    lines = _filter_lines(dict(base, shards={"shards": 1, "samples": 348, "samples_per_shard": 400}))
+    assert "New shards: 1 tar of 348 kept samples." in lines

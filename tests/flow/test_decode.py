@@ -188,3 +188,19 @@ def test_jpeg_draft_decodes_large_photos_at_a_reduced_scale_within_a_few_levels(
     off = run(pre, {"jpg": data, "txt": GOOD_TXT}, cfg=InputConfig(jpeg_draft=False))
     on = run(pre, {"jpg": data, "txt": GOOD_TXT})
     assert np.array_equal(off.pixels, full) and np.array_equal(on.pixels, reduced)
+
+
+def test_identical_decode_failures_have_identical_errors_without_memory_addresses(pre):
+    from collections import Counter
+
+    from pipeline.flow.decode import stable_text
+
+    garbage = b"\x89PNG not an image at all"  # PIL: "cannot identify image file <_io.BytesIO object at 0x...>"
+    rows = [run(pre, {"png": garbage, "txt": GOOD_TXT}).row for _ in range(3)]
+    rows.append(run(pre, {"jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "txt": GOOD_TXT}).row)
+    groups = Counter(r["error"] for r in rows)
+    assert sorted(groups.values()) == [1, 3], groups
+    assert all(" at 0x" not in e for e in groups), groups
+    assert "image .png could not be decoded: UnidentifiedImageError: cannot identify image file " \
+           "<_io.BytesIO object>" in groups
+    assert stable_text("x <Foo at 0xDEADbeef1> y <a at 0x1>") == "x <Foo> y <a>"

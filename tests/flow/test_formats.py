@@ -225,3 +225,88 @@ def test_nested_folders_and_loose_files_are_named(tmp_path, caplog):
         f"{root / '00001'}: 6 files beside its shard subfolders not read (000010000.jpg, 000010000.json, "
         f"000010000.txt and 3 more): only the files inside each subfolder are samples; move them into a subfolder "
         f"of their own to score them"]
+
+
+# -- `wclip filter --input-format files|parquet` (issue #29 item 3) ------------------------------------------
+def _tar_members(path) -> dict:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _as_parquet_layout(root, out):
+    """img2dataset's ``parquet`` output of the same samples: ``NNNNN.parquet`` with key, jpg bytes, txt, url."""
+    out.mkdir()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        rows = [{"key": p.stem, "jpg": p.read_bytes(), "txt": p.with_suffix(".txt").read_text(),
+                 "url": json.loads(p.with_suffix(".json").read_text())["url"], "width": 40, "height": 40}
+                for p in sorted(folder.glob("*.jpg"))]
+        pq.write_table(pa.Table.from_pylist(rows), out / f"{folder.name}.parquet")
+    return out
+
+
+@pytest.mark.parametrize("input_format", ["files", "parquet"])
+def test_filter_writes_the_kept_samples_of_img2datasets_other_layouts_as_tars(tmp_path, monkeypatch, input_format):
+    from pipeline.cli import main
+
+    root = files_layout(tmp_path / "i2d_files", broken={"000010003"})
+    given = str(root) if input_format == "files" else str(_as_parquet_layout(root, tmp_path / "i2d_parquet"))
+    model = ["--model", "wclip-tiny", "--random-init", "--executor", "local", "--no-progress"]
+    stats, scores, keep = (str(tmp_path / n) for n in ("stats.safetensors", "scores", "keep"))
+    assert main(["fit", "--input", given, "--input-format", input_format, "--output", stats, *model]) == 0
+    assert main(["score", "--input", given, "--input-format", input_format, "--stats", stats, "--output", scores,
+                 *model]) == 0
+    assert main(["filter", "--scores", scores, "--output", keep, "--keep-fraction", "clip_score=0.5",
+                 "--input", given, "--input-format", input_format, "--samples-per-shard", "3"]) == 0
+
+    report = json.loads((tmp_path / "keep" / "filter.json").read_text())
+    kept = [r for f in sorted((tmp_path / "keep" / "kept").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert report["kept"] == len(kept) == 5 and report["rows"] == 10 and report["eligible"] == 9
+    shards = report["shards"]
+    assert (shards["shards"], shards["samples"], shards["copied"], shards["failed"]) == (2, 5, 5, [])
+    assert shards["input_format"] == input_format
+    members, meta = {}, []
+    for n in range(2):
+        members.update(_tar_members(tmp_path / "keep" / "shards" / f"{n:05d}.tar"))
+        meta += pq.read_table(tmp_path / "keep" / "shards" / f"{n:05d}.parquet").to_pylist()
+    assert [m["key"] for m in meta] == [r["key"] for r in kept] and {m["status"] for m in meta} == {"success"}
+    sizes = (40, 40) if input_format == "parquet" else (None, None)  # the Parquet's width/height columns
+    assert [(m["width"], m["height"]) for m in meta] == [sizes] * 5
+    for row in kept:  # the kept samples' bytes as the input holds them
+        key, folder = row["key"], root / row["key"][:5]
+        assert members.pop(f"{key}.jpg") == (folder / f"{key}.jpg").read_bytes()
+        assert members.pop(f"{key}.txt") == (folder / f"{key}.txt").read_bytes()
+        meta_json = json.loads(members.pop(f"{key}.json"))
+        assert meta_json["url"] == json.loads((folder / f"{key}.json").read_text())["url"]
+    assert members == {}  # nothing else: no sample that was not kept
+
+
+def test_filter_says_how_to_read_img2datasets_other_layouts(tmp_path, capsys):
+    from pipeline.cli import main
+
+    root = files_layout(tmp_path / "i2d_files", shards=1, per_shard=1)
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    assert main(["filter", "--scores", str(scores), "--output", str(tmp_path / "keep"), "--min", "clip_score=0",
+                 "--input", str(root)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"wclip filter: error: no shards matched [{str(root)!r}]: {root} is a folder without .tar shards; "
+        f"img2dataset's other layouts are read with --input-format files (numbered subfolders of "
+        f"{{key}}.jpg/.txt/.json) or --input-format parquet (image bytes in Parquet files)"]
+    assert not (tmp_path / "keep").exists()
+
+
+def test_a_kept_files_sample_with_an_unreadable_member_is_not_copied_and_says_why(tmp_path):
+    from pipeline.curate.source import UNREADABLE_MEMBER, kept_samples
+
+    root = files_layout(tmp_path / "i2d", shards=1, per_shard=3)
+    os.symlink(tmp_path / "nowhere.jpg", root / "00000" / "000000001.png")  # a dangling link
+    rows = [{"key": f"00000{j:04d}", "index": j} for j in range(3)]
+    outcomes = list(kept_samples(str(root / "00000"), rows, "files"))
+    assert [o.row["key"] for o in outcomes] == ["000000000", "000000001", "000000002"]
+    assert [o.kind for o in outcomes] == [None, UNREADABLE_MEMBER, None]
+    assert outcomes[1].reason.startswith("not copied: member .png (000000001.png) is a dangling symbolic link")
+    assert [info.name for info, _ in outcomes[2].sample.members] == ["000000002.jpg", "000000002.json",
+                                                                     "000000002.txt"]
+    assert outcomes[2].sample.members[0][1] == (root / "00000" / "000000002.jpg").read_bytes()
