@@ -1,4 +1,4 @@
-"""The local executor (pipeline/local.py): the same outputs as on Ray, retries, a worker that dies, and a
+"""The local executor (pipeline/executors/local.py): the same outputs as on Ray, retries, a worker that dies, and a
 command that never starts Ray."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from shardkit import SCRIPT_PATH, clean_shards, marker_files, tiny_run
 
 from pipeline.config import FitConfig, RayOptions, ScoreConfig
-from pipeline.executor import uses_ray
+from pipeline.executors import uses_ray
 from pipeline.fit import fit
 from pipeline.flow import stage
 from pipeline.score import score
@@ -122,8 +122,8 @@ def test_an_error_in_a_shard_is_retried_then_recorded(corpus, tmp_path, monkeypa
 
 
 def test_auto_picks_ray_only_for_a_cluster_gpus_or_encoder_actors(monkeypatch, corpus):
-    from pipeline import executor
     from pipeline.config import EncodeConfig, InputConfig
+    from pipeline.executors import contract as executor
 
     _, targets, _ = corpus
     monkeypatch.setattr(executor, "_ray_running", lambda: False)
@@ -220,7 +220,7 @@ def test_workers_end_when_the_command_is_killed(corpus, tmp_path):
 
 
 def test_one_failure_line_for_every_executor():
-    from pipeline.executor import failure_line
+    from pipeline.executors import failure_line
 
     error = "OSError: [Errno 5] Input/output error\nTraceback (most recent call last): ..."
     assert failure_line(2, error, "s3://b/00007.tar") == \
@@ -234,13 +234,13 @@ def test_a_shard_task_is_sent_its_own_url_not_the_jobs_list(corpus, tmp_path, mo
     """A task's config carries one URL: with the job's whole list, each of 10^5 tasks pickled 4.4 MB."""
     import pickle
 
-    from pipeline import executor as executor_module
+    from pipeline.executors import contract as executor_module
 
     if executor == "ray":
         request.getfixturevalue("ray_local")
     _, targets, stats_path = corpus
     sent = []
-    module = __import__(f"pipeline.{'local' if executor == 'local' else 'runtime'}", fromlist=["shard_config"])
+    module = __import__(f"pipeline.executors.{executor}", fromlist=["shard_config"])
 
     def recording(run, url):
         config = executor_module.shard_config(run, url)
@@ -256,7 +256,7 @@ def test_a_shard_task_is_sent_its_own_url_not_the_jobs_list(corpus, tmp_path, mo
 
 
 def test_a_job_report_counts_results_without_keeping_them():
-    from pipeline.executor import JobReport
+    from pipeline.executors import JobReport
 
     report = JobReport(skipped=3)
     results = [{"summary": {"shard": f"s{i}.tar", "rows": 10 + i, "status_counts": {"ok": 9 + i, "decode": 1},

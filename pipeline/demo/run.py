@@ -9,7 +9,6 @@ kind the global Gaussian hardly sees and the local likelihood should, so both AU
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -107,7 +106,7 @@ def evaluate(scores_dir: Path, target_dir: Path) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo under ``cfg.workdir``; returns (and writes) the summary."""
-    from pipeline.executor import uses_ray
+    from pipeline.executors import shared_session
     from pipeline.fit import fit
     from pipeline.score import score
     from pipeline.whitening import StatsFile
@@ -127,12 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stats_path = work / "stats.safetensors"
     timings = {}
     run = dict(model=model, ray=ray_opts, progress=cfg.progress, executor=cfg.executor)
-    session = contextlib.nullcontext()
-    if uses_ray(RunConfig(shards=tuple(map(str, ref)), **run)):  # one Ray session for both jobs
-        from pipeline import runtime
-
-        session = runtime.ray_session(ray_opts)
-    with session:
+    with shared_session(RunConfig(shards=tuple(map(str, ref)), **run)):  # on Ray: one session for both jobs
         t = time.time()
         fit_summary = fit(FitConfig(run=RunConfig(shards=tuple(map(str, ref)), **run), output=str(stats_path),
                                     clusters=cfg.clusters, **FIT))
