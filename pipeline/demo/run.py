@@ -56,7 +56,7 @@ class DemoConfig:
     clusters: Optional[int] = CLUSTERS  # K of the local likelihood (None: the global fit only)
     num_cpus: int = None  # CPUs to use (default: all)
     progress: bool = None
-    executor: str = "auto"  # pipeline.executor: local worker processes, or Ray
+    executor: str = "auto"  # pipeline.executors: local worker processes, or Ray
     card: bool = True
 
 
