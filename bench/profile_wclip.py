@@ -73,7 +73,7 @@ def driver(out_json: str, argv: list) -> int:
 
     import ray
 
-    import pipeline.runtime as runtime
+    import pipeline.executors.ray as runtime
     from pipeline.cli import main
 
     imported = time.time()
@@ -166,7 +166,7 @@ RULES = [
     ("encode: image tower", lambda f: _has(f, "embed_images", "pipeline/flow/encode.py")),
     ("encode: text tower", lambda f: _has(f, "embed_texts", "pipeline/flow/encode.py")),
     ("encode: other (first forward, device decode)", lambda f: _has(f, None, "pipeline/flow/encode.py")
-     or _has(f, "info", "pipeline/runtime.py")),
+     or _has(f, "info", "pipeline/executors/ray.py")),
     ("whiten (NumPy/torch)", lambda f: _has(f, None, "pipeline/flow/whiten.py")),
     ("write (Parquet + marker)", lambda f: _has(f, "finish", "pipeline/flow/write.py")
      or _has(f, None, "pipeline/table.py")),
@@ -190,10 +190,10 @@ def _where(frames: list) -> str:
     top = frames[0] if frames else ""
     if "(wclip:" in top:
         return "driver"
-    if _has(frames, "_shard_task", "pipeline/runtime.py"):
+    if _has(frames, "_shard_task", "pipeline/executors/ray.py"):
         return "reader task (on CPU-only nodes it also encodes)"
     if _has(frames, None, "pipeline/flow/encode.py") or _has(frames, None, "pipeline/flow/stage.py") \
-            or _has(frames, "_local_info", "pipeline/runtime.py") or _has(frames, None, "pipeline/models.py"):
+            or _has(frames, "_local_info", "pipeline/executors/ray.py") or _has(frames, None, "pipeline/models.py"):
         return "encoder (actor, or the task that checks the model)"
     if "default_worker.py" in top or "setup_worker.py" in top:
         return "Ray worker outside a task (start-up, first-task deserialisation, idle loop)"
@@ -294,8 +294,8 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
     import types
     import uuid
 
-    from pipeline import runtime
     from pipeline.config import EncodeConfig, RunConfig
+    from pipeline.executors import ray as runtime
     from pipeline.flow.write import ScoreSink
     from pipeline.models import ModelSpec
     from pipeline.whitening import StatsFile
@@ -337,7 +337,7 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
     def c(file_part, fn):
         return sum(v for (p, f), v in cum.items() if file_part in p and f == fn)
 
-    total = c("pipeline/runtime.py", "_shard_task")
+    total = c("pipeline/executors/ray.py", "_shard_task")
     decode = c("pipeline/flow/decode.py", "_load_image")
     preprocess = c("pipeline/flow/preprocess.py", "__call__")
     prepare = c("pipeline/flow/decode.py", "prepare_sample")
@@ -346,7 +346,7 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
     text = c("pipeline/flow/encode.py", "embed_texts")
     encode = c("pipeline/flow/encode.py", "encode")
     whiten = c("pipeline/flow/whiten.py", "score")
-    local_stage = c("pipeline/runtime.py", "_local_stage")
+    local_stage = c("pipeline/executors/ray.py", "_local_stage")
     assemble = c("pipeline/flow/assemble.py", "add")
     write = c("pipeline/flow/write.py", "finish")
     read = total - prepare - build - encode - whiten - assemble - write - local_stage  # reader generator, loop

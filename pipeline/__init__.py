@@ -1,7 +1,7 @@
 """wclip: dataset curation with the Whitened CLIP likelihood, on Ray.
 
 Numerics live in :mod:`pipeline.whitening`; models in :mod:`pipeline.models`;
-the Ray job in :mod:`pipeline.runtime`; the command line in :mod:`pipeline.cli`.
+where the jobs run (Ray or this machine) in :mod:`pipeline.executors`; the command line in :mod:`pipeline.cli`.
 """
 
 from __future__ import annotations

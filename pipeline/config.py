@@ -25,7 +25,7 @@ def _non_negative(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
-EXECUTORS = ("auto", "local", "ray")  # --executor: where work runs (pipeline.executor)
+EXECUTORS = ("auto", "local", "ray")  # --executor: where work runs (pipeline.executors)
 
 
 def _check_executor(name: str) -> None:
@@ -119,7 +119,7 @@ class RunConfig:
     encoders: Optional[int] = None  # encoder actors (default: one per GPU, else one)
     retries: int = 2  # extra attempts for a failed shard before it is recorded as failed
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
-    executor: str = "auto"  # EXECUTORS (pipeline.executor): "local" (worker processes, no Ray), "ray", or "auto"
+    executor: str = "auto"  # EXECUTORS (pipeline.executors): "local" (worker processes, no Ray), "ray", or "auto"
 
     def __post_init__(self):
         if not self.shards:
@@ -238,7 +238,7 @@ class EmbeddingRunConfig:
     retries: int = 2  # extra attempts for a failed file before it is recorded as failed
     block_rows: int = 4096  # rows read and scored at a time (in the CPU's cache; bounds a task's memory)
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
-    executor: str = "auto"  # EXECUTORS (pipeline.executor): "local" (threads of this process), "ray", or "auto"
+    executor: str = "auto"  # EXECUTORS (pipeline.executors): "local" (threads of this process), "ray", or "auto"
     model: Optional[DeclaredModel] = None  # --embeddings-model: the model that made the vectors (None: not said)
 
     def __post_init__(self):

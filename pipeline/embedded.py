@@ -1,7 +1,7 @@
 """The embeddings jobs: ``wclip fit --embeddings`` and ``wclip score --embeddings`` on vectors users already
 have (clip-retrieval / LAION folders, DataComp ``.npz`` shards). No model is loaded and no encoder started:
 each file is one task of :mod:`pipeline.flow.precomputed`, run on threads of this process or, on a cluster,
-as Ray tasks (:mod:`pipeline.filemap`).
+as Ray tasks (:mod:`pipeline.executors`).
 
 Scoring keeps every rule of ``wclip score`` (:mod:`pipeline.score`): one Parquet file per embedding file in
 the scores schema, provenance in each file and marker, resume, failure records, no mixing of two fits, no
@@ -24,8 +24,7 @@ import numpy as np
 import pipeline
 from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig
 from pipeline.errors import ConfigError
-from pipeline.executor import JobReport
-from pipeline.filemap import file_runner
+from pipeline.executors import JobReport, open_executor, summary_rows
 from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
 from pipeline.flow.vectors import NORM_STATE, array_name, discover, open_array, probe
 from pipeline.flow.write import ScoreSink, append_failure
@@ -182,9 +181,9 @@ def _score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool) -> dict:
     tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows,
                        normalized=bool(stats.metadata.get("normalize"))) for f in files]
     warm_up()
-    with file_runner(run) as runner:
+    with open_executor(run) as runner:
         started = time.time()
-        outcomes = runner.map(score_file, tasks, "score")
+        outcomes = runner.map(score_file, tasks, "score", samples=summary_rows)
         elapsed = time.time() - started
     report = JobReport(skipped=skipped, elapsed=elapsed)
     for o in outcomes:
@@ -328,13 +327,13 @@ def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
                      rows=rows, block_rows=run.block_rows, max_sample=max_sample, widths=widths)
              for f, rows in limits]
     ref = _Reference(cfg.max_heldout)
-    with file_runner(run) as runner:
+    with open_executor(run) as runner:
         started = time.time()
         size = BATCH_PER_SLOT * runner.slots
         for first in range(0, len(tasks), size):
             batch = tasks[first:first + size]
             desc = f"fit {first + 1}-{first + len(batch)} of {len(tasks)}" if len(tasks) > size else "fit"
-            for o in runner.map(fit_file, batch, desc):
+            for o in runner.map(fit_file, batch, desc, samples=summary_rows):
                 if o.ok:
                     ref.add(o.result, o.item.file.url)
                 else:

@@ -11,9 +11,9 @@ from typing import Optional
 import numpy as np
 
 import pipeline
-from pipeline import launch
 from pipeline.config import FitConfig
 from pipeline.errors import ConfigError
+from pipeline.executors import open_executor
 from pipeline.flow.batch import TOWERS
 from pipeline.flow.read import check_unique_names
 from pipeline.flow.write import FitSink
@@ -118,7 +118,7 @@ def fit(cfg: FitConfig) -> dict:
                   rows_from=f"--max-samples {cfg.max_samples}")
     identity = model_identity(run.model)  # fails early on an unreadable checkpoint
     acc = ReferenceAccumulator(cfg)
-    with launch.jobs(run) as jobs:
+    with open_executor(run) as jobs:
         encoders = jobs.start_encoders(run)
         info = jobs.encoder_info(run, encoders)
         log.info("encoders: %s on %s (%s)", encoders.describe(), info["device"], info["precision"])

@@ -18,9 +18,10 @@ import socket
 from typing import Iterator
 
 import pipeline
-from pipeline import launch, storage
+from pipeline import storage
 from pipeline.config import ScoreConfig
 from pipeline.errors import ConfigError
+from pipeline.executors import open_executor
 from pipeline.flow.read import check_unique_names, shard_name
 from pipeline.flow.write import (
     EMBEDDING_FILES,
@@ -249,7 +250,7 @@ def _score(cfg: ScoreConfig, stats, made: dict) -> dict:
                  skipped, len(run.shards), cfg.output)
     if not todo:
         return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
-    with launch.jobs(run) as jobs:
+    with open_executor(run) as jobs:
         encoders = jobs.start_encoders(run, stats)
         info = jobs.encoder_info(run, encoders)
         for tower, ws in stats.towers.items():

@@ -390,7 +390,7 @@ def test_saved_embeddings_fit_and_score_as_embeddings(saved, tmp_path):
 
 
 def test_dry_run_reads_writes_and_starts_nothing(saved, tmp_path, monkeypatch, capsys):
-    from pipeline import runtime
+    from pipeline.executors import ray as runtime
 
     out, stats_path = saved
     monkeypatch.setattr(runtime, "ray_session", None)  # any use of Ray fails the test

@@ -63,3 +63,42 @@ def test_the_check_sees_imports_inside_functions(tmp_path, monkeypatch):
     (package / "c.py").write_text("import cyclic.b\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert cycles(grimp.build_graph("cyclic", cache_dir=None), "cyclic") == [["cyclic.a", "cyclic.b"]]
+
+
+RAY_EXECUTOR = "pipeline/executors/ray.py"  # the one module allowed to import Ray
+
+
+def ray_importers(root) -> list:
+    """The modules under ``root`` (a folder; paths relative to its parent) that import ``ray`` or a part of it
+    anywhere (inside functions too), sorted."""
+    import ast
+    from pathlib import Path
+
+    root = Path(root)
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.append(path.relative_to(root.parent).as_posix())
+                break
+    return found
+
+
+def test_only_the_ray_executor_imports_ray():
+    from pathlib import Path
+
+    import pipeline
+
+    assert ray_importers(Path(pipeline.__file__).parent) == [RAY_EXECUTOR]
+
+
+def test_the_ray_check_sees_every_form_of_import(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("def f():\n    import ray\n")
+    (package / "b.py").write_text("from ray.util import queue\n")
+    (package / "sub" / "c.py").write_text("import os, ray.data as rd\n")
+    (package / "d.py").write_text("from . import ray\nimport rayon\n# import ray\n")  # none of these is Ray
+    assert ray_importers(package) == ["pkg/a.py", "pkg/b.py", "pkg/sub/c.py"]

@@ -1,4 +1,4 @@
-"""The local executor (pipeline/local.py): the same outputs as on Ray, retries, a worker that dies, and a
+"""The local executor (pipeline/executors/local.py): the same outputs as on Ray, retries, a worker that dies, and a
 command that never starts Ray."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from shardkit import SCRIPT_PATH, clean_shards, marker_files, tiny_run
 
 from pipeline.config import FitConfig, RayOptions, ScoreConfig
-from pipeline.executor import uses_ray
+from pipeline.executors import uses_ray
 from pipeline.fit import fit
 from pipeline.flow import stage
 from pipeline.score import score
@@ -122,8 +122,8 @@ def test_an_error_in_a_shard_is_retried_then_recorded(corpus, tmp_path, monkeypa
 
 
 def test_auto_picks_ray_only_for_a_cluster_gpus_or_encoder_actors(monkeypatch, corpus):
-    from pipeline import executor
     from pipeline.config import EncodeConfig, InputConfig
+    from pipeline.executors import contract as executor
 
     _, targets, _ = corpus
     monkeypatch.setattr(executor, "_ray_running", lambda: False)
@@ -220,7 +220,7 @@ def test_workers_end_when_the_command_is_killed(corpus, tmp_path):
 
 
 def test_one_failure_line_for_every_executor():
-    from pipeline.executor import failure_line
+    from pipeline.executors import failure_line
 
     error = "OSError: [Errno 5] Input/output error\nTraceback (most recent call last): ..."
     assert failure_line(2, error, "s3://b/00007.tar") == \
@@ -234,13 +234,13 @@ def test_a_shard_task_is_sent_its_own_url_not_the_jobs_list(corpus, tmp_path, mo
     """A task's config carries one URL: with the job's whole list, each of 10^5 tasks pickled 4.4 MB."""
     import pickle
 
-    from pipeline import executor as executor_module
+    from pipeline.executors import contract as executor_module
 
     if executor == "ray":
         request.getfixturevalue("ray_local")
     _, targets, stats_path = corpus
     sent = []
-    module = __import__(f"pipeline.{'local' if executor == 'local' else 'runtime'}", fromlist=["shard_config"])
+    module = __import__(f"pipeline.executors.{executor}", fromlist=["shard_config"])
 
     def recording(run, url):
         config = executor_module.shard_config(run, url)
@@ -256,7 +256,7 @@ def test_a_shard_task_is_sent_its_own_url_not_the_jobs_list(corpus, tmp_path, mo
 
 
 def test_a_job_report_counts_results_without_keeping_them():
-    from pipeline.executor import JobReport
+    from pipeline.executors import JobReport
 
     report = JobReport(skipped=3)
     results = [{"summary": {"shard": f"s{i}.tar", "rows": 10 + i, "status_counts": {"ok": 9 + i, "decode": 1},
@@ -271,3 +271,66 @@ def test_a_job_report_counts_results_without_keeping_them():
         "failed": [{"shard": "s9.tar", "error": "OSError: gone"}],
         "damaged": [("s2.tar", "truncated after 9 members")], "elapsed_s": 2.0, "samples_per_s": 23.0}
     assert not any(r["summary"] is v or r is v for r in results for v in vars(report).values())
+
+
+def test_file_maps_on_threads_are_bounded_retried_and_kept_in_input_order(caplog):
+    """The one loop (pipeline/executors/loop.py) as the local executor's file maps run it."""
+    import threading
+    import time
+    from collections import Counter
+
+    from pipeline.executors import summary_rows
+    from pipeline.executors.local import map_on_threads
+
+    lock, state, calls = threading.Lock(), {"now": 0, "peak": 0}, Counter()
+
+    def task(x):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            calls[x] += 1
+        try:
+            time.sleep(0.02)
+            if x == 3:
+                raise ValueError("three always fails")
+            if x == 5 and calls[x] == 1:
+                raise OSError("a transient read error")
+            return {"summary": {"rows": 10 * x}}
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    with caplog.at_level("INFO", logger="wclip"):
+        outcomes = map_on_threads(task, list(range(8)), desc="files", max_retries=2, max_in_flight=2,
+                                  progress=False, samples=summary_rows)
+    assert [o.item for o in outcomes] == list(range(8))
+    assert [o.ok for o in outcomes] == [True, True, True, False, True, True, True, True]
+    assert outcomes[3].error == "ValueError: three always fails" and outcomes[3].result is None
+    assert [o.result["summary"]["rows"] for o in outcomes if o.ok] == [0, 10, 20, 40, 50, 60, 70]
+    assert calls[3] == 3 and calls[5] == 2 and sum(calls.values()) == 11
+    assert state["peak"] == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert "failed after 2 retries: ValueError: three always fails" in lines
+    assert "files: 8/8 shards, 250 samples" in lines[-1]  # failed items count on the bar, without samples
+
+
+def test_one_place_chooses_and_ray_starts_only_when_a_task_runs(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from pipeline.config import FilterConfig
+    from pipeline.executors import local_cpus, open_executor
+    from pipeline.executors import ray as ray_executor
+    from pipeline.executors.local import LocalExecutor
+
+    def no_session(options):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_executor, "ray_session", no_session)
+    cfg = FilterConfig(str(tmp_path / "scores"), str(tmp_path / "out"), executor="ray")
+    with open_executor(cfg) as executor:  # e.g. `wclip filter` resumed with every copy done
+        assert isinstance(executor, ray_executor.RayExecutor)
+    with pytest.raises(AssertionError, match="Ray was started"), open_executor(cfg) as executor:
+        executor.map(str, [1])
+    with open_executor(replace(cfg, executor="local")) as executor:
+        assert isinstance(executor, LocalExecutor) and executor.slots == local_cpus(None)
+        assert [(o.ok, o.result) for o in executor.map(str, [1, 2])] == [(True, "1"), (True, "2")]

@@ -27,6 +27,9 @@ import pytest
 from shardkit import SCRIPT_PATH, marker, marker_files
 
 SHARDS, PER_SHARD = 12, 32
+# the encoder actors' class in Ray's actor table (pipeline.flow.stage.EncodeStage made remote); an old name
+# here matched no actor, and the encoder's node loss went unchecked
+ENCODER_CLASS = "EncodeStage"
 FLOAT_COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
                  "text_pvalue", "clip_score")
 
@@ -149,7 +152,7 @@ def _scenario(work: Path) -> None:
             # machine, may never be seen between two polls before the short run ends)
             if markers >= 1 and cpus_free < 2:
                 encoder_nodes = [a["Address"]["NodeID"] for a in ray_state.actors().values()
-                                 if a["ActorClassName"] == "EncoderActor" and a["State"] == "ALIVE"]
+                                 if a["ActorClassName"] == ENCODER_CLASS and a["State"] == "ALIVE"]
                 cluster.remove_node(worker, allow_graceful=False)
                 kill = {"markers_before": markers, "worker_cpus_free": cpus_free,
                         "encoder_on_lost_node": worker_id in encoder_nodes}
@@ -162,7 +165,7 @@ def _scenario(work: Path) -> None:
             raise RuntimeError(f"the score job did not finish after the node loss: {outcome}")
         # the job's actors are gone by now, but the actor table remembers them (earlier runs': 0 restarts)
         kill["encoder_restarts"] = sum(int(a["NumRestarts"]) for a in ray_state.actors().values()
-                                       if a["ActorClassName"] == "EncoderActor")
+                                       if a["ActorClassName"] == ENCODER_CLASS)
         # The job can finish before the health checks (3 x 500 ms) mark the removed node dead.
         alive_deadline = time.time() + 30
         while sum(1 for n in ray.nodes() if n["Alive"]) > 1 and time.time() < alive_deadline:

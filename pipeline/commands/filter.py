@@ -93,6 +93,7 @@ def run(args):
     from pipeline.curate.filter import Condition, dry_run, run_filter
     from pipeline.curate.report import format_plan, format_report
     from pipeline.errors import UserError
+    from pipeline.executors import open_executor
 
     try:
         conditions = tuple(Condition.parse(kind, text)
@@ -116,8 +117,8 @@ def run(args):
             print(format_plan(plan), file=sys.stderr)
             print(json.dumps(plan))
             return 0
-        with _Mapper(cfg) as mapper:
-            report = run_filter(cfg, mapper=mapper)
+        with open_executor(cfg) as executor:  # Ray, if at all, starts with the first copy task
+            report = run_filter(cfg, mapper=executor.map)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
     print(format_report(report), file=sys.stderr)
@@ -125,38 +126,3 @@ def run(args):
     shards = report.get("shards") or {}
     return 1 if shards.get("failed") else 0
 
-
-class _Mapper:
-    """Where the copy tasks run (:mod:`pipeline.executor`): threads of this command
-    (:func:`pipeline.filemap.map_on_threads`), or :func:`pipeline.runtime.map_tasks` in a Ray session opened
-    on first use (a resumed run with nothing left to copy never starts Ray) and closed with this context."""
-
-    def __init__(self, cfg):
-        import contextlib
-
-        from pipeline.executor import uses_ray
-
-        self.cfg = cfg
-        self.on_ray = uses_ray(cfg)
-        self._stack = contextlib.ExitStack()
-        self._started = False
-
-    def __call__(self, fn, items, **kwargs):
-        if not self.on_ray:
-            from pipeline.executor import local_cpus
-            from pipeline.filemap import map_on_threads
-
-            kwargs["max_in_flight"] = kwargs.get("max_in_flight") or local_cpus(self.cfg.ray)
-            return map_on_threads(fn, items, **kwargs)
-        from pipeline import runtime
-
-        if not self._started:
-            self._stack.enter_context(runtime.ray_session(self.cfg.ray))
-            self._started = True
-        return runtime.map_tasks(fn, items, **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)

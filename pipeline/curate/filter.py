@@ -385,7 +385,7 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
     started = time.time()
     if cfg.inputs and mapper is None:
         raise ValueError("writing shards (inputs given) needs a mapper to run the copy tasks, e.g. "
-                         "pipeline.runtime.map_tasks inside pipeline.runtime.ray_session")
+                         "the map of pipeline.executors.open_executor(cfg)")
     files, check, local = _checked_files(cfg)
     if cfg.inputs:
         check_inputs(cfg.inputs, files)

@@ -9,7 +9,6 @@ kind the global Gaussian hardly sees and the local likelihood should, so both AU
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -57,7 +56,7 @@ class DemoConfig:
     clusters: Optional[int] = CLUSTERS  # K of the local likelihood (None: the global fit only)
     num_cpus: int = None  # CPUs to use (default: all)
     progress: bool = None
-    executor: str = "auto"  # pipeline.executor: local worker processes, or Ray
+    executor: str = "auto"  # pipeline.executors: local worker processes, or Ray
     card: bool = True
 
 
@@ -107,7 +106,7 @@ def evaluate(scores_dir: Path, target_dir: Path) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo under ``cfg.workdir``; returns (and writes) the summary."""
-    from pipeline.executor import uses_ray
+    from pipeline.executors import shared_session
     from pipeline.fit import fit
     from pipeline.score import score
     from pipeline.whitening import StatsFile
@@ -127,12 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stats_path = work / "stats.safetensors"
     timings = {}
     run = dict(model=model, ray=ray_opts, progress=cfg.progress, executor=cfg.executor)
-    session = contextlib.nullcontext()
-    if uses_ray(RunConfig(shards=tuple(map(str, ref)), **run)):  # one Ray session for both jobs
-        from pipeline import runtime
-
-        session = runtime.ray_session(ray_opts)
-    with session:
+    with shared_session(RunConfig(shards=tuple(map(str, ref)), **run)):  # on Ray: one session for both jobs
         t = time.time()
         fit_summary = fit(FitConfig(run=RunConfig(shards=tuple(map(str, ref)), **run), output=str(stats_path),
                                     clusters=cfg.clusters, **FIT))

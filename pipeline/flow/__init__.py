@@ -2,5 +2,6 @@
 
 read (tar members -> samples) -> decode (+ preprocess, or device_decode) -> batch (Chunk) -> encode
 (towers -> embeddings) -> whiten (scores, ChunkResult) -> assemble (one row per sample) -> write
-(Parquet + marker, or the fit's reference rows). :mod:`pipeline.runtime` runs these stages on Ray.
+(Parquet + marker, or the fit's reference rows). :mod:`pipeline.executors` runs these stages, on Ray or
+in worker processes (:func:`pipeline.flow.stage.assemble_shard`: the shard body).
 """

@@ -1,5 +1,5 @@
 """The encoder: CLIP image and text towers on chunks of preprocessed samples -> embeddings on the device.
-Knows nothing about Ray; :mod:`pipeline.runtime` wraps it in an actor."""
+Knows nothing about Ray; :mod:`pipeline.executors.ray` wraps it (in :mod:`pipeline.flow.stage`) in an actor."""
 
 from __future__ import annotations
 

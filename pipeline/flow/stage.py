@@ -1,7 +1,7 @@
 """The encoding stage as one object: a CLIP model on one device plus the whitening scorer, turning a
-:class:`~pipeline.flow.batch.Chunk` into a :class:`~pipeline.flow.batch.ChunkResult`. The executors run it
-in an encoder actor (GPUs) or inside each reader task (CPU-only: :func:`encode_shard`); it knows nothing
-about Ray."""
+:class:`~pipeline.flow.batch.Chunk` into a :class:`~pipeline.flow.batch.ChunkResult`; and the shard body,
+written once (:func:`assemble_shard`). The executors (:mod:`pipeline.executors`) run the stage in an encoder
+actor (GPUs) or inside each reader task (CPU-only: :func:`encode_shard`); it knows nothing about Ray."""
 
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ class EncodeStage:
     def process(self, chunk: Chunk, keep_embeddings: bool = False) -> ChunkResult:
         return self.scorer.score(chunk, self.encoder.encode(chunk), keep_embeddings)
 
+    def encode_chunks(self, chunks, keep_embeddings: bool = False):
+        """``(prepared, chunk, ChunkResult)`` of each of ``chunks``' pairs, encoded here, in order."""
+        for prepared, chunk in chunks:
+            yield prepared, chunk, self.process(chunk, keep_embeddings)
+
 
 def shard_chunks(url: str, run, transforms):
     """``(reader, chunks)`` of one shard: the reader (its ``damage`` once read) and its
@@ -63,11 +68,19 @@ def shard_chunks(url: str, run, transforms):
     return reader, read_chunks(url, run.inputs, Preprocessor(preprocess), tokenizer, run.chunk_size, reader)
 
 
+def assemble_shard(url: str, run, transforms, encode, sink):
+    """The shard body of every executor: read shard ``url`` (preprocessed with ``transforms``), have
+    ``encode(chunks, keep_embeddings)`` yield ``(prepared, chunk, ChunkResult)`` for its chunks in order,
+    assemble exactly one row per sample read, and hand the shard to ``sink.finish``. Only ``encode`` differs:
+    a stage in this process (:func:`encode_shard`) or encoder actors (:mod:`pipeline.executors.ray`)."""
+    assembler = ShardAssembler(url)
+    reader, chunks = shard_chunks(url, run, transforms)
+    for prepared, chunk, result in encode(chunks, sink.keep_embeddings):
+        assembler.add(prepared, chunk, result)
+    return sink.finish(assembler, reader.damage)
+
+
 def encode_shard(url: str, run, stage: EncodeStage, sink):
     """Read one shard, encode and score it with ``stage`` in this process, and hand the assembled shard to
     ``sink.finish`` (what a reader task does on CPU-only machines, under either executor)."""
-    assembler = ShardAssembler(url)
-    reader, chunks = shard_chunks(url, run, stage.transforms())
-    for prepared, chunk in chunks:
-        assembler.add(prepared, chunk, stage.process(chunk, sink.keep_embeddings))
-    return sink.finish(assembler, reader.damage)
+    return assemble_shard(url, run, stage.transforms(), stage.encode_chunks, sink)

@@ -123,7 +123,7 @@ def test_no_uids_says_uids_npy_was_not_written_and_how_to_get_them(tmp_path, cap
 
 
 def test_dry_run_reads_footers_writes_nothing_and_starts_no_ray(tmp_path, capsys, monkeypatch):
-    from pipeline import runtime
+    from pipeline.executors import ray as runtime
 
     def no_ray(*args, **kwargs):
         raise AssertionError("a dry run must not start Ray")

@@ -20,8 +20,8 @@ from pipeline.curate.filter import Condition, run_filter
 from pipeline.curate.members import member_name
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UID_DTYPE, UidCollector, parse_uids, uid_to_int
-from pipeline.filemap import map_on_threads
-from pipeline.runtime import map_tasks
+from pipeline.executors.local import map_on_threads
+from pipeline.executors.ray import map_tasks
 
 SCORES = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik",
           "text_pvalue", "clip_score")

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.config import FilterConfig
 from pipeline.curate.filter import Condition, run_filter
 from pipeline.curate.layout import LOCAL_META_SCHEMA, META_SCHEMA
-from pipeline.filemap import map_on_threads
+from pipeline.executors.local import map_on_threads
 from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS, scores_schema
 
 K = 3

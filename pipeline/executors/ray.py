@@ -1,10 +1,16 @@
-"""The Ray executor (:mod:`pipeline.executor`) — the only module that talks to Ray.
+"""The Ray executor (:mod:`pipeline.executors.contract`): the only module of ``pipeline`` that imports Ray
+(``lint-imports`` and ``tests/test_imports.py`` hold every other module to that).
 
 A job is a set of shards. Each shard is one Ray task that reads and decodes it on a CPU, and encodes its
 chunks either itself (CPU-only: a model in each reader task) or on encoder actors (one per GPU, or
-``--encoders N``), then hands the assembled shard to the job's sink (:mod:`pipeline.flow.write`). The driver
-keeps a bounded number of shard tasks in flight, retries failed shards, reports the ones that keep failing,
-and shows progress. Tasks and actors survive the loss of their node (retried, restarted).
+``--encoders N``), then hands the assembled shard to the job's sink (:mod:`pipeline.flow.write`); the shard
+body is :func:`pipeline.flow.stage.assemble_shard`, as in the local executor, only where chunks are encoded
+differs. File tasks are one Ray task each. The driver keeps a bounded number of tasks in flight, reports the
+ones that keep failing and shows progress (:mod:`pipeline.executors.loop`); Ray retries them itself
+(``max_retries``), so tasks and actors survive the loss of their node (retried, restarted).
+
+The session (attached to a cluster, or a private local Ray) opens on the executor's first use: a command
+that ends up with nothing to run (``wclip filter`` resumed with every copy done) never starts Ray.
 """
 
 from __future__ import annotations
@@ -13,8 +19,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
-import traceback
 import uuid
 from collections import deque
 from dataclasses import replace
@@ -23,21 +27,17 @@ from typing import Any, Callable, Optional
 import ray
 
 from pipeline.config import RayOptions, RunConfig
-from pipeline.executor import (
+from pipeline.executors.contract import (
     Collector,
     Encoders,
+    Executor,
     JobReport,
-    Outcome,
     cpu_encode_config,
-    describe_error,
-    failure_line,
     shard_config,
 )
-from pipeline.flow.assemble import ShardAssembler
-from pipeline.flow.stage import EncodeStage, encode_shard, shard_chunks
-from pipeline.progress import Progress
-
-log = logging.getLogger("wclip")
+from pipeline.executors.loop import Backend, map_items, run_job
+from pipeline.flow import stage
+from pipeline.flow.stage import EncodeStage
 
 OUTSTANDING_CHUNKS = 2  # chunks a shard task may have at the encoders at once (bounds memory)
 ENCODER_RESTARTS = 20  # restarts of one encoder actor over a job (node losses)
@@ -94,33 +94,28 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-# -- generic bounded task map (file maps, the filter's resharding) ---------------------------------------
+# -- the loop's backend and file maps -------------------------------------------------------------------
+class _Refs(Backend):
+    """Ray ObjectRefs: ``ray.wait`` for any, ``ray.get`` for its result; Ray retries tasks itself."""
+
+    retries_itself = True
+
+    def wait_any(self, handles: list) -> list:
+        return ray.wait(handles, num_returns=1)[0]
+
+    def result(self, handle):
+        return ray.get(handle)
+
+
 def map_tasks(fn: Callable, items: list, *, desc: str = "shards", max_retries: int = 2,
               max_in_flight: Optional[int] = None, num_cpus: float = 1,
               progress: Optional[bool] = None, samples: Optional[Callable[[Any], int]] = None) -> list:
     """Run ``fn(item)`` as a Ray task per item, at most ``max_in_flight`` at once, each retried up to
-    ``max_retries`` times; return a :class:`pipeline.executor.Outcome` per item, in input order. ``samples(result)``, if
-    given, is what the progress bar counts as samples for a finished item."""
+    ``max_retries`` times; return a :class:`pipeline.executors.contract.Outcome` per item, in input order.
+    ``samples(result)``, if given, is what the progress bar counts as samples for a finished item."""
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=True)(fn)
-    limit = max_in_flight or cluster_cpus()
-    outcomes: list = [None] * len(items)
-    queue = deque(range(len(items)))
-    running: dict = {}
-    with Progress(total=len(items), desc=desc, enabled=progress) as bar:
-        while queue or running:
-            while queue and len(running) < limit:
-                i = queue.popleft()
-                running[remote.remote(items[i])] = i
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                i = running.pop(ref)
-                try:
-                    outcomes[i] = Outcome(items[i], True, ray.get(ref))
-                except Exception as exc:  # recorded, the other items go on
-                    outcomes[i] = Outcome(items[i], False, error=describe_error(exc))
-                    bar.write(failure_line(max_retries, outcomes[i].error))
-                bar.update(1, samples=samples(outcomes[i].result) if samples and outcomes[i].ok else 0)
-    return outcomes
+    return map_items(_Refs(), remote.remote, items, desc=desc, limit=max_in_flight or cluster_cpus(),
+                     retries=max_retries, progress=progress, samples=samples)
 
 
 # -- encoders -------------------------------------------------------------------------------------------
@@ -175,83 +170,88 @@ def encoder_info(run: RunConfig, encoders: Encoders) -> dict:
 
 
 # -- the shard task -----------------------------------------------------------------------------------
+def _on_actors(actors: list, url: str) -> Callable:
+    """``encode(chunks, keep_embeddings)`` for :func:`pipeline.flow.stage.assemble_shard`: the chunks
+    spread over the encoder actors, at most ``OUTSTANDING_CHUNKS`` of them there at once, results in order."""
+    def encode(chunks, keep_embeddings: bool):
+        pending: deque = deque()
+        offset = hash(url) % len(actors)
+        for i, (prepared, chunk) in enumerate(chunks):
+            actor = actors[(offset + i) % len(actors)]
+            pending.append((prepared, chunk, actor.process.remote(chunk, keep_embeddings)))
+            while len(pending) > OUTSTANDING_CHUNKS:
+                p, c, ref = pending.popleft()
+                yield p, c, ray.get(ref)
+        while pending:
+            p, c, ref = pending.popleft()
+            yield p, c, ray.get(ref)
+    return encode
+
+
 def _shard_task(url, run: RunConfig, encoders: Encoders, transforms, sink):
     """Read one shard, encode it (here, or on the actors), and hand the assembled shard to ``sink.finish``."""
     if encoders.local:
-        return encode_shard(url, run, _local_stage(encoders.local), sink)
-    assembler = ShardAssembler(url)
-    reader, chunks = shard_chunks(url, run, transforms)
-    pending: deque = deque()
-    actors = encoders.actors
-    offset = hash(url) % len(actors)
-    for i, (prepared, chunk) in enumerate(chunks):
-        actor = actors[(offset + i) % len(actors)]
-        pending.append((prepared, chunk, actor.process.remote(chunk, sink.keep_embeddings)))
-        while len(pending) > OUTSTANDING_CHUNKS:
-            p, c, ref = pending.popleft()
-            assembler.add(p, c, ray.get(ref))
-    while pending:
-        p, c, ref = pending.popleft()
-        assembler.add(p, c, ray.get(ref))
-    return sink.finish(assembler, reader.damage)
+        return stage.encode_shard(url, run, _local_stage(encoders.local), sink)
+    return stage.assemble_shard(url, run, transforms, _on_actors(encoders.actors, url), sink)
 
 
 def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: Optional[Collector] = None,
                skipped: int = 0) -> JobReport:
     """Process ``urls`` with at most ``run.max_in_flight`` shard tasks at once, each handing its assembled
     shard to ``sink``; ``collector`` sees the results in completion order."""
-    collector = collector or Collector()
     # The tasks resolve the transforms themselves: the driver never needs torch or open_clip for them.
     transforms_ref = encoders.actors[0].transforms.remote() if encoders.actors else None
     if transforms_ref is not None:
         ray.wait([transforms_ref])
     task = ray.remote(num_cpus=1, max_retries=run.retries, retry_exceptions=True)(_shard_task)
-    limit = run.max_in_flight or cluster_cpus()
-    queue = deque(enumerate(urls))
-    running: dict = {}
-    report = JobReport(skipped=skipped)
-    failed = report.failed
-    started = time.time()
-    with Progress(total=len(urls) + skipped, initial=skipped, desc=sink.desc, enabled=run.progress) as bar:
-        while (queue and not collector.stop) or running:
-            while queue and len(running) < limit and not collector.stop:
-                i, url = queue.popleft()
-                running[task.remote(url, shard_config(run, url), encoders, transforms_ref, sink)] = (i, url)
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                i, url = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:
-                    error = describe_error(exc)
-                    log.debug("shard %s failed: %s", url, traceback.format_exc())
-                    failed.append((url, error))
-                    collector.failed(i, url)
-                    bar.write(failure_line(run.retries, error, url))
-                    continue
-                report.add(result)
-                collector.add(i, url, result)
-                bar.update(1, samples=result["summary"]["rows"])
-    report.elapsed = time.time() - started
-    return report
+
+    def submit(url: str):
+        return task.remote(url, shard_config(run, url), encoders, transforms_ref, sink)
+
+    return run_job(_Refs(), submit, run, urls, sink, collector, skipped,
+                   limit=run.max_in_flight or cluster_cpus())
 
 
-class RayJobs:
-    """The Ray executor as :func:`pipeline.launch.jobs` hands it out: a Ray session (attached or started)
-    for the ``with`` block, and the job functions of this module."""
+class RayExecutor(Executor):
+    """Ray for the ``with`` block: a session attached or started on first use (and shut down with the block
+    if this executor started it), the job functions of this module. ``run``: the job's config (a RunConfig,
+    EmbeddingRunConfig or FilterConfig)."""
 
-    def __init__(self, options: Optional[RayOptions] = None):
-        self._session = ray_session(options)
+    def __init__(self, run):
+        self.run = run
+        self._stack = contextlib.ExitStack()
+        self._started = False
 
-    def __enter__(self) -> "RayJobs":
-        self._session.__enter__()
-        return self
+    def _session(self) -> None:
+        if not self._started:
+            self._stack.enter_context(ray_session(self.run.ray))
+            self._started = True
 
     def __exit__(self, *exc):
-        return self._session.__exit__(*exc)
+        return self._stack.__exit__(*exc)
 
-    start_encoders = staticmethod(start_encoders)
-    encoder_info = staticmethod(encoder_info)
-    run_shards = staticmethod(run_shards)
+    @property
+    def slots(self) -> int:
+        self._session()
+        return self.run.max_in_flight or cluster_cpus()
+
+    def start_encoders(self, run: RunConfig, stats=None) -> Encoders:
+        self._session()
+        return start_encoders(run, stats)
+
+    def encoder_info(self, run: RunConfig, encoders: Encoders) -> dict:
+        self._session()
+        return encoder_info(run, encoders)
+
+    def run_shards(self, run: RunConfig, urls: list, encoders: Encoders, sink,
+                   collector: Optional[Collector] = None, skipped: int = 0) -> JobReport:
+        self._session()
+        return run_shards(run, urls, encoders, sink, collector, skipped)
+
+    def map(self, fn, items: list, desc: str = "tasks", *, samples=None, max_retries: Optional[int] = None,
+            max_in_flight: Optional[int] = None, progress: Optional[bool] = None) -> list:
+        self._session()
+        return map_tasks(fn, items, desc=desc, samples=samples,
+                         max_retries=self.run.retries if max_retries is None else max_retries,
+                         max_in_flight=max_in_flight or self.run.max_in_flight,
+                         progress=self.run.progress if progress is None else progress)

@@ -1,24 +1,26 @@
-"""Where a job's work runs, and what comes back: the contract shared by the two executors.
+"""The executors' contract: what every executor offers (:class:`Executor`), takes and gives back.
 
-* ``ray`` (:mod:`pipeline.runtime`): a Ray cluster, or a private local Ray; encoder actors on GPUs, shard
-  tasks spread over nodes, node loss survived.
-* ``local`` (:mod:`pipeline.local`): this machine only, no Ray: tar shards in worker processes forked from
-  the command (they inherit its imported torch and open_clip), embedding files on threads. On one CPU-only
-  machine it starts in a fraction of a second where a local Ray takes seconds (docs/benchmarks.md), and holds
-  no Ray processes in memory.
+* ``ray`` (:mod:`pipeline.executors.ray`): a Ray cluster, or a private local Ray; encoder actors on GPUs,
+  shard tasks spread over nodes, node loss survived.
+* ``local`` (:mod:`pipeline.executors.local`): this machine only, no Ray: tar shards in worker processes
+  forked from the command (they inherit its imported torch and open_clip), file tasks on threads. On one
+  CPU-only machine it starts in a fraction of a second where a local Ray takes seconds (docs/benchmarks.md),
+  and holds no Ray processes in memory.
 
 ``--executor auto`` (the default) picks Ray when a cluster is named (``--address`` / ``RAY_ADDRESS``), when
 Ray is already running in this process (a notebook, the tests), or when the job wants what only the Ray
 executor has (GPUs, ``--encoders N`` encoder actors, ``--decode gpu``); else local (:func:`uses_ray`).
-:func:`pipeline.launch.jobs` hands a job's shards to the executor it picks: this module imports neither
-executor, they import it.
+:func:`pipeline.executors.open_executor` is the one place that choice is made.
 
-Both executors take the same work (:class:`Encoders`, a sink, a :class:`Collector`) and give back the same
-:class:`JobReport` (jobs) or :class:`Outcome` per item (file maps).
+Both executors take the same work (:class:`Encoders`, a sink, a :class:`Collector`, a function and its
+items) and give back the same :class:`JobReport` (shard jobs) or :class:`Outcome` per item (maps); both run
+their tasks through the one bounded loop of :mod:`pipeline.executors.loop`. This module imports neither
+executor (they import it) and never imports Ray.
 """
 
 from __future__ import annotations
 
+import abc
 import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -159,3 +161,49 @@ def cpu_encode_config(encode_cfg, cpus: int, in_flight: int):
     if encode_cfg.threads is not None:
         return encode_cfg
     return replace(encode_cfg, threads=max(1, cpus // in_flight))
+
+
+def summary_rows(result: dict) -> int:
+    """The samples a finished shard or file task counts on a progress bar: its sink's summary's rows."""
+    return result["summary"]["rows"]
+
+
+class Executor(abc.ABC):
+    """Where one command's tasks run, for a ``with`` block: :func:`pipeline.executors.open_executor` gives
+    one. Shard jobs (``wclip fit`` / ``wclip score`` on tar shards) call :meth:`start_encoders`,
+    :meth:`encoder_info`, :meth:`run_shards`; file-sized tasks (the embeddings jobs' files, ``wclip filter``'s
+    copy tasks) call :meth:`map`. What an executor needs (a Ray session, a process pool) starts on first use
+    and ends with the block; an error or Ctrl-C in the block stops the running tasks."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    @abc.abstractmethod
+    def __exit__(self, *exc) -> bool:
+        """End what the executor started (Ray session, workers)."""
+
+    @property
+    @abc.abstractmethod
+    def slots(self) -> int:
+        """Tasks run at once: ``max_in_flight``, else the CPUs (of the Ray cluster, or of this machine)."""
+
+    @abc.abstractmethod
+    def start_encoders(self, run, stats=None) -> Encoders:
+        """Where ``run``'s chunks will be encoded (with ``stats``: scored too)."""
+
+    @abc.abstractmethod
+    def encoder_info(self, run, encoders: Encoders) -> dict:
+        """The encoders' :meth:`pipeline.flow.stage.EncodeStage.info`, once one has started."""
+
+    @abc.abstractmethod
+    def run_shards(self, run, urls: list, encoders: Encoders, sink, collector: Optional[Collector] = None,
+                   skipped: int = 0) -> JobReport:
+        """One task per shard of ``urls`` (``run.max_in_flight`` at once, each retried ``run.retries`` times),
+        each handing its assembled shard to ``sink``; ``collector`` sees the results in completion order."""
+
+    @abc.abstractmethod
+    def map(self, fn, items: list, desc: str = "tasks", *, samples=None, max_retries: Optional[int] = None,
+            max_in_flight: Optional[int] = None, progress: Optional[bool] = None) -> list:
+        """``fn(item)`` for every item, :attr:`slots` (or ``max_in_flight``) at once, each retried
+        ``max_retries`` (default: the run's ``retries``) times: an :class:`Outcome` per item, in input order.
+        ``samples(result)``, if given, is what the progress bar counts for a finished item."""
