@@ -50,7 +50,7 @@ def shards_digest(urls) -> str:
 
 
 class ReferenceAccumulator:
-    """The fit's collector (:class:`pipeline.executor.Collector`): merges shard results in input order (so
+    """The fit's collector (:class:`pipeline.executors.Collector`): merges shard results in input order (so
     the reference set, and the file, do not depend on timing), splitting each row into the fit or the
     held-out set by a hash of its key; with ``--clusters``, it also keeps the fit rows whose key hashes are
     smallest (:class:`~pipeline.whitening.moments.HashSample`) for the clusters."""

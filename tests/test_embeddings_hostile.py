@@ -238,7 +238,7 @@ def test_an_embeddings_fit_that_cannot_end_in_stats_is_refused_before_reading(tm
         raise AssertionError("the fit started reading files")
 
     folder = _folder(tmp_path / "laion")
-    monkeypatch.setattr(embedded, "file_runner", no_work)
+    monkeypatch.setattr(embedded, "open_executor", no_work)
     stats = tmp_path / "stats.safetensors"
     _refused(capsys, main(["fit", "--embeddings", str(folder), "--output", str(stats), *flags, *RUN]), "fit", expected)
     assert not stats.exists()
@@ -252,12 +252,12 @@ def test_an_embeddings_fit_that_cannot_end_in_stats_is_refused_before_reading(tm
 ])
 def test_a_tar_fit_that_cannot_end_in_stats_is_refused_before_encoding(tmp_path, capsys, monkeypatch, flags,
                                                                        expected):
-    from pipeline import launch
+    from pipeline import fit
 
     def no_work(*args, **kwargs):
         raise AssertionError("the fit started its shards")
 
-    monkeypatch.setattr(launch, "jobs", no_work)
+    monkeypatch.setattr(fit, "open_executor", no_work)
     urls = clean_shards(tmp_path, shards=1, per_shard=4)
     stats = tmp_path / "stats.safetensors"
     _refused(capsys, main(["fit", "--input", *urls, "--model", "wclip-tiny", "--random-init", "--output", str(stats),

@@ -378,7 +378,7 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
 
     ``mapper`` runs the resharding's copy tasks (needed with ``cfg.inputs``): ``mapper(fn, items, desc=,
     max_retries=, max_in_flight=, progress=)`` returns an outcome (``item``, ``ok``, ``error``) per item,
-    as :func:`pipeline.runtime.map_tasks` does.
+    as :meth:`pipeline.executors.Executor.map` does.
     """
     from pipeline import __version__
 

@@ -10,7 +10,7 @@ consecutive input shards (each read once); an output shard that spans two groups
 and joined afterwards. Member names are only ever written *inside* tars; file names come from the shard
 numbers. The shards' metadata carries the local likelihood's columns when the scores have them (``local``).
 The tasks run through a ``mapper`` the caller passes in (the command passes
-:func:`pipeline.runtime.map_tasks`); every file is written crash-safe through :mod:`pipeline.storage`.
+:meth:`pipeline.executors.Executor.map`); every file is written crash-safe through :mod:`pipeline.storage`.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
     ``local``: the kept rows have the local likelihood's columns, which the shards' metadata then carries.
 
     ``mapper(fn, items, desc=, max_retries=, max_in_flight=, progress=)`` runs the copy and assembly tasks
-    and returns an outcome (``item``, ``ok``, ``error``) per item (:func:`pipeline.runtime.map_tasks`); it is
+    and returns an outcome (``item``, ``ok``, ``error``) per item (:meth:`pipeline.executors.Executor.map`); it is
     called only when there is something to do.
     """
     out_dir = str(out_dir)

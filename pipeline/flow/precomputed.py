@@ -2,7 +2,7 @@
 score a file into its Parquet table, or sum its reference moments. No model, no torch: NumPy on row blocks,
 float32 for the whitening (like ``((x - mu) @ W) ** 2``), float64 for the fit's moments.
 
-Tasks know nothing about where they run (:mod:`pipeline.filemap`: threads of one process, or Ray tasks);
+Tasks know nothing about where they run (:mod:`pipeline.executors`: threads of one process, or Ray tasks);
 their memory is bounded by ``block_rows`` plus the file's metadata and scores.
 """
 

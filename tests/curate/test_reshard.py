@@ -221,7 +221,7 @@ def _one_shard(tmp_path, samples, rows, include_failed=False):
     (copy tasks on threads), to call."""
     from pipeline.config import FilterConfig
     from pipeline.curate.filter import run_filter
-    from pipeline.filemap import map_on_threads
+    from pipeline.executors.local import map_on_threads
 
     (tmp_path / "data").mkdir()
     (tmp_path / "scores").mkdir()
