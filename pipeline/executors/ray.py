@@ -226,13 +226,12 @@ class _Shards(_Refs):
         self._asked = None  # the board's answer to come
         self._keys = 0
 
-    def key(self, ref, key: int):
-        self.key_of[ref] = key
-        return ref
-
-    def next_key(self) -> int:
+    def submit(self, start: Callable):
+        """``start(board, key)`` starts a shard task that reports to ``board`` as ``key``: its ObjectRef."""
         self._keys += 1
-        return self._keys
+        ref = start(self.board, self._keys)
+        self.key_of[ref] = self._keys
+        return ref
 
     def live(self, handles: list) -> dict:
         running = {self.key_of[h]: h for h in handles if h in self.key_of}
@@ -272,9 +271,8 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
     shards = _Shards()
 
     def submit(url: str):
-        key = shards.next_key()
-        return shards.key(task.remote(url, shard_config(run, url), encoders, transforms_ref, sink, shards.board,
-                                      key), key)
+        return shards.submit(lambda board, key: task.remote(url, shard_config(run, url), encoders, transforms_ref,
+                                                            sink, board, key))
 
     try:
         return run_job(shards, submit, run, urls, sink, collector, skipped,
