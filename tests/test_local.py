@@ -66,7 +66,7 @@ def _dies(tmp_path, targets):
     """encode_shard, except that targets[0] kills its worker once and targets[1] every time."""
     real, flag = stage.encode_shard, tmp_path / "died-once"
 
-    def encode_shard(url, run, st, sink):
+    def encode_shard(url, run, st, sink, report=None):
         with open(tmp_path / "attempts.log", "a") as fh:
             fh.write(url + "\n")
         if url == targets[0] and not flag.exists():
@@ -74,7 +74,7 @@ def _dies(tmp_path, targets):
             os.kill(os.getpid(), signal.SIGKILL)
         if url == targets[1]:
             os._exit(3)
-        return real(url, run, st, sink)
+        return real(url, run, st, sink, report=report)
     return encode_shard
 
 
@@ -104,14 +104,14 @@ def test_an_error_in_a_shard_is_retried_then_recorded(corpus, tmp_path, monkeypa
     _, targets, stats_path = corpus
     real, log = stage.encode_shard, tmp_path / "attempts.log"
 
-    def flaky(url, run, st, sink):
+    def flaky(url, run, st, sink, report=None):
         with open(log, "a") as fh:
             fh.write(url + "\n")
         if url == targets[2]:
             raise ValueError("this shard always fails")
         if url == targets[3] and log.read_text().split().count(url) == 1:
             raise OSError("a transient read error")
-        return real(url, run, st, sink)
+        return real(url, run, st, sink, report=report)
 
     monkeypatch.setattr(stage, "encode_shard", flaky)
     summary = _score(targets, stats_path, tmp_path / "scores", executor="local", max_in_flight=2, retries=2)
@@ -311,7 +311,7 @@ def test_file_maps_on_threads_are_bounded_retried_and_kept_in_input_order(caplog
     assert state["peak"] == 2
     lines = [r.getMessage() for r in caplog.records]
     assert "failed after 2 retries: ValueError: three always fails" in lines
-    assert "files: 8/8 shards, 250 samples" in lines[-1]  # failed items count on the bar, without samples
+    assert "files: 8/8 tasks, 250 samples" in lines[-1]  # failed items count on the bar, without samples
 
 
 def test_one_place_chooses_and_ray_starts_only_when_a_task_runs(tmp_path, monkeypatch):

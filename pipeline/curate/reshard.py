@@ -189,13 +189,17 @@ def part_rows(part: InputPart, local: bool = False) -> list:
 
 def copy_job(job: CopyJob) -> dict:
     """Copy task: every kept row of ``job``'s input shards goes to its output shard: the sample's members
-    into the tar when it can be read, its metadata row in any case; returns counts."""
-    outputs, unreadable = _Outputs(job), 0
+    into the tar when it can be read, its metadata row in any case; returns counts: ``rows`` placed,
+    ``unreadable`` samples, ``copied``: samples whose members this run wrote (none into an output shard or
+    piece that an earlier run finished)."""
+    outputs, unreadable, copied = _Outputs(job), 0, 0
     try:
         for part in job.parts:
             for outcome in kept_samples(part.url, part_rows(part, job.local), job.input_format):
-                outputs.next_sink().add(outcome)
+                sink = outputs.next_sink()
+                sink.add(outcome)
                 unreadable += outcome.sample is None
+                copied += outcome.sample is not None and not sink.skip
     except BaseException:
         outputs.abort()
         raise
@@ -203,7 +207,12 @@ def copy_job(job: CopyJob) -> dict:
     if outputs.pos != job.end:
         raise RuntimeError(f"copy task over {job.parts[0].url}..: {outputs.pos - job.start} kept rows placed, "
                            f"{job.end - job.start} planned")
-    return {"rows": job.end - job.start, "unreadable": unreadable}
+    return {"rows": job.end - job.start, "unreadable": unreadable, "copied": copied}
+
+
+def copied_samples(result: dict) -> int:
+    """What the copy line counts for a finished copy task: the samples it copied."""
+    return result["copied"]
 
 
 def straddling(jobs: list) -> list:
@@ -281,9 +290,10 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
     """Copy the kept samples of ``urls`` (in ``input_format``) into ``out_dir`` (resumable); returns a summary.
     ``local``: the kept rows have the local likelihood's columns, which the shards' metadata then carries.
 
-    ``mapper(fn, items, desc=, max_retries=, max_in_flight=, progress=)`` runs the copy and assembly tasks
-    and returns an outcome (``item``, ``ok``, ``error``) per item (:meth:`pipeline.executors.Executor.map`); it is
-    called only when there is something to do.
+    ``mapper(fn, items, desc=, samples=, max_retries=, max_in_flight=, progress=)`` runs the copy and
+    assembly tasks (``samples(result)``: what a finished task counts on the progress line) and returns an
+    outcome (``item``, ``ok``, ``error``) per item (:meth:`pipeline.executors.Executor.map`); it is called
+    only when there is something to do.
     """
     out_dir = str(out_dir)
     pairs, unmatched, unused = match_inputs(urls, shards)
@@ -300,7 +310,7 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
     failed, ready = [], []
     options = dict(max_retries=retries, max_in_flight=max_in_flight, progress=progress)
     if todo:
-        for outcome in mapper(copy_job, todo, desc="copy", **options):
+        for outcome in mapper(copy_job, todo, desc="copy", samples=copied_samples, **options):
             if not outcome.ok:
                 failed.append({"inputs": [p.url for p in outcome.item.parts], "error": outcome.error})
     ready = [s for s in assemble_items if all(storage.exists(p) for p in s[3])]

@@ -9,6 +9,11 @@ workers as cores). Elsewhere the workers are spawned and each loads the model on
 is one task, as on Ray: read, decode, encode, score and written by the worker
 (:func:`pipeline.flow.stage.encode_shard`), so exactly one set of outputs per shard, written crash-safe.
 
+Progress within a shard: each worker process shares one array of counters with the command (``RawArray``,
+inherited at start); a shard task gets a free slot of it and writes there the samples it has done so far
+(an 8-byte store per chunk: no lock, no pipe, nothing left half-written when a worker is killed), and the
+loop reads the slots of the running tasks (:meth:`_Workers.live`).
+
 Failures, as on Ray (the loop of :mod:`pipeline.executors.loop`): an exception in a task retries it
 (``--retries``), then records it as failed. A worker that dies (killed, out of memory, a crash in a native
 library) takes the pool down with it: the shards that were running are not charged for it but rerun one at
@@ -47,6 +52,7 @@ from pipeline.executors.contract import (
     usable_cpus,
 )
 from pipeline.executors.loop import Backend, map_items, run_job
+from pipeline.progress import TaskReport
 
 log = logging.getLogger("wclip")
 
@@ -59,16 +65,16 @@ def _context():
     return multiprocessing.get_context("fork" if FORK else "spawn")
 
 
-_JOB: dict = {}  # in a worker: the job's (token, spec, encode config, stats), given once when it starts
+_JOB: dict = {}  # in a worker: the job's (token, spec, encode config, stats) and the progress counters
 
 
-def _remember(local: tuple, parent: int) -> None:
+def _remember(local: tuple, parent: int, counts) -> None:
     # Ctrl-C is the command's to handle (it stops the workers); a worker would only print a traceback. A
     # handler that does nothing, not SIG_IGN: an ignored signal stays ignored in the programs a worker starts
     # (`pipe:` commands), which must still stop on Ctrl-C
     signal.signal(signal.SIGINT, _ignore)
     _die_with(parent)
-    _JOB["local"] = local
+    _JOB["local"], _JOB["counts"] = local, counts
     threads = local[2].threads
     if threads:
         import torch
@@ -101,17 +107,23 @@ def _info() -> dict:
     return _stage().info()
 
 
-def _shard(url: str, run: RunConfig, sink):
+def _shard(url: str, run: RunConfig, sink, slot: int):
     from pipeline.flow import stage
 
-    return stage.encode_shard(url, run, _stage(), sink)
+    counts = _JOB["counts"]
+
+    def send(n: int) -> None:
+        counts[slot] = n
+
+    # a store to shared memory per chunk costs nothing: no rate limit (every=0)
+    return stage.encode_shard(url, run, _stage(), sink, report=TaskReport(send, every=0))
 
 
 class _Futures(Backend):
     """Futures of a thread or process pool; the loop retries."""
 
-    def wait_any(self, handles: list) -> list:
-        return list(wait(handles, return_when=FIRST_COMPLETED).done)
+    def wait_any(self, handles: list, timeout: float) -> list:
+        return list(wait(handles, timeout=timeout, return_when=FIRST_COMPLETED).done)
 
     def result(self, handle):
         return handle.result()
@@ -128,6 +140,10 @@ class _Workers(_Futures):
 
     def died(self, handle) -> bool:
         return isinstance(handle.exception(), BrokenProcessPool)
+
+    def live(self, handles: list) -> dict:
+        slots, counts = self.executor.slot_of, self.executor.counts
+        return {handle: counts[slots[handle]] for handle in handles if handle in slots}
 
     def recover(self, handles: list) -> None:
         wait(handles)  # every future of a broken pool is finished, most with BrokenProcessPool
@@ -159,6 +175,8 @@ class LocalExecutor(Executor):
         self.workers = run.max_in_flight or self.cpus
         self._pool: Optional[ProcessPoolExecutor] = None
         self._local: Optional[tuple] = None  # the job's model and stats, handed to each worker as it starts
+        self.counts = _context().RawArray("q", self.workers)  # samples done so far, a slot per running shard
+        self.slot_of: dict = {}  # shard task (future) -> its slot of ``counts``
 
     def __exit__(self, *exc):
         self.close_pool(stop=exc[0] is not None)
@@ -175,7 +193,7 @@ class LocalExecutor(Executor):
             # every object it visits, would copy those pages into each worker (gc.freeze's documented purpose)
             gc.freeze()
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
-                                             initializer=_remember, initargs=(self._local, os.getpid()))
+                                             initializer=_remember, initargs=(self._local, os.getpid(), self.counts))
         return self._pool
 
     def close_pool(self, stop: bool = False) -> None:
@@ -220,9 +238,20 @@ class LocalExecutor(Executor):
         """Process ``urls`` with at most ``self.workers`` shards at once (see the module's docstring for
         retries and dead workers); ``collector`` sees the results in completion order."""
         def submit(url: str):
-            return self._open().submit(_shard, url, shard_config(run, url), sink)
+            slot = self._free_slot()
+            self.counts[slot] = 0
+            future = self._open().submit(_shard, url, shard_config(run, url), sink, slot)
+            self.slot_of[future] = slot
+            return future
 
         return run_job(_Workers(self), submit, run, urls, sink, collector, skipped, limit=self.workers)
+
+    def _free_slot(self) -> int:
+        """A slot of :attr:`counts` no running shard task writes to (a finished task writes no more; the
+        loop runs at most :attr:`workers` at once)."""
+        for future in [f for f in self.slot_of if f.done()]:
+            del self.slot_of[future]
+        return min(set(range(self.workers)) - set(self.slot_of.values()))
 
     # -- file maps ----------------------------------------------------------------------------------------
     def map(self, fn, items: list, desc: str = "tasks", *, samples=None, max_retries: Optional[int] = None,

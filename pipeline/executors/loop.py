@@ -2,7 +2,9 @@
 recorded, progress shown, for shard jobs (:func:`run_job`) and file maps (:func:`map_items`) alike.
 
 It is parameterised by how a backend submits a task (``submit(item) -> handle``) and by a :class:`Backend`
-that waits for any handle to finish and gives its result:
+that waits (at most :data:`pipeline.progress.POLL_S` at a time) for any handle to finish, gives its result,
+and says how many samples each running task has done so far (:meth:`Backend.live`: the shard tasks report
+as they go, so the bar and the log lines move within a shard, not only when one ends):
 
 * Ray (:mod:`pipeline.executors.ray`): ObjectRefs and ``ray.wait``. Ray retries a task itself
   (``max_retries``, system failures such as a lost node included), so the loop adds no attempts
@@ -23,7 +25,7 @@ from collections import deque
 from typing import Callable, Optional
 
 from pipeline.executors.contract import Collector, JobReport, Outcome, describe_error, failure_line, summary_rows
-from pipeline.progress import Progress
+from pipeline.progress import POLL_S, Progress
 
 log = logging.getLogger("wclip")
 
@@ -34,9 +36,13 @@ class Backend:
     retries_itself = False  # True: the backend retries a failed task (Ray); the loop adds no attempts
     death = ""  # the error a task is charged with when it killed its worker running alone
 
-    def wait_any(self, handles: list) -> list:
-        """The handles among ``handles`` that have finished, at least one (blocks until then)."""
+    def wait_any(self, handles: list, timeout: float) -> list:
+        """The handles among ``handles`` that have finished: at least one, or none after ``timeout`` s."""
         raise NotImplementedError
+
+    def live(self, handles: list) -> dict:
+        """``{handle: samples done so far}`` of the running ``handles`` that reported (none by default)."""
+        return {}
 
     def result(self, handle):
         """The finished task's result; raises its error."""
@@ -54,16 +60,23 @@ def _never() -> bool:
     return False
 
 
+def _ignore(running: dict) -> None:
+    pass
+
+
 def run_tasks(backend: Backend, submit: Callable, items: list, *, limit: int, retries: int,
-              done: Callable, failed: Callable, stop: Callable[[], bool] = _never) -> None:
+              done: Callable, failed: Callable, stop: Callable[[], bool] = _never,
+              tick: Callable[[dict], None] = _ignore) -> None:
     """Run ``submit(items[i])`` for every ``i``, at most ``limit`` at once, starting no more once ``stop()``;
     ``done(i, result)`` for each success, ``failed(i, error)`` for each task that failed after ``retries``
-    more attempts (made here unless the backend retries itself)."""
+    more attempts (made here unless the backend retries itself); ``tick({i: samples done so far})`` of the
+    running tasks every :data:`POLL_S` seconds, before the finished ones are handed over."""
     queue = deque(range(len(items)))
     alone: deque = deque()  # tasks that were running when a worker died: rerun one at a time
     attempts = [0] * len(items)
     own_retries = 0 if backend.retries_itself else retries
     running: dict = {}
+    ticked = time.monotonic()
 
     def charge(i: int, error: str, again: deque) -> None:
         attempts[i] += 1
@@ -86,7 +99,11 @@ def run_tasks(backend: Backend, submit: Callable, items: list, *, limit: int, re
             running[submit(items[i])] = i
         if not running:
             break
-        ready = backend.wait_any(list(running))
+        ready = backend.wait_any(list(running), POLL_S)
+        if time.monotonic() - ticked >= POLL_S:
+            ticked = time.monotonic()
+            still = [handle for handle in running if handle not in ready]
+            tick({running[handle]: n for handle, n in backend.live(still).items()})
         if any(backend.died(handle) for handle in ready):
             _worker_died(backend, running, alone, charge)
             continue
@@ -133,15 +150,16 @@ def run_job(backend: Backend, submit: Callable, run, urls: list, sink, collector
         def done(i: int, result: dict) -> None:
             report.add(result)
             collector.add(i, urls[i], result)
-            bar.update(1, samples=summary_rows(result))
+            bar.update(1, samples=summary_rows(result), key=i)
 
         def failed(i: int, error: str) -> None:
             report.failed.append((urls[i], error))
             collector.failed(i, urls[i])
             bar.write(failure_line(run.retries, error, urls[i]))
+            bar.update(0, key=i)
 
         run_tasks(backend, submit, urls, limit=limit, retries=run.retries, done=done, failed=failed,
-                  stop=lambda: collector.stop)
+                  stop=lambda: collector.stop, tick=bar.running)
     report.elapsed = time.time() - started
     return report
 
@@ -151,15 +169,16 @@ def map_items(backend: Backend, submit: Callable, items: list, *, desc: str, lim
     """A file map: :func:`run_tasks` over ``items``, an :class:`Outcome` per item in input order, a progress
     bar that counts failed items too (``samples(result)``: what a finished item adds to its samples)."""
     outcomes: list = [None] * len(items)
-    with Progress(total=len(items), desc=desc, enabled=progress) as bar:
+    with Progress(total=len(items), desc=desc, enabled=progress, unit="tasks", samples=samples is not None) as bar:
         def done(i: int, result) -> None:
             outcomes[i] = Outcome(items[i], True, result)
-            bar.update(1, samples=samples(result) if samples else 0)
+            bar.update(1, samples=samples(result) if samples else 0, key=i)
 
         def failed(i: int, error: str) -> None:
             outcomes[i] = Outcome(items[i], False, error=error)
             bar.write(failure_line(retries, error))
-            bar.update(1, samples=0)
+            bar.update(1, samples=0, key=i)
 
-        run_tasks(backend, submit, items, limit=limit, retries=retries, done=done, failed=failed)
+        run_tasks(backend, submit, items, limit=limit, retries=retries, done=done, failed=failed,
+                  tick=bar.running)
     return outcomes

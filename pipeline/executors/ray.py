@@ -9,6 +9,13 @@ differs. File tasks are one Ray task each. The driver keeps a bounded number of 
 ones that keep failing and shows progress (:mod:`pipeline.executors.loop`); Ray retries them itself
 (``max_retries``), so tasks and actors survive the loss of their node (retried, restarted).
 
+Progress within a shard: a job's shard tasks send the samples they have done so far to one small actor of
+the job (:class:`_Board`, no CPU reserved, placed on the driver's node; a fire-and-forget call at most every
+:data:`pipeline.progress.REPORT_EVERY_S` per task, holding only the latest count per running task), which
+the driver asks every :data:`pipeline.progress.POLL_S` without waiting for the answer (it takes it on its
+next poll). An actor is the one channel that reaches the driver from every node; a ``ray.util.queue`` is an
+actor too, but keeps every message where this keeps one number per running task.
+
 The session (attached to a cluster, or a private local Ray) opens on the executor's first use: a command
 that ends up with nothing to run (``wclip filter`` resumed with every copy done) never starts Ray.
 """
@@ -25,6 +32,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import RayOptions, RunConfig
 from pipeline.executors.contract import (
@@ -38,6 +46,7 @@ from pipeline.executors.contract import (
 from pipeline.executors.loop import Backend, map_items, run_job
 from pipeline.flow import stage
 from pipeline.flow.stage import EncodeStage
+from pipeline.progress import TaskReport
 
 OUTSTANDING_CHUNKS = 2  # chunks a shard task may have at the encoders at once (bounds memory)
 ENCODER_RESTARTS = 20  # restarts of one encoder actor over a job (node losses)
@@ -100,8 +109,8 @@ class _Refs(Backend):
 
     retries_itself = True
 
-    def wait_any(self, handles: list) -> list:
-        return ray.wait(handles, num_returns=1)[0]
+    def wait_any(self, handles: list, timeout: float) -> list:
+        return ray.wait(handles, num_returns=1, timeout=timeout)[0]
 
     def result(self, handle):
         return ray.get(handle)
@@ -188,11 +197,66 @@ def _on_actors(actors: list, url: str) -> Callable:
     return encode
 
 
-def _shard_task(url, run: RunConfig, encoders: Encoders, transforms, sink):
-    """Read one shard, encode it (here, or on the actors), and hand the assembled shard to ``sink.finish``."""
+class _Board:
+    """Samples done so far by each running shard task of a job (task key -> count): the tasks send theirs,
+    the driver takes those of the tasks still running (the others are dropped)."""
+
+    def __init__(self):
+        self.counts: dict = {}
+
+    def report(self, key: int, samples: int) -> None:
+        self.counts[key] = samples
+
+    def take(self, keys: list) -> dict:
+        keys = set(keys)
+        self.counts = {k: n for k, n in self.counts.items() if k in keys}
+        return self.counts
+
+
+class _Shards(_Refs):
+    """The shard tasks' ObjectRefs, with their progress from the job's :class:`_Board`."""
+
+    def __init__(self):
+        here = ray.get_runtime_context().get_node_id()
+        placement = NodeAffinitySchedulingStrategy(node_id=here, soft=True) if here else "DEFAULT"
+        self.board = ray.remote(num_cpus=0, max_restarts=-1)(_Board).options(
+            scheduling_strategy=placement).remote()
+        self.key_of: dict = {}  # a running task's ObjectRef -> its key
+        self.counts: dict = {}  # key -> samples, as the last answer said
+        self._asked = None  # the board's answer to come
+        self._keys = 0
+
+    def submit(self, start: Callable):
+        """``start(board, key)`` starts a shard task that reports to ``board`` as ``key``: its ObjectRef."""
+        self._keys += 1
+        ref = start(self.board, self._keys)
+        self.key_of[ref] = self._keys
+        return ref
+
+    def live(self, handles: list) -> dict:
+        running = {self.key_of[h]: h for h in handles if h in self.key_of}
+        self.key_of = {h: k for k, h in running.items()}  # finished tasks are not asked about again
+        if self._asked is not None and ray.wait([self._asked], timeout=0)[0]:
+            try:
+                self.counts = ray.get(self._asked)
+            except ray.exceptions.RayError:  # the board's node was lost: it restarts, counting from scratch
+                self.counts = {}
+            self._asked = None
+        if self._asked is None:
+            self._asked = self.board.take.remote(list(running))
+        return {h: self.counts[k] for k, h in running.items() if k in self.counts}
+
+    def close(self) -> None:
+        ray.kill(self.board)
+
+
+def _shard_task(url, run: RunConfig, encoders: Encoders, transforms, sink, board, key: int):
+    """Read one shard, encode it (here, or on the actors), and hand the assembled shard to ``sink.finish``;
+    the samples done so far go to ``board`` as they grow."""
+    report = TaskReport(lambda samples: board.report.remote(key, samples))
     if encoders.local:
-        return stage.encode_shard(url, run, _local_stage(encoders.local), sink)
-    return stage.assemble_shard(url, run, transforms, _on_actors(encoders.actors, url), sink)
+        return stage.encode_shard(url, run, _local_stage(encoders.local), sink, report=report)
+    return stage.assemble_shard(url, run, transforms, _on_actors(encoders.actors, url), sink, report)
 
 
 def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: Optional[Collector] = None,
@@ -204,12 +268,17 @@ def run_shards(run: RunConfig, urls: list, encoders: Encoders, sink, collector: 
     if transforms_ref is not None:
         ray.wait([transforms_ref])
     task = ray.remote(num_cpus=1, max_retries=run.retries, retry_exceptions=True)(_shard_task)
+    shards = _Shards()
 
     def submit(url: str):
-        return task.remote(url, shard_config(run, url), encoders, transforms_ref, sink)
+        return shards.submit(lambda board, key: task.remote(url, shard_config(run, url), encoders, transforms_ref,
+                                                            sink, board, key))
 
-    return run_job(_Refs(), submit, run, urls, sink, collector, skipped,
-                   limit=run.max_in_flight or cluster_cpus())
+    try:
+        return run_job(shards, submit, run, urls, sink, collector, skipped,
+                       limit=run.max_in_flight or cluster_cpus())
+    finally:
+        shards.close()
 
 
 class RayExecutor(Executor):

@@ -68,19 +68,27 @@ def shard_chunks(url: str, run, transforms):
     return reader, read_chunks(url, run.inputs, Preprocessor(preprocess), tokenizer, run.chunk_size, reader)
 
 
-def assemble_shard(url: str, run, transforms, encode, sink):
+def _no_report(samples: int) -> None:
+    pass
+
+
+def assemble_shard(url: str, run, transforms, encode, sink, report=_no_report):
     """The shard body of every executor: read shard ``url`` (preprocessed with ``transforms``), have
     ``encode(chunks, keep_embeddings)`` yield ``(prepared, chunk, ChunkResult)`` for its chunks in order,
     assemble exactly one row per sample read, and hand the shard to ``sink.finish``. Only ``encode`` differs:
-    a stage in this process (:func:`encode_shard`) or encoder actors (:mod:`pipeline.executors.ray`)."""
+    a stage in this process (:func:`encode_shard`) or encoder actors (:mod:`pipeline.executors.ray`).
+    ``report(samples)`` after each chunk: the rows assembled so far (a :class:`pipeline.progress.TaskReport`
+    that the executor carries to the progress bar)."""
     assembler = ShardAssembler(url)
     reader, chunks = shard_chunks(url, run, transforms)
     for prepared, chunk, result in encode(chunks, sink.keep_embeddings):
         assembler.add(prepared, chunk, result)
+        report(len(assembler.rows))
     return sink.finish(assembler, reader.damage)
 
 
-def encode_shard(url: str, run, stage: EncodeStage, sink):
+def encode_shard(url: str, run, stage: EncodeStage, sink, report=_no_report):
     """Read one shard, encode and score it with ``stage`` in this process, and hand the assembled shard to
-    ``sink.finish`` (what a reader task does on CPU-only machines, under either executor)."""
-    return assemble_shard(url, run, stage.transforms(), stage.encode_chunks, sink)
+    ``sink.finish`` (what a reader task does on CPU-only machines, under either executor); ``report`` as
+    in :func:`assemble_shard`."""
+    return assemble_shard(url, run, stage.transforms(), stage.encode_chunks, sink, report)

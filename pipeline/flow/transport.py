@@ -81,8 +81,20 @@ class _GuardedStream(io.RawIOBase):
         self._buffer = self._buffer[n:]
         return n
 
+    def _read(self) -> bytes:
+        """What the transport has now, up to ``CHUNK`` bytes: a ``pipe:`` command's output is read with
+        ``read1``, so a slow command's bytes reach the reader as they come (a plain ``read`` waited for a
+        whole MiB: a small shard read slowly showed nothing until its end, and a source slower than a MiB
+        per ``stall_timeout`` looked stalled)."""
+        stream = getattr(self.raw, "stream", None)  # webdataset's Pipe around the command's stdout
+        if hasattr(stream, "read1") and hasattr(self.raw, "check_status"):
+            data = stream.read1(self.CHUNK)
+            self.raw.check_status()  # as Pipe.read does after each read: a command that failed raises
+            return data
+        return self.raw.read(self.CHUNK)
+
     def _fetch(self) -> bytes:
-        future = self._pool.submit(self.raw.read, self.CHUNK)
+        future = self._pool.submit(self._read)
         try:
             return future.result(timeout=self.stall_timeout)
         except concurrent.futures.TimeoutError:
