@@ -204,6 +204,53 @@ class FilterConfig:
             raise ValueError("--output must be a different folder from --scores")
 
 
+DEDUP_CLUSTERS = ("auto", "scores", "kmeans")  # where dedup's clusters come from
+DEDUP_CLUSTER_ROWS = 50_000  # rows an own k-means cluster holds on average: K = ceil(rows / this)
+DEDUP_BLOCK = 4096  # rows per side of one block product in dedup's pair search
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """``wclip dedup``: duplicate groups of a scores folder's rows, and the one row each group keeps."""
+
+    scores: str                       # scores folder
+    output: str                       # dedup folder (its own; score files are never rewritten)
+    keep: str = "clip_score:highest"  # the representative rule (pipeline.curate.dedup_pairs.Rule)
+    eps: float = 0.05                 # duplicates: cosine >= 1 - eps
+    embeddings: tuple = ()            # embeddings paths (default: the scores folder's saved ones)
+    embedding_key: Optional[str] = None  # DataComp .npz arrays: "l14" or "b32"
+    tower: str = "image"              # whose embeddings and clusters
+    clusters: str = "auto"            # DEDUP_CLUSTERS: the scores' <tower>_cluster, or an own k-means
+    cluster_rows: int = DEDUP_CLUSTER_ROWS
+    cluster_sample: int = CLUSTER_SAMPLE  # rows the own k-means is found on (smallest key hashes)
+    seed: int = 0                     # k-means, and --keep random
+    block: int = DEDUP_BLOCK
+    device: str = "cpu"               # torch device of the pair search
+    overwrite: bool = False
+    ray: object = None                # RayOptions
+    max_in_flight: Optional[int] = None
+    retries: int = 2
+    progress: Optional[bool] = None
+    executor: str = "auto"
+
+    def __post_init__(self):
+        _check_executor(self.executor)
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"--eps must be in (0, 1) (duplicates: cosine >= 1 - eps); got {self.eps}")
+        if self.clusters not in DEDUP_CLUSTERS:
+            raise ValueError(f"--clusters must be one of {', '.join(DEDUP_CLUSTERS)}; got {self.clusters!r}")
+        if self.tower not in ("image", "text"):
+            raise ValueError(f"--tower must be image or text; got {self.tower!r}")
+        if self.embedding_key is not None and self.embedding_key not in EMBEDDING_KEYS:
+            raise ValueError(f"--embedding-key must be one of {EMBEDDING_KEYS}; got {self.embedding_key!r}")
+        for name in ("cluster_rows", "cluster_sample", "block"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        _positive("max_in_flight", self.max_in_flight, allow_none=True)
+        _non_negative("retries", self.retries)
+        if Path(self.output).resolve() == Path(self.scores).resolve():
+            raise ValueError("--output must be a different folder from --scores")
+
+
 @dataclass(frozen=True)
 class CardConfig:
     """Everything ``wclip card`` needs."""
