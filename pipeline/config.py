@@ -191,9 +191,17 @@ class FilterConfig:
     retries: int = 2                  # extra attempts for a failed copy task
     progress: bool | None = None      # progress bars (default: on a terminal)
     executor: str = "auto"            # the copy tasks: "local" threads, "ray" tasks, "auto" (Ray on a cluster)
+    dedup: str | None = None          # a `wclip dedup` folder: removed duplicates are not eligible
+    balance: str | None = None        # a group column (image_cluster): fractions become per-group quotas
+    balance_alpha: float = 0.5        # quotas proportional to group size ** alpha
 
     def __post_init__(self):
         _check_executor(self.executor)
+        if not 0.0 <= self.balance_alpha <= 1.0:
+            raise ValueError(f"--balance-alpha must be in [0, 1]; got {self.balance_alpha}")
+        if self.balance and not any(getattr(c, "kind", None) == "fraction" for c in self.conditions):
+            raise ValueError(f"--balance {self.balance} splits a --keep-fraction into per-cluster quotas: "
+                             f"give one (e.g. --keep-fraction clip_score=0.5)")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}; got {self.input_format!r}")
         if self.samples_per_shard < 1:

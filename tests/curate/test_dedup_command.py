@@ -116,3 +116,62 @@ def test_same_on_ray_and_resume_and_refusals(corpus, tmp_path, ray_local, capsys
     assert _dedup(root, tmp_path / "c", "--clusters", "scores") == 2
     assert "the scores have no image_cluster column" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_filter_dedup_composes_with_a_fraction(corpus, tmp_path, capsys):
+    root, _, _ = corpus
+    assert _dedup(root, tmp_path / "d", "--clusters", "kmeans", "--cluster-rows", "1000") == 0
+    dedup = read_dedup(tmp_path / "d")
+    assert main(["filter", "--scores", str(root / "scores"), "--dedup", str(tmp_path / "d"), "--keep-fraction",
+                 "clip_score=0.5", "--output", str(tmp_path / "f"), "--executor", "local"]) == 0
+    report = json.loads((tmp_path / "f" / "filter.json").read_text())
+    representatives = int(dedup["kept"].sum())
+    assert representatives == 650 and report["eligible"] == 650 and report["kept"] == 325
+    assert report["dedup"]["removed_duplicates"] == 100 and report["dedup"]["eps"] == EPS
+    kept = pq.read_table(sorted((tmp_path / "f" / "kept").glob("*.parquet"))).to_pandas()
+    assert set(kept["key"]) <= set(dedup.loc[dedup["kept"], "key"])
+    scores = pq.read_table(sorted((root / "scores").glob("*.parquet"))).to_pandas()
+    best = scores[dedup["kept"].to_numpy()].nlargest(325, "clip_score")
+    assert sorted(kept["key"]) == sorted(best["key"])
+    capsys.readouterr()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".wclip").mkdir()
+    assert main(["filter", "--scores", str(root / "scores"), "--dedup", str(other), "--keep-fraction",
+                 "clip_score=0.5", "--output", str(tmp_path / "g"), "--executor", "local"]) == 2
+    assert "is not a `wclip dedup` folder" in capsys.readouterr().err
+
+
+def test_balance_splits_the_fraction_into_quotas_by_size_to_the_alpha(corpus, tmp_path, capsys):
+    from pipeline.curate.select import quotas
+
+    root, _, _ = corpus
+    stats = tmp_path / "stats4.safetensors"
+    assert main(["fit", "--embeddings", str(root / "emb"), "--output", str(stats), "--clusters", "4",
+                 "--executor", "local"]) == 0
+    assert main(["score", "--embeddings", str(root / "emb"), "--stats", str(stats), "--output",
+                 str(tmp_path / "scores"), "--executor", "local", "--no-progress"]) == 0
+    assert main(["dedup", "--scores", str(tmp_path / "scores"), "--output", str(tmp_path / "d"), "--embeddings",
+                 str(root / "emb"), "--executor", "local", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["clusters_source"] == "image_cluster" and summary["clusters"] == 4
+    assert main(["filter", "--scores", str(tmp_path / "scores"), "--dedup", str(tmp_path / "d"), "--balance",
+                 "image_cluster", "--keep-fraction", "clip_score=0.4", "--output", str(tmp_path / "f"),
+                 "--executor", "local"]) == 0
+    scores = pq.read_table(sorted((tmp_path / "scores").glob("*.parquet"))).to_pandas()
+    dedup = read_dedup(tmp_path / "d")
+    eligible = scores[dedup["kept"].to_numpy()]
+    sizes = eligible.groupby("image_cluster").size().to_dict()
+    want = quotas(sizes, int(np.ceil(0.4 * len(eligible))), 0.5)
+    kept = pq.read_table(sorted((tmp_path / "f" / "kept").glob("*.parquet"))).to_pandas()
+    assert kept.groupby("image_cluster").size().to_dict() == {c: q for c, q in want.items() if q}
+    for c, q in want.items():  # each cluster keeps its best q rows
+        best = eligible[eligible["image_cluster"] == c].nlargest(q, "clip_score")["key"]
+        assert sorted(kept.loc[kept["image_cluster"] == c, "key"]) == sorted(best)
+    balance = json.loads((tmp_path / "f" / "filter.json").read_text())["conditions"][0]["balance"]
+    assert balance["column"] == "image_cluster" and balance["groups"]["0"]["quota"] == want[0]
+    assert sum(balance["kept"].values()) == len(kept)
+    capsys.readouterr()
+    assert main(["filter", "--scores", str(tmp_path / "scores"), "--balance", "image_cluster", "--min",
+                 "clip_score=0", "--output", str(tmp_path / "g")]) == 2
+    assert "give one (e.g. --keep-fraction clip_score=0.5)" in capsys.readouterr().err
