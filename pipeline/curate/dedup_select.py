@@ -108,7 +108,7 @@ def balanced_thresholds(files, condition, column: str, alpha: float, include_fai
             s.finish_pass()
         passes += 1
     thresholds = {g: sign * s.threshold for g, s in selectors.items()}
-    return {"thresholds": thresholds, "ranked": n, "rank": k, "passes": passes,
+    return {"thresholds": thresholds, "ranked": n, "rank": k, "passes": passes, "alpha": alpha,
             "groups": {g: {"rows": counts[g], "quota": quota[g]} for g in sorted(counts)}}
 
 

@@ -175,3 +175,14 @@ def test_balance_splits_the_fraction_into_quotas_by_size_to_the_alpha(corpus, tm
     assert main(["filter", "--scores", str(tmp_path / "scores"), "--balance", "image_cluster", "--min",
                  "clip_score=0", "--output", str(tmp_path / "g")]) == 2
     assert "give one (e.g. --keep-fraction clip_score=0.5)" in capsys.readouterr().err
+    # the card: the duplicates section and each cluster's quota and kept share
+    assert main(["card", "--scores", str(tmp_path / "scores"), "--stats", str(stats), "--filter",
+                 str(tmp_path / "f"), "--output", str(tmp_path / "card")]) == 0
+    card = json.loads((tmp_path / "card" / "card.json").read_text())
+    d = card["duplicates"]["dedup"]
+    assert d["eps"] == EPS and d["removed"] == summary["removed"] and d["groups"] == summary["groups"]
+    assert len(d["example"]) == 2 and sum(m["kept"] for m in d["example"]) == 1
+    readme = (tmp_path / "card" / "README.md").read_text()
+    assert "## Duplicates and balance" in readme and f"{summary['removed']:,} rows" in readme
+    assert (tmp_path / "card" / card["duplicates"]["plot"]).exists()
+    assert f"| 0 | {sizes[0]} | {want[0]} | {want[0]} |" in readme
