@@ -78,3 +78,12 @@ def test_rule_parse_errors():
         Rule.parse("centroid")
     with pytest.raises(ValueError, match="highest or lowest"):
         Rule.parse("clip_score:best")
+
+
+@pytest.mark.gpu
+def test_cuda_pair_search_equals_the_cpu_one_and_the_oracle():
+    X, _ = planted(20_000, 64, _cosines(4000), seed=5)
+    cpu = find_groups(X, EPS, block=4096, device="cpu")
+    gpu = find_groups(X, EPS, block=4096, device="cuda")
+    np.testing.assert_array_equal(gpu.group, cpu.group)
+    assert gpu.pairs == cpu.pairs == len(oracle_pairs(X, EPS, block=2000)) == 2500
