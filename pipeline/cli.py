@@ -15,7 +15,7 @@ from pipeline import __version__
 from pipeline.commands import HelpFormatter
 from pipeline.errors import WclipError
 
-COMMANDS = ("fit", "score", "filter", "card", "demo", "world", "train-demo")
+COMMANDS = ("fit", "score", "dedup", "filter", "card", "demo", "world", "train-demo")
 
 
 def _module(name: str):

@@ -191,15 +191,70 @@ class FilterConfig:
     retries: int = 2                  # extra attempts for a failed copy task
     progress: bool | None = None      # progress bars (default: on a terminal)
     executor: str = "auto"            # the copy tasks: "local" threads, "ray" tasks, "auto" (Ray on a cluster)
+    dedup: str | None = None          # a `wclip dedup` folder: removed duplicates are not eligible
+    balance: str | None = None        # a group column (image_cluster): fractions become per-group quotas
+    balance_alpha: float = 0.5        # quotas proportional to group size ** alpha
 
     def __post_init__(self):
         _check_executor(self.executor)
+        if not 0.0 <= self.balance_alpha <= 1.0:
+            raise ValueError(f"--balance-alpha must be in [0, 1]; got {self.balance_alpha}")
+        if self.balance and not any(getattr(c, "kind", None) == "fraction" for c in self.conditions):
+            raise ValueError(f"--balance {self.balance} splits a --keep-fraction into per-cluster quotas: "
+                             f"give one (e.g. --keep-fraction clip_score=0.5)")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}; got {self.input_format!r}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1; got {self.samples_per_shard}")
         if self.samples_per_task is not None and self.samples_per_task < 1:
             raise ValueError(f"samples_per_task must be >= 1; got {self.samples_per_task}")
+        if Path(self.output).resolve() == Path(self.scores).resolve():
+            raise ValueError("--output must be a different folder from --scores")
+
+
+DEDUP_CLUSTERS = ("auto", "scores", "kmeans")  # where dedup's clusters come from
+DEDUP_CLUSTER_ROWS = 50_000  # rows an own k-means cluster holds on average: K = ceil(rows / this)
+DEDUP_BLOCK = 4096  # rows per side of one block product in dedup's pair search
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """``wclip dedup``: duplicate groups of a scores folder's rows, and the one row each group keeps."""
+
+    scores: str                       # scores folder
+    output: str                       # dedup folder (its own; score files are never rewritten)
+    keep: str = "clip_score:highest"  # the representative rule (pipeline.curate.dedup_pairs.Rule)
+    eps: float = 0.05                 # duplicates: cosine >= 1 - eps
+    embeddings: tuple = ()            # embeddings paths (default: the scores folder's saved ones)
+    embedding_key: Optional[str] = None  # DataComp .npz arrays: "l14" or "b32"
+    tower: str = "image"              # whose embeddings and clusters
+    clusters: str = "auto"            # DEDUP_CLUSTERS: the scores' <tower>_cluster, or an own k-means
+    cluster_rows: int = DEDUP_CLUSTER_ROWS
+    cluster_sample: int = CLUSTER_SAMPLE  # rows the own k-means is found on (smallest key hashes)
+    seed: int = 0                     # k-means, and --keep random
+    block: int = DEDUP_BLOCK
+    device: str = "cpu"               # torch device of the pair search
+    overwrite: bool = False
+    ray: object = None                # RayOptions
+    max_in_flight: Optional[int] = None
+    retries: int = 2
+    progress: Optional[bool] = None
+    executor: str = "auto"
+
+    def __post_init__(self):
+        _check_executor(self.executor)
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"--eps must be in (0, 1) (duplicates: cosine >= 1 - eps); got {self.eps}")
+        if self.clusters not in DEDUP_CLUSTERS:
+            raise ValueError(f"--clusters must be one of {', '.join(DEDUP_CLUSTERS)}; got {self.clusters!r}")
+        if self.tower not in ("image", "text"):
+            raise ValueError(f"--tower must be image or text; got {self.tower!r}")
+        if self.embedding_key is not None and self.embedding_key not in EMBEDDING_KEYS:
+            raise ValueError(f"--embedding-key must be one of {EMBEDDING_KEYS}; got {self.embedding_key!r}")
+        for name in ("cluster_rows", "cluster_sample", "block"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        _positive("max_in_flight", self.max_in_flight, allow_none=True)
+        _non_negative("retries", self.retries)
         if Path(self.output).resolve() == Path(self.scores).resolve():
             raise ValueError("--output must be a different folder from --scores")
 

@@ -11,6 +11,7 @@ import datetime
 import math
 
 from pipeline import storage
+from pipeline.card.duplicates import duplicates_section
 from pipeline.card.hub import HubOptions, hub_section, plan_copies
 from pipeline.card.measure import clustered_towers, clusters, normality, provenance, summarize
 from pipeline.card.render import CITATION, render_readme
@@ -67,6 +68,9 @@ def build_card(cfg: CardConfig, hub: HubOptions | None = None) -> dict:
         "filter": filter_section, "hub": None, "citation": CITATION,   # hub: once the score files are copied
     }
     card["plots"], notes = draw_all(out, sf, corpus, cfg, cluster_section)
+    duplicates = duplicates_section(cfg.filter_dir, out, cfg.inputs, cfg.thumbnails)
+    if duplicates:  # a card without dedup or balance is as before
+        card["duplicates"] = duplicates
     copied = copies.run() if copies else []
     card["hub"] = hub_section(cfg.scores, out, hub, copied)
     if copied:

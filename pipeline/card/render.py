@@ -6,6 +6,7 @@ import textwrap
 
 import yaml
 
+from pipeline.card.duplicates import duplicates_lines
 from pipeline.card.hub import DEFAULT_LICENSE, data_section, header_fields
 from pipeline.card.markdown import code, text
 
@@ -115,6 +116,7 @@ def render_readme(card: dict) -> str:
 
     out += ["## Filter", ""]
     out += _filter_lines(card.get("filter"))
+    out += duplicates_lines(card.get("duplicates"), _table, _pct)
 
     out += ["## Normality diagnostics", "",
             "Fraction of whitened coordinates whose marginal is not rejected as normal (level 0.05), "

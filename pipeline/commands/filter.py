@@ -14,6 +14,10 @@ conditions (all must hold; repeat each flag as needed):
                              likely/aligned), except *_sqnorm columns, where LOWER is more likely
                              and the lowest are kept. Force a direction with COLUMN:highest=F or
                              COLUMN:lowest=F (e.g. image_loglik:lowest=0.01 for the outliers).
+  --dedup DIR (a `wclip dedup` folder of these scores) makes the duplicates it removed ineligible, so
+  fractions are of the deduplicated rows. --balance COLUMN (e.g. image_cluster) splits each fraction's
+  k = ceil(F * n) kept rows between the groups of COLUMN in proportion to size ** --balance-alpha
+  (default 0.5; no group above its size), each group keeping its best rows.
   Each fraction is resolved on its own over all eligible rows with a value (as in DataComp's
   baselines), exactly: the threshold is the k-th best value, k = ceil(F * n). Rows tied with the
   threshold are all kept, so a fraction keeps at least k rows. Only rows with status "ok" are
@@ -58,6 +62,13 @@ def add_arguments(p):
                    help="keep the best fraction F by COLUMN (see below)")
     g.add_argument("--include-failed", action="store_true",
                    help="rows whose status is not 'ok' are eligible too")
+    g.add_argument("--dedup", metavar="DIR",
+                   help="a `wclip dedup` folder of these scores: the duplicates it removed are not eligible")
+    g.add_argument("--balance", metavar="COLUMN",
+                   help="split each --keep-fraction into per-group quotas of COLUMN (image_cluster, text_cluster)")
+    g.add_argument("--balance-alpha", type=float, default=0.5, metavar="A",
+                   help="--balance quotas proportional to group size ** A (1: the same fraction of every group; "
+                        "0: the same number)")
     o = p.add_argument_group("outputs")
     o.add_argument("--input", nargs="+", metavar="SHARDS",
                    help="the scored shards (URLs, brace patterns, folders): also write new shards")
@@ -111,7 +122,8 @@ def run(args):
             samples_per_shard=args.samples_per_shard, samples_per_task=args.samples_per_task,
             uids=not args.no_uids, ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
             max_in_flight=args.max_in_flight, retries=args.retries,
-            progress=False if args.no_progress else None, executor=args.executor)
+            progress=False if args.no_progress else None, executor=args.executor, dedup=args.dedup,
+            balance=args.balance, balance_alpha=args.balance_alpha)
         if args.dry_run:
             plan = dry_run(cfg)
             print(format_plan(plan), file=sys.stderr)

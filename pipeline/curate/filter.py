@@ -39,6 +39,14 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import FilterConfig
+from pipeline.curate.dedup_select import (
+    BALANCE_ALPHA,
+    DedupKept,
+    balanced_thresholds,
+    group_thresholds,
+    group_values,
+)
+from pipeline.curate.dedup_select import eligible as eligible_rows
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UidCollector, parse_uids
 from pipeline.table import (
@@ -50,7 +58,6 @@ from pipeline.table import (
     float_values,
     iter_batches,
     named_errors,
-    ok_mask,
     parquet_file,
 )
 
@@ -124,10 +131,13 @@ class Resolved:
     rank: int | None = None    # fractions: k
     passes: int = 0            # fractions: streaming passes used
     passed: int = 0            # eligible rows passing this condition alone
+    by: str = ""               # --balance: the group column whose groups have thresholds of their own
+    balance: dict | None = None  # --balance: thresholds, quotas and kept rows per group
 
-    def mask(self, values: np.ndarray) -> np.ndarray:
+    def mask(self, values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        threshold = self.threshold if groups is None else group_thresholds(groups, self.balance["thresholds"])
         with np.errstate(invalid="ignore"):
-            hit = values >= self.threshold if self.op == ">=" else values <= self.threshold
+            hit = values >= threshold if self.op == ">=" else values <= threshold
         return hit & np.isfinite(values)
 
     def to_json(self, eligible: int) -> dict:
@@ -135,7 +145,10 @@ class Resolved:
         return {"kind": c.kind, "column": c.column, "value": c.value, "keep": c.keep or None,
                 "spec": c.spec, "op": self.op, "threshold": storage.jsonable(self.threshold),
                 "ranked": self.ranked, "rank": self.rank, "passed": self.passed,
-                "passed_fraction": self.passed / eligible if eligible else None}
+                "passed_fraction": self.passed / eligible if eligible else None,
+                **({"balance": storage.jsonable({"column": self.by, **{k: v for k, v in self.balance.items()
+                                                                         if k != "thresholds"}})}
+                   if self.by else {})}
 
 
 def check_columns(files, conditions) -> bool:
@@ -158,11 +171,18 @@ def check_columns(files, conditions) -> bool:
     return local
 
 
-def resolve(files, conditions, include_failed: bool = False, progress=None) -> list[Resolved]:
-    """Turn conditions into thresholds; fractions take a few streaming passes (exact)."""
+def resolve(files, conditions, include_failed: bool = False, progress=None, dedup=None, balance=None,
+            alpha: float = BALANCE_ALPHA) -> list[Resolved]:
+    """Turn conditions into thresholds; fractions take a few streaming passes (exact). ``dedup``: a
+    :class:`DedupKept` (removed duplicates are not eligible); ``balance``: a group column, whose groups get
+    fractions of their own (:func:`balanced_thresholds`)."""
     resolved, selectors = [], {}
     for i, c in enumerate(conditions):
-        if c.kind == "fraction":
+        if c.kind == "fraction" and balance:
+            split = balanced_thresholds(files, c, balance, alpha, include_failed, dedup)
+            resolved.append(Resolved(c, ">=" if c.keep == "highest" else "<=", math.nan, split["ranked"],
+                                     split["rank"], split["passes"], by=balance, balance=split))
+        elif c.kind == "fraction":
             selectors[i] = RadixSelect(c.value)
             resolved.append(Resolved(c, ">=" if c.keep == "highest" else "<=", math.nan))
         else:
@@ -170,9 +190,11 @@ def resolve(files, conditions, include_failed: bool = False, progress=None) -> l
     columns = sorted({conditions[i].column for i in selectors})
     while any(not s.done for s in selectors.values()):
         for path in files:
+            kept, start = (dedup.kept(path) if dedup else None), 0
             with named_errors(path):
                 for batch in iter_batches(path, ["status", *columns]):
-                    eligible = np.ones(batch.num_rows, bool) if include_failed else ok_mask(batch)
+                    eligible = eligible_rows(batch, include_failed, kept, start)
+                    start += batch.num_rows
                     for i, sel in selectors.items():
                         values = float_values(batch, conditions[i].column)[eligible]
                         values = values[np.isfinite(values)]
@@ -198,10 +220,11 @@ class FilterResult:
     status: Counter = field(default_factory=Counter)
     shards: dict = field(default_factory=dict)    # shard URL -> {"files", "rows", "kept"}
     uids: dict = field(default_factory=dict)
+    removed_duplicates: int = 0                   # with --dedup: rows dedup removed that were otherwise eligible
 
 
 def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = True,
-          progress=None) -> FilterResult:
+          progress=None, dedup=None) -> FilterResult:
     """Stream every row once; write the kept rows to ``out_dir/kept/<score file name>``
     and, when the rows carry valid uids, ``out_dir/uids.npy`` (sorted, DataComp format).
     ``out_dir`` is a local folder or URL; uids are spilled to a local folder."""
@@ -215,11 +238,13 @@ def apply(files, resolved, out_dir, include_failed: bool = False, uids: bool = T
         target = storage.join(kept_dir, storage.basename(path))
         with named_errors(path):
             pf = parquet_file(path)
+        kept_rows, start = (dedup.kept(path) if dedup else None), 0
         with pf, writing(target), storage.open_atomic(target) as fh:
             writer = pq.ParquetWriter(fh, pf.schema_arrow, compression="zstd")
             try:
                 for batch in _named_batches(path, pf.iter_batches(batch_size=65_536)):
-                    keep = _keep_mask(batch, resolved, include_failed, result)
+                    keep = _keep_mask(batch, resolved, include_failed, result, (kept_rows, start))
+                    start += batch.num_rows
                     kept = batch.filter(pa.array(keep))
                     if kept.num_rows:   # no empty row groups: Hugging Face datasets cannot read them
                         writer.write_batch(kept)
@@ -281,20 +306,28 @@ def _collect_uids(kept, collector) -> tuple[int, int]:
     return bad, absent
 
 
-def _keep_mask(batch, resolved, include_failed, result) -> np.ndarray:
+def _keep_mask(batch, resolved, include_failed, result, dedup=(None, 0)) -> np.ndarray:
     n = batch.num_rows
     result.rows += n
     for item in pc.value_counts(pc.fill_null(batch.column("status"), "(null)")).to_pylist():
         result.status[item["values"]] += item["counts"]
-    keep = np.ones(n, bool) if include_failed else ok_mask(batch)
+    keep = eligible_rows(batch, include_failed, *dedup)
+    if dedup[0] is not None:
+        result.removed_duplicates += int(eligible_rows(batch, include_failed, None, 0).sum() - keep.sum())
     result.eligible += int(keep.sum())
     eligible = keep.copy()
     for r in resolved:
         column = r.condition.column
-        hit = r.mask(float_values(batch, column)) if column in batch.schema.names \
+        groups = group_values(batch, r.by) if r.by else None
+        hit = r.mask(float_values(batch, column), groups) if column in batch.schema.names \
             else np.zeros(n, bool)
         r.passed += int((hit & eligible).sum())
         keep &= hit
+    for r in resolved:
+        if r.by:
+            kept_groups = r.balance.setdefault("kept", {})
+            for g, count in zip(*np.unique(groups[keep], return_counts=True)):
+                kept_groups[int(g)] = kept_groups.get(int(g), 0) + int(count)
     result.kept += int(keep.sum())
     return keep
 
@@ -320,6 +353,12 @@ def _checked_files(cfg: FilterConfig) -> tuple[list, object, bool]:
         raise ValueError(f"no score files (*.parquet) in {cfg.scores}; run `wclip score` first")
     check = check_scores(files)
     local = check_columns(files, cfg.conditions)
+    if cfg.balance:
+        check_columns(files, [Condition("min", cfg.balance, 0.0)])
+        kind = file_schema(files[0]).field(cfg.balance).type
+        if not pa.types.is_integer(kind):
+            raise ValueError(f"--balance {cfg.balance}: a group column holds integers (image_cluster, "
+                             f"text_cluster); it is {kind}")
     return files, check, local
 
 
@@ -360,6 +399,8 @@ def dry_run(cfg: FilterConfig) -> dict:
     """What :func:`run_filter` would read and write, after the same checks; reads footers (and with inputs
     the ``shard`` column), writes nothing and starts nothing."""
     files, check, _ = _checked_files(cfg)
+    if cfg.dedup:
+        DedupKept(cfg.dedup, files)
     out = str(cfg.output)
     kept_dir = storage.join(out, "kept")
     read = {"scores": str(cfg.scores), "score_files": len(files), "rows": check.rows,
@@ -389,9 +430,11 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
     files, check, local = _checked_files(cfg)
     if cfg.inputs:
         check_inputs(cfg.inputs, files)
-    resolved = resolve(files, cfg.conditions, cfg.include_failed)
+    dedup = DedupKept(cfg.dedup, files) if cfg.dedup else None
+    resolved = resolve(files, cfg.conditions, cfg.include_failed, dedup=dedup, balance=cfg.balance,
+                       alpha=cfg.balance_alpha)
     out = str(cfg.output)
-    result = apply(files, resolved, out, cfg.include_failed, uids=cfg.uids)
+    result = apply(files, resolved, out, cfg.include_failed, uids=cfg.uids, dedup=dedup)
     report = {
         "version": __version__, "scores": str(cfg.scores), "score_files": len(files),
         "provenance": {k: (check.provenance or {}).get(k) for k in ("stats_digest", "stats_path", "model",
@@ -403,6 +446,9 @@ def run_filter(cfg: FilterConfig, mapper=None) -> dict:
         "status_counts": dict(result.status.most_common()),
         "conditions": [r.to_json(result.eligible) for r in resolved],
         "kept_dir": storage.join(out, "kept"), "uids": result.uids, "shards": None,
+        "dedup": {"folder": dedup.folder, "removed_duplicates": result.removed_duplicates,
+                  **{k: dedup.summary.get(k) for k in ("eps", "keep", "groups", "duplicates", "removed")}}
+        if dedup else None,
     }
     if cfg.inputs:
         from pipeline.curate.reshard import write_shards

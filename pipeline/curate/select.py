@@ -35,10 +35,11 @@ class RadixSelect:
     when k is 0), :attr:`n` the number of values seen and :attr:`k` the rank.
     """
 
-    def __init__(self, fraction: float, collect_limit: int = 1 << 20):
+    def __init__(self, fraction: float, collect_limit: int = 1 << 20, rank: int | None = None):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         self.fraction = fraction
+        self.wanted = rank  # k itself (capped at n) instead of ceil(fraction * n): a per-cluster quota
         self.collect_limit = collect_limit
         self.n: int | None = None
         self.k: int | None = None
@@ -82,7 +83,8 @@ class RadixSelect:
             return
         if self.n is None:
             self.n = int(self._hist.sum())
-            self.k = math.ceil(Fraction(repr(self.fraction)) * self.n)   # exact: 0.3 is 3/10
+            self.k = math.ceil(Fraction(repr(self.fraction)) * self.n) if self.wanted is None \
+                else min(self.wanted, self.n)   # exact: 0.3 is 3/10
             self._rank = self.k
             if self.k == 0:
                 self.threshold = math.inf
@@ -103,3 +105,28 @@ class RadixSelect:
     def _set(self, key: int) -> None:
         self.threshold = key_to_float(key)
         self._kept = []
+
+
+def quotas(counts: dict, k: int, alpha: float) -> dict:
+    """Split ``k`` kept rows between groups of ``counts[g]`` rows in proportion to ``counts[g] ** alpha``, no
+    group above its size (a group that would be is kept whole and the rest split again: water-filling), rounded
+    by largest remainder (ties to the smaller group id). ``alpha`` 1: every group keeps the same fraction;
+    0: every group the same number; between: small groups keep more of themselves than large ones."""
+    sizes = {g: int(n) for g, n in counts.items() if n > 0}
+    k = min(int(k), sum(sizes.values()))
+    whole: dict = {}
+    while True:
+        free = {g: n for g, n in sizes.items() if g not in whole}
+        budget = k - sum(whole.values())
+        weights = {g: float(n) ** alpha for g, n in free.items()}
+        total = sum(weights.values())
+        share = {g: budget * w / total for g, w in weights.items()} if total else {}
+        over = {g: free[g] for g in free if share[g] >= free[g]}
+        if not over:
+            break
+        whole.update(over)
+    out = {**whole, **{g: math.floor(v) for g, v in share.items()}}
+    left = k - sum(out.values())
+    for g in sorted(share, key=lambda g: (-(share[g] - math.floor(share[g])), g))[:max(left, 0)]:
+        out[g] += 1
+    return {g: out.get(g, 0) for g in counts}
