@@ -296,8 +296,8 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
 
     from pipeline.config import EncodeConfig, RunConfig
     from pipeline.executors import ray as runtime
-    from pipeline.flow.write import ScoreSink
     from pipeline.models import ModelSpec
+    from pipeline.scores.sinks import ScoreSink
     from pipeline.whitening import StatsFile
 
     shutil.rmtree(out, ignore_errors=True)

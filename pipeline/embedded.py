@@ -27,7 +27,6 @@ from pipeline.errors import ConfigError
 from pipeline.executors import JobReport, open_executor, summary_rows
 from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
 from pipeline.flow.vectors import NORM_STATE, array_name, discover, open_array, probe
-from pipeline.flow.write import ScoreSink, append_failure
 from pipeline.models import (
     CHECKPOINT_WEIGHTS,
     HUB_WEIGHTS,
@@ -37,7 +36,8 @@ from pipeline.models import (
     declare,
     embed_dim,
 )
-from pipeline.score import claim_folder, describe_plan, open_folder, plan_folder
+from pipeline.scores.folder import append_failure, claim_folder, describe_plan, open_folder, plan_folder
+from pipeline.scores.sinks import ScoreSink
 from pipeline.storage import exists, sha256
 from pipeline.whitening import Moments, StatsFile, WhiteningStats
 

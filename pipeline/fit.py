@@ -16,8 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.executors import open_executor
 from pipeline.flow.batch import TOWERS
 from pipeline.flow.read import check_unique_names
-from pipeline.flow.write import FitSink
 from pipeline.models import embed_dim, model_identity
+from pipeline.scores.sinks import FitSink
 from pipeline.whitening import Moments, StatsFile, WhiteningStats
 from pipeline.whitening.moments import HashSample, held_out, key_hashes
 

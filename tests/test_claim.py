@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.config import EmbeddingFitConfig
 from pipeline.embedded import fit_embeddings
 from pipeline.errors import ConfigError
-from pipeline.score import claim_folder
+from pipeline.scores.folder import claim_folder
 from pipeline.whitening import StatsFile
 
 BUSY = "is being written by another `wclip score`"
@@ -124,7 +124,7 @@ def test_threads_racing_on_the_claim_let_exactly_one_hold_it(tmp_path):
 
 HOLD = """
 import sys, time
-from pipeline.score import claim_folder
+from pipeline.scores.folder import claim_folder
 from pipeline.whitening import StatsFile
 with claim_folder(sys.argv[1], "/fits/a.safetensors"):
     print("held", flush=True)

@@ -349,7 +349,7 @@ def saved(tmp_path_factory, ray_local):
 
 
 def test_saved_embeddings_are_clip_retrieval_folders(saved):
-    from pipeline.flow.write import embedding_number
+    from pipeline.scores.layout import embedding_number
 
     out, stats_path = saved
     emb = out / ".wclip" / "embeddings"

@@ -7,9 +7,10 @@ import pytest
 from shardkit import clean_shards, marker, tiny_run
 
 from pipeline.config import FitConfig, RunConfig, ScoreConfig
+from pipeline.errors import ConfigError
 from pipeline.fit import fit
 from pipeline.models import ModelSpec
-from pipeline.score import ConfigError, score
+from pipeline.score import score
 from pipeline.whitening import StatsFile
 
 

@@ -15,7 +15,7 @@ from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig, FitConfig,
 from pipeline.embedded import fit_embeddings, score_embeddings
 from pipeline.fit import fit
 from pipeline.score import score
-from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS
+from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS
 from pipeline.whitening import StatsFile
 
 TOWERS = ("image", "text")

@@ -25,7 +25,7 @@ from pipeline.flow.vectors import (
     read_blocks,
     read_metadata,
 )
-from pipeline.table import score_array, scores_schema
+from pipeline.scores.table import score_array, scores_schema
 from pipeline.whitening.clusters import ClusterWhitening
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
 from pipeline.whitening.moments import HashSample, Moments, held_out, key_hashes
@@ -156,7 +156,7 @@ class ScoreFile:
     file: EmbeddingFile
     kind: str  # CLIP_RETRIEVAL or DATACOMP (which metadata columns hold what)
     stats: dict  # {tower: TowerWhitening}
-    sink: object  # pipeline.flow.write.ScoreSink
+    sink: object  # pipeline.scores.sinks.ScoreSink
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     normalized: Optional[bool] = None  # the stats' normalisation, which every file must have (None: unchecked)
 
@@ -232,7 +232,7 @@ def score_file(task: ScoreFile) -> dict:
 
 def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict,
                  local: bool = False) -> pa.Table:
-    """The scores table (:func:`pipeline.table.scores_schema`, ``local``: with the local likelihood's columns)
+    """The scores table (:func:`pipeline.scores.table.scores_schema`, ``local``: with the local likelihood's columns)
     of a file's rows, built column by column (a null where a score is not finite)."""
     n = meta.num_rows
     any_bad = bool(bad.any())
@@ -253,7 +253,7 @@ def warm_up() -> None:
     """Build and serialise an empty scores table, once, before the files start: pyarrow imports pandas on its
     first conversion (0.3 s here) and sets up its Parquet writer, and on threads the first file of every thread
     would wait for that."""
-    from pipeline.table import table_bytes
+    from pipeline.scores.table import table_bytes
 
     meta = pa.table({c: pa.nulls(0, pa.string()) for c in ("key", "url", "uid", "caption")})
     table_bytes(scores_table(meta, "", np.zeros(0, dtype=bool), np.zeros(0, dtype=object), {}))

@@ -293,7 +293,7 @@ def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional
 
 def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
     """The file's rows as a table of string columns ``key``, ``url``, ``caption``, ``uid`` (null where absent)."""
-    from pipeline.table import file_schema, read_columns
+    from pipeline.scores.table import file_schema, read_columns
 
     if not storage.exists(file.metadata):
         arrays = list(dict.fromkeys(storage.basename(url) for _, url, _ in file.towers))
