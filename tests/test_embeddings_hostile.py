@@ -232,7 +232,7 @@ def test_a_declared_model_of_another_width_is_refused(tmp_path, capsys):
 ])
 def test_an_embeddings_fit_that_cannot_end_in_stats_is_refused_before_reading(tmp_path, capsys, monkeypatch,
                                                                               flags, expected):
-    from pipeline import embedded
+    from pipeline.runs import fit as embedded
 
     def no_work(*args, **kwargs):
         raise AssertionError("the fit started reading files")
@@ -252,7 +252,7 @@ def test_an_embeddings_fit_that_cannot_end_in_stats_is_refused_before_reading(tm
 ])
 def test_a_tar_fit_that_cannot_end_in_stats_is_refused_before_encoding(tmp_path, capsys, monkeypatch, flags,
                                                                        expected):
-    from pipeline import fit
+    from pipeline.runs import fit
 
     def no_work(*args, **kwargs):
         raise AssertionError("the fit started its shards")

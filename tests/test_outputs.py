@@ -13,9 +13,9 @@ from shardkit import clean_shards, cut_transfer, http_server, marker, marker_fil
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.errors import ConfigError
-from pipeline.fit import fit
 from pipeline.models import ModelSpec
-from pipeline.score import score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile
 
 

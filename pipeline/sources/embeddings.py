@@ -1,11 +1,10 @@
-"""The embeddings jobs: ``wclip fit --embeddings`` and ``wclip score --embeddings`` on vectors users already
-have (clip-retrieval / LAION folders, DataComp ``.npz`` shards). No model is loaded and no encoder started:
-each file is one task of :mod:`pipeline.flow.precomputed`, run on threads of this process or, on a cluster,
-as Ray tasks (:mod:`pipeline.executors`).
+"""Precomputed embeddings in: vectors users already have (clip-retrieval / LAION folders, DataComp ``.npz``
+shards, found and read by :mod:`pipeline.sources.vectors`). No model is loaded and no encoder started: each
+file is one task of :mod:`pipeline.sources.vector_tasks`, run on the executor's threads or, on a cluster, as
+Ray tasks; one file is one unit of work and of output (:mod:`pipeline.sources` states the contract).
 
-Scoring keeps every rule of ``wclip score`` (:mod:`pipeline.score`): one Parquet file per embedding file in
-the scores schema, provenance in each file and marker, resume, failure records, no mixing of two fits, no
-file of another tool touched. The "model" of precomputed vectors is their source
+Fit and score are the jobs of :mod:`pipeline.runs`, with every rule of a scores folder
+(:mod:`pipeline.scores`). The "model" of precomputed vectors is their source
 (``embeddings:clip-retrieval``, ``embeddings:datacomp-l14``, ...), recorded at fit time and compared at score
 time like a model identity, unless the user names the model that made them (``--embeddings-model``,
 :class:`pipeline.models.DeclaredModel`): scoring then takes a fit of that model, on its tar shards or on its
@@ -14,19 +13,13 @@ declared embeddings, and refuses any other; fitting records it as the stats' mod
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from typing import Optional
 
-import numpy as np
-
 import pipeline
-from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig
 from pipeline.errors import ConfigError
-from pipeline.executors import JobReport, open_executor, summary_rows
-from pipeline.flow.precomputed import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
-from pipeline.flow.vectors import NORM_STATE, array_name, discover, open_array, probe
+from pipeline.executors import JobReport, summary_rows
 from pipeline.models import (
     CHECKPOINT_WEIGHTS,
     HUB_WEIGHTS,
@@ -36,10 +29,10 @@ from pipeline.models import (
     declare,
     embed_dim,
 )
-from pipeline.scores.folder import append_failure, claim_folder, describe_plan, open_folder, plan_folder
 from pipeline.scores.sinks import ScoreSink
+from pipeline.sources.vector_tasks import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
+from pipeline.sources.vectors import NORM_STATE, NORM_TOLERANCE, array_name, discover, open_array, probe
 from pipeline.storage import exists, sha256
-from pipeline.whitening import Moments, StatsFile, WhiteningStats
 
 log = logging.getLogger("wclip")
 
@@ -48,8 +41,6 @@ BATCH_PER_SLOT = 2  # fit: files per task slot merged at a time (bounds the driv
 
 def _normalized(norms: dict):
     """L2-normalised vectors (every norm within 1e-2 of 1), from ``{tower: [min, max]}``."""
-    from pipeline.flow.vectors import NORM_TOLERANCE
-
     return all(abs(lo - 1.0) <= NORM_TOLERANCE and abs(hi - 1.0) <= NORM_TOLERANCE for lo, hi in norms.values())
 
 
@@ -148,54 +139,6 @@ def _discover(run, fit_key: Optional[str]):
             raise exc from None  # DataComp shards need a key: the first error is about them
 
 
-def score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool = False) -> dict:
-    """Run ``wclip score --embeddings``; returns the summary dict (or the plan, with ``dry_run``). The run holds
-    its output folder throughout (:func:`pipeline.score.claim_folder`)."""
-    with claim_folder(cfg.output, cfg.stats_path, hold=not dry_run):
-        return _score_embeddings(cfg, stats, dry_run)
-
-
-def _score_embeddings(cfg: EmbeddingScoreConfig, stats, dry_run: bool) -> dict:
-    run = cfg.run
-    source = _discover(run, (stats.metadata.get("embeddings") or {}).get("key"))
-    check_kind(stats, source, probe(source.files[0]), run.model)
-    made = {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path),
-            "model": scored_model(stats.metadata, source), "normalize": bool(stats.metadata.get("normalize")),
-            "wclip_version": pipeline.__version__}
-    if run.model is not None:
-        made["embeddings_model"] = run.model.text  # as declared (--embeddings-model)
-    names = [f.name for f in source.files]
-    todo = set(plan_folder(cfg.output, names, made, cfg.overwrite))
-    files = [f for f in source.files if f.name in todo]
-    if dry_run:
-        return describe_plan(cfg.output, names, [f.name for f in files], inputs=f"{source.label} embedding files")
-    open_folder(cfg.output, made, [f.name for f in files])
-    skipped = len(names) - len(files)
-    if skipped:
-        log.info("resuming: %d of %d files already done in %s (--overwrite redoes them)", skipped, len(names),
-                 cfg.output)
-    if not files:
-        return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
-    sink = ScoreSink(cfg.output, provenance=made)
-    towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in source.towers}
-    tasks = [ScoreFile(file=f, kind=source.kind, stats=towers, sink=sink, block_rows=run.block_rows,
-                       normalized=bool(stats.metadata.get("normalize"))) for f in files]
-    warm_up()
-    with open_executor(run) as runner:
-        started = time.time()
-        outcomes = runner.map(score_file, tasks, "score", samples=summary_rows)
-        elapsed = time.time() - started
-    report = JobReport(skipped=skipped, elapsed=elapsed)
-    for o in outcomes:
-        if o.ok:
-            report.add(o.result)
-            continue
-        report.failed.append((o.item.file.url, o.error))
-        append_failure(cfg.output, {"shard": o.item.file.url, "name": o.item.file.name, "error": o.error,
-                                    "attempts": run.retries + 1})
-    return report.summary()
-
-
 # -- fit --------------------------------------------------------------------------------------------------
 def _header_rows(file) -> int:
     """Rows of a file's first array, from its header."""
@@ -251,38 +194,6 @@ def _known_rows(files: list, max_samples, need: int) -> tuple:
     return total, "counted from the embedding files' headers"
 
 
-class _Reference:
-    """The fit's running totals: moments merged in file order, the held-out rows with the smallest hashes."""
-
-    def __init__(self, max_heldout: int):
-        self.max_heldout = max_heldout
-        self.moments, self.held, self.norms, self.used, self.failed = {}, {}, {}, [], []
-        self.samples: dict = {}  # tower -> HashSample of fit rows (--clusters)
-        self.rows = self.usable = 0
-        self.states: list = []  # (url, L2-normalised or not) of each file with usable rows, in file order
-
-    def add(self, result: dict, url: str) -> None:
-        self.used.append(url)
-        if result["summary"]["usable"]:
-            self.states.append((url, _normalized({t: r["norms"] for t, r in result["towers"].items()})))
-        self.rows += result["summary"]["rows"]
-        self.usable += result["summary"]["usable"]
-        for tower, r in result["towers"].items():
-            part = Moments(r["count"], r["mean"], r["scatter"])
-            self.moments[tower] = self.moments[tower].merge(part) if tower in self.moments else part
-            hashes, rows = self.held.get(tower, (np.zeros(0, np.uint64), np.zeros((0, r["dim"]), np.float32)))
-            hashes, rows = np.concatenate([hashes, r["held_hash"]]), np.concatenate([rows, r["held_rows"]])
-            keep = np.argsort(hashes, kind="stable")[: self.max_heldout]
-            self.held[tower] = (hashes[keep], rows[keep])
-            sample = r["sample"]  # the file's fit rows with the smallest key hashes (--clusters)
-            if sample is not None and tower in self.samples:
-                self.samples[tower].add(sample.hashes, sample.rows)
-            elif sample is not None:
-                self.samples[tower] = sample
-            lo, hi = self.norms.get(tower, (np.inf, 0.0))
-            self.norms[tower] = (min(lo, r["norms"][0]), max(hi, r["norms"][1]))
-
-
 def _odd_normalisation(states: list) -> list:
     """Failure records of the files whose normalisation is not the first file's: one reference is of one kind."""
     if not states:
@@ -304,82 +215,124 @@ def _weight_fields(weights: str) -> dict:
             "random_init_seed": int(seed) if seed is not None else None}
 
 
-def fit_embeddings(cfg: EmbeddingFitConfig, dry_run: bool = False) -> dict:
-    """Run ``wclip fit --embeddings`` and write the stats file; returns a summary dict (or the plan)."""
-    from pipeline.fit import check_request, shards_digest
+class EmbeddingsSource:
+    """Precomputed embedding files named by a job's :class:`~pipeline.config.EmbeddingRunConfig`, found as
+    :func:`~pipeline.sources.vectors.discover` finds them (``files``: an :class:`EmbeddingSource`)."""
 
-    run = cfg.run
-    if run.model is not None and run.model.weights is None:
-        raise ConfigError(f"--embeddings-model {run.model.text}: its weights are not in the Hugging Face cache here, "
-                          f"so the fit cannot record which they are: name them as {run.model.model}@"
-                          f"{HUB_WEIGHTS}HEX (their sha256), or fit where they are cached")
-    source = discover(run.paths, run.key)
-    widths = _fit_widths(source, run.model)
-    rows, rows_from = _known_rows(list(source.files), cfg.max_samples, cfg.clusters or 0)
-    check_request(cfg, width=min(w for w, _ in widths.values()), rows=rows, rows_from=rows_from)
-    limits = _row_limits(list(source.files), cfg.max_samples)
-    if dry_run:
-        return {"dry_run": True, "inputs": len(source.files), "input_kind": f"{source.label} embedding files",
-                "to_do": len(limits), "rows": sum(r for _, r in limits) if cfg.max_samples else None,
-                "output": str(cfg.output), "replaces": exists(str(cfg.output))}
-    max_sample = cfg.cluster_sample if (cfg.clusters or 1) > 1 else 0
-    tasks = [FitFile(file=f, kind=source.kind, holdout=cfg.holdout, seed=cfg.seed, max_heldout=cfg.max_heldout,
-                     rows=rows, block_rows=run.block_rows, max_sample=max_sample, widths=widths)
-             for f, rows in limits]
-    ref = _Reference(cfg.max_heldout)
-    with open_executor(run) as runner:
+    units = "embedding files"
+
+    def __init__(self, run, files):
+        self.run, self.files = run, files
+        self.label = f"{files.label} embedding files"
+        self._by_url = {f.url: f.name for f in files.files}
+
+    @classmethod
+    def to_score(cls, run, stats) -> "EmbeddingsSource":
+        """The inputs of a score run (DataComp arrays default to the fit's ``--embedding-key``)."""
+        return cls(run, _discover(run, (stats.metadata.get("embeddings") or {}).get("key")))
+
+    @classmethod
+    def to_fit(cls, run) -> "EmbeddingsSource":
+        return cls(run, discover(run.paths, run.key))
+
+    @property
+    def names(self) -> list:
+        return [f.name for f in self.files.files]
+
+    def name_of(self, url: str) -> str:
+        return self._by_url.get(url, url)
+
+    # -- score ------------------------------------------------------------------------------------------
+    def check_score(self, cfg, stats) -> None:
+        check_kind(stats, self.files, probe(self.files.files[0]), self.run.model)
+
+    def provenance(self, cfg, stats) -> dict:
+        made = {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path),
+                "model": scored_model(stats.metadata, self.files), "normalize": bool(stats.metadata.get("normalize")),
+                "wclip_version": pipeline.__version__}
+        if self.run.model is not None:
+            made["embeddings_model"] = self.run.model.text  # as declared (--embeddings-model)
+        return made
+
+    def needs_embeddings(self, cfg) -> bool:
+        return False  # the embeddings are the input
+
+    def score(self, executor, cfg, stats, todo: list, made: dict, skipped: int) -> JobReport:
+        """Score the files named ``todo`` as tasks on ``executor``, each writing its outputs and marker."""
+        todo = set(todo)
+        sink = ScoreSink(cfg.output, provenance=made)
+        towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in self.files.towers}
+        tasks = [ScoreFile(file=f, kind=self.files.kind, stats=towers, sink=sink, block_rows=self.run.block_rows,
+                           normalized=bool(stats.metadata.get("normalize")))
+                 for f in self.files.files if f.name in todo]
+        warm_up()
         started = time.time()
-        size = BATCH_PER_SLOT * runner.slots
+        outcomes = executor.map(score_file, tasks, "score", samples=summary_rows)
+        report = JobReport(skipped=skipped, elapsed=time.time() - started)
+        for o in outcomes:
+            if o.ok:
+                report.add(o.result)
+            else:
+                report.failed.append((o.item.file.url, o.error))
+        return report
+
+    # -- fit --------------------------------------------------------------------------------------------
+    def check_fit(self, cfg, check_request) -> None:
+        run = self.run
+        if run.model is not None and run.model.weights is None:
+            raise ConfigError(f"--embeddings-model {run.model.text}: its weights are not in the Hugging Face cache "
+                              f"here, so the fit cannot record which they are: name them as {run.model.model}@"
+                              f"{HUB_WEIGHTS}HEX (their sha256), or fit where they are cached")
+        self.widths = _fit_widths(self.files, run.model)
+        rows, rows_from = _known_rows(list(self.files.files), cfg.max_samples, cfg.clusters or 0)
+        check_request(cfg, width=min(w for w, _ in self.widths.values()), rows=rows, rows_from=rows_from)
+        self.limits = _row_limits(list(self.files.files), cfg.max_samples)
+
+    def fit_plan(self, cfg) -> dict:
+        return {"dry_run": True, "inputs": len(self.files.files), "input_kind": self.label, "to_do": len(self.limits),
+                "rows": sum(r for _, r in self.limits) if cfg.max_samples else None,
+                "output": str(cfg.output), "replaces": exists(str(cfg.output))}
+
+    def collect(self, executor, cfg, ref) -> tuple:
+        """Read the files' reference parts as tasks, merged into ``ref`` in file order, a few batches of files
+        at a time (bounding the driver's memory); returns ``(summary, the stats metadata this source records)``."""
+        max_sample = cfg.cluster_sample if (cfg.clusters or 1) > 1 else 0
+        tasks = [FitFile(file=f, kind=self.files.kind, holdout=cfg.holdout, seed=cfg.seed,
+                         max_heldout=cfg.max_heldout, rows=rows, block_rows=self.run.block_rows,
+                         max_sample=max_sample, widths=self.widths) for f, rows in self.limits]
+        started, states, size = time.time(), [], BATCH_PER_SLOT * executor.slots
         for first in range(0, len(tasks), size):
             batch = tasks[first:first + size]
             desc = f"fit {first + 1}-{first + len(batch)} of {len(tasks)}" if len(tasks) > size else "fit"
-            for o in runner.map(fit_file, batch, desc, samples=summary_rows):
-                if o.ok:
-                    ref.add(o.result, o.item.file.url)
-                else:
+            for o in executor.map(fit_file, batch, desc, samples=summary_rows):
+                if not o.ok:
                     ref.failed.append({"shard": o.item.file.url, "error": o.error})
+                    continue
+                done = o.result["summary"]
+                ref.add(o.item.file.url, o.result["part"], done["rows"], done["usable"])
+                if done["usable"]:
+                    states.append((o.item.file.url, _normalized(o.result["part"].norms)))
         elapsed = time.time() - started
-    ref.failed.extend(_odd_normalisation(ref.states))
-    if ref.failed:  # stats of the other files would not be the fit asked for
-        return {"rows": ref.rows, "shards_done": len(ref.used), "shards_skipped": 0, "failed": ref.failed,
-                "damaged": [], "elapsed_s": round(elapsed, 2), "stats": None,
-                "not_written": f"{len(ref.failed)} of {len(tasks)} embedding files failed"}
-    if ref.usable == 0:
-        raise ValueError("no usable reference rows: every embedding is NaN/inf, the files are empty, or every "
-                         "file failed; check the --embeddings paths")
-    towers = {}
-    for tower, moments in ref.moments.items():
-        hashes, held = ref.held[tower]
-        sample = ref.samples.get(tower)
-        towers[tower] = WhiteningStats.from_moments(moments, heldout=held.astype(np.float64) if len(held) else None,
-                                                    components=cfg.components, shrinkage=cfg.shrinkage,
-                                                    seed=cfg.seed, clusters=cfg.clusters,
-                                                    fit_sample=None if sample is None else sample.rows)
-    normalize = _normalized(ref.norms)
-    identity = run.model.identity() if run.model else source.identity()
-    metadata = {
-        "model": identity["model"], **_weight_fields(identity["weights"]),
-        "model_identity": identity, "normalize": normalize, "precision": "precomputed", "decode": None,
-        "embeddings": {"kind": source.kind, "key": source.key, "label": source.label, "l2_normalized": normalize,
-                       "norms": {t: list(v) for t, v in ref.norms.items()}, "source": source.identity(),
-                       "model": run.model.text if run.model else None},
-        "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
-        "seed": cfg.seed, "n_reference": ref.usable, "max_heldout": cfg.max_heldout,
-        "clusters": cfg.clusters, "cluster_sample": cfg.cluster_sample if cfg.clusters else None,
-        "n_heldout": {t: ws.n_heldout for t, ws in towers.items()},
-        "components": {t: ws.components for t, ws in towers.items()},
-        "reference_shards": len(ref.used), "reference_digest": shards_digest(ref.used),
-        "max_samples": cfg.max_samples, "wclip_version": pipeline.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    }
-    for tower, ws in towers.items():
-        for line in ws.clusters.warnings(tower) if ws.clusters is not None else ():
-            log.warning(line)
-    StatsFile(towers=towers, metadata=metadata).save(cfg.output)
-    counts = {k: v for k, v in (("encode", ref.rows - ref.usable), ("ok", ref.usable)) if v}
-    return {"rows": ref.rows, "status_counts": counts,
-            "shards_done": len(ref.used), "shards_skipped": 0, "failed": ref.failed, "damaged": [],
-            "elapsed_s": round(elapsed, 2), "samples_per_s": round(ref.rows / elapsed, 1) if elapsed > 0 else None,
-            "reference_samples": ref.usable, "stats": str(cfg.output), "normalized": normalize,
-            "towers": {t: {k: v for k, v in ws.summary().items() if not isinstance(v, dict)}
-                       for t, ws in towers.items()}}
+        ref.failed.extend(_odd_normalisation(states))
+        counts = {k: v for k, v in (("encode", ref.rows - ref.usable), ("ok", ref.usable)) if v}
+        summary = {"rows": ref.rows, "status_counts": counts, "shards_done": len(ref.used), "shards_skipped": 0,
+                   "failed": ref.failed, "damaged": [], "elapsed_s": round(elapsed, 2),
+                   "samples_per_s": round(ref.rows / elapsed, 1) if elapsed > 0 else None}
+        return summary, self._fields(cfg, ref.total.norms)
+
+    def _fields(self, cfg, norms: dict) -> dict:
+        """What the stats metadata records of these vectors and the model that made them (if declared)."""
+        run, files = self.run, self.files
+        normalize = _normalized(norms)
+        identity = run.model.identity() if run.model else files.identity()
+        return {"model": identity["model"], **_weight_fields(identity["weights"]), "model_identity": identity,
+                "normalize": normalize, "precision": "precomputed", "decode": None,
+                "embeddings": {"kind": files.kind, "key": files.key, "label": files.label, "l2_normalized": normalize,
+                               "norms": {t: list(v) for t, v in norms.items()}, "source": files.identity(),
+                               "model": run.model.text if run.model else None}}
+
+    def towers(self, ref) -> tuple:
+        return tuple(ref.total.moments)
+
+    no_rows = ("no usable reference rows: every embedding is NaN/inf, the files are empty, or every file failed; "
+               "check the --embeddings paths")
