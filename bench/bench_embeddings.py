@@ -182,7 +182,7 @@ BLOCK_TIMING = """
 import json, sys, time
 import numpy as np
 from threadpoolctl import threadpool_limits
-from pipeline.flow.precomputed import whitened_sqnorm
+from pipeline.sources.vector_tasks import whitened_sqnorm
 from pipeline.whitening import StatsFile
 x16 = np.load(sys.argv[1])
 ws = StatsFile.load(sys.argv[2]).towers["image"]

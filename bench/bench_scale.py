@@ -26,7 +26,7 @@ Curves:
   or on folders of hard links to their shards under more names (a resume of 1e5 shards without scoring 1e5).
 * ``filter`` / ``card``: ``wclip filter --keep-fraction clip_score=0.3`` (as typed, and with ``--no-uids``)
   and ``wclip card --no-thumbnails`` on a scores folder written directly by this script (``--file-rows``
-  rows per file, pipeline.table's SCHEMA and encodings, the provenance of a real ``wclip score`` file,
+  rows per file, pipeline.scores.table's SCHEMA and encodings, the provenance of a real ``wclip score`` file,
   ``.wclip/run.json``); the sizes are the first files of one folder (hard links). Neither command runs tasks
   without ``--input``, so there is no executor to choose.
 
@@ -282,12 +282,13 @@ def hex_strings(raw: np.ndarray):
 
 
 def scores_file(n: int, rows: int, made: dict):
-    """Score file number ``n``: ``rows`` rows in pipeline.table's SCHEMA (1% failed at decode, image scores
+    """Score file number ``n``: ``rows`` rows in pipeline.scores.table's SCHEMA (1% failed at decode, image scores
     null there), scores drawn like a d = 64 fit's, a DataComp-style uid, the provenance of a real file."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.table import PROVENANCE_KEY, SCHEMA
+    from pipeline.scores.provenance import PROVENANCE_KEY
+    from pipeline.scores.table import SCHEMA
 
     rng = np.random.default_rng([22, n])
     shard = f"/data/laion/{n:06d}.tar"
@@ -316,7 +317,7 @@ def scores_file(n: int, rows: int, made: dict):
 def scores_folders(lib: Library, sizes: list, file_rows: int) -> tuple:
     """One folder of max(sizes) rows in files of ``file_rows``; a view (hard links) per size."""
     lib.import_here()
-    from pipeline.table import table_bytes
+    from pipeline.scores.table import table_bytes
 
     stats, made, run_json = template_scores(lib)
     files = [max(1, size // file_rows) for size in sizes]

@@ -168,8 +168,8 @@ RULES = [
     ("encode: other (first forward, device decode)", lambda f: _has(f, None, "pipeline/flow/encode.py")
      or _has(f, "info", "pipeline/executors/ray.py")),
     ("whiten (NumPy/torch)", lambda f: _has(f, None, "pipeline/flow/whiten.py")),
-    ("write (Parquet + marker)", lambda f: _has(f, "finish", "pipeline/flow/write.py")
-     or _has(f, None, "pipeline/table.py")),
+    ("write (Parquet + marker)", lambda f: _has(f, "finish", "pipeline/scores/sinks.py")
+     or _has(f, None, "pipeline/scores/table.py")),
     ("assemble rows", lambda f: _has(f, None, "pipeline/flow/assemble.py")),
     ("decode: JPEG (PIL)", lambda f: _has(f, None, "pipeline/flow/decode.py")
      and (_has(f, "load", "PIL/ImageFile.py") or _has(f, "draft", "PIL/") or _has(f, "open", "PIL/Image.py"))),
@@ -296,8 +296,8 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
 
     from pipeline.config import EncodeConfig, RunConfig
     from pipeline.executors import ray as runtime
-    from pipeline.flow.write import ScoreSink
     from pipeline.models import ModelSpec
+    from pipeline.scores.sinks import ScoreSink
     from pipeline.whitening import StatsFile
 
     shutil.rmtree(out, ignore_errors=True)
@@ -348,7 +348,7 @@ def stages(url: str, stats_path: Path, out: Path, threads: int = 1) -> dict:
     whiten = c("pipeline/flow/whiten.py", "score")
     local_stage = c("pipeline/executors/ray.py", "_local_stage")
     assemble = c("pipeline/flow/assemble.py", "add")
-    write = c("pipeline/flow/write.py", "finish")
+    write = c("pipeline/scores/sinks.py", "finish")
     read = total - prepare - build - encode - whiten - assemble - write - local_stage  # reader generator, loop
     rows = [("read tar + group members (ShardReader, loop)", read),
             ("decode JPEG (PIL open + load)", decode),

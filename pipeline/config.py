@@ -18,6 +18,7 @@ MAX_MEMBER_BYTES = 64 << 20  # a tar member larger than this is not read (its sa
 STALL_TIMEOUT = 120.0  # seconds without a byte from a remote or piped shard before it counts as stalled
 MAX_ASPECT_RATIO = 50.0  # longer side / shorter side; CLIP's resize of a thinner image would be huge
 CLUSTER_SAMPLE = 50_000  # fit rows (per tower) the local likelihood's clusters are found and fitted on
+MAX_HELDOUT = 50_000  # held-out rows (per tower) a fit keeps for calibration: those with the smallest key hashes
 
 
 def _non_negative(name: str, value) -> None:
@@ -154,6 +155,7 @@ class FitConfig:
     max_samples: Optional[int] = None  # cap on reference samples (first shards first)
     seed: int = 0  # seed of the held-out hash
     clusters: Optional[int] = None  # K for the local likelihood (pipeline.whitening.clusters); None: global only
+    max_heldout: int = MAX_HELDOUT  # held-out rows kept for calibration: those with the smallest key hashes
     cluster_sample: int = CLUSTER_SAMPLE  # fit rows the clusters are found on: those with the smallest key hashes
 
     def __post_init__(self):
@@ -167,6 +169,7 @@ class FitConfig:
         if not (0.0 <= self.shrinkage < 1.0):
             raise ValueError(f"shrinkage must be in [0, 1), got {self.shrinkage}")
         _positive("max_samples", self.max_samples, allow_none=True)
+        _positive("max_heldout", self.max_heldout)
         if isinstance(self.components, str) and self.components != "auto":
             raise ValueError(f"components must be None, a positive integer or 'auto', got {self.components!r}")
         if isinstance(self.components, int):
@@ -327,11 +330,10 @@ class EmbeddingFitConfig:
     shrinkage: float = 0.0  # S + a * trace(S)/d * I
     holdout: float = 0.1  # fraction held out (by key hash) for calibration
     max_samples: Optional[int] = None  # cap on rows read (the first rows of the first files)
-    max_heldout: int = 50_000  # held-out rows kept for calibration: those with the smallest key hashes
+    max_heldout: int = MAX_HELDOUT  # as FitConfig.max_heldout
     seed: int = 0  # seed of the held-out hash
     clusters: Optional[int] = None  # as FitConfig.clusters
     cluster_sample: int = CLUSTER_SAMPLE  # as FitConfig.cluster_sample
 
     def __post_init__(self):
         FitConfig.__post_init__(self)
-        _positive("max_heldout", self.max_heldout)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline._imports import require
+from pipeline.errors import require
 
 log = logging.getLogger("wclip")
 

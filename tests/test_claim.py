@@ -20,9 +20,9 @@ from test_embeddings import _run, write_clip_retrieval
 
 from pipeline.cli import main
 from pipeline.config import EmbeddingFitConfig
-from pipeline.embedded import fit_embeddings
 from pipeline.errors import ConfigError
-from pipeline.score import claim_folder
+from pipeline.runs.fit import fit
+from pipeline.scores.folder import claim_folder
 from pipeline.whitening import StatsFile
 
 BUSY = "is being written by another `wclip score`"
@@ -37,7 +37,7 @@ def embeddings(tmp_path_factory):
     stats = []
     for seed in (0, 5):
         path = str(root / f"stats{seed}.safetensors")
-        fit_embeddings(EmbeddingFitConfig(run=_run([folder]), output=path, components=12, holdout=0.2, seed=seed))
+        fit(EmbeddingFitConfig(run=_run([folder]), output=path, components=12, holdout=0.2, seed=seed))
         stats.append(path)
     return folder, stats
 
@@ -51,7 +51,7 @@ def _digest(path) -> str:
 RELEASED = """
 import sys, time
 from pathlib import Path
-import pipeline.cli, pipeline.embedded, pipeline.score  # imported before the start signal
+import pipeline.cli, pipeline.runs.score, pipeline.sources.embeddings  # imported before the start signal
 go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.001)
@@ -124,7 +124,7 @@ def test_threads_racing_on_the_claim_let_exactly_one_hold_it(tmp_path):
 
 HOLD = """
 import sys, time
-from pipeline.score import claim_folder
+from pipeline.scores.folder import claim_folder
 from pipeline.whitening import StatsFile
 with claim_folder(sys.argv[1], "/fits/a.safetensors"):
     print("held", flush=True)

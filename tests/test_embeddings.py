@@ -20,10 +20,9 @@ from pipeline.config import (
     FitConfig,
     ScoreConfig,
 )
-from pipeline.embedded import fit_embeddings, score_embeddings
 from pipeline.errors import ConfigError
-from pipeline.fit import fit
-from pipeline.score import score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile, WhiteningStats
 
 D = 24
@@ -89,7 +88,7 @@ def clip_folder(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("emb")
     folder = write_clip_retrieval(root / "laion")
     stats = str(root / "stats.safetensors")
-    summary = fit_embeddings(EmbeddingFitConfig(run=_run([folder]), output=stats, components=12, holdout=0.2))
+    summary = fit(EmbeddingFitConfig(run=_run([folder]), output=stats, components=12, holdout=0.2))
     return folder, stats, summary
 
 
@@ -126,7 +125,7 @@ def test_scores_are_row_aligned_and_match_numpy(clip_folder, tmp_path, executor)
     folder, stats_path, _ = clip_folder
     stats = StatsFile.load(stats_path)
     out = tmp_path / "scores"
-    summary = score_embeddings(EmbeddingScoreConfig(run=_run([folder], executor=executor), stats_path=stats_path,
+    summary = score(EmbeddingScoreConfig(run=_run([folder], executor=executor), stats_path=stats_path,
                                                     output=str(out)), stats)
     assert summary["rows"] == sum(ROWS) and summary["status_counts"] == {"encode": 1, "ok": sum(ROWS) - 1}
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
@@ -171,7 +170,7 @@ def test_provenance_resume_and_refusing_another_fit(clip_folder, tmp_path):
     stats = StatsFile.load(stats_path)
     out = tmp_path / "scores"
     cfg = EmbeddingScoreConfig(run=_run([folder]), stats_path=stats_path, output=str(out))
-    score_embeddings(cfg, stats)
+    score(cfg, stats)
     made = json.loads(pq.read_schema(out / "metadata_0.parquet").metadata[b"wclip"])
     assert made == marker(out, "metadata_0")["provenance"]
     assert made["model"] == {"model": "embeddings:clip-retrieval", "weights": "precomputed"}
@@ -179,16 +178,16 @@ def test_provenance_resume_and_refusing_another_fit(clip_folder, tmp_path):
     assert marker(out, "metadata_0")["parquet"]["rows"] == ROWS[0]
     # resume: nothing to do; a deleted output is redone, the others are kept byte for byte
     kept = (out / "metadata_1.parquet").read_bytes()
-    assert score_embeddings(cfg, stats)["shards_skipped"] == 3
+    assert score(cfg, stats)["shards_skipped"] == 3
     (out / "metadata_0.parquet").unlink()
-    summary = score_embeddings(cfg, stats)
+    summary = score(cfg, stats)
     assert summary["shards_done"] == 1 and summary["shards_skipped"] == 2
     assert (out / "metadata_1.parquet").read_bytes() == kept
     # another fit never shares the folder
     other = str(tmp_path / "other.safetensors")
-    fit_embeddings(EmbeddingFitConfig(run=_run([folder]), output=other, components=12, holdout=0.2, seed=5))
+    fit(EmbeddingFitConfig(run=_run([folder]), output=other, components=12, holdout=0.2, seed=5))
     with pytest.raises(ConfigError, match="holds scores made with stats .* embeddings:clip-retrieval"):
-        score_embeddings(EmbeddingScoreConfig(run=_run([folder]), stats_path=other, output=str(out)),
+        score(EmbeddingScoreConfig(run=_run([folder]), stats_path=other, output=str(out)),
                          StatsFile.load(other))
 
 
@@ -203,7 +202,7 @@ def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path,
     pd.read_parquet(meta).iloc[:-1].to_parquet(meta)  # one row fewer than the embeddings
     out = tmp_path / "scores"
     run = _run([broken], retries=0, executor=executor, progress=True)
-    summary = score_embeddings(EmbeddingScoreConfig(run=run, stats_path=stats_path, output=str(out)),
+    summary = score(EmbeddingScoreConfig(run=run, stats_path=stats_path, output=str(out)),
                                StatsFile.load(stats_path))
     # the bar counts the rows of the file that was scored, and names each failure on its own line
     err = capsys.readouterr().err
@@ -224,13 +223,13 @@ def test_datacomp_shards_fit_score_and_refuse_the_other_model(tmp_path, ray_loca
     shards = write_datacomp(tmp_path / "datacomp")
     pattern = str(shards / "{00000000..00000001}.npz")
     with pytest.raises(ConfigError, match="--embedding-key l14 or --embedding-key b32"):
-        fit_embeddings(EmbeddingFitConfig(run=_run([pattern]), output=str(tmp_path / "x.safetensors")))
+        fit(EmbeddingFitConfig(run=_run([pattern]), output=str(tmp_path / "x.safetensors")))
     stats_path = str(tmp_path / "l14.safetensors")
-    fit_embeddings(EmbeddingFitConfig(run=_run([pattern], key="l14"), output=stats_path, components=8))
+    fit(EmbeddingFitConfig(run=_run([pattern], key="l14"), output=stats_path, components=8))
     stats = StatsFile.load(stats_path)
     assert stats.metadata["model_identity"]["model"] == "embeddings:datacomp-l14"
     out = tmp_path / "scores"
-    summary = score_embeddings(EmbeddingScoreConfig(run=_run([shards]), stats_path=stats_path, output=str(out)),
+    summary = score(EmbeddingScoreConfig(run=_run([shards]), stats_path=stats_path, output=str(out)),
                                stats)  # the key defaults to the fit's
     assert summary["rows"] == 120 and summary["status_counts"] == {"ok": 120}
     table = pq.read_table(out / "00000001.parquet")
@@ -241,14 +240,14 @@ def test_datacomp_shards_fit_score_and_refuse_the_other_model(tmp_path, ray_loca
                                stats.towers["image"].sqnorm(arrays["l14_img"].astype(np.float64)), rtol=2e-4)
     with pytest.raises(ConfigError, match="embedding kind mismatch: .* embeddings:datacomp-l14 vectors, but these "
                                           "inputs are embeddings:datacomp-b32"):
-        score_embeddings(EmbeddingScoreConfig(run=_run([pattern], key="b32"), stats_path=stats_path,
+        score(EmbeddingScoreConfig(run=_run([pattern], key="b32"), stats_path=stats_path,
                                               output=str(tmp_path / "b32")), stats)
     clip_stats = str(tmp_path / "clip.safetensors")
-    fit_embeddings(EmbeddingFitConfig(run=_run([write_clip_retrieval(tmp_path / "laion")]), output=clip_stats,
+    fit(EmbeddingFitConfig(run=_run([write_clip_retrieval(tmp_path / "laion")]), output=clip_stats,
                                       components=8))
     with pytest.raises(ConfigError, match="embeddings:clip-retrieval vectors, but these inputs are "
                                           "embeddings:datacomp-l14"):
-        score_embeddings(EmbeddingScoreConfig(run=_run([pattern], key="l14"), stats_path=clip_stats,
+        score(EmbeddingScoreConfig(run=_run([pattern], key="l14"), stats_path=clip_stats,
                                               output=str(tmp_path / "y")), StatsFile.load(clip_stats))
     assert not (tmp_path / "b32").exists() and not (tmp_path / "y").exists()
 
@@ -260,7 +259,7 @@ def test_tar_stats_and_embedding_stats_do_not_mix(clip_folder, tmp_path):
     StatsFile(towers=ws, metadata={"model_identity": {"model": "wclip-tiny", "weights": "random-init:seed=0"},
                                    "normalize": True}).save(tar_stats)
     with pytest.raises(ConfigError, match=r"fitted on tar shards with model wclip-tiny \(random-init:seed=0\)"):
-        score_embeddings(EmbeddingScoreConfig(run=_run([folder]), stats_path=tar_stats, output=str(tmp_path / "a")),
+        score(EmbeddingScoreConfig(run=_run([folder]), stats_path=tar_stats, output=str(tmp_path / "a")),
                          StatsFile.load(tar_stats))
     url = clean_shards(tmp_path, shards=1, per_shard=2)[0]
     with pytest.raises(ConfigError, match="fitted on precomputed embeddings .*embeddings:clip-retrieval"):
@@ -272,14 +271,14 @@ def test_tar_stats_and_embedding_stats_do_not_mix(clip_folder, tmp_path):
 def test_fit_memory_stays_bounded_max_samples_and_heldout(clip_folder, tmp_path):
     folder, stats_path, _ = clip_folder
     path = str(tmp_path / "s.safetensors")
-    summary = fit_embeddings(EmbeddingFitConfig(run=_run([folder]), output=path, components=6, holdout=0.3,
+    summary = fit(EmbeddingFitConfig(run=_run([folder]), output=path, components=6, holdout=0.3,
                                                 max_samples=150, max_heldout=10))
     meta = StatsFile.load(path).metadata
     assert summary["rows"] == 150 and meta["n_reference"] == 149 and meta["reference_shards"] == 2
     assert meta["n_heldout"] == {"image": 10, "text": 10}
     # on Ray, in batches of one file per slot, the same stats as on threads
     on_ray = str(tmp_path / "ray.safetensors")
-    fit_embeddings(EmbeddingFitConfig(run=_run([folder], executor="ray", max_in_flight=1), output=on_ray,
+    fit(EmbeddingFitConfig(run=_run([folder], executor="ray", max_in_flight=1), output=on_ray,
                                       components=12, holdout=0.2))
     for tower, ws in StatsFile.load(stats_path).towers.items():
         other = StatsFile.load(on_ray).towers[tower]
@@ -291,7 +290,7 @@ def test_urls_in_and_out(clip_folder, tmp_path):
     folder, stats_path, _ = clip_folder
     out = f"file://{tmp_path}/scores"
     cfg = EmbeddingScoreConfig(run=_run([f"file://{folder}"]), stats_path=stats_path, output=out)
-    assert score_embeddings(cfg, StatsFile.load(stats_path))["rows"] == sum(ROWS)
+    assert score(cfg, StatsFile.load(stats_path))["rows"] == sum(ROWS)
     assert pq.read_table(tmp_path / "scores" / "metadata_0.parquet")["shard"][0].as_py() == \
         f"file://{folder}/metadata/metadata_0.parquet"
 
@@ -299,7 +298,7 @@ def test_urls_in_and_out(clip_folder, tmp_path):
 def test_a_memory_folder_in_and_out(clip_folder):
     import fsspec
 
-    from pipeline.flow.vectors import discover, read_blocks, read_metadata
+    from pipeline.sources.vectors import discover, read_blocks, read_metadata
 
     _, stats_path, _ = clip_folder
     fs = fsspec.filesystem("memory")
@@ -322,13 +321,13 @@ def test_a_memory_folder_in_and_out(clip_folder):
     stats = StatsFile.load(stats_path)
     cfg = EmbeddingScoreConfig(run=_run(["memory://cr"], executor="local"), stats_path=stats_path,
                                output="memory://scores")
-    assert score_embeddings(cfg, stats)["rows"] == 50
+    assert score(cfg, stats)["rows"] == 50
     with fs.open("/scores/metadata_7.parquet", "rb") as fh:
         table = pq.read_table(fh)
     np.testing.assert_allclose(table["image_sqnorm"].to_numpy(), stats.towers["image"].sqnorm(img.astype(float)),
                                rtol=2e-4)
     assert fs.exists("/scores/.wclip/shards/metadata_7.json")
-    assert score_embeddings(cfg, stats)["shards_skipped"] == 1
+    assert score(cfg, stats)["shards_skipped"] == 1
 
 
 # -- --save-embeddings: clip-retrieval's layout ----------------------------------------------------------
@@ -349,7 +348,7 @@ def saved(tmp_path_factory, ray_local):
 
 
 def test_saved_embeddings_are_clip_retrieval_folders(saved):
-    from pipeline.flow.write import embedding_number
+    from pipeline.scores.layout import embedding_number
 
     out, stats_path = saved
     emb = out / ".wclip" / "embeddings"

@@ -232,13 +232,13 @@ def test_a_declared_model_of_another_width_is_refused(tmp_path, capsys):
 ])
 def test_an_embeddings_fit_that_cannot_end_in_stats_is_refused_before_reading(tmp_path, capsys, monkeypatch,
                                                                               flags, expected):
-    from pipeline import embedded
+    from pipeline.runs import fit
 
     def no_work(*args, **kwargs):
         raise AssertionError("the fit started reading files")
 
     folder = _folder(tmp_path / "laion")
-    monkeypatch.setattr(embedded, "open_executor", no_work)
+    monkeypatch.setattr(fit, "open_executor", no_work)
     stats = tmp_path / "stats.safetensors"
     _refused(capsys, main(["fit", "--embeddings", str(folder), "--output", str(stats), *flags, *RUN]), "fit", expected)
     assert not stats.exists()
@@ -252,7 +252,7 @@ def test_an_embeddings_fit_that_cannot_end_in_stats_is_refused_before_reading(tm
 ])
 def test_a_tar_fit_that_cannot_end_in_stats_is_refused_before_encoding(tmp_path, capsys, monkeypatch, flags,
                                                                        expected):
-    from pipeline import fit
+    from pipeline.runs import fit
 
     def no_work(*args, **kwargs):
         raise AssertionError("the fit started its shards")

@@ -13,7 +13,7 @@ from shardkit import clean_shards
 
 from pipeline.cli import main
 from pipeline.models import DeclaredModel, ModelSpec, declare, file_sha256, model_identity
-from pipeline.table import read_provenance
+from pipeline.scores.provenance import read_provenance
 from pipeline.whitening import StatsFile
 
 COLUMNS = ("image_sqnorm", "image_loglik", "image_pvalue", "text_sqnorm", "text_loglik", "text_pvalue", "clip_score")

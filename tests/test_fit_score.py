@@ -7,9 +7,10 @@ import pytest
 from shardkit import clean_shards, marker, tiny_run
 
 from pipeline.config import FitConfig, RunConfig, ScoreConfig
-from pipeline.fit import fit
+from pipeline.errors import ConfigError
 from pipeline.models import ModelSpec
-from pipeline.score import ConfigError, score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile
 
 
@@ -151,3 +152,43 @@ def test_max_samples_caps_the_reference_set_deterministically(fitted, tmp_path):
         assert a.towers[tower].n_fit + a.towers[tower].n_heldout == 70
         np.testing.assert_array_equal(a.towers[tower].mean, b.towers[tower].mean)
         np.testing.assert_array_equal(a.towers[tower].calibration, b.towers[tower].calibration)
+
+
+def test_max_heldout_keeps_the_heldout_rows_with_the_smallest_key_hashes(fitted, tmp_path):
+    from pipeline.whitening.moments import held_out, key_hashes
+
+    urls, full_path, _ = fitted
+    full = StatsFile.load(full_path)
+    path = str(tmp_path / "bounded.safetensors")
+    fit(FitConfig(run=run_cfg(urls), output=path, components=16, holdout=0.2, max_heldout=5))
+    bounded = StatsFile.load(path)
+    assert bounded.metadata["max_heldout"] == 5 and bounded.metadata["n_heldout"] == {"image": 5, "text": 5}
+    keys, emb = _direct_embeddings(urls)
+    hashes = key_hashes(keys, 0)
+    held = np.flatnonzero(held_out(hashes, 0.2))
+    smallest = held[np.argsort(hashes[held])[:5]]
+    for tower in ("image", "text"):
+        got, whole = bounded.towers[tower], full.towers[tower]
+        assert got.n_fit == whole.n_fit and whole.n_heldout > 5  # the fit rows are the same; 5 held-out kept
+        np.testing.assert_array_equal(got.mean, whole.mean)
+        np.testing.assert_allclose(got.calibration, np.sort(got.sqnorm(emb[tower][smallest])), rtol=1e-4)
+
+
+def test_a_tar_fit_with_a_failed_shard_writes_no_stats_and_exits_1(fitted, tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    urls, _, _ = fitted
+    junk = tmp_path / "00009.tar"
+    junk.write_bytes(b"garbage" * 100)
+    stats = tmp_path / "part.safetensors"
+    code = main(["fit", "--input", urls[0], str(junk), "--model", "wclip-tiny", "--random-init", "--output",
+                 str(stats), "--components", "8", "--executor", "local", "--no-progress", "--retries", "0"])
+    out, err = capsys.readouterr()
+    assert code == 1 and not stats.exists()
+    assert f"fit -> {stats} NOT WRITTEN (1 of 2 shards failed: mend or remove them and rerun)" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stats"] is None and summary["not_written"] == "1 of 2 shards failed"
+    assert [f["shard"] for f in summary["failed"]] == [str(junk)]
+    assert "not a readable tar" in summary["failed"][0]["error"]

@@ -16,9 +16,9 @@ from shardkit import SCRIPT_PATH, clean_shards, marker_files, tiny_run
 
 from pipeline.config import FitConfig, RayOptions, ScoreConfig
 from pipeline.executors import uses_ray
-from pipeline.fit import fit
 from pipeline.flow import stage
-from pipeline.score import score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile
 
 PER_SHARD = 12

@@ -12,10 +12,9 @@ from test_embeddings import ROWS, _rows, _run, write_clip_retrieval
 
 from pipeline.cli import main
 from pipeline.config import EmbeddingFitConfig, EmbeddingScoreConfig, FitConfig, ScoreConfig
-from pipeline.embedded import fit_embeddings, score_embeddings
-from pipeline.fit import fit
-from pipeline.score import score
-from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
+from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS
 from pipeline.whitening import StatsFile
 
 TOWERS = ("image", "text")
@@ -114,12 +113,12 @@ def laion(tmp_path_factory, ray_local):
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_embedding_scores_match_the_oracle(laion, tmp_path, executor):
     stats_path = str(tmp_path / "stats.safetensors")
-    fit_embeddings(EmbeddingFitConfig(run=_run([laion], executor=executor), output=stats_path, components=12,
+    fit(EmbeddingFitConfig(run=_run([laion], executor=executor), output=stats_path, components=12,
                                       holdout=0.2, clusters=4))
     stats = StatsFile.load(stats_path)
     assert all(ws.clusters.k == 4 for ws in stats.towers.values())
     out = tmp_path / "scores"
-    summary = score_embeddings(EmbeddingScoreConfig(run=_run([laion], executor=executor), stats_path=stats_path,
+    summary = score(EmbeddingScoreConfig(run=_run([laion], executor=executor), stats_path=stats_path,
                                                     output=str(out)), stats)
     assert summary["rows"] == sum(ROWS)
     imgs, txts = _rows(laion, "image"), _rows(laion, "text")
@@ -133,15 +132,15 @@ def test_embedding_fits_agree_across_executors_and_one_cluster_is_global(laion, 
     fits = {}
     for executor in ("local", "ray"):
         fits[executor] = str(tmp_path / f"{executor}.safetensors")
-        fit_embeddings(EmbeddingFitConfig(run=_run([laion], executor=executor), output=fits[executor],
+        fit(EmbeddingFitConfig(run=_run([laion], executor=executor), output=fits[executor],
                                           components=12, holdout=0.2, clusters=4))
     a, b = (StatsFile.load(p).towers["image"].clusters for p in fits.values())
     np.testing.assert_array_equal(a.means, b.means)
     np.testing.assert_array_equal(a.calibration, b.calibration)
     one = str(tmp_path / "one.safetensors")
-    fit_embeddings(EmbeddingFitConfig(run=_run([laion]), output=one, components=12, holdout=0.2, clusters=1))
+    fit(EmbeddingFitConfig(run=_run([laion]), output=one, components=12, holdout=0.2, clusters=1))
     out = tmp_path / "scores"
-    score_embeddings(EmbeddingScoreConfig(run=_run([laion]), stats_path=one, output=str(out)), StatsFile.load(one))
+    score(EmbeddingScoreConfig(run=_run([laion]), stats_path=one, output=str(out)), StatsFile.load(one))
     for n in range(len(ROWS)):
         assert_local_equals_global(pq.read_table(out / f"metadata_{n}.parquet"))
 

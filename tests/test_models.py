@@ -120,7 +120,7 @@ def test_a_hub_model_scores_end_to_end_offline(tmp_path, ray_local):
     from shardkit import clean_shards, tiny_run
 
     from pipeline.config import FitConfig
-    from pipeline.fit import fit
+    from pipeline.runs.fit import fit
     from pipeline.whitening import StatsFile
 
     cache, _ = hub_cache(tmp_path / "hf")

@@ -107,9 +107,9 @@ def _scenario(work: Path) -> None:
     from shardkit import clean_shards
 
     from pipeline.config import FitConfig, RunConfig, ScoreConfig
-    from pipeline.fit import fit
     from pipeline.models import ModelSpec
-    from pipeline.score import score
+    from pipeline.runs.fit import fit
+    from pipeline.runs.score import score
     from pipeline.whitening import StatsFile
 
     fast_failure_detection = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,

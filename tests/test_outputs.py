@@ -13,9 +13,9 @@ from shardkit import clean_shards, cut_transfer, http_server, marker, marker_fil
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.errors import ConfigError
-from pipeline.fit import fit
 from pipeline.models import ModelSpec
-from pipeline.score import score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile
 
 
@@ -182,7 +182,7 @@ def test_parquet_encodings_dictionaries_and_statistics():
     group)."""
     import io
 
-    from pipeline.table import table_bytes
+    from pipeline.scores.table import table_bytes
 
     n = 1000
     table = pa.table({"key": [f"{i:06d}" for i in range(n)], "shard": ["s/00000.tar"] * n,
@@ -209,7 +209,7 @@ def test_planning_a_resume_keeps_little_of_each_marker(tmp_path):
     ~3.6 KB: 2 GB for LAION's 585,000 shards)."""
     import tracemalloc
 
-    from pipeline.score import plan_folder
+    from pipeline.scores.folder import plan_folder
 
     made = {"stats_digest": "ab" * 32, "stats_path": "/stats.safetensors", "normalize": False,
             "model": {"model": "wclip-demo", "weights": "builtin:sha256:" + "cd" * 32}, "wclip_version": "0"}

@@ -96,7 +96,7 @@ def _members(tars) -> dict:
 
 def _score(inputs, input_format: str, stats_path: str, out: Path) -> dict:
     from pipeline.config import InputConfig, ScoreConfig
-    from pipeline.score import score
+    from pipeline.runs.score import score
     from pipeline.whitening import StatsFile
 
     cfg = InputConfig(input_format=input_format)
@@ -107,8 +107,8 @@ def _score(inputs, input_format: str, stats_path: str, out: Path) -> dict:
 
 def test_img2dataset_outputs_score_alike_in_every_format_and_filter_back(downloaded, tmp_path):
     from pipeline.config import FitConfig
-    from pipeline.fit import fit
     from pipeline.flow.formats import expand_inputs
+    from pipeline.runs.fit import fit
 
     outputs, listed = downloaded
     stats_json = [json.loads(p.read_text()) for p in sorted(outputs["webdataset"].glob("*_stats.json"))]

@@ -13,8 +13,8 @@ import pytest
 from shardkit import clean_shards, image_bytes, marker, marker_files, png_bomb, sample, tiny_run, write_shard
 
 from pipeline.config import FitConfig, ScoreConfig
-from pipeline.fit import fit
-from pipeline.score import score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile
 
 EXECUTORS = ("local", "ray")  # hostile input gets the same rows and records under both

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import pytest
 from shardkit import SCRIPT_PATH
 
-from pipeline.flow.write import marker_path
+from pipeline.scores.layout import marker_path
 
 SHARDS, PER_SHARD = 3, 24
 BIG_MEMBER = 6 << 20  # one sample carries 6 MiB: a shard larger than fsspec's HTTP/S3 read blocks

@@ -18,7 +18,8 @@ from pipeline.card.render import CITATION, render_readme
 from pipeline.card.sketch import QuantileSketch
 from pipeline.config import CardConfig
 from pipeline.errors import ConfigError
-from pipeline.table import check_scores, describe_provenance, list_score_files
+from pipeline.scores.layout import list_score_files
+from pipeline.scores.provenance import check_scores, describe_provenance
 
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
 FILTER_KEYS = ("rows", "eligible", "kept", "kept_fraction_of_rows", "kept_fraction_of_eligible",

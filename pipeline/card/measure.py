@@ -18,8 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.card.sketch import Extremes, GroupedLowest, Histogram, Histogram2D, QuantileSketch
-from pipeline.storage import jsonable
-from pipeline.table import (
+from pipeline.scores.table import (
     LOCAL_SCORE_COLUMNS,
     SCORE_COLUMNS,
     file_schema,
@@ -28,6 +27,7 @@ from pipeline.table import (
     named_errors,
     ok_mask,
 )
+from pipeline.storage import jsonable
 
 MAX_ERROR_KINDS = 200
 PAYLOAD = ("key", "shard", "index", "caption")       # what the card keeps of an extreme row
@@ -65,7 +65,7 @@ class CorpusSummary:
 
 
 def measured_columns(files) -> tuple:
-    """The score columns a card measures: :data:`pipeline.table.SCORE_COLUMNS`, then the local likelihood's
+    """The score columns a card measures: :data:`pipeline.scores.table.SCORE_COLUMNS`, then the local likelihood's
     float columns that the score files have (one fit per folder: the first file tells)."""
     present = set(file_schema(files[0]).names)
     return SCORE_COLUMNS + tuple(c for c in LOCAL_SCORE_COLUMNS if c in present)

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 
 from pipeline import storage
-from pipeline._imports import require
 from pipeline.config import IMAGE_EXTS, MAX_IMAGE_PIXELS
+from pipeline.errors import require
 
 THUMB = 160
 

@@ -1,7 +1,7 @@
 """`wclip fit`: whitening statistics of a reference corpus (tar shards, or precomputed embeddings)."""
 
 from pipeline.commands import _common
-from pipeline.config import CLUSTER_SAMPLE
+from pipeline.config import CLUSTER_SAMPLE, MAX_HELDOUT
 
 HELP = "fit whitening statistics (mean, whitening matrix, calibration) on reference shards or embeddings"
 
@@ -25,9 +25,9 @@ def add_arguments(p):
     g.add_argument("--holdout", type=float, default=0.1, help="fraction held out (by key hash) for calibration")
     g.add_argument("--max-samples", type=int,
                    help="cap on reference samples (first shards first; with --embeddings: the first rows read)")
-    g.add_argument("--max-heldout", type=int, default=50_000,
-                   help="--embeddings: held-out rows kept for calibration (those with the smallest key hashes), "
-                        "so memory stays bounded whatever the corpus size")
+    g.add_argument("--max-heldout", type=int, default=MAX_HELDOUT,
+                   help="held-out rows kept for calibration, per tower (those with the smallest key hashes), so "
+                        "memory stays bounded whatever the corpus size")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     g.add_argument("--clusters", type=int, metavar="K",
                    help="also fit the local likelihood: K clusters of the reference, a Gaussian each (the scores "
@@ -61,26 +61,20 @@ def run(args):
 
 def _fit_shards(args) -> dict:
     from pipeline.config import FitConfig
-    from pipeline.fit import fit
+    from pipeline.runs.fit import fit
 
     spec = _common.model_spec(args)
     cfg = FitConfig(run=_common.run_config(args, spec, normalize=args.normalize), output=args.output,
                     components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
-                    max_samples=args.max_samples, seed=args.seed, clusters=args.clusters,
-                    cluster_sample=args.cluster_sample)
-    if args.dry_run:
-        from pipeline.storage import exists
-
-        return {"dry_run": True, "inputs": len(cfg.run.shards), "input_kind": "shards", "to_do": len(cfg.run.shards),
-                "output": args.output, "replaces": exists(args.output), "model": spec.name}
-    return fit(cfg)
+                    max_samples=args.max_samples, max_heldout=args.max_heldout, seed=args.seed,
+                    clusters=args.clusters, cluster_sample=args.cluster_sample)
+    return fit(cfg, dry_run=args.dry_run)
 
 
 def _fit_embeddings(args) -> dict:
     from pipeline.config import EmbeddingFitConfig
-    from pipeline.embedded import fit_embeddings
     from pipeline.errors import UserError
-
+    from pipeline.runs.fit import fit
     given = [f for f, v in (("--model", args.model), ("--pretrained", args.pretrained),
                             ("--checkpoint", args.checkpoint), ("--random-init", args.random_init),
                             ("--normalize", args.normalize), ("--raw", args.raw)) if v]
@@ -91,4 +85,4 @@ def _fit_embeddings(args) -> dict:
                              components=args.components, shrinkage=args.shrinkage, holdout=args.holdout,
                              max_samples=args.max_samples, max_heldout=args.max_heldout, seed=args.seed,
                              clusters=args.clusters, cluster_sample=args.cluster_sample)
-    return fit_embeddings(cfg, dry_run=args.dry_run)
+    return fit(cfg, dry_run=args.dry_run)

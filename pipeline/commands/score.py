@@ -44,7 +44,8 @@ def run(args):
 
 def _score_shards(args, stats) -> dict:
     from pipeline.config import ScoreConfig
-    from pipeline.score import refuse_embedding_stats, score
+    from pipeline.runs.score import score
+    from pipeline.sources.tars import refuse_embedding_stats
 
     refuse_embedding_stats(stats.metadata)
     spec = _common.model_spec(args, default=stats.metadata)
@@ -61,8 +62,8 @@ def _score_shards(args, stats) -> dict:
 
 def _score_embeddings(args, stats) -> dict:
     from pipeline.config import EmbeddingScoreConfig
-    from pipeline.embedded import score_embeddings
     from pipeline.errors import UserError
+    from pipeline.runs.score import score
 
     given = [f for f, v in (("--model", args.model), ("--pretrained", args.pretrained),
                             ("--checkpoint", args.checkpoint), ("--random-init", args.random_init),
@@ -72,4 +73,4 @@ def _score_embeddings(args, stats) -> dict:
                         f"embeddings are scored as they are, with no model (and are saved already)")
     cfg = EmbeddingScoreConfig(run=_common.embedding_run_config(args), stats_path=args.stats, output=args.output,
                                overwrite=args.overwrite)
-    return score_embeddings(cfg, stats, dry_run=args.dry_run)
+    return score(cfg, stats, dry_run=args.dry_run)

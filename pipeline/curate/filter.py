@@ -11,13 +11,13 @@ Semantics (also in ``wclip filter --help``):
   its own over all eligible rows; every row tied with the threshold is kept, so a fraction
   keeps at least ``k`` rows (more only on ties).
 - A kept row is eligible and passes every condition; a missing or non-finite value fails.
-- The local likelihood's columns (:data:`pipeline.table.LOCAL_COLUMNS`, in scores of stats fitted with
+- The local likelihood's columns (:data:`pipeline.scores.table.LOCAL_COLUMNS`, in scores of stats fitted with
   ``--clusters K``) are conditions like any other: ``*_local_loglik`` and ``*_local_pvalue`` keep their
   highest values; ``<tower>_cluster`` is a cluster number, selected with ``min``/``max`` (a fraction of it
   is refused). Asked of scores without them, they are refused before any work, saying how to get them.
 
 Refused before any work: a score file that is not readable Parquet, score files made by different fits
-or models (:func:`pipeline.table.check_scores`), a condition on a column the scores lack, and ``--input``
+or models (:func:`pipeline.scores.provenance.check_scores`), a condition on a column the scores lack, and ``--input``
 shards none of which was scored.
 
 Memory: thresholds come from :class:`pipeline.curate.select.RadixSelect` (exact, a few streaming
@@ -49,11 +49,11 @@ from pipeline.curate.dedup_select import (
 from pipeline.curate.dedup_select import eligible as eligible_rows
 from pipeline.curate.select import RadixSelect
 from pipeline.curate.uids import UidCollector, parse_uids
-from pipeline.table import (
+from pipeline.scores.provenance import check_scores
+from pipeline.scores.table import (
     ALL_SCORE_COLUMNS,
     CLUSTER_COLUMNS,
     LOCAL_COLUMNS,
-    check_scores,
     file_schema,
     float_values,
     iter_batches,
@@ -345,8 +345,8 @@ def _count_shards(batch, kept, file_name, shards) -> None:
 
 def _checked_files(cfg: FilterConfig) -> tuple[list, object, bool]:
     """The score files, after refusing unreadable ones, mixed fits and unknown condition columns; what
-    :func:`pipeline.table.check_scores` found; whether the files have the local likelihood's columns."""
-    from pipeline.table import list_score_files
+    :func:`pipeline.scores.provenance.check_scores` found; whether the files have the local likelihood's columns."""
+    from pipeline.scores.layout import list_score_files
 
     files = list_score_files(cfg.scores)
     if not files:

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.curate.members import member_chunks, member_name, member_size, safe_key
-from pipeline.table import LOCAL_COLUMNS, LOCAL_SCHEMA, SCORE_COLUMNS, table_bytes
+from pipeline.scores.table import LOCAL_COLUMNS, LOCAL_SCHEMA, SCORE_COLUMNS, table_bytes
 
 STATE = ".wclip"
 SUCCESS, FAILED = "success", "failed_to_download"

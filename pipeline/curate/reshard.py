@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.curate import layout
 from pipeline.curate.source import kept_samples
 from pipeline.flow.read import shard_name
-from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS, iter_batches
+from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS, iter_batches
 
 ROW_COLUMNS = ("key", "shard", "index", "url", "uid", "caption", "status", "error", *SCORE_COLUMNS)
 LOCAL_ROW_COLUMNS = ROW_COLUMNS + LOCAL_COLUMNS  # the rows of scores with the local likelihood

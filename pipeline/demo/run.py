@@ -107,8 +107,8 @@ def evaluate(scores_dir: Path, target_dir: Path) -> dict:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo under ``cfg.workdir``; returns (and writes) the summary."""
     from pipeline.executors import shared_session
-    from pipeline.fit import fit
-    from pipeline.score import score
+    from pipeline.runs.fit import fit
+    from pipeline.runs.score import score
     from pipeline.whitening import StatsFile
 
     started = time.time()

@@ -50,7 +50,7 @@ RECORD_PATH = record_path(WEIGHTS_PATH)
 
 def create_model():
     """A randomly initialised ``wclip-demo`` with its open_clip preprocess and tokenizer."""
-    from pipeline._imports import require
+    from pipeline.errors import require
 
     open_clip = require("open_clip", "the wclip-demo model")
     models.register_builtin_configs(open_clip)

@@ -3,7 +3,7 @@
 
 A job is a set of shards. Each shard is one Ray task that reads and decodes it on a CPU, and encodes its
 chunks either itself (CPU-only: a model in each reader task) or on encoder actors (one per GPU, or
-``--encoders N``), then hands the assembled shard to the job's sink (:mod:`pipeline.flow.write`); the shard
+``--encoders N``), then hands the assembled shard to the job's sink (:mod:`pipeline.scores.sinks`); the shard
 body is :func:`pipeline.flow.stage.assemble_shard`, as in the local executor, only where chunks are encoded
 differs. File tasks are one Ray task each. The driver keeps a bounded number of tasks in flight, reports the
 ones that keep failing and shows progress (:mod:`pipeline.executors.loop`); Ray retries them itself

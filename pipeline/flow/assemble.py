@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.flow.batch import TOWERS, Chunk, ChunkResult
 from pipeline.flow.decode import finalize_status
 from pipeline.flow.read import shard_name
-from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS
+from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS
 
 
 class ShardAssembler:

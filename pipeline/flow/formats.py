@@ -64,7 +64,7 @@ def _check_first_parquet(url: str) -> None:
     """Refuse, before any work, image Parquet inputs whose first file's columns cannot be read
     (:func:`parquet_columns`); each file's reader checks its own file again (one footer read here, not one
     per file: a dataset's files share their schema)."""
-    from pipeline.table import file_schema
+    from pipeline.scores.table import file_schema
 
     try:
         schema = file_schema(url)
@@ -204,7 +204,7 @@ class ParquetReader:
         self.damage: Optional[str] = None
 
     def __iter__(self) -> Iterator[RawSample]:
-        from pipeline.table import parquet_file
+        from pipeline.scores.table import parquet_file
 
         with parquet_file(self.url) as pf:
             image, caption, key = parquet_columns(self.url, pf.schema_arrow)

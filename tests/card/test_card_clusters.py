@@ -17,8 +17,8 @@ from pipeline.card.build import build_card
 from pipeline.card.measure import CLUSTER_EXAMPLES, HISTOGRAM_COLUMNS
 from pipeline.card.sketch import GroupedLowest
 from pipeline.config import CardConfig
+from pipeline.scores.table import LOCAL_SCORE_COLUMNS, SCORE_COLUMNS, scores_schema
 from pipeline.storage import sha256
-from pipeline.table import LOCAL_SCORE_COLUMNS, SCORE_COLUMNS, scores_schema
 
 K = 3
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from pipeline.config import FilterConfig
 from pipeline.curate.filter import Condition, run_filter
 from pipeline.curate.layout import LOCAL_META_SCHEMA, META_SCHEMA
 from pipeline.executors.local import map_on_threads
-from pipeline.table import LOCAL_COLUMNS, SCORE_COLUMNS, scores_schema
+from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS, scores_schema
 
 K = 3
 

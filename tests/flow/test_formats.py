@@ -74,8 +74,8 @@ def test_a_parquet_without_image_column_is_named(tmp_path):
 @pytest.mark.parametrize("input_format", ["files", "parquet"])
 def test_score_reads_the_formats_one_row_per_sample(tmp_path, ray_local, input_format):
     from pipeline.config import FitConfig
-    from pipeline.fit import fit
-    from pipeline.score import score
+    from pipeline.runs.fit import fit
+    from pipeline.runs.score import score
     from pipeline.whitening import StatsFile
 
     root = files_layout(tmp_path / "in", broken={"000010003"})

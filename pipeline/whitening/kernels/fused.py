@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from pipeline._imports import require
+from pipeline.errors import require
 from pipeline.whitening.kernels.reference import LOG_2PI, check_parameters
 
 __all__ = ["FusedWhitener", "kernel_source", "launch_grid", "padded_shape", "entry_name",

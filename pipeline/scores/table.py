@@ -1,12 +1,10 @@
-"""The scores Parquet contract: schema and columns (DESIGN.md section 3), building a shard's table, and
-reading a scores folder (local or any fsspec URL) back in bounded-size batches."""
+"""The scores Parquet contract: schema and columns, building a shard's table, its Parquet bytes, and reading
+score files (local or any fsspec URL) back in bounded-size batches."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -52,113 +50,6 @@ def score_array(values, kind: pa.DataType) -> pa.Array:
     return pa.array(v.astype(kind.to_pandas_dtype(), copy=False), kind, mask=mask)
 
 BATCH_ROWS = 65_536  # rows per batch when streaming a scores folder
-PROVENANCE_KEY = b"wclip"  # a scores file's metadata key: JSON saying what made it (stats, model, input)
-SCORES_FORMAT = "wclip-scores/2"
-
-
-def read_provenance(path):
-    """What made a scores file (the JSON under :data:`PROVENANCE_KEY`), or None when wclip did not write
-    it (or wrote it before provenance was recorded)."""
-    try:
-        metadata = file_schema(path).metadata or {}
-    except Exception:
-        return None
-    return provenance_from(metadata)
-
-
-def provenance_from(metadata) -> Optional[dict]:
-    """:func:`read_provenance` of a file whose schema metadata is ``metadata``."""
-    raw = (metadata or {}).get(PROVENANCE_KEY)
-    if raw == b"scores/1":  # written by wclip before provenance was recorded
-        return {"format": "wclip-scores/1"}
-    try:
-        made = json.loads(raw) if raw else None
-    except ValueError:
-        return None
-    return made if isinstance(made, dict) else None
-
-
-# -- the scores folder's layout (pipeline.flow.write writes it; filters and cards read it back) ----------------
-STATE_DIR = ".wclip"  # hidden: every Parquet reader and Hugging Face datasets skip it
-SCORES_SUFFIX = ".parquet"
-
-
-def state_path(output: str, *names: str) -> str:
-    return storage.join(output, STATE_DIR, *names)
-
-
-def marker_path(output: str, name: str) -> str:
-    return state_path(output, "shards", name + ".json")
-
-
-def scores_path(output: str, name: str) -> str:
-    return storage.join(output, name + SCORES_SUFFIX)
-
-
-def file_sizes(folder: str, suffix: str = "") -> dict:
-    """``{file name: size in bytes}`` of the files directly in ``folder`` (empty when it does not exist)."""
-    fs, p = storage.uncached(folder)
-    if not fs.exists(p):
-        return {}
-    return {storage.basename(e["name"]): int(e.get("size") or 0) for e in fs.ls(p, detail=True)
-            if e.get("type") == "file" and storage.basename(e["name"]).endswith(suffix)}
-
-
-def markers(output: str, project=None) -> dict:
-    """``{shard name: marker}`` of the completed shards under ``output``; ``project(marker)``, when given,
-    stands for each marker as it is read (a parsed marker takes ~3.6 KB: keep only what is needed)."""
-    folder = state_path(output, "shards")
-    out = {}
-    for name in sorted(file_sizes(folder, ".json")):
-        if name.startswith("."):
-            continue
-        try:
-            marker = json.loads(storage.read_bytes(storage.join(folder, name)))
-        except (ValueError, OSError):
-            continue  # an unreadable marker counts as no marker: the shard is redone
-        out[name[: -len(".json")]] = project(marker) if project else marker
-    return out
-
-
-def incomplete_shards(directory) -> list:
-    """``[(shard name, what is wrong)]`` of the shards whose completion marker is in ``directory`` but whose
-    score file is missing or has another size than the marker recorded (a folder without markers, scores of
-    another tool, has none)."""
-    sizes = file_sizes(directory, SCORES_SUFFIX)
-    recorded = markers(directory, lambda m: (m.get("parquet") or {}).get("bytes"))
-    wrong = []
-    for name, size in recorded.items():
-        found = sizes.get(name + SCORES_SUFFIX)
-        if found is None:
-            wrong.append((name, "missing"))
-        elif size is not None and found != size:
-            wrong.append((name, f"{found} bytes, {size} recorded"))
-    return wrong
-
-
-def check_complete(directory) -> None:
-    """Refuse a scores folder that lost score files it recorded as done (or holds them changed), naming them."""
-    from pipeline.errors import ConfigError
-
-    wrong = incomplete_shards(directory)
-    if wrong:
-        shown = "; ".join(f"{name}{SCORES_SUFFIX} {what}" for name, what in wrong[:3])
-        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        raise ConfigError(f"the scores folder {directory} is incomplete: {len(wrong)} shard(s) recorded as scored "
-                          f"have no score file or one of another size ({shown}{more}); rerun the `wclip score` "
-                          f"command that wrote the folder to rescore them")
-
-
-def list_score_files(directory) -> list[str]:
-    """The finished score files in ``directory`` (a local folder or URL), sorted by name (temporary files
-    skipped), after refusing a folder that lost files its markers record (:func:`check_complete`)."""
-    if not storage.is_dir(directory):
-        raise FileNotFoundError(f"scores directory {str(directory)!r} does not exist")
-    check_complete(directory)
-    return [f for f in storage.list_files(directory, ".parquet")
-            if not storage.basename(f).startswith(".") and not f.endswith(".tmp")]
-
-
 def parquet_file(path) -> pq.ParquetFile:
     """One Parquet file, local or at a URL, opened for reading (use it as a context manager)."""
     if storage.is_url(path):
@@ -251,10 +142,6 @@ def table_bytes(table: pa.Table, compression: str = "zstd") -> memoryview:
     return memoryview(sink.getvalue())  # no copy (a 3 MB bytes object is page-faulted in under the GIL)
 
 
-# -- checking a scores folder before any work ------------------------------------------------------------
-IDENTITY = ("stats_digest", "model", "normalize")  # what the files of one scores folder must share
-
-
 class UnreadableScores(ValueError):
     """A score file that cannot be read as Parquet (truncated, garbage bytes); the message names it."""
 
@@ -270,56 +157,3 @@ def named_errors(path):
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnreadableScores(f"cannot read {path} as Parquet ({reason}); if `wclip score` wrote it, rerun that "
                                f"command to redo its shard, else move it out of the scores folder") from exc
-
-
-def describe_provenance(made: dict) -> str:
-    """One line saying what made a scores file: stats digest and path, model and weights."""
-    model = made.get("model") or {}
-    if not isinstance(model, dict):
-        model = {"model": model}
-    return (f"stats {str(made.get('stats_digest'))[:12]} ({made.get('stats_path', '?')}), model "
-            f"{model.get('model', '?')} ({model.get('weights', '?')})")
-
-
-@dataclass
-class ScoresCheck:
-    """What :func:`check_scores` found: rows, the provenance the files share, the files that record none."""
-
-    files: int = 0
-    rows: int = 0
-    provenance: Optional[dict] = None   # what made the files that record it (all agree)
-    example: Optional[str] = None       # one file made by it
-    unrecorded: list = field(default_factory=list)  # files that record no provenance
-
-    def warnings(self) -> list:
-        if not self.unrecorded:
-            return []
-        shown = ", ".join(storage.basename(f) for f in self.unrecorded[:3])
-        more = f" and {len(self.unrecorded) - 3} more" if len(self.unrecorded) > 3 else ""
-        if self.provenance is None:
-            return [f"no score file records what made it ({shown}{more}: written by an older wclip or another "
-                    f"tool), so the stats and model behind them could not be checked"]
-        return [f"{len(self.unrecorded)} of {self.files} score files record no provenance ({shown}{more}: "
-                f"written by an older wclip or another tool); they could not be checked against the others"]
-
-
-def check_scores(files) -> ScoresCheck:
-    """Read every score file's footer: refuse a file that is not readable Parquet (naming it) and files
-    made by different fits or models (naming both); count the rows."""
-    from pipeline.errors import ConfigError
-
-    check = ScoresCheck(files=len(files))
-    for path in files:
-        with named_errors(path), parquet_file(path) as pf:
-            check.rows += pf.metadata.num_rows
-            made = provenance_from(pf.schema_arrow.metadata)
-        if not made or not made.get("stats_digest"):
-            check.unrecorded.append(path)
-        elif check.provenance is None:
-            check.provenance, check.example = made, path
-        elif any(made.get(k) != check.provenance.get(k) for k in IDENTITY):
-            raise ConfigError(
-                f"the score files were made by different fits or models: {check.example} by "
-                f"{describe_provenance(check.provenance)}, but {path} by {describe_provenance(made)}; one run "
-                f"reads one fit's scores: put each fit's files in a folder of their own")
-    return check

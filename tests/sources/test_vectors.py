@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.flow.vectors import as_float32
+from pipeline.sources.vectors import as_float32
 
 
 def test_every_float16_value_converts_exactly_as_numpy_casts_it():

@@ -1,11 +1,8 @@
-"""The score job: per-shard Parquet likelihood columns for a corpus, resumable and exactly-once.
-
-Before any work it checks the output folder (:mod:`pipeline.flow.write` describes its layout): it never
-overwrites a file wclip did not write, never mixes scores of two fits or models in one folder, and skips
-exactly the shards whose outputs are complete and were made by the same stats and model. A run holds the
-folder from before it plans until it ends (:func:`claim_folder`): a second run started on it meanwhile is
-refused before it reads or writes anything there.
-"""
+"""The scores folder as a job writes it, each rule defined once: the plan (which inputs to (re)score, after
+refusing what would overwrite files wclip did not write or mix two fits: the output-folder rule), the claim
+that holds the folder for one run, opening it (recording what makes it, clearing what a killed run left), and
+the failure records. Where each file lives is :mod:`pipeline.scores.layout`; what made it,
+:mod:`pipeline.scores.provenance`."""
 
 from __future__ import annotations
 
@@ -19,87 +16,31 @@ from typing import Iterator
 
 import pipeline
 from pipeline import storage
-from pipeline.config import ScoreConfig
 from pipeline.errors import ConfigError
-from pipeline.executors import open_executor
-from pipeline.flow.read import check_unique_names, shard_name
-from pipeline.flow.write import (
+from pipeline.flow.read import shard_name
+from pipeline.scores.layout import (
     EMBEDDING_FILES,
+    LOCK,
     STATE_DIR,
-    ScoreSink,
-    append_failure,
     embeddings_folder,
+    failures_path,
     file_sizes,
-    keep_failures_except,
     markers,
     run_path,
     scores_path,
     state_path,
 )
-from pipeline.models import model_identity
-from pipeline.storage import exists, join, makedirs, read_json, remove_stale_temporaries, sha256, write_json
-from pipeline.table import read_provenance
-
-log = logging.getLogger("wclip")
-
-
-def check_model_matches(stats, run) -> None:
-    """Refuse to score with a model or normalisation other than the fit's."""
-    meta = stats.metadata
-    refuse_embedding_stats(meta)
-    fitted = meta.get("model_identity")
-    wanted = model_identity(run.model)
-    if fitted is None:
-        raise ConfigError("the stats file records no model identity; re-run `wclip fit` with this version")
-    if fitted != wanted:
-        raise ConfigError(
-            f"model mismatch: the stats were fitted with model {fitted['model']!r} ({fitted['weights']}), "
-            f"but scoring would use {wanted['model']!r} ({wanted['weights']}). Score with the fit's model "
-            f"(omit --model to use it) or re-run `wclip fit` with this model.")
-    if bool(meta.get("normalize")) != run.encode.normalize:
-        raise ConfigError(
-            f"normalisation mismatch: the stats were fitted on "
-            f"{'L2-normalised' if meta.get('normalize') else 'raw'} embeddings, but scoring would use "
-            f"{'L2-normalised' if run.encode.normalize else 'raw'} ones; drop --normalize/--raw to use the fit's")
-
-
-def refuse_embedding_stats(meta: dict) -> None:
-    """Stats fitted on precomputed embeddings score embeddings only (``wclip score --embeddings``), unless the fit
-    declared the model that made them (``--embeddings-model``): then they score that model's shards like a fit on
-    tars (the model identity is checked as for any fit)."""
-    if meta.get("embeddings") and not meta["embeddings"].get("model"):
-        raise ConfigError(f"the stats were fitted on precomputed embeddings ({meta['model_identity']['model']}): score "
-                          f"that kind of embeddings with `wclip score --embeddings PATHS`, or fit on these shards "
-                          f"with `wclip fit --input`")
-
-
-IDENTITY = ("stats_digest", "model", "normalize")  # what must agree for two scores to share a folder
-
-
-def provenance(cfg: ScoreConfig) -> dict:
-    """What makes this run's scores: the stats (by digest), the model identity and the normalisation."""
-    return {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path),
-            "model": model_identity(cfg.run.model), "normalize": cfg.run.encode.normalize,
-            "wclip_version": pipeline.__version__}
-
-
-def _identity(made: dict) -> dict:
-    return {k: made.get(k) for k in IDENTITY}
-
-
-def _describe(made: dict) -> str:
-    model = made.get("model") or {}
-    return (f"stats {str(made.get('stats_digest'))[:12]} ({made.get('stats_path', '?')}), model "
-            f"{model.get('model', '?')} ({model.get('weights', '?')}), "
-            f"{'L2-normalised' if made.get('normalize') else 'raw'} embeddings")
-
-
-def plan_outputs(cfg: ScoreConfig, made: dict) -> list:
-    """The shards to (re)score, after refusing what would overwrite others' files or mix two fits."""
-    urls = list(cfg.run.shards)
-    todo = set(plan_folder(cfg.output, [shard_name(u) for u in urls], made, cfg.overwrite,
-                           need_embeddings=cfg.save_embeddings))
-    return [u for u in urls if shard_name(u) in todo]
+from pipeline.scores.provenance import IDENTITY, describe_provenance, identity, read_provenance
+from pipeline.storage import (
+    exists,
+    join,
+    makedirs,
+    read_bytes,
+    read_json,
+    remove_stale_temporaries,
+    write_atomic,
+    write_json,
+)
 
 
 def _plan_fields(shared: dict):
@@ -128,16 +69,16 @@ def plan_folder(out: str, names: list, made: dict, overwrite: bool, need_embeddi
                           f"run would replace ({', '.join(f + '.parquet' for f in foreign[:3])}; img2dataset's "
                           f"metadata?); wclip never overwrites them: choose another --output")
     previous = read_json(run_path(out)) if exists(run_path(out)) else None
-    others = {n for n, m in done.items() if _identity(m.get("provenance") or {}) != _identity(made)}
-    if (previous and _identity(previous) != _identity(made)) or others:
+    others = {n for n, m in done.items() if identity(m.get("provenance") or {}) != identity(made)}
+    if (previous and identity(previous) != identity(made)) or others:
         old = previous or next(m.get("provenance") or {} for n, m in done.items() if n in others)
         if not overwrite:
-            raise ConfigError(f"--output {out} holds scores made with {_describe(old)}, but this run uses "
-                              f"{_describe(made)}; one folder never mixes two fits: choose a new --output, or "
+            raise ConfigError(f"--output {out} holds scores made with {_described(old)}, but this run uses "
+                              f"{_described(made)}; one folder never mixes two fits: choose a new --output, or "
                               f"pass --overwrite to rescore every shard")
         stray = sorted(others - set(names))
         if stray:
-            raise ConfigError(f"--overwrite would leave {len(stray)} shard(s) scored with {_describe(old)} in "
+            raise ConfigError(f"--overwrite would leave {len(stray)} shard(s) scored with {_described(old)} in "
                               f"{out} that this run does not rescore ({', '.join(stray[:3])}); choose a new --output")
     if overwrite:
         return list(names)
@@ -145,9 +86,6 @@ def plan_folder(out: str, names: list, made: dict, overwrite: bool, need_embeddi
                 if (m.get("parquet") or {}).get("bytes") == sizes.get(n + ".parquet")
                 and (m.get("embeddings") or not need_embeddings)}
     return [n for n in names if n not in complete]
-
-
-LOCK = "lock"  # DIR/.wclip/lock: held by the run writing the folder (local folders)
 
 
 @contextlib.contextmanager
@@ -205,7 +143,7 @@ def _holder(made: dict) -> str:
 def open_folder(out: str, made: dict, todo: list) -> None:
     """Record what makes the folder and clear what a killed run left, before the outputs ``todo`` are made."""
     makedirs(out)
-    write_json(run_path(out), {**_identity(made), "stats_path": made["stats_path"],
+    write_json(run_path(out), {**identity(made), "stats_path": made["stats_path"],
                                "wclip_version": pipeline.__version__, "layout": STATE_DIR,
                                "updated": datetime.datetime.now(datetime.timezone.utc).isoformat()})
     keep_failures_except(out, set(todo))
@@ -225,43 +163,26 @@ def describe_plan(out: str, names: list, todo: list, inputs: str = "shards") -> 
             "output": out}
 
 
-def score(cfg: ScoreConfig, stats, dry_run: bool = False) -> dict:
-    """Run the score job; returns the summary dict (also printed by the CLI). ``dry_run``: only say what
-    it would read, skip and write (no Ray, no model)."""
-    run = cfg.run
-    check_unique_names(run.shards)
-    check_model_matches(stats, run)
-    made = provenance(cfg)
-    if dry_run:
-        todo = plan_outputs(cfg, made)
-        return describe_plan(cfg.output, [shard_name(u) for u in run.shards], [shard_name(u) for u in todo])
-    with claim_folder(cfg.output, cfg.stats_path):
-        return _score(cfg, stats, made)
+def append_failure(output: str, record: dict) -> None:
+    """Record a shard that failed after its retries (one JSON object per line). When even that cannot be
+    written (a full disk), say so in one line: the summary still names the failure."""
+    path = failures_path(output)
+    try:
+        old = read_bytes(path) if exists(path) else b""
+        write_atomic(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        logging.getLogger("wclip").error("could not record the failure of %s: %s", record.get("shard"), exc)
 
 
-def _score(cfg: ScoreConfig, stats, made: dict) -> dict:
-    """The score job in a folder this run holds."""
-    run = cfg.run
-    todo = plan_outputs(cfg, made)
-    skipped = len(run.shards) - len(todo)
-    open_folder(cfg.output, made, [shard_name(u) for u in todo])
-    if skipped:
-        log.info("resuming: %d of %d shards already done in %s (--overwrite redoes them)",
-                 skipped, len(run.shards), cfg.output)
-    if not todo:
-        return {"rows": 0, "shards_done": 0, "shards_skipped": skipped, "failed": []}
-    with open_executor(run) as jobs:
-        encoders = jobs.start_encoders(run, stats)
-        info = jobs.encoder_info(run, encoders)
-        for tower, ws in stats.towers.items():
-            if info["dims"][tower] != ws.dim:
-                raise ConfigError(f"the {tower} tower gives {info['dims'][tower]}-d embeddings but the stats "
-                                  f"were fitted on {ws.dim}-d ones: wrong model or stats file")
-        log.info("encoders: %s on %s (%s)", encoders.describe(), info["device"], info["precision"])
-        sink = ScoreSink(cfg.output, provenance=made, keep_embeddings=cfg.save_embeddings,
-                         dims={t: ws.dim for t, ws in stats.towers.items()}, local=stats.clustered)
-        report = jobs.run_shards(run, todo, encoders, sink, skipped=skipped)
-    for url, error in report.failed:
-        append_failure(cfg.output, {"shard": url, "name": shard_name(url), "error": error,
-                                    "attempts": run.retries + 1})
-    return report.summary()
+def keep_failures_except(output: str, names: set) -> None:
+    """Drop the failure records of the shards about to be redone; the others stay."""
+    path = failures_path(output)
+    if not exists(path):
+        return
+    kept = [line for line in read_bytes(path).decode().splitlines() if line.strip() and
+            (json.loads(line).get("name") or shard_name(json.loads(line).get("shard", ""))) not in names]
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _described(made: dict) -> str:
+    return describe_provenance(made, normalisation=True)

@@ -1,4 +1,4 @@
-"""The per-file work of the embeddings jobs (one task per :class:`~pipeline.flow.vectors.EmbeddingFile`):
+"""The per-file work of the embeddings jobs (one task per :class:`~pipeline.sources.vectors.EmbeddingFile`):
 score a file into its Parquet table, or sum its reference moments. No model, no torch: NumPy on row blocks,
 float32 for the whitening (like ``((x - mu) @ W) ** 2``), float64 for the fit's moments.
 
@@ -16,7 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.flow.vectors import (
+from pipeline.runs.reference import ReferencePart
+from pipeline.scores.table import score_array, scores_schema
+from pipeline.sources.vectors import (
     NORM_STATE,
     NORM_TOLERANCE,
     EmbeddingFile,
@@ -25,10 +27,9 @@ from pipeline.flow.vectors import (
     read_blocks,
     read_metadata,
 )
-from pipeline.table import score_array, scores_schema
 from pipeline.whitening.clusters import ClusterWhitening
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
-from pipeline.whitening.moments import HashSample, Moments, held_out, key_hashes
+from pipeline.whitening.moments import key_hashes
 
 BAD_ROW = "encode"  # status of a row whose embedding is NaN/inf: its encoding failed upstream
 
@@ -67,7 +68,7 @@ def cosine(a: np.ndarray, b: np.ndarray, aa: Optional[np.ndarray] = None,
 class NormRange:
     """The smallest and largest squared L2 norm of each tower's finite rows, over a file's blocks: whether the
     whole file is L2-normalised (every finite row of unit norm within ``NORM_TOLERANCE``, the rule of
-    :func:`~pipeline.flow.vectors.is_normalized` and of the fit)."""
+    :func:`~pipeline.sources.vectors.is_normalized` and of the fit)."""
 
     def __init__(self):
         self.ranges: dict = {}
@@ -156,7 +157,7 @@ class ScoreFile:
     file: EmbeddingFile
     kind: str  # CLIP_RETRIEVAL or DATACOMP (which metadata columns hold what)
     stats: dict  # {tower: TowerWhitening}
-    sink: object  # pipeline.flow.write.ScoreSink
+    sink: object  # pipeline.scores.sinks.ScoreSink
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     normalized: Optional[bool] = None  # the stats' normalisation, which every file must have (None: unchecked)
 
@@ -232,7 +233,7 @@ def score_file(task: ScoreFile) -> dict:
 
 def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict,
                  local: bool = False) -> pa.Table:
-    """The scores table (:func:`pipeline.table.scores_schema`, ``local``: with the local likelihood's columns)
+    """The scores table (:func:`pipeline.scores.table.scores_schema`, ``local``: with the local likelihood's columns)
     of a file's rows, built column by column (a null where a score is not finite)."""
     n = meta.num_rows
     any_bad = bool(bad.any())
@@ -253,7 +254,7 @@ def warm_up() -> None:
     """Build and serialise an empty scores table, once, before the files start: pyarrow imports pandas on its
     first conversion (0.3 s here) and sets up its Parquet writer, and on threads the first file of every thread
     would wait for that."""
-    from pipeline.table import table_bytes
+    from pipeline.scores.table import table_bytes
 
     meta = pa.table({c: pa.nulls(0, pa.string()) for c in ("key", "url", "uid", "caption")})
     table_bytes(scores_table(meta, "", np.zeros(0, dtype=bool), np.zeros(0, dtype=object), {}))
@@ -268,56 +269,31 @@ class FitFile:
     kind: str
     holdout: float
     seed: int
-    max_heldout: int  # held-out rows returned: those with the smallest key hashes
+    max_heldout: int  # held-out rows kept: those with the smallest key hashes
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     rows: Optional[int] = None  # read only the first rows (--max-samples)
-    max_sample: int = 0  # fit rows returned for the clusters (--clusters): those with the smallest key hashes
+    max_sample: int = 0  # fit rows kept for the clusters (--clusters): those with the smallest key hashes
     widths: Optional[dict] = None  # {tower: (width, whose)} every file must have (read_blocks' widths)
 
 
 def fit_file(task: FitFile) -> dict:
-    """Float64 moments of the usable fit rows per tower, the held-out rows with their key hashes, a sample of
-    the fit rows (for the clusters), norms."""
+    """The file's :class:`~pipeline.runs.reference.ReferencePart` of its usable rows (finite in every tower)
+    and a summary (rows read, usable)."""
     started = time.time()
     file = task.file
     meta = read_metadata(file, task.kind)
     n = meta.num_rows if task.rows is None else min(task.rows, meta.num_rows)
     keys = [f"{file.name}/{k if k is not None else '#' + str(i)}"
             for i, k in enumerate(meta.column("key").slice(0, n).to_pylist())]
-    all_hashes = key_hashes(keys, task.seed)
-    held = held_out(all_hashes, task.holdout)
-    towers = [t for t, _, _ in file.towers]
-    moments, held_rows, norms, dims = {}, {t: [] for t in towers}, {t: [np.inf, 0.0] for t in towers}, {}
-    samples = {}
-    usable = np.zeros(n, dtype=bool)
+    hashes = key_hashes(keys, task.seed)
+    part = ReferencePart(task.holdout, task.max_heldout, task.max_sample)
+    usable = 0
     for start, blocks in read_blocks(file, meta.num_rows, task.block_rows, rows=n, reuse=True, widths=task.widths):
         rows = slice(start, start + len(next(iter(blocks.values()))))
         ok = np.logical_and.reduce([np.isfinite(b).all(axis=1) for b in blocks.values()])
-        usable[rows] = ok
+        usable += int(ok.sum())
         for tower, block in blocks.items():
-            x = block[ok]
-            dims[tower] = block.shape[1]
-            fit_rows = ~held[rows][ok]
-            moments.setdefault(tower, Moments.empty(block.shape[1])).update(x[fit_rows])
-            held_rows[tower].append(x[~fit_rows].astype(np.float32))
-            if task.max_sample:
-                samples.setdefault(tower, HashSample(task.max_sample, block.shape[1])).add(
-                    all_hashes[rows][ok][fit_rows], x[fit_rows])
-            if len(x):
-                r = np.linalg.norm(x.astype(np.float64), axis=1)
-                norms[tower] = [min(norms[tower][0], float(r.min())), max(norms[tower][1], float(r.max()))]
-    hashes = all_hashes[held & usable]
-    keep = np.argsort(hashes, kind="stable")[: task.max_heldout]
-    out = {}
-    for tower in towers:
-        if tower not in moments:
-            continue
-        rows = np.concatenate(held_rows[tower]) if held_rows[tower] else np.zeros((0, dims[tower]), np.float32)
-        m = moments[tower]
-        out[tower] = {"count": m.count, "mean": m.mean, "scatter": m.scatter, "held_hash": hashes[keep],
-                      "held_rows": rows[keep], "norms": norms[tower], "dim": dims[tower],
-                      "sample": samples.get(tower)}
-    summary = {"shard": file.url, "name": file.name, "rows": n, "usable": int(usable.sum()),
-               "status_counts": _counts(int(usable.sum()), int(n - usable.sum())),
-               "duration_s": round(time.time() - started, 3)}
-    return {"summary": summary, "towers": out}
+            part.add(tower, hashes[rows][ok], block[ok])
+    summary = {"shard": file.url, "name": file.name, "rows": n, "usable": usable,
+               "status_counts": _counts(usable, n - usable), "duration_s": round(time.time() - started, 3)}
+    return {"summary": summary, "part": part}

@@ -275,7 +275,7 @@ def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional
     lockstep; a tower whose row count is not ``total`` (the metadata's) is an error, and so is one whose width
     is not ``widths[tower]``, ``(width, whose)``: the error says "``whose`` ``width``-d ones" ("the stats
     were fitted on 64-d ones"). ``reuse``: each tower's blocks share one buffer, valid until the next block
-    (see :func:`pipeline.flow.precomputed.score_file`)."""
+    (see :func:`pipeline.sources.vector_tasks.score_file`)."""
     rows = total if rows is None else rows
     with contextlib.ExitStack() as stack:
         readers = {t: stack.enter_context(open_array(url, member)) for t, url, member in file.towers}
@@ -293,7 +293,7 @@ def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional
 
 def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
     """The file's rows as a table of string columns ``key``, ``url``, ``caption``, ``uid`` (null where absent)."""
-    from pipeline.table import file_schema, read_columns
+    from pipeline.scores.table import file_schema, read_columns
 
     if not storage.exists(file.metadata):
         arrays = list(dict.fromkeys(storage.basename(url) for _, url, _ in file.towers))
