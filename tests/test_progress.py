@@ -17,9 +17,9 @@ from shardkit import SCRIPT_PATH, clean_shards, tiny_run
 
 from pipeline import progress
 from pipeline.config import FitConfig, ScoreConfig
-from pipeline.fit import fit
 from pipeline.progress import Progress, TaskReport
-from pipeline.score import score
+from pipeline.runs.fit import fit
+from pipeline.runs.score import score
 from pipeline.whitening import StatsFile
 
 PER_SHARD = 48

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pipeline import storage
 from pipeline.card.markdown import code
-from pipeline.curate import dedup_io
+from pipeline.scores.dedup import settings_path
+from pipeline.scores.layout import list_score_files
+from pipeline.scores.table import read_columns
 
 MEMBERS_SHOWN = 8  # images in the strip of one group
 
@@ -22,7 +24,7 @@ def duplicates_section(filter_dir, out: str, inputs=(), thumbnails: bool = True)
         return None
     section = {"balance": balance, "dedup": None}
     if dedup:
-        made = storage.read_json(dedup_io.settings_path(dedup["folder"]))
+        made = storage.read_json(settings_path(dedup["folder"]))
         summary = made.get("summary") or {}
         section["dedup"] = {k: summary.get(k) for k in ("eps", "keep", "clusters_source", "clusters", "rows",
                                                          "compared", "pairs", "groups", "duplicates", "removed",
@@ -35,8 +37,8 @@ def duplicates_section(filter_dir, out: str, inputs=(), thumbnails: bool = True)
 def _largest_group(folder) -> list:
     """The members (key, shard, index, kept) of the largest duplicate group (ties: the smallest group id)."""
     best, members = None, []
-    for path in dedup_io.list_score_files(folder):
-        table = dedup_io.read_columns(path, ["key", "shard", "index", "dup_group", "dup_size", "kept"])
+    for path in list_score_files(folder):
+        table = read_columns(path, ["key", "shard", "index", "dup_group", "dup_size", "kept"])
         for row in table.filter(table.column("dup_size").fill_null(0).to_numpy() > 1).to_pylist():
             rank = (-row["dup_size"], row["dup_group"])
             if best is None or rank < best:

@@ -1,5 +1,5 @@
 """`wclip dedup`: near-duplicate groups of a scores folder's rows, and the one row each keeps, in a folder of
-its own (pipeline.curate.dedup); `wclip filter --dedup DIR` then keeps the kept rows only."""
+its own (pipeline.runs.dedup); `wclip filter --dedup DIR` then keeps the kept rows only."""
 
 from pipeline.config import DEDUP_BLOCK, DEDUP_CLUSTER_ROWS, DEDUP_CLUSTERS, EMBEDDING_KEYS, EXECUTORS
 
@@ -88,23 +88,13 @@ def run(args):
     import json
     import sys
 
-    from pipeline.curate.dedup import prepare, refuse_other_settings, run_dedup
     from pipeline.errors import UserError
-    from pipeline.executors import open_executor
-    from pipeline.score import claim_folder, open_folder, plan_folder
+    from pipeline.runs.dedup import dedup
 
     try:
-        cfg = _config(args)
-        plan = prepare(cfg)
-        with claim_folder(plan.out, cfg.scores):
-            refuse_other_settings(plan)
-            todo = plan_folder(plan.out, list(plan.names), plan.made, cfg.overwrite)
-            open_folder(plan.out, plan.made, todo)
-            with open_executor(cfg) as executor:
-                summary = run_dedup(plan, todo, executor.map)
+        summary = dedup(_config(args))
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
-    summary["skipped"] = len(plan.names) - len(todo)
     print(f"dedup: {summary['compared']} of {summary['rows']} rows compared in {summary['clusters']} clusters; "
           f"{summary['groups']} duplicate groups holding {summary['duplicates']} rows; {summary['removed']} rows "
           f"removed ({summary['keep']} kept); {len(summary['failed'])} failed", file=sys.stderr)

@@ -19,9 +19,10 @@ import math
 import numpy as np
 
 from pipeline import storage
-from pipeline.curate import dedup_io as io
 from pipeline.curate.select import RadixSelect, quotas
-from pipeline.table import float_values, iter_batches, named_errors, ok_mask
+from pipeline.scores.dedup import settings_path
+from pipeline.scores.layout import list_score_files, scores_path
+from pipeline.scores.table import float_values, iter_batches, named_errors, ok_mask, read_columns
 
 BALANCE_ALPHA = 0.5
 
@@ -31,27 +32,27 @@ class DedupKept:
 
     def __init__(self, folder: str, files: list):
         self.folder = str(folder)
-        made = storage.read_json(io.settings_path(folder)) if storage.exists(io.settings_path(folder)) else None
+        made = storage.read_json(settings_path(folder)) if storage.exists(settings_path(folder)) else None
         if made is None:
             raise ValueError(f"--dedup {folder} is not a `wclip dedup` folder (no .wclip/dedup.json)")
         recorded = ((made.get("provenance") or {}).get("scores") or {}).get("files") or {}
         self.files = {}
         for path in files:
             name = storage.basename(path)[: -len(".parquet")]
-            target = io.scores_path(folder, name)
+            target = scores_path(folder, name)
             if recorded.get(name) != storage.size(path) or not storage.exists(target):
                 raise ValueError(f"--dedup {folder} was not made from these scores: {name}.parquet "
                                  f"{'has no dedup file' if not storage.exists(target) else 'changed since'}; "
                                  f"run `wclip dedup --scores` on this folder again")
             self.files[path] = target
-        io.list_score_files(folder)  # refuses a dedup folder whose markers record missing or changed files
+        list_score_files(folder)  # refuses a dedup folder whose markers record missing or changed files
         self.summary = made.get("summary") or {}
 
     def kept(self, path) -> np.ndarray:
         """Per row of score file ``path``: whether dedup kept it (True also for rows it did not compare)."""
         with named_errors(self.files[path]):
-            table = io.read_columns(self.files[path], ["key", "kept"])
-            keys = io.read_columns(path, ["key"]).column("key")
+            table = read_columns(self.files[path], ["key", "kept"])
+            keys = read_columns(path, ["key"]).column("key")
         if not table.column("key").equals(keys):
             raise ValueError(f"{self.files[path]} does not hold the rows of {path} in order: rerun `wclip dedup`")
         return table.column("kept").to_numpy(zero_copy_only=False).astype(bool)

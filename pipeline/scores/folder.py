@@ -89,7 +89,7 @@ def plan_folder(out: str, names: list, made: dict, overwrite: bool, need_embeddi
 
 
 @contextlib.contextmanager
-def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
+def claim_folder(out: str, stats_path, hold: bool = True, command: str = "score") -> Iterator[None]:
     """Hold scores folder ``out`` for this run for the block (planning, opening, scoring): another ``wclip score``
     (tar shards or ``--embeddings``, same stats or not) that starts on it meanwhile is refused in one line
     (:class:`ConfigError`, exit 2) before it reads or writes anything there. ``hold=False`` (``--dry-run``, which
@@ -114,14 +114,15 @@ def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
     if not hold or path is None:
         yield
         return
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "stats_path": str(stats_path),
+    holder = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "stats_path": str(stats_path),
               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     made = [p for p in (path, state_path(path)) if not os.path.isdir(p)]  # what the claim creates
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(storage.exclusive(state_path(path, LOCK), holder))
         except storage.Held as busy:
-            raise ConfigError(f"--output {out} is being written by another `wclip score` ({_holder(busy.holder)}); "
+            running = (busy.holder or {}).get("command", "score")
+            raise ConfigError(f"--output {out} is being written by another `wclip {running}` ({_holder(busy.holder)}); "
                               f"wait for it to end, then rerun this command (a run with the same stats resumes "
                               f"where it stopped), or choose another --output") from None
         try:
@@ -137,7 +138,8 @@ def claim_folder(out: str, stats_path, hold: bool = True) -> Iterator[None]:
 def _holder(made: dict) -> str:
     if not made:
         return "just starting"
-    return f"pid {made.get('pid')} on {made.get('host')}, since {made.get('since')}, stats {made.get('stats_path')}"
+    what = "scores" if made.get("command", "score") != "score" else "stats"
+    return f"pid {made.get('pid')} on {made.get('host')}, since {made.get('since')}, {what} {made.get('stats_path')}"
 
 
 def open_folder(out: str, made: dict, todo: list) -> None:

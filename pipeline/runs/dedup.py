@@ -38,9 +38,14 @@ import pyarrow as pa
 import pipeline
 from pipeline import storage
 from pipeline.config import DedupConfig
-from pipeline.curate import dedup_io as io
 from pipeline.curate.dedup_pairs import Rule, find_groups, representatives, tie_ranks
 from pipeline.errors import ConfigError
+from pipeline.runs.dedup_io import file_vectors, npy_bytes, pair_embeddings, read_rows
+from pipeline.scores.dedup import OUTPUT_SCHEMA, settings_path, work_path, write_output
+from pipeline.scores.folder import append_failure
+from pipeline.scores.layout import list_score_files
+from pipeline.scores.provenance import check_scores
+from pipeline.scores.table import ALL_SCORE_COLUMNS, file_schema, read_columns, table_bytes
 
 ROW_COLUMNS = ("key", "shard", "index", "status")
 
@@ -72,18 +77,18 @@ def _scores_identity(check) -> dict:
 def prepare(cfg: DedupConfig) -> Plan:
     """Every check before work: the score files (readable, one fit), the rule's column, the cluster column,
     which embeddings pair with which file; the provenance the outputs will carry."""
-    files = io.list_score_files(cfg.scores)
+    files = list_score_files(cfg.scores)
     if not files:
         raise ConfigError(f"no score files (*.parquet) in {cfg.scores}; run `wclip score` first")
-    check = io.check_scores(files)
-    present = set(io.file_schema(files[0]).names)
-    rule = Rule.parse(cfg.keep, cfg.seed, tuple(c for c in io.ALL_SCORE_COLUMNS if c in present))
+    check = check_scores(files)
+    present = set(file_schema(files[0]).names)
+    rule = Rule.parse(cfg.keep, cfg.seed, tuple(c for c in ALL_SCORE_COLUMNS if c in present))
     column = f"{cfg.tower}_cluster"
     if cfg.clusters == "scores" and column not in present:
         raise ConfigError(f"--clusters scores: the scores have no {column} column (their stats had no clusters); "
                           f"use --clusters kmeans, or fit with `wclip fit --clusters K` and score again")
     names = [storage.basename(f)[: -len(".parquet")] for f in files]
-    kind, paired = io.pair_embeddings(cfg.scores, names, cfg.embeddings, cfg.embedding_key)
+    kind, paired = pair_embeddings(cfg.scores, names, cfg.embeddings, cfg.embedding_key)
     if not paired:
         where = ", ".join(cfg.embeddings) or f"{cfg.scores}/.wclip/embeddings (score with --save-embeddings)"
         raise ConfigError(f"no embeddings file pairs with a score file of {cfg.scores} in {where}: name the "
@@ -105,7 +110,7 @@ def prepare(cfg: DedupConfig) -> Plan:
 def refuse_other_settings(plan: Plan) -> None:
     """A dedup folder holds one dedup: refuse (before any work) a run with other settings or other scores,
     naming both, unless ``--overwrite``."""
-    path = io.settings_path(plan.out)
+    path = settings_path(plan.out)
     if plan.cfg.overwrite or not storage.exists(path):
         return
     old = storage.read_json(path).get("provenance") or {}
@@ -136,12 +141,12 @@ def _compared(task: FileTask) -> tuple:
     embedding (and, with the scores' clusters, a cluster)."""
     plan = task.plan
     extra = [c for c in (plan.rule.column, plan.cluster_column) if c]
-    table = io.read_columns(plan.files[task.ordinal], list(ROW_COLUMNS) + extra)
+    table = read_columns(plan.files[task.ordinal], list(ROW_COLUMNS) + extra)
     keys = table.column("key").to_pylist()
     if task.name not in plan.embeddings:
         raise ValueError(f"no embeddings file pairs with {task.name}.parquet (none named {task.name} or "
                          f"metadata_N of its shard)")
-    positions, vectors = io.file_vectors(plan.embeddings[task.name], plan.kind, keys, plan.cfg.tower)
+    positions, vectors = file_vectors(plan.embeddings[task.name], plan.kind, keys, plan.cfg.tower)
     if not len(positions):
         return table, positions, vectors
     status = np.asarray(table.column("status").to_pylist(), dtype=object)[positions]
@@ -214,8 +219,8 @@ def spill_file(task: FileTask) -> dict:
               table.column(plan.rule.column).cast(pa.float64()).to_numpy(zero_copy_only=False)[positions[order]])
     rows = rows.append_column("row", pa.array(positions[order], pa.int64())).append_column(
         "value", pa.array(values, pa.float64()))
-    storage.write_atomic(io.work_path(plan.out, "spill", f"{task.ordinal}.parquet"), io.table_bytes(rows))
-    storage.write_atomic(io.work_path(plan.out, "spill", f"{task.ordinal}.npy"), io.npy_bytes(vectors[order]))
+    storage.write_atomic(work_path(plan.out, "spill", f"{task.ordinal}.parquet"), table_bytes(rows))
+    storage.write_atomic(work_path(plan.out, "spill", f"{task.ordinal}.npy"), npy_bytes(vectors[order]))
     counts = Counter(int(c) for c in clusters)
     return {"summary": {"rows": table.num_rows}, "rows": table.num_rows, "counts": dict(sorted(counts.items()))}
 
@@ -235,9 +240,9 @@ def _gather(task: ClusterTask) -> tuple:
     out, tables, ordinals = task.plan.out, [], []
     vectors = []
     for ordinal, start, count in task.parts:
-        spill = pq.read_table(storage.open_read(io.work_path(out, "spill", f"{ordinal}.parquet")))
+        spill = pq.read_table(storage.open_read(work_path(out, "spill", f"{ordinal}.parquet")))
         tables.append(spill.slice(start, count))
-        vectors.append(io.read_rows(io.work_path(out, "spill", f"{ordinal}.npy"), start, count))
+        vectors.append(read_rows(work_path(out, "spill", f"{ordinal}.npy"), start, count))
         ordinals.append(np.full(count, ordinal, dtype=np.int64))
     return pa.concat_tables(tables), np.concatenate(vectors), np.concatenate(ordinals)
 
@@ -257,7 +262,7 @@ def dedup_cluster(task: ClusterTask) -> dict:
     sizes = found.sizes
     result = np.stack([ordinals, local, position[rep], sizes, (rep == np.arange(len(rep))).astype(np.int64)], 1)
     result = result.reshape(-1, 5).astype(np.float64)  # .npy rows as the readers take them (exact below 2^53)
-    storage.write_atomic(io.work_path(plan.out, "groups", f"{task.cluster}.npy"), io.npy_bytes(result))
+    storage.write_atomic(work_path(plan.out, "groups", f"{task.cluster}.npy"), npy_bytes(result))
     where = {}
     for ordinal, start, count in task.parts:  # members are in file order already
         where[ordinal] = (int(np.searchsorted(ordinals, ordinal)), count)
@@ -278,14 +283,14 @@ class WriteTask:
 def write_file(task: WriteTask) -> dict:
     plan = task.plan
     name = plan.names[task.ordinal]
-    table = io.read_columns(plan.files[task.ordinal], ["key", "shard", "index"])
+    table = read_columns(plan.files[task.ordinal], ["key", "shard", "index"])
     n = table.num_rows
     cluster = np.full(n, -1, np.int64)
     group = np.full(n, -1, np.int64)
     size = np.zeros(n, np.int64)
     kept = np.ones(n, bool)
     for c, start, count in task.parts:
-        part = io.read_rows(io.work_path(plan.out, "groups", f"{c}.npy"), start, count).astype(np.int64)
+        part = read_rows(work_path(plan.out, "groups", f"{c}.npy"), start, count).astype(np.int64)
         rows = part[:, 1]
         cluster[rows], group[rows], size[rows], kept[rows] = c, part[:, 2], part[:, 3], part[:, 4] == 1
     compared = cluster >= 0
@@ -293,10 +298,10 @@ def write_file(task: WriteTask) -> dict:
               pa.array(cluster.astype(np.int32), mask=~compared), pa.array(group, mask=~compared),
               pa.array(size.astype(np.int32), mask=~compared), pa.array(kept)]
     out = pa.Table.from_arrays([a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
-                               schema=io.OUTPUT_SCHEMA)
+                               schema=OUTPUT_SCHEMA)
     summary = {"name": name, "rows": n, "compared": int(compared.sum()), "kept": int(kept.sum()),
                "removed": int((~kept).sum())}
-    io.write_output(plan.out, name, out, plan.made, summary)
+    write_output(plan.out, name, out, plan.made, summary)
     return {"summary": summary}
 
 
@@ -350,8 +355,8 @@ def _clusters(plan: Plan, spills: dict, offsets: tuple) -> list:
 def run_dedup(plan: Plan, todo: list, mapper) -> dict:
     """Run the passes; write the outputs of ``todo`` (names); returns the summary (also in dedup.json).
     ``mapper(fn, items, desc=...)``: the executor's map (:meth:`pipeline.executors.Executor.map`)."""
-    if not todo and storage.exists(io.settings_path(plan.out)):  # every output is there: nothing to redo
-        return storage.read_json(io.settings_path(plan.out))["summary"]
+    if not todo and storage.exists(settings_path(plan.out)):  # every output is there: nothing to redo
+        return storage.read_json(settings_path(plan.out))["summary"]
     started, report = time.time(), Report(rows=plan.rows)
     tasks = [FileTask(plan, i) for i in range(len(plan.files))]
     file_label = (lambda t: plan.names[t.ordinal])
@@ -384,9 +389,9 @@ def run_dedup(plan: Plan, todo: list, mapper) -> dict:
     _failed(written, file_label, report)
     report.written = sum(o.ok for o in written)
     for name, error in report.failed:
-        io.append_failure(plan.out, {"shard": name, "name": name, "error": error})
+        append_failure(plan.out, {"shard": name, "name": name, "error": error})
     summary = report.to_json(plan, time.time() - started)
-    storage.write_json(io.settings_path(plan.out), {"provenance": plan.made, "summary": summary})
+    storage.write_json(settings_path(plan.out), {"provenance": plan.made, "summary": summary})
     remove_work(plan.out)
     return summary
 
@@ -408,6 +413,23 @@ def _count(report: Report, task: ClusterTask, result: dict) -> None:
 
 def remove_work(out: str) -> None:
     """Remove the spills this run wrote (``.wclip/work/``: only wclip writes there)."""
-    fs, path = storage.uncached(io.work_path(out))
+    fs, path = storage.uncached(work_path(out))
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def dedup(cfg: DedupConfig) -> dict:
+    """Run ``wclip dedup``: hold the folder, plan it as ``score`` plans a scores folder (resume, no mixing of
+    settings), run the passes on the executor; returns the summary (``skipped``: outputs already done)."""
+    from pipeline.executors import open_executor
+    from pipeline.scores.folder import claim_folder, open_folder, plan_folder
+
+    plan = prepare(cfg)
+    with claim_folder(plan.out, cfg.scores, command="dedup"):
+        refuse_other_settings(plan)
+        todo = plan_folder(plan.out, list(plan.names), plan.made, cfg.overwrite)
+        open_folder(plan.out, plan.made, todo)
+        with open_executor(cfg) as executor:
+            summary = run_dedup(plan, todo, executor.map)
+    summary["skipped"] = len(plan.names) - len(todo)
+    return summary

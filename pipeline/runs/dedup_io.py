@@ -1,62 +1,17 @@
-"""Where ``wclip dedup`` reads embeddings and scores, and writes its folder: the one module that imports the
-scores folder's layout (:mod:`pipeline.table`, :mod:`pipeline.flow.write`) and the embeddings readers
-(:mod:`pipeline.flow.vectors`) for it, so that moving those modules re-points dedup here alone. (The scores
-folder's planning and hold, :mod:`pipeline.score`, are called by :mod:`pipeline.commands.dedup`: ``curate``
-may not import a job module that imports the executors.)
-
-The dedup folder is laid out like a scores folder::
-
-    DEDUP/<name>.parquet              one per score file (same name), a row per score row: key, shard, index,
-                                      cluster, dup_group, dup_size, kept; provenance in the file's metadata
-    DEDUP/.wclip/run.json             what made the folder (as a scores folder's)
-    DEDUP/.wclip/dedup.json           the settings, the scores' identity and the run's summary
-    DEDUP/.wclip/shards/<name>.json   completion marker, written last
-    DEDUP/.wclip/failures.jsonl       score files that could not be deduplicated
-    DEDUP/.wclip/work/                spills between the passes (removed when the run ends)
-"""
+"""Where ``wclip dedup`` reads embeddings: each score file's embeddings (saved with ``--save-embeddings``, or
+released clip-retrieval / DataComp files matched by name and key), and rows of the spilled ``.npy`` files
+between its passes."""
 
 from __future__ import annotations
 
 import io
-import json
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline import storage
-from pipeline.flow.vectors import ArrayReader, discover, read_blocks, read_metadata
-from pipeline.flow.write import append_failure, embedding_number, embeddings_folder, write_shard_outputs
-from pipeline.table import (  # noqa: F401 (re-exported: what dedup reads of a scores folder)
-    ALL_SCORE_COLUMNS,
-    CLUSTER_COLUMNS,
-    PROVENANCE_KEY,
-    check_scores,
-    file_schema,
-    list_score_files,
-    markers,
-    read_columns,
-    scores_path,
-    state_path,
-    table_bytes,
-)
-
-__all__ = ["ALL_SCORE_COLUMNS", "CLUSTER_COLUMNS", "append_failure", "check_scores", "file_schema",
-           "list_score_files", "markers", "read_columns", "scores_path", "state_path", "table_bytes",
-           "pair_embeddings", "file_vectors", "npy_bytes", "read_rows", "write_output", "work_path",
-           "settings_path", "OUTPUT_SCHEMA"]
-
-OUTPUT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int32()),
-                          ("cluster", pa.int32()), ("dup_group", pa.int64()), ("dup_size", pa.int32()),
-                          ("kept", pa.bool_())])
-
-
-def settings_path(out: str) -> str:
-    return state_path(out, "dedup.json")
-
-
-def work_path(out: str, *names: str) -> str:
-    return state_path(out, "work", *names)
+from pipeline.scores.layout import embedding_number, embeddings_folder
+from pipeline.sources.vectors import ArrayReader, discover, read_blocks, read_metadata
 
 
 def pair_embeddings(scores: str, names: list, paths: tuple = (), key: Optional[str] = None) -> tuple:
@@ -114,10 +69,3 @@ def read_rows(path: str, start: int, count: int) -> np.ndarray:
         reader = ArrayReader(fh, path)
         fh.seek(fh.tell() + start * reader.dim * reader.dtype.itemsize)
         return reader.read(count).copy()
-
-
-def write_output(out: str, name: str, table: pa.Table, made: dict, summary: dict) -> None:
-    """One dedup file (with what made it in its metadata, as score files carry theirs), then its marker."""
-    text = json.dumps(made, sort_keys=True, default=str)
-    table = table.replace_schema_metadata({PROVENANCE_KEY: text})
-    write_shard_outputs(out, name, table, {**summary, "provenance": made})
