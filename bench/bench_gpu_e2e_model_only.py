@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_kernel import environment, random_whitening, require_gpu, run_and_report, summarize, time_ms  # noqa: E402
 
-from pipeline.whitening.kernels.reference import GemmWhitener  # noqa: E402
+from pipeline.whitening.kernels.torch_backend import GemmWhitener  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +93,7 @@ def scorers(dim: int, device: torch.device) -> dict:
     out = {"gemm": GemmWhitener(mean, W, device).score}
     if device.type == "cuda":
         try:
-            from pipeline.whitening.kernels.fused import FusedWhitener
+            from pipeline.whitening.kernels.cupy_backend import FusedWhitener
             out["fused"] = FusedWhitener(mean, W, device).score
         except ImportError as exc:
             print(f"fused kernel skipped: {exc}")
