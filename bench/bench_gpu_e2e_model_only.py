@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from bench_kernel import environment, random_whitening, require_gpu, run_and_report, summarize, time_ms
 
-from pipeline.whitening.kernels.reference import GemmWhitener
+from pipeline.whitening.kernels.torch_backend import GemmWhitener
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def scorers(dim: int, device: torch.device) -> dict:
     out = {"gemm": GemmWhitener(mean, W, device).score}
     if device.type == "cuda":
         try:
-            from pipeline.whitening.kernels.fused import FusedWhitener
+            from pipeline.whitening.kernels.cupy_backend import FusedWhitener
             out["fused"] = FusedWhitener(mean, W, device).score
         except ImportError as exc:
             print(f"fused kernel skipped: {exc}")

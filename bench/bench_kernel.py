@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.whitening.kernels.reference import GemmWhitener
+from pipeline.whitening.kernels.torch_backend import GemmWhitener
 
 PARITY_RTOL = 1e-5
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,7 +152,7 @@ def methods(mean, W, device, with_fused: bool, with_tf32: bool) -> dict:
     gemm = GemmWhitener(mean, W, device)
     out = {}
     if with_fused:
-        from pipeline.whitening.kernels.fused import FusedWhitener
+        from pipeline.whitening.kernels.cupy_backend import FusedWhitener
         fused = FusedWhitener(mean, W, device)
         out["fused"] = lambda x: fused.score(x)[0]
     out["torch_unfused"] = lambda x: ((x - mu_t) @ W_t).square().sum(1)

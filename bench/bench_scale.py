@@ -289,6 +289,7 @@ def scores_file(n: int, rows: int, made: dict):
 
     from pipeline.scores.provenance import PROVENANCE_KEY
     from pipeline.scores.table import SCHEMA
+    from pipeline.whitening.formulas import loglik_from_sqnorm
 
     rng = np.random.default_rng([22, n])
     shard = f"/data/laion/{n:06d}.tar"
@@ -302,11 +303,11 @@ def scores_file(n: int, rows: int, made: dict):
                "uid": hex_strings(rng.integers(0, 256, (rows, 16), dtype=np.uint8)),
                "caption": pc.binary_join_element_wise("a photo of thing ", key, " on a table", ""),
                "status": status, "error": error}
-    m, log_2pi = 64, float(np.log(2 * np.pi))
+    m = 64
     for tower, bad in (("image", failed), ("text", np.zeros(rows, bool))):
         sq = rng.chisquare(m, rows).astype(np.float32)
         columns[f"{tower}_sqnorm"] = pa.array(sq, mask=bad)
-        columns[f"{tower}_loglik"] = pa.array((-0.5 * (m * log_2pi + sq)).astype(np.float32), mask=bad)
+        columns[f"{tower}_loglik"] = pa.array(loglik_from_sqnorm(sq, m).astype(np.float32), mask=bad)
         columns[f"{tower}_pvalue"] = pa.array(rng.random(rows, dtype=np.float32), mask=bad)
     columns["clip_score"] = pa.array(rng.normal(0.3, 0.05, rows).astype(np.float32), mask=failed)
     table = pa.Table.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)

@@ -1,5 +1,6 @@
-"""Embeddings -> scores: whitened squared norm, log-likelihood and calibrated p-value per tower (the fused
-kernel on CUDA, the reference path elsewhere), and ``clip_score``, scattered back onto the chunk's rows."""
+"""Embeddings -> scores: whitened squared norm, log-likelihood and calibrated p-value per tower, and with clusters
+the local likelihood (:mod:`pipeline.whitening.kernels`' ``auto`` backend: the fused CuPy kernel on CUDA, float64
+torch elsewhere, the torch mixture on the same device), and ``clip_score``, scattered back onto the chunk's rows."""
 
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ class ChunkScorer:
         self.stats = stats
         self.whiteners, self.mixtures = {}, {}
         if stats is not None:
-            from pipeline.whitening.kernels import make_whitener
-            from pipeline.whitening.kernels.local import TorchMixture
+            from pipeline.whitening.kernels import make_mixture, make_whitener
 
             for tower, ws in stats.towers.items():
-                self.whiteners[tower] = make_whitener(ws.mean, ws.whitening, device)
+                self.whiteners[tower] = make_whitener(ws, device)
                 if ws.clusters is not None:
-                    self.mixtures[tower] = TorchMixture(ws.clusters, device)
+                    self.mixtures[tower] = make_mixture(ws.clusters, device)
 
     def score(self, chunk: Chunk, towers: dict, keep_embeddings: bool = False) -> ChunkResult:
         """``towers`` is :meth:`pipeline.flow.encode.Encoder.encode`'s answer for ``chunk``."""

@@ -34,7 +34,8 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.whitening.formulas import LOG_2PI, loglik_from_sqnorm, pvalue_from_sqnorm
+from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
+from pipeline.whitening.kernels.numpy_backend import NumpyMixture
 
 #: Shrinkage values tried on the held-out rows (1.0: every cluster keeps the global covariance).
 SHRINKAGE_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -196,12 +197,12 @@ class ClusterWhitening:
         for a in SHRINKAGE_GRID:
             trial = cls(means=means, variances=(1.0 - a) * raw + a, weights=weights, calibration=np.zeros(0),
                         calibration_counts=np.zeros(k), shrinkage=a)
-            heldout_loglik[a] = float(np.mean(trial._mixture(z_heldout)[0]))
+            heldout_loglik[a] = float(np.mean(NumpyMixture(trial).terms(z_heldout)[0]))
         best = max(SHRINKAGE_GRID, key=lambda a: (heldout_loglik[a], a))
         variances = (1.0 - best) * raw + best
         chosen = cls(means=means, variances=variances, weights=weights, calibration=np.zeros(0),
                      calibration_counts=np.zeros(k), shrinkage=best)
-        _, own, s_own = chosen._mixture(z_heldout)
+        _, own, s_own = NumpyMixture(chosen).terms(z_heldout)
         tables = [np.sort(s_own[own == j]) for j in range(k)]
         diagnostics = {"sizes": sizes.tolist(), "heldout_sizes": [t.size for t in tables],
                        **({"k_requested": requested} if requested != k else {}),
@@ -221,7 +222,7 @@ class ClusterWhitening:
 
     def work_shapes(self, rows: int) -> tuple:
         """The shapes of the work arrays :meth:`mixture` computes ``rows`` rows in."""
-        return (rows, self.components), (rows, self.k), (rows, self.k)
+        return NumpyMixture(self).work_shapes(rows)
 
     def tables(self) -> list:
         """Each cluster's sorted held-out ``s_k``."""
@@ -242,41 +243,13 @@ class ClusterWhitening:
         return self._cache[key]
 
     # ---- scores ---------------------------------------------------------------------------
-    def _mixture(self, z: np.ndarray, work: Optional[tuple] = None) -> tuple:
-        """``(local loglik, own cluster, s_own)`` of whitened rows ``z`` (float32 or float64, as given);
-        ``work``: arrays of ``z``'s dtype to compute in (:meth:`work_shapes`)."""
-        n, m = z.shape
-        P, log_norm = self.parameters(z.dtype)
-        squares, logp, linear = (np.empty(shape, z.dtype) for shape in self.work_shapes(n)) if work is None \
-            else (w[:n] for w in work)
-        np.multiply(z, z, out=squares)
-        np.matmul(squares, P[:m], out=logp)  # two GEMMs: stacking [z*z, z] first costs more at large m
-        logp += np.matmul(z, P[m:2 * m], out=linear)
-        logp += P[2 * m]
-        own = np.argmax(logp, axis=1)
-        top = np.take_along_axis(logp, own[:, None], axis=1)
-        s_own = np.maximum(2.0 * (log_norm[own].astype(np.float64) - top[:, 0]), 0.0)  # rounding: never < 0
-        logp -= top
-        np.exp(logp, out=logp)  # terms in (0, 1]: the largest is 1
-        total = logp.sum(axis=1)
-        loglik = top[:, 0].astype(np.float64) + np.log(total, dtype=np.float64) - 0.5 * m * LOG_2PI
-        return loglik, own, s_own
-
     def mixture(self, z: np.ndarray, sqnorm: np.ndarray, work: Optional[tuple] = None) -> tuple:
         """``(cluster, loglik, s_own)`` of whitened rows ``z`` (n, m; float32 or float64) whose global squared
-        norms are ``sqnorm``: :meth:`score` without the p-values. Rows whose ``sqnorm`` is not finite get NaN
-        (cluster -1). One cluster scores exactly as the global fit: ``loglik`` is that of ``sqnorm``. ``work``:
-        arrays to compute in (see :meth:`work_shapes`), reused by a caller that scores many blocks."""
-        sqnorm = np.asarray(sqnorm)
-        bad = ~np.isfinite(sqnorm)
-        if self.k == 1:
-            return (np.where(bad, -1, 0), loglik_from_sqnorm(sqnorm, self.components),
-                    np.asarray(sqnorm, dtype=np.float64))
-        loglik, own, s_own = self._mixture(np.where(bad[:, None], 0, z) if bad.any() else z, work)
-        if bad.any():
-            own = np.where(bad, -1, own)
-            loglik[bad], s_own[bad] = np.nan, np.nan
-        return own, loglik, s_own
+        norms are ``sqnorm``: :meth:`score` without the p-values, by the NumPy backend
+        (:class:`~pipeline.whitening.kernels.numpy_backend.NumpyMixture`). Rows whose ``sqnorm`` is not finite get
+        NaN (cluster -1). One cluster scores exactly as the global fit: ``loglik`` is that of ``sqnorm``.
+        ``work``: arrays to compute in (see :meth:`work_shapes`), reused by a caller that scores many blocks."""
+        return NumpyMixture(self).mixture(z, sqnorm, work)
 
     def score(self, z: np.ndarray, sqnorm: np.ndarray) -> LocalScores:
         """Local scores of whitened rows ``z`` (n, m) whose global squared norms are ``sqnorm`` (see

@@ -1,7 +1,8 @@
 """The likelihood formulas every scoring path shares: the paper's log-likelihood from a whitened squared
 norm, and the empirical p-value against a sorted calibration table (one definition, used by
-:class:`~pipeline.whitening.stats.WhiteningStats`, the local mixture, the embeddings tasks and the kernels'
-reference)."""
+:class:`~pipeline.whitening.stats.WhiteningStats`, the local mixture, every scoring backend of
+:mod:`pipeline.whitening.kernels` and the kernels' reference; the CUDA kernel gets :func:`half_m_log_2pi` as an
+argument)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,21 @@ import numpy as np
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def half_m_log_2pi(components: int) -> float:
+    """The Gaussian's normaliser ``0.5 m log(2 pi)`` in ``m`` whitened coordinates."""
+    return 0.5 * components * LOG_2PI
+
+
+def gaussian_loglik(s, components: int):
+    """``-(0.5 m log(2 pi) + 0.5 sqnorm)`` in ``s``'s own type and precision (a NumPy array or scalar, a torch
+    tensor): the backends compute it where their squared norms are. Bit for bit the value of
+    :func:`loglik_from_sqnorm` for the same float64 ``s`` (halving is exact)."""
+    return -(half_m_log_2pi(components) + 0.5 * s)
+
+
 def loglik_from_sqnorm(s, components: int) -> np.ndarray:
     """The paper's log-likelihood ``-0.5 * (m log(2 pi) + sqnorm)``, in float64."""
-    return -0.5 * (components * LOG_2PI + np.asarray(s, dtype=np.float64))
+    return gaussian_loglik(np.asarray(s, dtype=np.float64), components)
 
 
 def pvalue_from_sqnorm(s, calibration: np.ndarray) -> np.ndarray:

@@ -158,16 +158,15 @@ def test_bad_cluster_requests_are_refused(tmp_path):
 def _torch_mixture_matches(device):
     import torch
 
-    from pipeline.whitening.kernels import make_whitener
-    from pipeline.whitening.kernels.local import TorchMixture
+    from pipeline.whitening.kernels import make_mixture, make_whitener
 
     rng = np.random.default_rng(11)
     stats = WhiteningStats.fit(mixture(rng, d=24, k=5), holdout=0.2, clusters=5, components=20)
     Y = mixture(np.random.default_rng(12), d=24, k=5, n=64)
     Y[3] = np.nan  # a row with no embedding
     x = torch.tensor(Y, dtype=torch.float32, device=device)
-    sq, ll, w = make_whitener(stats.mean, stats.whitening, device).score_and_whiten(x)
-    cluster, local, s_own = (t.cpu().numpy() for t in TorchMixture(stats.clusters, device).mixture(w, sq, ll))
+    sq, ll, w = make_whitener(stats, device).score_and_whiten(x)
+    cluster, local, s_own = (t.cpu().numpy() for t in make_mixture(stats.clusters, device).mixture(w, sq, ll))
     fine = np.isfinite(Y).all(axis=1)
     exact = stats.local_scores(Y[fine])
     assert cluster[3] == -1 and np.isnan(local[3]) and np.isnan(s_own[3])
@@ -175,8 +174,8 @@ def _torch_mixture_matches(device):
     np.testing.assert_allclose(s_own[fine], exact.sqnorm, rtol=1e-4)
     np.testing.assert_array_equal(cluster[fine], exact.cluster)
     one = WhiteningStats.fit(mixture(rng, d=24, k=5), holdout=0.2, clusters=1, components=20)
-    sq, ll, w = make_whitener(one.mean, one.whitening, device).score_and_whiten(x)
-    _, local, _ = TorchMixture(one.clusters, device).mixture(w, sq, ll)
+    sq, ll, w = make_whitener(one, device).score_and_whiten(x)
+    _, local, _ = make_mixture(one.clusters, device).mixture(w, sq, ll)
     assert local is ll  # one cluster: the global log-likelihood itself
 
 

@@ -22,11 +22,12 @@ import pytest
 import torch
 from scipy import stats
 
+from pipeline.whitening.formulas import LOG_2PI
 from pipeline.whitening.kernels import (
     GemmWhitener,
     MissingDependency,
     TorchWhitener,
-    fused,
+    cupy_backend,
     make_whitener,
     reference_scores,
     reference_whiten,
@@ -34,7 +35,6 @@ from pipeline.whitening.kernels import (
 )
 from pipeline.whitening.kernels.reference import (
     INPUT_ROUNDING,
-    LOG_2PI,
     sqnorm_error_bound,
     sqnorm_error_sigma,
     whiten_error_bound,
@@ -149,15 +149,15 @@ def test_half_precision_inputs_stay_within_the_documented_bounds(fmt, d, m):
 
 def test_make_whitener_backends_and_missing_cupy(monkeypatch):
     x, mean, W, _, _ = problem(10, 8, 8)
-    assert isinstance(make_whitener(mean, W, "cpu"), TorchWhitener)
-    assert isinstance(make_whitener(mean, W, torch.device("cpu"), backend="gemm"), GemmWhitener)
+    assert isinstance(make_whitener((mean, W), "cpu"), TorchWhitener)
+    assert isinstance(make_whitener((mean, W), torch.device("cpu"), backend="gemm"), GemmWhitener)
     with pytest.raises(ValueError, match="backend must be one of"):
-        make_whitener(mean, W, "cpu", backend="cuda")
+        make_whitener((mean, W), "cpu", backend="cuda")
     monkeypatch.setitem(sys.modules, "cupy", None)   # makes `import cupy` fail
     with pytest.raises(MissingDependency, match=re.escape("pip install 'wclip[gpu]'")):
-        make_whitener(mean, W, "cuda", backend="fused")
+        make_whitener((mean, W), "cuda", backend="fused")
     with pytest.raises(MissingDependency, match="cupy"):
-        fused.FusedWhitener(mean, W)
+        cupy_backend.FusedWhitener(mean, W)
 
 
 def test_score_towers_scores_each_tower_with_its_own_whitener():
@@ -172,26 +172,26 @@ def test_score_towers_scores_each_tower_with_its_own_whitener():
 # --- the CUDA source without a GPU --------------------------------------------------------
 
 def test_launch_geometry():
-    assert fused.padded_shape(768, 768) == (768, 768)
-    assert fused.padded_shape(33, 65) == (48, 128)
-    assert fused.launch_grid(1, 1) == (1, 1)
-    assert fused.launch_grid(65536, 768) == (1024, 12)
-    assert fused.launch_grid(65, 129) == (2, 3)
+    assert cupy_backend.padded_shape(768, 768) == (768, 768)
+    assert cupy_backend.padded_shape(33, 65) == (48, 128)
+    assert cupy_backend.launch_grid(1, 1) == (1, 1)
+    assert cupy_backend.launch_grid(65536, 768) == (1024, 12)
+    assert cupy_backend.launch_grid(65, 129) == (2, 3)
     with pytest.raises(ValueError):
-        fused.launch_grid(0, 4)
-    assert fused.entry_name(torch.bfloat16, True) == "wclip_whiten_bf16"
+        cupy_backend.launch_grid(0, 4)
+    assert cupy_backend.entry_name(torch.bfloat16, True) == "wclip_whiten_bf16"
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        fused.entry_name(torch.float64)
+        cupy_backend.entry_name(torch.float64)
 
 
 def test_source_constants_and_entries_match_the_python_side():
-    src = fused.kernel_source()
+    src = cupy_backend.kernel_source()
     consts = dict(re.findall(r"constexpr int (\w+) = (\d+);", src))
     assert {k: int(consts[k]) for k in ("TILE_ROWS", "TILE_COLS", "TILE_K", "THREADS")} == \
-        {"TILE_ROWS": fused.TILE_ROWS, "TILE_COLS": fused.TILE_COLS, "TILE_K": fused.TILE_K,
-         "THREADS": fused.THREADS}
-    assert fused.THREADS == (fused.TILE_ROWS // 4) * (fused.TILE_COLS // 4)
-    assert set(re.findall(r"^WCLIP_ENTRY\((\w+),", src, re.M)) == set(fused.ENTRY_POINTS)
+        {"TILE_ROWS": cupy_backend.TILE_ROWS, "TILE_COLS": cupy_backend.TILE_COLS, "TILE_K": cupy_backend.TILE_K,
+         "THREADS": cupy_backend.THREADS}
+    assert cupy_backend.THREADS == (cupy_backend.TILE_ROWS // 4) * (cupy_backend.TILE_COLS // 4)
+    assert set(re.findall(r"^WCLIP_ENTRY\((\w+),", src, re.M)) == set(cupy_backend.ENTRY_POINTS)
     assert "#include" not in src   # NVRTC must compile it without a toolkit
 
 
@@ -205,9 +205,9 @@ def _nvrtc_or_skip():
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_kernel_compiles_to_ptx_with_all_entry_points(arch):
     _nvrtc_or_skip()
-    ptx = nvrtc.compile_to_ptx(fused.kernel_source(), arch, fused.COMPILE_OPTIONS, "whiten.cu")
+    ptx = nvrtc.compile_to_ptx(cupy_backend.kernel_source(), arch, cupy_backend.COMPILE_OPTIONS, "whiten.cu")
     assert f".target sm_{arch.split('_')[1]}" in ptx
-    assert sorted(nvrtc.ptx_entries(ptx)) == sorted(fused.ENTRY_POINTS)
+    assert sorted(nvrtc.ptx_entries(ptx)) == sorted(cupy_backend.ENTRY_POINTS)
 
 
 def test_every_installed_nvrtc_compiles_the_kernel():
@@ -220,18 +220,18 @@ def test_every_installed_nvrtc_compiles_the_kernel():
         except nvrtc.NvrtcUnavailable:
             continue
         if version not in versions:
-            ptx = nvrtc.compile_to_ptx(fused.kernel_source(), "compute_90", fused.COMPILE_OPTIONS,
+            ptx = nvrtc.compile_to_ptx(cupy_backend.kernel_source(), "compute_90", cupy_backend.COMPILE_OPTIONS,
                                        library=lib)
             versions[version] = sorted(nvrtc.ptx_entries(ptx))
-    assert versions and all(v == sorted(fused.ENTRY_POINTS) for v in versions.values())
+    assert versions and all(v == sorted(cupy_backend.ENTRY_POINTS) for v in versions.values())
 
 
 def test_broken_source_fails_with_the_compiler_log():
     _nvrtc_or_skip()
-    broken = fused.kernel_source().replace("const int tid = threadIdx.x;",
+    broken = cupy_backend.kernel_source().replace("const int tid = threadIdx.x;",
                                            "const int tid = threadIdx.x + wclip_no_such_name;")
     with pytest.raises(nvrtc.NvrtcError, match="wclip_no_such_name") as info:
-        nvrtc.compile_to_ptx(broken, "compute_90", fused.COMPILE_OPTIONS, "whiten.cu")
+        nvrtc.compile_to_ptx(broken, "compute_90", cupy_backend.COMPILE_OPTIONS, "whiten.cu")
     assert "undefined" in info.value.log and "whiten.cu" in info.value.log
     with pytest.raises(ValueError, match="virtual architecture"):
         nvrtc.compile_to_ptx("", "sm_90")
@@ -248,13 +248,13 @@ def test_ptxas_reports_no_register_spills(sm, tmp_path):
     if _ptxas() is None:
         pytest.skip("ptxas (CUDA toolkit) not found; the PTX check above still ran")
     ptx = tmp_path / "whiten.ptx"
-    ptx.write_text(nvrtc.compile_to_ptx(fused.kernel_source(), f"compute_{sm}", fused.COMPILE_OPTIONS))
+    ptx.write_text(nvrtc.compile_to_ptx(cupy_backend.kernel_source(), f"compute_{sm}", cupy_backend.COMPILE_OPTIONS))
     out = subprocess.run([_ptxas(), f"-arch=sm_{sm}", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert len(re.findall(r"0 bytes spill stores, 0 bytes spill loads", out.stderr)) == len(fused.ENTRY_POINTS)
+    assert len(re.findall(r"0 bytes spill stores, 0 bytes spill loads", out.stderr)) == len(cupy_backend.ENTRY_POINTS)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", out.stderr)]
-    assert len(regs) == len(fused.ENTRY_POINTS) and max(regs) <= 128   # >= 2 blocks per SM
+    assert len(regs) == len(cupy_backend.ENTRY_POINTS) and max(regs) <= 128   # >= 2 blocks per SM
 
 
 # CPU emulation: one block at a time, one std::thread per CUDA thread.
@@ -340,7 +340,7 @@ def emulator(tmp_path_factory):
                       capture_output=True).returncode != 0:
         pytest.skip(f"{cxx} lacks C++20 <barrier>")
     src = tmp / "emu.cpp"
-    src.write_text(_EMU_PRELUDE + fused.kernel_source() + _EMU_LAUNCHER)
+    src.write_text(_EMU_PRELUDE + cupy_backend.kernel_source() + _EMU_LAUNCHER)
     out = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-w", str(src),
                           "-o", str(tmp / "emu.so")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -351,12 +351,12 @@ def emulate(lib, x: torch.Tensor, mean, W, write=False, seed=0):
     """Run one kernel entry on the CPU exactly as FusedWhitener would launch it."""
     rows, d = x.shape
     m = W.shape[1]
-    d_pad, m_pad = fused.padded_shape(d, m)
+    d_pad, m_pad = cupy_backend.padded_shape(d, m)
     proj = np.zeros((d_pad, m_pad), np.float32)
     proj[:d, :m] = W
     mean_pad = np.zeros(d_pad, np.float32)
     mean_pad[:d] = mean
-    gx, gy = fused.launch_grid(rows, m)
+    gx, gy = cupy_backend.launch_grid(rows, m)
     xa = (x if x.dtype == torch.float32 else x.view(torch.int16)).numpy()
     guard = 32   # NaN sentinels after every output: must survive the launch
     partial = np.full(rows * gy + guard, np.nan, np.float32)
@@ -364,7 +364,7 @@ def emulate(lib, x: torch.Tensor, mean, W, write=False, seed=0):
     sq, ll = np.full(rows + guard, np.nan, np.float32), np.full(rows + guard, np.nan, np.float32)
     w = np.full(rows * m + guard, np.nan, np.float32)
     assert proj.ctypes.data % 16 == 0
-    fn = getattr(lib, "emu_" + fused.entry_name(x.dtype, write))
+    fn = getattr(lib, "emu_" + cupy_backend.entry_name(x.dtype, write))
     P = ctypes.c_void_p
     fn.argtypes = [ctypes.c_uint] * 3 + [P, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, P, P,
                                          ctypes.c_int, ctypes.c_int, ctypes.c_float] + [P] * 5
@@ -382,7 +382,7 @@ def emulate(lib, x: torch.Tensor, mean, W, write=False, seed=0):
 @pytest.mark.parametrize("rows,d,m,ld,grid", [(150, 100, 70, 100, (3, 2)), (70, 33, 30, 33, (2, 1)),
                                               (65, 140, 129, 147, (2, 3)), (1, 1, 1, 1, (1, 1))])
 def test_emulated_kernel_matches_reference(emulator, dtype, rows, d, m, ld, grid):
-    assert fused.launch_grid(rows, m) == grid     # partial tiles, one and several column tiles
+    assert cupy_backend.launch_grid(rows, m) == grid     # partial tiles, one and several column tiles
     x, mean, W, _, _ = problem(rows, d, m, seed=rows + d, offset=2.0)
     buf = torch.full((rows, ld), float("nan"), dtype=dtype)   # NaN: reads past d would show
     buf[:, :d] = torch.from_numpy(x).to(dtype)
@@ -397,7 +397,7 @@ def test_emulated_kernel_matches_reference(emulator, dtype, rows, d, m, ld, grid
 
 def test_emulated_kernel_is_bitwise_reproducible_in_any_block_order(emulator):
     x, mean, W, _, _ = problem(200, 200, 200, seed=5)
-    assert fused.launch_grid(200, 200) == (4, 4)
+    assert cupy_backend.launch_grid(200, 200) == (4, 4)
     xt = torch.from_numpy(x)
     first = emulate(emulator, xt, mean, W, seed=0)
     for seed in (1, 7):
@@ -455,7 +455,7 @@ def _cuda_problem(rows, d, m, dtype=torch.float32, seed=0):
                                       (513, 768, 256), (4096, 1024, 1024), (3, 80, 70)])
 def test_fused_fp32_parity(rows, d, m):
     x, xc, mean, W = _cuda_problem(rows, d, m)
-    fw = fused.FusedWhitener(mean, W)
+    fw = cupy_backend.FusedWhitener(mean, W)
     sq, ll = fw.score(xc)
     ref_sq, ref_ll = reference_scores(x, mean, W)
     assert sq.device == xc.device and sq.dtype == torch.float32
@@ -469,7 +469,7 @@ def test_fused_fp32_parity(rows, d, m):
 @pytest.mark.parametrize("fmt", sorted(HALF))
 def test_fused_half_inputs_within_bounds(fmt):
     x, xh, mean, W = _cuda_problem(2000, 768, 768, dtype=HALF[fmt], seed=4)
-    sq = fused.FusedWhitener(mean, W).score(xh)[0].double().cpu().numpy()
+    sq = cupy_backend.FusedWhitener(mean, W).score(xh)[0].double().cpu().numpy()
     assert rel_err(sq, reference_scores(xh, mean, W)[0]).max() <= 1e-5
     err = sq - reference_scores(x, mean, W)[0]
     u, eta = INPUT_ROUNDING[fmt]
@@ -481,8 +481,8 @@ def test_fused_half_inputs_within_bounds(fmt):
 def test_fused_zero_copy_current_stream_strides_and_counter_reuse(monkeypatch):
     import cupy
     x, xc, mean, W = _cuda_problem(700, 256, 200)
-    fw = make_whitener(mean, W, "cuda")
-    assert isinstance(fw, fused.FusedWhitener)
+    fw = make_whitener((mean, W), "cuda")
+    assert isinstance(fw, cupy_backend.FusedWhitener)
     seen = []
     real = cupy.from_dlpack
     monkeypatch.setattr(cupy, "from_dlpack", lambda t, *a, **k: seen.append(t.data_ptr()) or real(t, *a, **k))
@@ -515,9 +515,9 @@ def test_gemm_backend_and_fallback_on_cuda(monkeypatch):
     mm = torch.backends.cuda.matmul
     old, mm.fp32_precision = mm.fp32_precision, "ieee"
     try:
-        sq = make_whitener(mean, W, "cuda", backend="gemm").score(xc)[0]
+        sq = make_whitener((mean, W), "cuda", backend="gemm").score(xc)[0]
     finally:
         mm.fp32_precision = old
     assert rel_err(sq, reference_scores(x, mean, W)[0]).max() <= 1e-5
     monkeypatch.setitem(sys.modules, "cupy", None)
-    assert isinstance(make_whitener(mean, W, "cuda"), TorchWhitener)
+    assert isinstance(make_whitener((mean, W), "cuda"), TorchWhitener)

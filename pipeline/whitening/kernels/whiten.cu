@@ -5,7 +5,7 @@
 //     sqnorm = ||w||^2,  loglik = -(0.5 m log(2 pi) + 0.5 sqnorm)
 // in one launch, without writing w to global memory (the *_whiten_* entries also write w).
 //
-// Contract with pipeline/kernels/fused.py (constants are checked by tests/test_kernels.py):
+// Contract with pipeline/whitening/kernels/cupy_backend.py (constants checked by tests/whitening/test_kernels.py):
 //   * grid = (ceil(rows / TILE_ROWS), m_pad / TILE_COLS), block = THREADS threads;
 //   * proj is fp32, zero-padded to (d_pad, m_pad), row-major, d_pad a multiple of TILE_K,
 //     m_pad a multiple of TILE_COLS, 16-byte aligned; mean is fp32, zero-padded to d_pad;

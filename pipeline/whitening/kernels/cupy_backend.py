@@ -1,4 +1,5 @@
-"""The fused CuPy whitener: scores a batch already on the GPU in one kernel launch.
+"""The CuPy backend: the fused whitener scores a batch already on the GPU in one kernel launch (its mixture is
+:class:`~pipeline.whitening.kernels.torch_backend.TorchMixture` on the same device).
 
 Embeddings arrive as torch tensors (fp32, fp16 or bf16) and are handed to CuPy through
 DLPack without a copy; the kernel (``whiten.cu``) runs on torch's current stream, so no
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import require
-from pipeline.whitening.kernels.reference import LOG_2PI, check_parameters
+from pipeline.whitening.formulas import half_m_log_2pi
+from pipeline.whitening.kernels.reference import check_parameters
 
 __all__ = ["FusedWhitener", "kernel_source", "launch_grid", "padded_shape", "entry_name",
            "ENTRY_POINTS", "COMPILE_OPTIONS", "TILE_ROWS", "TILE_COLS", "TILE_K", "THREADS"]
@@ -36,7 +38,7 @@ ENTRY_POINTS = tuple(f"wclip_{op}_{sfx}" for op in ("score", "whiten")
 
 
 def kernel_source() -> str:
-    """The CUDA C++ source of the kernels (``pipeline/kernels/whiten.cu``)."""
+    """The CUDA C++ source of the kernels (``pipeline/whitening/kernels/whiten.cu``)."""
     return resources.files("pipeline.whitening.kernels").joinpath(KERNEL_FILE).read_text(encoding="utf-8")
 
 
@@ -87,7 +89,7 @@ class FusedWhitener:
         self._m_pad = m_pad
         self._proj = torch.from_numpy(proj).to(device)
         self._mean = torch.from_numpy(mean_pad).to(device)
-        self._half_m_log2pi = np.float32(0.5 * self.m * LOG_2PI)
+        self._half_m_log2pi = np.float32(half_m_log_2pi(self.m))  # the kernel's constant, from formulas.py
         self._module = None
         self._counters: dict[int, tuple[torch.Tensor, object]] = {}
         with self._cp.cuda.Device(device.index):
