@@ -284,7 +284,13 @@ def test_card_reads_s3_scores_stats_and_filter_and_writes_s3(remote_run):
     for name in plots:
         assert s3.cat_file(f"{out}/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
     listed = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(out, refresh=True))
-    assert listed == sorted(["README.md", "card.json", *plots])
+    assert listed == sorted(["README.md", "card.json", "kept", *plots])  # kept/: the copied score files
+    scored = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(f"{BUCKET}/filtered/kept", refresh=True)
+                    if p.endswith(".parquet"))
+    copied = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(f"{out}/kept", refresh=True))
+    assert copied == scored and scored
+    assert [s3.cat_file(f"{out}/kept/{n}") == s3.cat_file(f"{BUCKET}/filtered/kept/{n}") for n in copied] == \
+        [True] * len(copied)
 
 
 # -- the scenario (runs in the subprocess) -------------------------------------------------------------
