@@ -84,27 +84,34 @@ def _device(name: str) -> str:
     return name
 
 
+def dedup(cfg) -> dict:
+    """Run ``wclip dedup`` for a :class:`pipeline.config.DedupConfig`: check, claim the output folder, plan
+    (resume), run the passes; returns the summary (also in ``.wclip/dedup.json``). ``wclip demo`` runs it too."""
+    from pipeline.curate.dedup import prepare, refuse_other_settings, run_dedup
+    from pipeline.executors import open_executor
+    from pipeline.score import claim_folder, open_folder, plan_folder
+
+    plan = prepare(cfg)
+    with claim_folder(plan.out, cfg.scores):
+        refuse_other_settings(plan)
+        todo = plan_folder(plan.out, list(plan.names), plan.made, cfg.overwrite)
+        open_folder(plan.out, plan.made, todo)
+        with open_executor(cfg) as executor:
+            summary = run_dedup(plan, todo, executor.map)
+    summary["skipped"] = len(plan.names) - len(todo)
+    return summary
+
+
 def run(args):
     import json
     import sys
 
-    from pipeline.curate.dedup import prepare, refuse_other_settings, run_dedup
     from pipeline.errors import UserError
-    from pipeline.executors import open_executor
-    from pipeline.score import claim_folder, open_folder, plan_folder
 
     try:
-        cfg = _config(args)
-        plan = prepare(cfg)
-        with claim_folder(plan.out, cfg.scores):
-            refuse_other_settings(plan)
-            todo = plan_folder(plan.out, list(plan.names), plan.made, cfg.overwrite)
-            open_folder(plan.out, plan.made, todo)
-            with open_executor(cfg) as executor:
-                summary = run_dedup(plan, todo, executor.map)
+        summary = dedup(_config(args))
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
-    summary["skipped"] = len(plan.names) - len(todo)
     print(f"dedup: {summary['compared']} of {summary['rows']} rows compared in {summary['clusters']} clusters; "
           f"{summary['groups']} duplicate groups holding {summary['duplicates']} rows; {summary['removed']} rows "
           f"removed ({summary['keep']} kept); {len(summary['failed'])} failed", file=sys.stderr)
