@@ -120,3 +120,35 @@ def evaluate(model, preprocess, tokenizer, reference: list, target: list) -> dic
         "reference_norm_cv": {t: round(float(n.std() / n.mean()), 4) for t, n in
                               (("image", np.linalg.norm(ref_img, axis=1)), ("text", np.linalg.norm(ref_txt, axis=1)))},
     }
+
+
+def dedup_quality(planted: dict, rows) -> dict:
+    """How well a dedup found the planted duplicates, counted in pairs.
+
+    ``planted``: ``{copy key: source key}`` (the world's ``duplicate_of``: the source is the faithful copy);
+    ``rows``: a dedup folder's rows (``key``, ``dup_group``, ``kept``; ``dup_group`` null for rows not compared).
+    The pairs found are every pair of rows in one group (a group of ``s`` rows holds ``s (s - 1) / 2``), as the
+    dedup acts on them. Returns the groups found (two or more rows), the planted and found pairs, those both
+    planted and found, ``precision`` (of the found pairs, the share planted) and ``recall`` (of the planted,
+    the share found), None where they divide by zero; and of the groups holding a planted pair, how many keep
+    its faithful copy (``faithful_kept``, ``faithful_share``).
+    """
+    members: dict = {}
+    kept = {}
+    for row in rows:
+        if row["dup_group"] is not None:
+            members.setdefault(row["dup_group"], []).append(row["key"])
+            if row["kept"]:
+                kept[row["dup_group"]] = row["key"]
+    group_of = {key: g for g, keys in members.items() for key in keys}
+    groups = [g for g, keys in members.items() if len(keys) > 1]
+    found = sum(len(members[g]) * (len(members[g]) - 1) // 2 for g in groups)
+    hits = {copy: source for copy, source in planted.items()
+            if copy in group_of and group_of.get(source) == group_of[copy]}
+    holding = {group_of[copy] for copy in hits}
+    faithful = {group_of[copy] for copy, source in hits.items() if kept.get(group_of[copy]) == source}
+    return {"groups": len(groups), "planted_pairs": len(planted), "found_pairs": found, "planted_found": len(hits),
+            "precision": len(hits) / found if found else None,
+            "recall": len(hits) / len(planted) if planted else None,
+            "groups_with_planted": len(holding), "faithful_kept": len(faithful),
+            "faithful_share": len(faithful) / len(holding) if holding else None}

@@ -5,6 +5,11 @@ likelihood's clusters), scores, writes the dataset card, and measures how well t
 anomalies (AUROC) — ``summary.json``. Both worlds withhold a few shape-colour pairs
 (:data:`~pipeline.demo.world.UNSEEN_PAIRS`), whose scenes are the target's ``unseen_pairing`` anomalies: the
 kind the global Gaussian hardly sees and the local likelihood should, so both AUROCs are reported for it.
+
+The target also holds near-duplicates (:data:`DUPLICATE_RATE` of its rows re-render another normal row's
+scene under a worse caption, labelled ``duplicate_of``; normal rows in the AUROCs). The demo scores with
+``--save-embeddings``, runs ``wclip dedup`` on the scores (:data:`DEDUP_EPS`, :data:`DEDUP_KEEP`) and reports
+how many planted pairs it found (precision and recall, in pairs) and how often it kept the faithful copy.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,9 +26,9 @@ from typing import Optional
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.config import FitConfig, RayOptions, RunConfig, ScoreConfig
+from pipeline.config import DedupConfig, FitConfig, RayOptions, RunConfig, ScoreConfig
 from pipeline.demo import CLUSTERS, MODEL, shards, world
-from pipeline.demo.metrics import FIT, auroc
+from pipeline.demo.metrics import FIT, auroc, dedup_quality
 from pipeline.models import ModelSpec
 from pipeline.storage import write_atomic
 
@@ -40,6 +46,12 @@ LOCAL_KINDS = world.SCENE_ANOMALIES
 TOWERS = ("image", "text")
 TARGET_AUROC = 0.95        # every group and kind, by its global score (the closing note names the others)
 LOCAL_TARGET_AUROC = 0.9   # the local kinds, by the local score
+#: Share of the target's rows that are near-duplicates of another of its normal rows (world.make_duplicate).
+DUPLICATE_RATE = 0.03
+#: ``wclip dedup --eps`` of the demo: the planted copies sit at image cosine >= 0.997 to their source (97.5%
+#: of them; world.DUPLICATE_NOISE), distinct scenes of one shape, colour and layout up to ~0.995.
+DEDUP_EPS = 0.004
+DEDUP_KEEP = "clip_score:highest"  # the faithful copy's caption fits its image: the higher CLIP score
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class DemoConfig:
     progress: bool = None
     executor: str = "auto"  # pipeline.executors: local worker processes, or Ray
     card: bool = True
+    duplicate_rate: float = DUPLICATE_RATE  # near-duplicates planted in the target (0: none, and no dedup)
+    dedup_eps: float = DEDUP_EPS
 
 
 def evaluate(scores_dir: Path, target_dir: Path) -> dict:
@@ -104,6 +118,36 @@ def evaluate(scores_dir: Path, target_dir: Path) -> dict:
     return out
 
 
+def run_dedup(cfg: DemoConfig, work: Path) -> dict:
+    """``wclip dedup --scores WORK/scores --output WORK/dedup --eps cfg.dedup_eps --keep DEDUP_KEEP`` (the
+    command's own code, :func:`pipeline.commands.dedup.dedup`); returns its summary."""
+    from pipeline.runs.dedup import dedup
+
+    return dedup(DedupConfig(scores=str(work / "scores"), output=str(work / "dedup"), keep=DEDUP_KEEP,
+                             eps=cfg.dedup_eps, ray=RayOptions(num_cpus=cfg.num_cpus), progress=cfg.progress,
+                             executor=cfg.executor))
+
+
+def evaluate_dedup(dedup_dir: Path, target_dir: Path, found: dict) -> dict:
+    """The dedup's settings and counts (``found``: its summary) and how it did on the world's planted
+    duplicates (:func:`~pipeline.demo.metrics.dedup_quality`): over every row, and over the normal rows only
+    (``normal``: the planted pairs are normal rows; noise and blank images, all alike to CLIP, group among
+    themselves), with the anomaly kinds found in groups (``anomalies_grouped``: rows per kind)."""
+    labels = {r["key"]: r for r in shards.read_labels(target_dir)}
+    planted = {k: r["duplicate_of"] for k, r in labels.items() if r.get("duplicate_of")}
+    rows = [r for f in sorted(dedup_dir.glob("*.parquet"))
+            for r in pq.read_table(f, columns=["key", "dup_group", "kept"]).to_pylist()]
+    normal = dedup_quality(planted, [r for r in rows if labels[r["key"]]["anomaly"] is None])
+    sizes = Counter(r["dup_group"] for r in rows if r["dup_group"] is not None)
+    grouped = Counter(labels[r["key"]]["anomaly"] for r in rows
+                      if sizes[r["dup_group"]] > 1 and labels[r["key"]]["anomaly"] is not None)
+    return {"eps": found["eps"], "keep": found["keep"], "clusters": found["clusters"],
+            "clusters_source": found["clusters_source"], "rows_removed": found["removed"],
+            **dedup_quality(planted, rows),
+            "normal": {k: normal[k] for k in ("groups", "found_pairs", "planted_found", "precision", "recall")},
+            "anomalies_grouped": dict(sorted(grouped.items()))}
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo under ``cfg.workdir``; returns (and writes) the summary."""
     from pipeline.executors import shared_session
@@ -113,14 +157,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     started = time.time()
     work = Path(cfg.workdir)
-    for sub in ("reference", "target", "scores", "card"):
+    for sub in ("reference", "target", "scores", "dedup", "card"):
         shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     log.info("generating the demo world in %s", work)
     ref = shards.generate_world(work / "reference", cfg.reference_shards, cfg.reference_per_shard, cfg.seed,
                                 unseen_pairs=True)
     tgt = shards.generate_world(work / "target", cfg.target_shards, cfg.target_per_shard, cfg.seed + 1,
-                                anomaly_rate=cfg.anomaly_rate, unseen_pairs=True)
+                                anomaly_rate=cfg.anomaly_rate, unseen_pairs=True, duplicate_rate=cfg.duplicate_rate)
     model = ModelSpec(MODEL)
     ray_opts = RayOptions(num_cpus=cfg.num_cpus)
     stats_path = work / "stats.safetensors"
@@ -134,9 +178,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         stats = StatsFile.load(stats_path)
         t = time.time()
         score_summary = score(ScoreConfig(run=RunConfig(shards=tuple(map(str, tgt)), **run),
-                                          stats_path=str(stats_path), output=str(work / "scores")), stats)
+                                          stats_path=str(stats_path), output=str(work / "scores"),
+                                          save_embeddings=cfg.duplicate_rate > 0), stats)
         timings["score_s"] = round(time.time() - t, 2)
+        if cfg.duplicate_rate > 0:
+            t = time.time()
+            found = run_dedup(cfg, work)
+            timings["dedup_s"] = round(time.time() - t, 2)
     summary = evaluate(work / "scores", work / "target")
+    if cfg.duplicate_rate > 0:
+        summary["dedup"] = evaluate_dedup(work / "dedup", work / "target", found)
     summary.update(model=MODEL, workdir=str(work), stats=str(stats_path), scores=str(work / "scores"),
                    components={t: ws.components for t, ws in stats.towers.items()},
                    clusters={t: ws.clusters.k if ws.clusters is not None else None for t, ws in stats.towers.items()},
@@ -174,11 +225,24 @@ def report(summary: dict) -> str:
             g, loc = entry[tower]["global"], entry[tower]["local"]
             lines.append(f"  {kind.replace('_', ' ')}: global {g['score']} {_auc(g['auroc'])}, "
                          f"local {loc['score']} {_auc(loc['auroc'])}   ({entry['n']} anomalies)")
+    if summary.get("dedup"):
+        lines += ["", _dedup_text(summary["dedup"])]
     lines += ["", f"scores:  {summary['scores']}/*.parquet", f"stats:   {summary['stats']}"]
     if summary.get("card"):
         lines.append(f"card:    {summary['card']}")
     lines.append(f"summary: {summary['workdir']}/summary.json")
     return "\n".join(lines)
+
+
+def _dedup_text(d: dict) -> str:
+    share = "n/a" if d["faithful_share"] is None else f"{100 * d['faithful_share']:.0f}%"
+    grouped = ", ".join(f"{n} {kind}" for kind, n in d["anomalies_grouped"].items())
+    return (f"dedup (eps {d['eps']:g}, keep {d['keep']}): {d['groups']} duplicate groups, {d['rows_removed']} rows "
+            f"removed; of {d['planted_pairs']} planted duplicate pairs, recall {_auc(d['recall'])}, precision "
+            f"{_auc(d['normal']['precision'])} among normal rows ({_auc(d['precision'])} over all "
+            f"{d['found_pairs']} pairs{'; grouped anomalies: ' + grouped if grouped else ''})\n"
+            f"  the faithful copy kept in {d['faithful_kept']} of {d['groups_with_planted']} groups holding a "
+            f"planted pair ({share})")
 
 
 def _auc(value) -> str:

@@ -55,13 +55,16 @@ def write_shard(path: Path, samples: Iterable[tuple[str, world.WorldSample]]) ->
 
 def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
                    anomaly_rate: float = 0.0, anomaly_kinds: Sequence[str] | None = None,
-                   vocabulary: str = "reference", unseen_pairs: bool = False) -> list[Path]:
+                   vocabulary: str = "reference", unseen_pairs: bool = False,
+                   duplicate_rate: float = 0.0) -> list[Path]:
     """Write ``shards`` tar shards of ``samples_per_shard`` pairs each; return the tar paths.
 
-    ``unseen_pairs``: the world withholds :data:`~pipeline.demo.world.UNSEEN_PAIRS` but as anomalies."""
+    ``unseen_pairs``: the world withholds :data:`~pipeline.demo.world.UNSEEN_PAIRS` but as anomalies;
+    ``duplicate_rate``: that share of each shard's rows are near-duplicates of another row of it (labelled
+    ``duplicate_of``)."""
     if shards < 1 or samples_per_shard < 1:
         raise ValueError(f"shards and samples_per_shard must be >= 1, got {shards} and {samples_per_shard}")
-    kinds = world.validate(anomaly_rate, anomaly_kinds, vocabulary, unseen_pairs)
+    kinds = world.validate(anomaly_rate, anomaly_kinds, vocabulary, unseen_pairs, duplicate_rate)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     shard_digits = max(5, len(str(shards - 1)))
@@ -70,7 +73,7 @@ def generate_world(output_dir, shards: int, samples_per_shard: int, seed: int,
     for shard in range(shards):
         path = out / f"{shard:0{shard_digits}d}.tar"
         write_shard(path, world.iter_world(seed, shard, samples_per_shard, anomaly_rate, kinds, key_digits, vocabulary,
-                                           unseen_pairs))
+                                           unseen_pairs, duplicate_rate))
         paths.append(path)
     return paths
 

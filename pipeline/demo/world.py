@@ -15,6 +15,12 @@ of :data:`UNSEEN_PAIRS`, though each of them is common there; its one extra anom
 ``unseen_pairing``, is a scene of exactly such a pair, drawn and described consistently. A scene whose
 first draw would show a withheld pair is drawn again from the sample's own RNG, so every other sample
 is the one the world without ``unseen_pairs`` holds; that world, the default, is unchanged.
+
+A world made with ``duplicate_rate`` (``wclip demo``'s target) holds near-duplicates: of its normal rows, a
+share are copies of another normal row's scene (:func:`make_duplicate`: the same drawing with fresh sensor
+noise, near but not byte-identical, under a worse caption), labelled ``duplicate_of`` (the faithful row's
+key; None on every other row). They are normal rows, not anomalies; every other sample is the one the world
+without duplicates holds, and a world without them (the default) is unchanged, its labels included.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ UNSEEN_PAIRS = (("circle", "red"), ("square", "green"), ("triangle", "blue"), ("
 #: of :data:`UNSEEN_PAIRS` (modality ``"scene"``: both sides show it, consistently).
 SCENE_ANOMALIES = ("unseen_pairing",)
 ALL_ANOMALY_KINDS = ANOMALY_KINDS + SCENE_ANOMALIES
+#: Sensor noise (standard deviation, in 0-255 levels) a duplicate adds to its source's pixels: the demo CLIP
+#: puts 97.5% of such copies at image cosine >= 0.997 to their source, where no two of 1000 distinct scenes are.
+DUPLICATE_NOISE = 1.0
 
 
 def anomaly_modality(kind: str | None) -> str | None:
@@ -295,6 +304,24 @@ def make_twins(rng: np.random.Generator) -> list[tuple[np.ndarray, str, Scene]]:
             for s in (scene, twin)]
 
 
+def make_duplicate(image: np.ndarray, scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A near-duplicate of a normal pair's ``image`` of ``scene``: ``(image, caption)``.
+
+    The same drawing (shapes, colours, layout, lighting) with fresh sensor noise (:data:`DUPLICATE_NOISE`),
+    under a worse caption: one phrased as :func:`describe` does but giving the wrong number of objects (two
+    or three for one object, one, "in the center", for several). So of the two copies the source is the one
+    whose caption fits its image: the demo CLIP scores it higher in 98.8% of 1000 scenes.
+    """
+    if not scene.objects:
+        raise ValueError("a duplicate needs a scene with objects: its caption miscounts them")
+    noisy = np.clip(image + rng.normal(0.0, DUPLICATE_NOISE, image.shape), 0, 255).round().astype(np.uint8)
+    n = len(scene.objects)
+    wrong = int(rng.choice([2, 3])) if n == 1 else 1
+    told = Scene(scene.background, [scene.objects[0]] * wrong, (scene.position or "center") if wrong == 1 else None,
+                 scene.style)
+    return noisy, describe(told, rng)
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes of a uint8 RGB array at the world's quality."""
     buf = io.BytesIO()
@@ -312,6 +339,15 @@ def _plan(rng: np.random.Generator, n: int, rate: float, kinds: Sequence[str]) -
     return plan
 
 
+def _duplicates(rng: np.random.Generator, plan: list, rate: float) -> dict[int, int]:
+    """``{copy position: source position}``: ``round(rate * n)`` copies (at most half the normal rows), each of
+    its own source, both normal positions drawn at random."""
+    normal = [i for i, kind in enumerate(plan) if kind is None]
+    count = min(int(round(rate * len(plan))), len(normal) // 2)
+    chosen = [int(i) for i in rng.choice(normal, 2 * count, replace=False)] if count else []
+    return dict(zip(chosen[count:], chosen[:count]))
+
+
 def _check_vocabulary(vocabulary: str) -> None:
     if vocabulary not in VOCABULARIES:
         raise ValueError(f"unknown vocabulary {vocabulary!r}; expected one of {', '.join(VOCABULARIES)}")
@@ -327,14 +363,16 @@ def _check_world(kinds, vocabulary: str, unseen_pairs: bool) -> None:
 
 
 def validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference",
-             unseen_pairs: bool = False) -> tuple[str, ...]:
-    """Check a world's anomaly rate, kinds (None: all it can hold) and vocabulary; return the kinds."""
+             unseen_pairs: bool = False, duplicate_rate: float = 0.0) -> tuple[str, ...]:
+    """Check a world's anomaly rate, kinds (None: all it can hold), vocabulary and duplicate rate; return the
+    kinds."""
     if not 0.0 <= anomaly_rate <= 1.0:
         raise ValueError(f"anomaly_rate must be in [0, 1], got {anomaly_rate!r}")
     _check_vocabulary(vocabulary)
     if vocabulary == "open" and anomaly_rate > 0:
         raise ValueError("the open world holds no anomalies (they are defined against the reference "
                          "world): use anomaly_rate 0 with vocabulary 'open'")
+    _check_duplicates(duplicate_rate, anomaly_rate, vocabulary)
     if anomaly_kinds is None:
         anomaly_kinds = ALL_ANOMALY_KINDS if unseen_pairs else ANOMALY_KINDS
     kinds = tuple(anomaly_kinds)
@@ -344,34 +382,61 @@ def validate(anomaly_rate: float, anomaly_kinds, vocabulary: str = "reference",
     return kinds
 
 
+def _check_duplicates(duplicate_rate: float, anomaly_rate: float, vocabulary: str) -> None:
+    if not 0.0 <= duplicate_rate <= 0.5:
+        raise ValueError(f"duplicate_rate must be in [0, 0.5], got {duplicate_rate!r}")
+    if duplicate_rate > 0 and vocabulary != "reference":
+        raise ValueError(f"duplicates copy scenes of the reference world; the {vocabulary} world holds none")
+    if anomaly_rate + 2 * duplicate_rate > 1.0:
+        raise ValueError(f"each duplicate and its source are normal rows: anomaly_rate + 2 * duplicate_rate "
+                         f"must be <= 1, got {anomaly_rate!r} + 2 * {duplicate_rate!r}")
+
+
+def _labels(key: str, sample: tuple, jpeg: bytes, seed: int, vocabulary: str, anomaly: str | None) -> dict:
+    """The .json of one sample: img2dataset's fields and the scene's truth (of the image, whatever the caption)."""
+    _, caption, scene = sample
+    groups = scene.groups()
+    open_tag = "" if vocabulary == "reference" else "open"
+    return {
+        "url": f"https://world.wclip.invalid/{open_tag and open_tag + '/'}s{seed}/{key}.jpg",
+        "uid": hashlib.md5(f"wclip-world:{open_tag and open_tag + ':'}{seed}:{key}".encode()).hexdigest(),
+        "key": key, "caption": caption, "status": "success", "error_message": None,
+        "width": SIZE, "height": SIZE, "original_width": SIZE, "original_height": SIZE,
+        "sha256": hashlib.sha256(jpeg).hexdigest(),
+        "anomaly": anomaly, "anomaly_modality": anomaly_modality(anomaly),
+        "background": scene.background, "count": len(scene.objects), "position": scene.position,
+        "style": scene.style,
+        "shapes": ",".join(g[0] for g in groups), "colours": ",".join(g[1] for g in groups),
+        "sizes": ",".join(g[2] for g in groups),
+        "objects": [dict(zip(("shape", "colour", "size", "x", "y", "r"), (*o[:3], *(round(v, 2) for v in o[3:]))))
+                    for o in scene.objects],
+    }
+
+
 def iter_world(seed: int, shard: int, n: int, anomaly_rate: float = 0.0,
                anomaly_kinds: Sequence[str] | None = None, key_digits: int = 4,
-               vocabulary: str = "reference", unseen_pairs: bool = False) -> Iterator[tuple[str, WorldSample]]:
+               vocabulary: str = "reference", unseen_pairs: bool = False,
+               duplicate_rate: float = 0.0) -> Iterator[tuple[str, WorldSample]]:
     """The ``(key, sample)`` pairs of one shard, in memory; what :func:`pipeline.demo.shards.generate_world` writes.
 
     ``unseen_pairs``: the world withholds :data:`UNSEEN_PAIRS` and its kinds (None: all) include
-    ``unseen_pairing`` (see the module doc)."""
-    kinds = validate(anomaly_rate, anomaly_kinds, vocabulary, unseen_pairs)
+    ``unseen_pairing``; ``duplicate_rate``: that share of its rows are near-duplicates of another of its
+    normal rows, labelled ``duplicate_of`` (see the module doc)."""
+    kinds = validate(anomaly_rate, anomaly_kinds, vocabulary, unseen_pairs, duplicate_rate)
     plan = _plan(np.random.default_rng([seed, shard, 1]), n, anomaly_rate, kinds)
+    copies = _duplicates(np.random.default_rng([seed, shard, 2]), plan, duplicate_rate)
+
+    def key_of(i: int) -> str:
+        return f"{shard * 10 ** key_digits + i:0{5 + key_digits}d}"
+
     for i, anomaly in enumerate(plan):
-        key = f"{shard * 10 ** key_digits + i:0{5 + key_digits}d}"
-        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, i]), anomaly, vocabulary,
+        source = copies.get(i, i)
+        image, caption, scene = make_pair(np.random.default_rng([seed, shard, 0, source]), anomaly, vocabulary,
                                           unseen_pairs)
+        if i in copies:
+            image, caption = make_duplicate(image, scene, np.random.default_rng([seed, shard, 3, i]))
         jpeg = encode_jpeg(image)
-        groups = scene.groups()
-        open_tag = "" if vocabulary == "reference" else "open"
-        labels = {
-            "url": f"https://world.wclip.invalid/{open_tag and open_tag + '/'}s{seed}/{key}.jpg",
-            "uid": hashlib.md5(f"wclip-world:{open_tag and open_tag + ':'}{seed}:{key}".encode()).hexdigest(),
-            "key": key, "caption": caption, "status": "success", "error_message": None,
-            "width": SIZE, "height": SIZE, "original_width": SIZE, "original_height": SIZE,
-            "sha256": hashlib.sha256(jpeg).hexdigest(),
-            "anomaly": anomaly, "anomaly_modality": anomaly_modality(anomaly),
-            "background": scene.background, "count": len(scene.objects), "position": scene.position,
-            "style": scene.style,
-            "shapes": ",".join(g[0] for g in groups), "colours": ",".join(g[1] for g in groups),
-            "sizes": ",".join(g[2] for g in groups),
-            "objects": [dict(zip(("shape", "colour", "size", "x", "y", "r"), (*o[:3], *(round(v, 2) for v in o[3:]))))
-                        for o in scene.objects],
-        }
-        yield key, WorldSample(jpeg, caption, labels)
+        labels = _labels(key_of(i), (image, caption, scene), jpeg, seed, vocabulary, anomaly)
+        if duplicate_rate > 0:
+            labels["duplicate_of"] = key_of(copies[i]) if i in copies else None
+        yield key_of(i), WorldSample(jpeg, caption, labels)

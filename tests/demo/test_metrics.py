@@ -61,3 +61,42 @@ def test_evaluation_scores_with_whitening_stats_fitted_as_the_demo_fits(monkeypa
     assert min(ev["auroc"].values()) >= 0.9 and ev["auroc_pair"] >= 0.9
     assert ev["scorer"] == "pipeline.whitening.WhiteningStats"
     assert {k: ev["fit"][k] for k in metrics.FIT} == metrics.FIT
+
+
+def _brute_force(planted: dict, rows: list) -> dict:
+    """Precision and recall in pairs, counted over every pair of keys: found if both rows are in one group."""
+    import itertools
+
+    group = {r["key"]: r["dup_group"] for r in rows}
+    wanted = {frozenset(p) for p in planted.items()}
+    found = {frozenset((a, b)) for a, b in itertools.combinations(sorted(group), 2)
+             if group[a] is not None and group[a] == group[b]}
+    return {"found_pairs": len(found), "planted_found": len(found & wanted),
+            "precision": len(found & wanted) / len(found), "recall": len(found & wanted) / len(wanted)}
+
+
+def test_dedup_quality_counts_pairs_as_an_independent_count_does():
+    # a tiny world: 12 rows; three planted pairs (copy -> faithful source)
+    planted = {"c1": "s1", "c2": "s2", "c3": "s3"}
+    rows = [
+        # s1 + c1 found, faithful kept
+        {"key": "s1", "dup_group": 0, "kept": True}, {"key": "c1", "dup_group": 0, "kept": False},
+        # s2 + c2 found with a stranger x1 (3 rows: 3 pairs, one planted), the copy kept
+        {"key": "s2", "dup_group": 2, "kept": False}, {"key": "c2", "dup_group": 2, "kept": True},
+        {"key": "x1", "dup_group": 2, "kept": False},
+        # s3 and c3 in different groups: missed
+        {"key": "s3", "dup_group": 5, "kept": True}, {"key": "c3", "dup_group": 6, "kept": True},
+        # two strangers grouped: a false pair; rows not compared (null group) and singletons
+        {"key": "x2", "dup_group": 7, "kept": True}, {"key": "x3", "dup_group": 7, "kept": False},
+        {"key": "x4", "dup_group": None, "kept": True}, {"key": "x5", "dup_group": None, "kept": True},
+        {"key": "x6", "dup_group": 11, "kept": True},
+    ]
+    out = metrics.dedup_quality(planted, rows)
+    expected = _brute_force(planted, rows)
+    assert expected == {"found_pairs": 5, "planted_found": 2, "precision": 2 / 5, "recall": 2 / 3}
+    assert {k: out[k] for k in expected} == expected
+    assert out["groups"] == 3 and out["planted_pairs"] == 3      # groups of two or more rows: 0, 2, 7
+    assert (out["groups_with_planted"], out["faithful_kept"], out["faithful_share"]) == (2, 1, 0.5)
+    # nothing found, nothing planted: the ratios are None, not 0 or a division error
+    empty = metrics.dedup_quality({}, [{"key": "a", "dup_group": None, "kept": True}])
+    assert (empty["found_pairs"], empty["precision"], empty["recall"], empty["faithful_share"]) == (0, None, None, None)

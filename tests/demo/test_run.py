@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.demo import CLUSTERS, MODEL, shards
 from pipeline.demo.metrics import FIT, auroc
-from pipeline.demo.run import DemoConfig, evaluate, report, run_demo
+from pipeline.demo.run import DEDUP_EPS, DemoConfig, evaluate, report, run_demo
 from pipeline.models import builtin_weights
 from pipeline.whitening import StatsFile
 
@@ -74,6 +74,39 @@ def test_small_demo_reports_the_unseen_pairing_by_global_and_local_likelihood(su
     assert (f"unseen pairing: global image_loglik {entry['image']['global']['auroc']:.3f}, "
             f"local image_local_loglik {entry['image']['local']['auroc']:.3f}") in text
     assert f"local likelihood ({CLUSTERS} clusters)" in text
+
+
+@needs_weights
+def test_small_demo_finds_the_planted_duplicates_and_keeps_the_faithful_copy(summary):
+    import itertools
+    from pathlib import Path
+
+    work = Path(summary["workdir"])
+    labels = {r["key"]: r for r in shards.read_labels(work / "target")}
+    planted = {k: r["duplicate_of"] for k, r in labels.items() if r["duplicate_of"] is not None}
+    rows = [r for f in sorted((work / "dedup").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(planted) == 15 and len(rows) == 500                  # 3% of 500 target rows, each a pair
+    group = {r["key"]: r["dup_group"] for r in rows}
+    kept = {r["dup_group"]: r["key"] for r in rows if r["kept"] and r["dup_group"] is not None}
+    clip = {r["key"]: r["clip_score"] for f in sorted((work / "scores").glob("*.parquet"))
+            for r in pq.read_table(f).to_pylist()}
+    # an independent count: every pair of keys, found when both rows share a group
+    hits = [(c, s) for c, s in planted.items() if group[c] is not None and group[c] == group[s]]
+    normal = sorted(k for k in group if labels[k]["anomaly"] is None)
+    found_normal = sum(1 for a, b in itertools.combinations(normal, 2) if group[a] is not None and group[a] == group[b])
+    d = summary["dedup"]
+    assert (d["eps"], d["keep"], d["clusters_source"]) == (DEDUP_EPS, "clip_score:highest", "image_cluster")
+    assert d["planted_pairs"] == 15 and d["planted_found"] == len(hits) and d["recall"] == len(hits) / 15
+    assert d["normal"]["found_pairs"] == found_normal and d["normal"]["precision"] == len(hits) / found_normal
+    assert d["recall"] >= 0.9 and d["normal"]["precision"] >= 0.9, d
+    faithful = [s for c, s in hits if kept[group[s]] == s]
+    assert d["faithful_kept"] == len(faithful) and d["faithful_share"] >= 0.9, d
+    assert all(clip[kept[group[s]]] >= clip[s] for _, s in hits)   # the rule: the highest clip_score is kept
+    removed = json.loads((work / "dedup" / ".wclip" / "dedup.json").read_text())["summary"]["removed"]
+    assert d["rows_removed"] == removed == sum(not r["kept"] for r in rows)
+    assert json.loads((work / "summary.json").read_text())["dedup"] == d and summary["timings"]["dedup_s"] > 0
+    assert (f"of 15 planted duplicate pairs, recall {d['recall']:.3f}, precision {d['normal']['precision']:.3f} "
+            f"among normal rows") in report(summary)
 
 
 def _scores(tmp_path, local: bool):

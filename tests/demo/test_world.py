@@ -301,3 +301,50 @@ def test_unseen_pairing_needs_a_world_that_withholds_the_pairs(tmp_path):
     with pytest.raises(ValueError, match="open world has all"):
         shards.generate_world(tmp_path, 1, 4, 0, vocabulary="open", unseen_pairs=True)
     assert world.anomaly_modality("unseen_pairing") == "scene"
+
+
+SCENE_FIELDS = ("background", "count", "position", "style", "shapes", "colours", "sizes", "objects")
+
+
+def test_duplicates_redraw_a_normal_scene_under_a_miscounting_caption(tmp_path):
+    paths = shards.generate_world(tmp_path, 2, 100, seed=4, anomaly_rate=0.3, unseen_pairs=True,
+                                  duplicate_rate=0.1)
+    rows = {r["key"]: r for r in shards.read_labels(tmp_path)}
+    data = {m.name: d for p in paths for m, d in _members(p)}
+    copies = {k: r["duplicate_of"] for k, r in rows.items() if r["duplicate_of"] is not None}
+    assert len(copies) == 20 and len(set(copies.values())) == 20            # 10 a shard, each of its own source
+    assert Counter(r["anomaly"] for r in rows.values())[None] == 140         # the anomalies are as many as before
+    for copy, source in copies.items():
+        c, s = rows[copy], rows[source]
+        assert copy[:5] == source[:5] and source not in copies               # same shard; a source is no copy
+        assert c["anomaly"] is None and s["anomaly"] is None and s["duplicate_of"] is None
+        assert {f: c[f] for f in SCENE_FIELDS} == {f: s[f] for f in SCENE_FIELDS}   # the image's truth
+        assert c["sha256"] != s["sha256"]                                    # near, not byte-identical
+        diff = np.abs(_decode(data[f"{copy}.jpg"]) - _decode(data[f"{source}.jpg"]))
+        assert 0 < diff.mean() < 2.0 and diff.max() < 40, (copy, diff.mean(), diff.max())
+        words = c["caption"].split()
+        if s["count"] == 1:                                                  # one object told as two or three
+            assert {"two", "three"} & set(words) and world._plural(s["shapes"], 2) in c["caption"]
+        else:                                                                # several told as one
+            assert not {"two", "three"} & set(words) and world._plural(s["shapes"], 2) not in words
+            assert s["shapes"] in words
+    # every other row is the one of the world without duplicates (which has no duplicate_of label)
+    plain = {k: s for k, s in world.iter_world(4, 0, 100, 0.3, unseen_pairs=True)}
+    for key, sample in plain.items():
+        assert "duplicate_of" not in sample.labels
+        same = sample.labels == {k: v for k, v in rows[key].items() if k != "duplicate_of"} and \
+            sample.image == data[f"{key}.jpg"]
+        assert same == (key not in copies), key
+
+
+def test_duplicate_rate_is_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"duplicate_rate must be in \[0, 0.5\], got 0.6"):
+        shards.generate_world(tmp_path / "a", 1, 10, 0, duplicate_rate=0.6)
+    with pytest.raises(ValueError, match="anomaly_rate \\+ 2 \\* duplicate_rate must be <= 1, got 0.5 \\+ 2 \\* 0.3"):
+        shards.generate_world(tmp_path / "b", 1, 10, 0, anomaly_rate=0.5, duplicate_rate=0.3)
+    with pytest.raises(ValueError, match="the open world holds none"):
+        shards.generate_world(tmp_path / "c", 1, 10, 0, vocabulary="open", duplicate_rate=0.1)
+    assert not any(tmp_path.iterdir())
+    # at the limit every normal row is a copy or its source
+    rows = [s.labels for _, s in world.iter_world(1, 0, 10, anomaly_rate=0.2, duplicate_rate=0.4)]
+    assert sum(r["duplicate_of"] is not None for r in rows) == 4 and sum(r["anomaly"] is None for r in rows) == 8
