@@ -120,7 +120,7 @@ def evaluate(scores_dir: Path, target_dir: Path) -> dict:
 
 def run_dedup(cfg: DemoConfig, work: Path) -> dict:
     """``wclip dedup --scores WORK/scores --output WORK/dedup --eps cfg.dedup_eps --keep DEDUP_KEEP`` (the
-    command's own code, :func:`pipeline.commands.dedup.dedup`); returns its summary."""
+    command's own code, :func:`pipeline.runs.dedup.dedup`); returns its summary."""
     from pipeline.runs.dedup import dedup
 
     return dedup(DedupConfig(scores=str(work / "scores"), output=str(work / "dedup"), keep=DEDUP_KEEP,
