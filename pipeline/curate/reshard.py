@@ -1,6 +1,6 @@
 """Write new WebDataset shards holding the kept samples, copying tar members byte for byte.
 
-The shards are in img2dataset's layout (:mod:`pipeline.curate.layout`): ``NNNNN.tar``, ``NNNNN.parquet``
+The shards are in img2dataset's layout (:mod:`pipeline.curate.img2dataset`): ``NNNNN.tar``, ``NNNNN.parquet``
 and ``NNNNN_stats.json`` (the completion marker), ``samples_per_shard`` kept rows each (the last one fewer).
 The kept rows are numbered in input-shard order, then tar order, so shard ``n`` always holds the rows
 ``n*S .. n*S+S-1`` and a resumed run writes identical shards. A kept sample that cannot be read (truncated
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.curate import layout
+from pipeline.curate import img2dataset
 from pipeline.curate.source import kept_samples
 from pipeline.flow.read import shard_name
 from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS, iter_batches
@@ -71,7 +71,7 @@ class CopyJob:
         for n in range(self.start // S, (self.end - 1) // S + 1):
             lo, hi = max(self.start, n * S), min(self.end, (n + 1) * S)
             whole = lo == n * S and hi == min((n + 1) * S, self.total)
-            path = layout.tar_path(out, n, self.width) if whole else layout.piece_path(out, n, self.width, lo)
+            path = img2dataset.tar_path(out, n, self.width) if whole else img2dataset.piece_path(out, n, self.width, lo)
             result.append((n, lo, hi, path, whole))
         return result
 
@@ -137,8 +137,8 @@ def make_plan(pairs, shards: dict, kept_dir, out_dir, samples_per_shard: int,
 
 
 def _done(job: CopyJob, n: int, path: str) -> bool:
-    return storage.exists(layout.stats_path(job.out_dir, n, job.width)) or \
-        (layout.is_piece(path) and storage.exists(path))
+    return storage.exists(img2dataset.stats_path(job.out_dir, n, job.width)) or \
+        (img2dataset.is_piece(path) and storage.exists(path))
 
 
 def pending(job: CopyJob) -> bool:
@@ -153,14 +153,14 @@ class _Outputs:
         self.job, self.targets = job, job.targets()
         self.index, self.pos, self.sink = -1, job.start, None
 
-    def next_sink(self) -> layout.ShardSink:
+    def next_sink(self) -> img2dataset.ShardSink:
         """The sink of the next kept row (closing the previous target when it is full)."""
         if self.sink is None or self.pos >= self.targets[self.index][2]:
             if self.sink is not None:
                 self.sink.close()
             self.index += 1
             n, _, _, path, whole = self.targets[self.index]
-            self.sink = layout.ShardSink(self.job.out_dir, n, self.job.width, path, whole,
+            self.sink = img2dataset.ShardSink(self.job.out_dir, n, self.job.width, path, whole,
                                          skip=_done(self.job, n, path), local=self.job.local)
         self.pos += 1
         return self.sink
@@ -230,12 +230,12 @@ def straddling(jobs: list) -> list:
 def assemble(item) -> dict:
     """Assembly task: join the pieces of one output shard (tar blocks and rows), then write its marker."""
     n, out, width, paths, rows, local = item
-    if storage.exists(layout.stats_path(out, n, width)):
+    if storage.exists(img2dataset.stats_path(out, n, width)):
         return {"skipped": True}
     missing = [p for p in paths if not storage.exists(p)]
     if missing:
         raise RuntimeError(f"shard {n}: pieces missing {missing}; rerun to recopy them")
-    sink = layout.ShardSink(out, n, width, layout.tar_path(out, n, width), whole=True, local=local)
+    sink = img2dataset.ShardSink(out, n, width, img2dataset.tar_path(out, n, width), whole=True, local=local)
     try:
         for p in paths:
             sink.add_piece(p)
@@ -246,7 +246,7 @@ def assemble(item) -> dict:
         raise
     sink.close()
     for p in paths:
-        storage.remove(layout.piece_rows_path(p))
+        storage.remove(img2dataset.piece_rows_path(p))
         storage.remove(p)
     return {"skipped": False}
 
@@ -256,7 +256,7 @@ def check_plan(out_dir, plan: dict) -> None:
     if storage.exists(storage.join(out_dir, "plan.json")):
         raise ValueError(f"{out_dir} holds shards written by an older wclip (plan.json, NNNNN.stats.json); "
                          "use a fresh --output")
-    path = layout.plan_path(out_dir)
+    path = img2dataset.plan_path(out_dir)
     if storage.exists(path):
         old = storage.read_json(path)
         if old.get("digest") != plan["digest"]:
@@ -271,7 +271,7 @@ def finished_shards(out_dir, plan: dict) -> dict:
     """What the finished shards' ``_stats.json`` files say: shards, successes, unreadable samples."""
     done = {"finished": 0, "successes": 0, "unreadable_count": 0, "unreadable": []}
     for n in range(plan["shards"]):
-        path = layout.stats_path(out_dir, n, plan["width"])
+        path = img2dataset.stats_path(out_dir, n, plan["width"])
         if not storage.exists(path):
             continue
         stats = storage.read_json(path)
@@ -301,11 +301,11 @@ def write_shards(urls, shards: dict, kept_dir, out_dir, mapper, samples_per_shar
                            input_format)
     storage.makedirs(out_dir)
     check_plan(out_dir, plan)
-    pieces = layout.pieces_dir(out_dir)
+    pieces = img2dataset.pieces_dir(out_dir)
     storage.remove_stale_temporaries(out_dir)
     storage.remove_stale_temporaries(pieces)
     todo = [job for job in jobs if pending(job)]
-    assemble_items = [s for s in straddling(jobs) if not storage.exists(layout.stats_path(s[1], s[0], s[2]))] \
+    assemble_items = [s for s in straddling(jobs) if not storage.exists(img2dataset.stats_path(s[1], s[0], s[2]))] \
         if jobs else []
     failed, ready = [], []
     options = dict(max_retries=retries, max_in_flight=max_in_flight, progress=progress)

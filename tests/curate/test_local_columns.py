@@ -17,7 +17,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import FilterConfig
 from pipeline.curate.filter import Condition, run_filter
-from pipeline.curate.layout import LOCAL_META_SCHEMA, META_SCHEMA
+from pipeline.curate.img2dataset import LOCAL_META_SCHEMA, META_SCHEMA
 from pipeline.executors.local import map_on_threads
 from pipeline.scores.table import LOCAL_COLUMNS, SCORE_COLUMNS, scores_schema
 
