@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -180,10 +181,10 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     never the test world) and the checkpoint with the best :func:`selection_score` is kept.
     """
     import torch
-    import torch.nn.functional as F
 
     from pipeline.demo import warmstart as demo_warmstart
 
+    opts = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("torch", "demo_warmstart")})
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -196,14 +197,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
                                       (warm_start_steps[1], tuple(demo_warmstart.ATTRIBUTES))],
                                      seed=seed, batch_size=warm_start_batch, lr=warm_start_lr,
                                      splice_rate=splice_rate)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    rest += [heads.scale, heads.bias] + [p for e in demo_warmstart.EDGES for p in heads.linear[e].parameters()]
-    clipped = decay + rest
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
-                                              (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    opt, sched, clipped = _optimiser(model, heads, opts)
     negatives_rng = np.random.default_rng([seed, 1])
     validation = metrics.eval_worlds(VALIDATION_SEED, val_samples, val_samples, 0.3) if select_every > 0 else None
     best, history = (None, -1.0, 0), []
@@ -211,33 +205,7 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
     log.info("training %s: %d steps x %d pairs, seed %d, %d threads, load average %s", MODEL_NAME, steps,
              batch_size, seed, threads, os.getloadavg())
     for step in range(steps):
-        jpegs, captions, samples = train_batch(seed, step, batch_size, twins)
-        images, tokens = to_batch(jpegs, captions, preprocess, tokenizer)
-        spliced = []
-        if concept_weight and splice_rate and splice_keep:
-            # spliced scenes join the batch's single image forward, so BatchNorm sees them only as a
-            # small share of one batch (a separate small forward would skew its running statistics)
-            spliced = demo_warmstart.splice(samples[:splice_keep], 1.0, np.random.default_rng([seed, step, 4]))
-            images = torch.cat([images, demo_warmstart.image_batch(spliced, preprocess)])
-        features = model.encode_image(images)
-        image_features = F.normalize(features[:len(jpegs)], dim=-1)
-        text_features = model.encode_text(tokens, normalize=True)
-        negatives = None
-        if hard_negatives:
-            texts = word_order_negatives(captions, negatives_rng)
-            if shape_negatives_too:
-                texts += shape_negatives(captions, negatives_rng)
-            negatives = model.encode_text(tokenizer(texts), normalize=True)
-        loss = contrastive_loss(image_features, text_features, negatives, model.logit_scale.exp())
-        if concept_weight:
-            concepts = heads.loss(image_features[:len(samples)], samples, heads.concepts)
-            if spliced:
-                concepts = concepts + heads.loss(features[len(jpegs):], spliced, demo_warmstart.EDGES)
-            loss_total = loss + concept_weight * concepts
-        else:
-            loss_total = loss
-        if norm_weight:
-            loss_total = loss_total + norm_weight * features[:len(jpegs)].norm(dim=-1).log().var()
+        loss, loss_total = _step_loss(model, heads, preprocess, tokenizer, step, negatives_rng, opts)
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
         torch.nn.utils.clip_grad_norm_(clipped, 1.0)
@@ -250,33 +218,98 @@ def train(steps: int = 300, seed: int = 0, batch_size: int = 256, lr: float = 2e
             log.info("step %d/%d loss %.4f logit_scale %.1f %.0fs", step + 1, steps, losses[-1],
                      model.logit_scale.exp().item(), time.time() - start)
         if validation and step + 1 >= select_from and ((step + 1) % select_every == 0 or step == steps - 1):
-            model.eval()
-            ev = metrics.evaluate(model, preprocess, tokenizer, *validation)
-            model.train()
-            history.append({"step": step + 1, "score": round(selection_score(ev), 4), "auroc": ev["auroc"],
-                            **{k: ev[k] for k in SELECTION_KEYS}})
-            log.info("validation at step %d: score %.4f %s", step + 1, history[-1]["score"], ev["auroc"])
-            if history[-1]["score"] > best[1]:
-                best = ({k: v.detach().clone() for k, v in model.state_dict().items()}, history[-1]["score"], step + 1)
+            best = _validate(model, preprocess, tokenizer, validation, step, history, best)
     if best[0] is not None:
         model.load_state_dict(best[0])
     model.eval()
+    timing = {"train_seconds": round(time.time() - begin, 1), "contrastive_seconds": round(time.time() - start, 1)}
+    return model, _train_info(model, heads, opts, warm, losses, timing, best, history, validation is not None)
+
+
+def _optimiser(model, heads, opts) -> tuple:
+    """AdamW (weight decay on the matrices only), warm-up then cosine schedule, and the clipped parameters."""
+    import torch
+
+    from pipeline.demo import warmstart as demo_warmstart
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    rest += [heads.scale, heads.bias] + [p for e in demo_warmstart.EDGES for p in heads.linear[e].parameters()]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.98), eps=1e-6)
+    steps, warmup = opts.steps, opts.warmup
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
+                                              (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    return opt, sched, decay + rest
+
+
+def _step_loss(model, heads, preprocess, tokenizer, step: int, negatives_rng, opts) -> tuple:
+    """One CLIP step's contrastive loss and the total it is trained on (concepts, spliced edges, norms)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.demo import warmstart as demo_warmstart
+
+    seed = opts.seed
+    jpegs, captions, samples = train_batch(seed, step, opts.batch_size, opts.twins)
+    images, tokens = to_batch(jpegs, captions, preprocess, tokenizer)
+    spliced = []
+    if opts.concept_weight and opts.splice_rate and opts.splice_keep:
+        # spliced scenes join the batch's single image forward, so BatchNorm sees them only as a
+        # small share of one batch (a separate small forward would skew its running statistics)
+        spliced = demo_warmstart.splice(samples[:opts.splice_keep], 1.0, np.random.default_rng([seed, step, 4]))
+        images = torch.cat([images, demo_warmstart.image_batch(spliced, preprocess)])
+    features = model.encode_image(images)
+    image_features = F.normalize(features[:len(jpegs)], dim=-1)
+    text_features = model.encode_text(tokens, normalize=True)
+    negatives = None
+    if opts.hard_negatives:
+        texts = word_order_negatives(captions, negatives_rng)
+        if opts.shape_negatives_too:
+            texts += shape_negatives(captions, negatives_rng)
+        negatives = model.encode_text(tokenizer(texts), normalize=True)
+    loss = contrastive_loss(image_features, text_features, negatives, model.logit_scale.exp())
+    loss_total = loss
+    if opts.concept_weight:
+        concepts = heads.loss(image_features[:len(samples)], samples, heads.concepts)
+        if spliced:
+            concepts = concepts + heads.loss(features[len(jpegs):], spliced, demo_warmstart.EDGES)
+        loss_total = loss + opts.concept_weight * concepts
+    if opts.norm_weight:
+        loss_total = loss_total + opts.norm_weight * features[:len(jpegs)].norm(dim=-1).log().var()
+    return loss, loss_total
+
+
+def _validate(model, preprocess, tokenizer, validation, step: int, history: list, best: tuple) -> tuple:
+    """Score the model on the validation world, record it in ``history``; the new best ``(state, score, step)``."""
+    model.eval()
+    ev = metrics.evaluate(model, preprocess, tokenizer, *validation)
+    model.train()
+    history.append({"step": step + 1, "score": round(selection_score(ev), 4), "auroc": ev["auroc"],
+                    **{k: ev[k] for k in SELECTION_KEYS}})
+    log.info("validation at step %d: score %.4f %s", step + 1, history[-1]["score"], ev["auroc"])
+    if history[-1]["score"] > best[1]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, history[-1]["score"], step + 1
+    return best
+
+
+def _train_info(model, heads, opts, warm, losses: list, timing: dict, best: tuple, history: list,
+                validated: bool) -> dict:
+    """What ``wclip-demo.train.json`` records of a training run."""
     tail = losses[-min(20, len(losses)):]
-    info = {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-            "warmup": warmup, "threads": threads, "world": "open", "hard_negatives": hard_negatives,
-            "shape_negatives": shape_negatives_too, "twins": twins,
-            "warm_start_steps": list(warm_start_steps), "warm_start": warm,
-            "concepts": list(heads.concepts), "concept_weight": concept_weight,
-            "splice_rate": splice_rate, "splice_keep": splice_keep, "norm_weight": norm_weight,
-            "train_seconds": round(time.time() - begin, 1), "contrastive_seconds": round(time.time() - start, 1),
-            "final_loss": round(float(np.mean(tail)), 4), "first_loss": round(losses[0], 4),
+    return {"seed": opts.seed, "steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr,
+            "weight_decay": opts.weight_decay, "warmup": opts.warmup, "threads": opts.threads, "world": "open",
+            "hard_negatives": opts.hard_negatives, "shape_negatives": opts.shape_negatives_too, "twins": opts.twins,
+            "warm_start_steps": list(opts.warm_start_steps), "warm_start": warm,
+            "concepts": list(heads.concepts), "concept_weight": opts.concept_weight,
+            "splice_rate": opts.splice_rate, "splice_keep": opts.splice_keep, "norm_weight": opts.norm_weight,
+            **timing, "final_loss": round(float(np.mean(tail)), 4), "first_loss": round(losses[0], 4),
             "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "cpu_count": os.cpu_count(),
             "logit_scale": round(model.logit_scale.exp().item(), 2),
-            "selection": {"validation_seed": VALIDATION_SEED, "validation_samples": val_samples,
-                          "every": select_every, "from": select_from, "selected_step": best[2] or steps,
+            "selection": {"validation_seed": VALIDATION_SEED, "validation_samples": opts.val_samples,
+                          "every": opts.select_every, "from": opts.select_from, "selected_step": best[2] or opts.steps,
                           "score": "mean of " + ", ".join(SELECTION_KEYS),
-                          "history": history} if validation else None}
-    return model, info
+                          "history": history} if validated else None}
 
 
 def main(steps: int = 300, seed: int = 0, output=WEIGHTS_PATH, eval_samples: int = 4000, **train_kwargs) -> dict:
