@@ -86,7 +86,7 @@ def adopt_legacy_state(output) -> None:
     if any(n not in STATE_NAMES and not storage.is_temporary(n) for n in names):
         return
     new = state_folder(output)
-    if storage.exists(new):
+    if storage.exists(new) and storage.is_dir(old):  # (not when a run starting beside this one just moved it)
         raise ConfigError(f"{output} has wclip's bookkeeping twice: in {old} (wclip 0.1's layout) and in {new}; a "
                           f"folder never mixes two records: remove the one of the run you do not want")
     lock = storage.local_file(storage.join(old, "lock")) if "lock" in names else None
@@ -94,6 +94,10 @@ def adopt_legacy_state(output) -> None:
         with storage.exclusive(lock, {"command": "move"}) if lock else contextlib.nullcontext():
             fs, path = storage.filesystem(old)
             fs.mv(path, storage.filesystem(new)[1], recursive=True)
+    except FileNotFoundError:
+        if storage.exists(new) and not storage.is_dir(old):
+            return  # a run starting beside this one moved it first
+        raise
     except storage.Held:
         raise ConfigError(f"{output} is being written by an older wclip (it holds {lock}): let it end, then rerun "
                           f"this command") from None

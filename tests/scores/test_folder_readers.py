@@ -61,7 +61,8 @@ def _read(reader: str, folder, tmp_path):
         got = duckdb.sql(f"select key, image_loglik, image_local_loglik from read_parquet('{path}')").fetchall()
         return [r[0] for r in got], [r[1] for r in got]
     if reader in ("polars", "polars-scan"):
-        pl = pytest.importorskip("polars")
+        import polars as pl
+
         frame = pl.read_parquet(path) if reader == "polars" else pl.scan_parquet(path).collect()
         assert "image_local_loglik" in frame.columns
         return frame["key"].to_list(), frame["image_loglik"].to_list()
@@ -76,7 +77,8 @@ def _read(reader: str, folder, tmp_path):
         frame = pd.read_parquet(path)
         assert "image_local_loglik" in frame.columns
         return frame["key"].tolist(), frame["image_loglik"].tolist()
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     loaded = datasets.load_dataset("parquet", data_dir=path, split="train", cache_dir=str(tmp_path / "hf"))
     assert "image_local_loglik" in loaded.column_names
     return loaded["key"], loaded["image_loglik"]
