@@ -22,7 +22,7 @@ The goal is rate(wclip) >= 0.8 x cores x rate(baseline); the rates are samples (
 With ``--clusters K`` it measures instead what the local likelihood costs (issue #23, goal <= 1.5x): the same
 folder scored with stats fitted with and without ``--clusters K``, side by side in rounds, as whole
 ``wclip score --embeddings`` jobs (file span and job time), and in one process the per-block computation alone:
-the global whitening (``whitened_sqnorm``) against the whitening plus the mixture (``ClusterWhitening.mixture``),
+the global whitening (``BlockScorer`` of the stats without clusters) against the whitening plus the mixture (with them),
 on the folder's first file in blocks of 4096 rows, one BLAS thread.
 Each width runs ``--repeat`` rounds of all of them, interleaved, and reports the medians (a shared machine
 is noisy; the parallel baseline shows how many cores were really free). Everything runs at niceness 15,
@@ -117,8 +117,10 @@ def task_span(scores: Path) -> float:
     elapsed time less Ray's worker start-up)."""
     import datetime
 
+    from pipeline.scores.layout import state_path
+
     spans = []
-    for path in (scores / ".wclip" / "shards").glob("*.json"):
+    for path in Path(state_path(scores, "shards")).glob("*.json"):
         m = json.loads(path.read_text())  # duration_s ends as the outputs start; the marker is written last
         begun = datetime.datetime.fromisoformat(m["provenance"]["written"]).timestamp() - m["duration_s"]
         spans.append((begun, path.stat().st_mtime))
@@ -182,19 +184,20 @@ BLOCK_TIMING = """
 import json, sys, time
 import numpy as np
 from threadpoolctl import threadpool_limits
-from pipeline.sources.vector_tasks import whitened_sqnorm
+from dataclasses import replace
 from pipeline.whitening import StatsFile
+from pipeline.whitening.kernels.blocks import BlockScorer
 x16 = np.load(sys.argv[1])
 ws = StatsFile.load(sys.argv[2]).towers["image"]
-mu, W = ws.mean.astype(np.float32), np.ascontiguousarray(ws.whitening, dtype=np.float32)
+scorers = {False: BlockScorer(replace(ws, clusters=None)), True: BlockScorer(ws)}  # the embeddings path's, NumPy
 blocks = [x16[i:i + 4096].astype(np.float32) for i in range(0, len(x16), 4096)]
-y = np.empty((4096, W.shape[1]), np.float32)
+y = np.empty((4096, scorers[True].m), np.float32)
 def whiten(local):
+    scorer = scorers[local]
     for b in blocks:
         x = b.copy()
-        s = whitened_sqnorm(x, mu, W, y[:len(b)])
-        if local:
-            ws.clusters.mixture(y[:len(b)], s)
+        work = [np.empty(shape, np.float32) for shape in scorer.work_shapes(len(b))]
+        scorer.score(x, overwrite_x=True, out=y[:len(b)], work=work)
 best = {}
 with threadpool_limits(1):
     for local in (False, True) * 5:

@@ -298,11 +298,17 @@ class EmbeddingRunConfig:
     progress: Optional[bool] = None  # progress bar (None: when stderr is a terminal)
     executor: str = "auto"  # EXECUTORS (pipeline.executors): "local" (threads of this process), "ray", or "auto"
     model: Optional[DeclaredModel] = None  # --embeddings-model: the model that made the vectors (None: not said)
+    device: str = "cpu"  # score: where blocks are whitened ("cpu", "cuda", "cuda:1"); tasks stay on this machine
+    backend: str = "auto"  # score: whitening.kernels.BACKENDS ("auto": NumPy on the CPU, the tar path's on CUDA)
 
     def __post_init__(self):
+        from pipeline.whitening.kernels import BACKENDS
+
         if not self.paths:
             raise ValueError("no embedding paths given")
         _check_executor(self.executor)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.key is not None and self.key not in EMBEDDING_KEYS:
             raise ValueError(f"embedding key must be one of {EMBEDDING_KEYS}, got {self.key!r}")
         _positive("max_in_flight", self.max_in_flight, allow_none=True)

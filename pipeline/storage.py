@@ -82,7 +82,15 @@ def list_files(folder, suffix: str = "") -> list:
     if not fs.exists(p):
         return []
     return sorted(join(folder, basename(entry["name"])) for entry in fs.ls(p, detail=True)
-                  if entry.get("type") == "file" and basename(entry["name"]).endswith(suffix))
+                  if is_file_entry(fs, entry) and basename(entry["name"]).endswith(suffix))
+
+
+def is_file_entry(fs, entry: dict) -> bool:
+    """Whether an entry of ``fs.ls(..., detail=True)`` is a file, a symbolic link to one included (fsspec lists
+    a link as type ``other``)."""
+    if entry.get("type") == "file":
+        return True
+    return bool(entry.get("islink")) and fs.isfile(entry["name"])
 
 
 def remove_empty_folder(path) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.scores.layout import state_folder, state_path
+
 
 def image_bytes(seed: int = 0, size=(40, 40), mode: str = "RGB", fmt: str = "JPEG") -> bytes:
     """A small random-ish image (smooth gradient + noise) encoded as ``fmt``."""
@@ -86,14 +88,19 @@ def png_bomb(width=100_000, height=100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
+def state(folder) -> Path:
+    """Where wclip keeps the bookkeeping of a local folder (``DIR.wclip``, beside it)."""
+    return Path(state_folder(folder))
+
+
 def marker(scores_dir, name: str) -> dict:
     """The completion marker of shard ``name`` in a local scores folder."""
-    return json.loads((Path(scores_dir) / ".wclip" / "shards" / f"{name}.json").read_text())
+    return json.loads(Path(state_path(scores_dir, "shards", f"{name}.json")).read_text())
 
 
 def marker_files(scores_dir) -> list:
     """The completion markers present in a local scores folder."""
-    return sorted((Path(scores_dir) / ".wclip" / "shards").glob("*.json"))
+    return sorted(Path(state_path(scores_dir, "shards")).glob("*.json"))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from shardkit import SCRIPT_PATH, clean_shards
+from shardkit import SCRIPT_PATH, clean_shards, state
 from test_embeddings import _run, write_clip_retrieval
 
 from pipeline.cli import main
@@ -70,7 +70,7 @@ def test_simultaneous_starts_leave_the_folder_to_one_run(embeddings, tmp_path):
     time.sleep(8)  # every process imported and polling
     go.touch()
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
-    owner = json.loads((out / ".wclip" / "run.json").read_text())["stats_digest"]
+    owner = json.loads((state(out) / "run.json").read_text())["stats_digest"]
     won = [i for i in range(RUNS) if _digest(stats[i % 2]) == owner]
     lost = [i for i in range(RUNS) if i not in won]
     assert len(won) == len(lost) == RUNS // 2
@@ -88,11 +88,10 @@ def test_simultaneous_starts_leave_the_folder_to_one_run(embeddings, tmp_path):
     # every file in the folder is the owner's, and every marker records its file's size
     for name in ("metadata_0", "metadata_1", "metadata_2"):
         made = json.loads(pq.read_schema(out / f"{name}.parquet").metadata[b"wclip"])
-        marker = json.loads((out / ".wclip" / "shards" / f"{name}.json").read_text())
+        marker = json.loads((state(out) / "shards" / f"{name}.json").read_text())
         assert made["stats_digest"] == marker["provenance"]["stats_digest"] == owner
         assert marker["parquet"]["bytes"] == (out / f"{name}.parquet").stat().st_size
-    assert sorted(p.name for p in out.iterdir()) == [".wclip", "metadata_0.parquet", "metadata_1.parquet",
-                                                     "metadata_2.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["metadata_0.parquet", "metadata_1.parquet", "metadata_2.parquet"]
 
 
 def test_threads_racing_on_the_claim_let_exactly_one_hold_it(tmp_path):
@@ -119,7 +118,7 @@ def test_threads_racing_on_the_claim_let_exactly_one_hold_it(tmp_path):
     assert any(f"pid {os.getpid()} on " in m for m in refused)
     with claim_folder(out, "/fits/0.safetensors"):  # released: the next run holds it
         pass
-    assert os.listdir(out) == [".wclip"] and os.listdir(os.path.join(out, ".wclip")) == ["lock"]
+    assert not os.path.exists(out) and os.listdir(state(out)) == ["lock"]  # the lock lives beside the folder
 
 
 HOLD = """
@@ -165,4 +164,4 @@ def test_both_score_paths_are_refused_on_a_held_folder_before_writing(embeddings
         # --dry-run writes nothing and claims nothing
         assert main(["score", "--embeddings", str(folder), "--stats", stats[0], "--output", str(out),
                      "--dry-run"]) == 0
-    assert sorted(p.name for p in out.rglob("*")) == [".wclip", "lock"]
+    assert not out.exists() and sorted(p.name for p in state(out).rglob("*")) == ["lock"]

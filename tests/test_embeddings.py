@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, image_bytes, marker, tiny_run, write_shard
+from shardkit import clean_shards, image_bytes, marker, state, tiny_run, write_shard
 
 from pipeline.cli import main
 from pipeline.config import (
@@ -214,7 +214,7 @@ def test_a_damaged_file_is_recorded_and_the_others_scored(clip_folder, tmp_path,
         failed[str(meta)]
     assert "text_emb_1.npy: the file ends after" in failed[str(broken / "metadata" / "metadata_1.parquet")]
     assert summary["shards_done"] == 1 and (out / "metadata_2.parquet").exists()
-    records = [json.loads(line) for line in (out / ".wclip" / "failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (state(out) / "failures.jsonl").read_text().splitlines()]
     assert sorted(r["name"] for r in records) == ["metadata_0", "metadata_1"]
     assert not (out / "metadata_1.parquet").exists() and not (out / "metadata_0.parquet").exists()
 
@@ -326,7 +326,7 @@ def test_a_memory_folder_in_and_out(clip_folder):
         table = pq.read_table(fh)
     np.testing.assert_allclose(table["image_sqnorm"].to_numpy(), stats.towers["image"].sqnorm(img.astype(float)),
                                rtol=2e-4)
-    assert fs.exists("/scores/.wclip/shards/metadata_7.json")
+    assert fs.exists("/scores.wclip/shards/metadata_7.json")  # the bookkeeping beside the folder
     assert score(cfg, stats)["shards_skipped"] == 1
 
 
@@ -351,7 +351,7 @@ def test_saved_embeddings_are_clip_retrieval_folders(saved):
     from pipeline.scores.layout import embedding_number
 
     out, stats_path = saved
-    emb = out / ".wclip" / "embeddings"
+    emb = state(out) / "embeddings"
     stats = StatsFile.load(stats_path)
     assert embedding_number("00002") == "00002" and len(embedding_number("part-a")) == 20
     for name, rows in (("00000", 12), ("00001", 12), ("00002", 5), ("part-a", 3)):
@@ -375,7 +375,7 @@ def test_saved_embeddings_are_clip_retrieval_folders(saved):
 
 def test_saved_embeddings_fit_and_score_as_embeddings(saved, tmp_path):
     out, _ = saved
-    folder = out / ".wclip" / "embeddings"
+    folder = state(out) / "embeddings"
     stats_path = str(tmp_path / "s.safetensors")
     assert main(["fit", "--embeddings", str(folder), "--output", stats_path, "--components", "4",
                  "--no-progress"]) == 0
@@ -385,7 +385,14 @@ def test_saved_embeddings_fit_and_score_as_embeddings(saved, tmp_path):
     argv = ["score", "--embeddings", str(folder), "--stats", stats_path, "--output", str(scores), "--no-progress"]
     assert main(argv + ["--dry-run"]) == 0 and not scores.exists()
     assert main(argv) == 0
-    assert pq.read_table(scores / "metadata_00002.parquet")["status"].to_pylist() == ["encode"] * 5
+    # named like the shards they were saved from (part-a's number is a hash of its name), rows naming those shards
+    assert sorted(p.name for p in scores.iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet",
+                                                        "part-a.parquet"]
+    assert pq.read_table(scores / "00002.parquet")["status"].to_pylist() == ["encode"] * 5
+    for name in ("00002", "part-a"):
+        assert pq.read_table(scores / f"{name}.parquet")["shard"].to_pylist() == \
+            pq.read_table(out / f"{name}.parquet")["shard"].to_pylist()
+    assert meta["model_identity"] == {"model": "wclip-tiny", "weights": "random-init:seed=0"}  # as saved
 
 
 def test_dry_run_reads_writes_and_starts_nothing(saved, tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards
+from shardkit import clean_shards, state
 from test_embeddings import write_clip_retrieval, write_datacomp
 
 from pipeline.cli import main
@@ -65,7 +65,7 @@ def _summary(capsys) -> tuple:
 
 
 def _failures(out) -> dict:
-    lines = (out / ".wclip" / "failures.jsonl").read_text().splitlines()
+    lines = (state(out) / "failures.jsonl").read_text().splitlines()
     return {r["name"]: r["error"] for r in map(json.loads, lines)}
 
 
@@ -144,7 +144,7 @@ def test_a_later_file_of_the_other_normalisation_fails_alone(tmp_path, capsys, d
     assert _failures(out) == {"metadata_2": f"ValueError: text_emb_2.npy: these text embeddings are {has}, but the "
                                             f"stats were fitted on {stats_have} vectors: a file of another kind "
                                             f"among the inputs (its rows are not scored)"}
-    assert not (out / "metadata_2.parquet").exists() and not (out / ".wclip" / "shards" / "metadata_2.json").exists()
+    assert not (out / "metadata_2.parquet").exists() and not (state(out) / "shards" / "metadata_2.json").exists()
 
 
 def test_a_later_file_of_another_width_fails_alone_in_score_and_fit(tmp_path, capsys):

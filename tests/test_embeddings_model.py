@@ -5,6 +5,7 @@ refused in one line before anything is written."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ from shardkit import clean_shards
 
 from pipeline.cli import main
 from pipeline.models import DeclaredModel, ModelSpec, declare, file_sha256, model_identity
+from pipeline.scores.layout import SAVED_STAMP, embeddings_folder, run_path
 from pipeline.scores.provenance import read_provenance
 from pipeline.whitening import StatsFile
 
@@ -35,7 +37,9 @@ def demo(tmp_path_factory):
     tars = root / "tar-scores"
     assert main(["score", "--input", *targets, "--stats", stats, "--output", str(tars), "--save-embeddings",
                  *RUN]) == 0
-    return root, stats, tars, tars / ".wclip" / "embeddings"
+    released = root / "released"  # the same embeddings as a clip-retrieval folder of unknown origin (no wclip.json)
+    shutil.copytree(embeddings_folder(tars), released, ignore=shutil.ignore_patterns(SAVED_STAMP))
+    return root, stats, tars, released
 
 
 def _score(embeddings, stats, out, *extra) -> int:
@@ -56,13 +60,70 @@ def test_a_tar_fit_scores_the_embeddings_of_its_model_as_it_scores_the_tars(demo
                                        err_msg=column)
     identity = model_identity(ModelSpec("wclip-demo"))
     made = {**identity, "source": "embeddings:clip-retrieval"}
-    assert json.loads((out / ".wclip" / "run.json").read_text())["model"] == made
+    assert json.loads(open(run_path(out)).read())["model"] == made
     provenance = read_provenance(out / "metadata_00000.parquet")
     assert provenance["model"] == made and provenance["embeddings_model"] == "wclip-demo"
     assert provenance["stats_digest"] == file_sha256(stats) and provenance["normalize"] is False
     # the same model named as the stats record it resumes the folder: nothing is redone
     assert _score(embeddings, stats, out, "--embeddings-model", f"wclip-demo@{identity['weights']}") == 0
     assert read_provenance(out / "metadata_00000.parquet") == provenance
+
+
+def _tar_keys(folder) -> list:
+    """The sample keys of the tar shards in ``folder``, in order."""
+    import tarfile
+
+    keys = []
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            keys.extend(dict.fromkeys(m.name.rsplit(".", 1)[0] for m in tar.getmembers()))
+    return keys
+
+
+def test_saved_embeddings_go_round_trip(demo, tmp_path, capsys, caplog):
+    """``score --save-embeddings``, then ``score --embeddings`` on what it saved, with the stats that made them
+    and no other flag: the tar scores again, in files named like the tar shards and naming them in ``shard``, so
+    ``filter --input`` with the tars copies the kept samples; a folder of symbolic links to the files reads too."""
+    root, stats, tars, _ = demo
+    saved = Path(embeddings_folder(tars))
+    out = tmp_path / "again"
+    with caplog.at_level("INFO", logger="wclip"):
+        assert _score(saved, stats, out) == 0
+    assert "saved by `wclip score --save-embeddings` with model wclip-demo (builtin:sha256:" in caplog.text
+    assert "read as --embeddings-model wclip-demo" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.parquet" for name in SHARDS]
+    for name in SHARDS:
+        want, got = pq.read_table(tars / f"{name}.parquet"), pq.read_table(out / f"{name}.parquet")
+        assert got.num_rows == want.num_rows == 24
+        for column in ("key", "index", "url", "uid", "caption", "status", "shard"):
+            assert got[column].to_pylist() == want[column].to_pylist(), column
+        for column in COLUMNS:
+            np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=2e-6, atol=1e-6,
+                                       err_msg=column)
+    made = {**model_identity(ModelSpec("wclip-demo")), "source": "embeddings:clip-retrieval"}
+    provenance = read_provenance(out / "00000.parquet")
+    assert provenance["model"] == made and provenance["embeddings_model"] == "wclip-demo"
+
+    capsys.readouterr()
+    targets = sorted(str(p) for p in (root / "targets").glob("*.tar"))
+    kept = tmp_path / "kept"
+    assert main(["filter", "--scores", str(out), "--output", str(kept), "--keep-fraction", "image_loglik=0.25",
+                 "--input", *targets, "--samples-per-shard", "100", "--executor", "local", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = pq.read_table(kept / "kept").sort_by([("shard", "ascending"), ("index", "ascending")])
+    assert report["kept"] == rows.num_rows == 12
+    assert (report["shards"]["inputs_matched"], report["shards"]["copied"]) == (2, 12)
+    assert _tar_keys(kept / "shards") == rows["key"].to_pylist()
+
+    links = tmp_path / "links"  # every file a symbolic link, as `ln -s` into another folder makes them
+    for path in saved.rglob("*"):
+        if path.is_file():
+            (links / path.relative_to(saved)).parent.mkdir(parents=True, exist_ok=True)
+            (links / path.relative_to(saved)).symlink_to(path)
+    assert _score(links, stats, tmp_path / "linked") == 0
+    for name in SHARDS:
+        a, b = pq.read_table(out / f"{name}.parquet"), pq.read_table(tmp_path / "linked" / f"{name}.parquet")
+        assert a.replace_schema_metadata().equals(b.replace_schema_metadata()), name
 
 
 def _restat(stats, path, **metadata) -> str:
@@ -183,7 +244,7 @@ def test_fit_on_embeddings_records_the_declared_model(demo, tmp_path, capsys):
     made = {**identity, "source": "embeddings:clip-retrieval"}
     for extra, out in (([], "plain"), (["--embeddings-model", "wclip-demo"], "declared")):
         assert _score(embeddings, stats, tmp_path / out, *extra) == 0
-        assert json.loads((tmp_path / out / ".wclip" / "run.json").read_text())["model"] == made
+        assert json.loads(open(run_path(tmp_path / out)).read())["model"] == made
     capsys.readouterr()
     _refused(capsys, _score(embeddings, stats, tmp_path / "b32", "--embeddings-model", "ViT-B-32/openai"),
              "fitted with model wclip-demo (builtin:sha256:")
@@ -233,7 +294,7 @@ def test_a_declared_fit_scores_that_model_from_another_source(demo, tmp_path, ca
              "them, say so with --embeddings-model wclip-demo")
     assert _score(embeddings, stats, tmp_path / "b", "--embeddings-model", "wclip-demo") == 0
     assert pq.read_table(tmp_path / "b" / "metadata_00000.parquet")["status"].to_pylist() == ["ok"] * 24
-    assert json.loads((tmp_path / "b" / ".wclip" / "run.json").read_text())["model"]["source"] == \
+    assert json.loads(open(run_path(tmp_path / "b")).read())["model"]["source"] == \
         "embeddings:clip-retrieval"
     capsys.readouterr()
     # DataComp inputs still take the fit's key, and their own errors are the ones shown

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import SCRIPT_PATH, clean_shards, marker_files, tiny_run
+from shardkit import SCRIPT_PATH, clean_shards, marker_files, state, tiny_run
 
 from pipeline.config import FitConfig, RayOptions, ScoreConfig
 from pipeline.executors import uses_ray
@@ -89,7 +89,7 @@ def test_a_worker_that_dies_costs_only_its_own_shard(corpus, tmp_path, monkeypat
     assert "the worker process died while reading this shard" in summary["failed"][0]["error"]
     assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00002.parquet", "00003.parquet"]
     assert len(marker_files(out)) == 3
-    records = [json.loads(line) for line in (out / ".wclip" / "failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (state(out) / "failures.jsonl").read_text().splitlines()]
     assert [r["shard"] for r in records] == [targets[1]]
     # each shard's rows once, in order
     for name in ("00000", "00002", "00003"):
@@ -185,7 +185,7 @@ def _start_and_wait_for_workers(tmp_path, corpus):
                             text=True, env={**os.environ, "PYTHONPATH": SCRIPT_PATH}, start_new_session=True,
                             preexec_fn=_default_sigint)
     deadline = time.time() + 240
-    while time.time() < deadline and not (tmp_path / "scores" / ".wclip" / "shards" / "00001.json").exists():
+    while time.time() < deadline and not (state(tmp_path / "scores") / "shards" / "00001.json").exists():
         time.sleep(0.2)
     workers = [p for p in psutil.Process(proc.pid).children() if "python" in p.name().lower()]
     assert len(workers) == 2, workers

@@ -7,7 +7,7 @@ import numpy as np
 import oracle
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, tiny_run
+from shardkit import clean_shards, state, tiny_run
 from test_embeddings import ROWS, _rows, _run, write_clip_retrieval
 
 from pipeline.cli import main
@@ -79,7 +79,7 @@ def test_tar_scores_match_the_oracle(shards, tmp_path, executor):
     for name in ("00000", "00001"):
         table = pq.read_table(out / f"{name}.parquet")
         assert table.schema.names[-6:] == list(LOCAL_COLUMNS)
-        emb = out / ".wclip" / "embeddings"
+        emb = state(out) / "embeddings"
         check_against_oracle(table, stats, {"image": np.load(emb / "img_emb" / f"img_emb_{name}.npy"),
                                             "text": np.load(emb / "text_emb" / f"text_emb_{name}.npy")})
 

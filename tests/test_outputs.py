@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, cut_transfer, http_server, marker, marker_files, tiny_run, write_shard
+from shardkit import clean_shards, cut_transfer, http_server, marker, marker_files, state, tiny_run, write_shard
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.errors import ConfigError
@@ -144,7 +144,7 @@ def test_failure_records_of_shards_not_rerun_are_kept(corpus, tmp_path):
     summary = _score(stats["a"], targets[:1] + [missing, str(junk)], out, retries=0)
     assert {f["shard"] for f in summary["failed"]} == {missing, str(junk)}
     summary = _score(stats["a"], targets[:1] + [str(junk)], out, retries=0)  # 00007 is not rerun
-    records = [json.loads(line) for line in (out / ".wclip" / "failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (state(out) / "failures.jsonl").read_text().splitlines()]
     assert sorted(r["shard"] for r in records) == sorted([missing, str(junk)])
 
 
@@ -159,7 +159,7 @@ def test_a_cut_http_transfer_fails_the_shard_and_writes_nothing(corpus, tmp_path
     assert [f["shard"] for f in summary["failed"]] == [url]
     assert "TransportError" in summary["failed"][0]["error"] and not summary["damaged"]
     assert not (out / "00002.parquet").exists() and not marker_files(out)
-    record = json.loads((out / ".wclip" / "failures.jsonl").read_text())
+    record = json.loads((state(out) / "failures.jsonl").read_text())
     assert record["shard"] == url and record["attempts"] == 2
 
 
@@ -213,7 +213,7 @@ def test_planning_a_resume_keeps_little_of_each_marker(tmp_path):
 
     made = {"stats_digest": "ab" * 32, "stats_path": "/stats.safetensors", "normalize": False,
             "model": {"model": "wclip-demo", "weights": "builtin:sha256:" + "cd" * 32}, "wclip_version": "0"}
-    (tmp_path / ".wclip" / "shards").mkdir(parents=True)
+    (state(tmp_path) / "shards").mkdir(parents=True)
     names = [f"{i:06d}" for i in range(2000)]
     for name in names:
         (tmp_path / f"{name}.parquet").write_bytes(b"x" * 100)
@@ -221,7 +221,7 @@ def test_planning_a_resume_keeps_little_of_each_marker(tmp_path):
                   "shard": f"/data/{name}.tar", "parquet": {"bytes": 100, "rows": 4},
                   "provenance": dict(made, format="wclip-scores/2", written="2026-12-04T17:34:22+00:00",
                                      input={"url": f"/data/{name}.tar", "size": 20480, "mtime": 1.7e9})}
-        (tmp_path / ".wclip" / "shards" / f"{name}.json").write_text(json.dumps(marker, indent=1))
+        (state(tmp_path) / "shards" / f"{name}.json").write_text(json.dumps(marker, indent=1))
     plan_folder(str(tmp_path), names[:1], made, overwrite=False)   # imports outside the measurement
     tracemalloc.start()
     try:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, image_bytes, marker, marker_files, png_bomb, sample, tiny_run, write_shard
+from shardkit import clean_shards, image_bytes, marker, marker_files, png_bomb, sample, state, tiny_run, write_shard
 
 from pipeline.config import FitConfig, ScoreConfig
 from pipeline.runs.fit import fit
@@ -106,7 +106,7 @@ def test_unreadable_shard_is_retried_then_recorded(tmp_path, stats_path, executo
     failed = {f["shard"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {missing, str(junk)}
     assert "No such file" in failed[missing] and "not a readable tar" in failed[str(junk)]
-    records = [json.loads(line) for line in (out / ".wclip" / "failures.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (state(out) / "failures.jsonl").read_text().splitlines()]
     assert {r["shard"] for r in records} == {missing, str(junk)} and all(r["attempts"] == 2 for r in records)
     assert not (out / "00007.parquet").exists() and (out / "00000.parquet").exists()
 
@@ -162,7 +162,7 @@ def test_saved_embeddings_are_row_aligned(tmp_path, stats_path):
     stats = StatsFile.load(stats_path)
     score(ScoreConfig(run=run_cfg([url]), stats_path=stats_path, output=str(out), save_embeddings=True), stats)
     table = pq.read_table(out / "00000.parquet")
-    folder = out / ".wclip" / "embeddings"  # clip-retrieval's layout, N = the shard's name
+    folder = state(out) / "embeddings"  # clip-retrieval's layout, N = the shard's name
     emb = {"image": np.load(folder / "img_emb" / "img_emb_00000.npy"),
            "text": np.load(folder / "text_emb" / "text_emb_00000.npy")}
     assert pq.read_table(folder / "metadata" / "metadata_00000.parquet")["key"].to_pylist() == \

@@ -129,7 +129,7 @@ def header_fields(hub: dict) -> dict:
 
 
 UPLOAD = "hf upload REPO_ID {local} {remote} --repo-type dataset"  # huggingface_hub's `hf` command line
-EXCLUDE_STATE = "--exclude '*/.wclip/*'"  # wclip's bookkeeping beside score files is not data
+EXCLUDE_STATE = "--exclude '*.wclip/*'"  # wclip's bookkeeping (DIR.wclip/, beside score files) is not data
 
 
 def data_section(hub: dict) -> list:

@@ -222,13 +222,16 @@ def embedding_run_config(args):
     from pipeline.config import EmbeddingRunConfig, RayOptions
     from pipeline.models import DeclaredModel
 
+    device = "cpu" if args.device == "auto" else args.device  # NumPy on the CPU unless a device is named
+    if device != "cpu":
+        _check_device(args)
     try:
         declared = DeclaredModel.parse(args.embeddings_model, args.cache_dir) if args.embeddings_model else None
         return EmbeddingRunConfig(paths=tuple(args.embeddings), key=args.embedding_key,
                                   ray=RayOptions(address=args.address, num_cpus=args.num_cpus),
                                   max_in_flight=args.max_in_flight, retries=args.retries,
                                   progress=False if args.no_progress else None, executor=args.executor,
-                                  model=declared)
+                                  model=declared, device=device, backend=getattr(args, "backend", "auto"))
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 

@@ -8,7 +8,7 @@ a --stats file that did not make the scores (files from an older wclip, which re
 accepted with a note). README.md's YAML header carries --license and `configs`/`data_files`, so the
 Hugging Face Hub's dataset viewer shows the scores. The card folder is the dataset repository as written:
 scores inside it are named where they are; scores elsewhere have their score files (*.parquet, not the
-.wclip bookkeeping) copied into OUTPUT/<scores folder name>/ (a rerun replaces its own copies and drops those
+bookkeeping in SCORES.wclip/) copied into OUTPUT/<scores folder name>/ (a rerun replaces its own copies and drops those
 of score files that are gone; a file there the card did not copy is refused); --data-files GLOB copies
 nothing and says how to upload the score files. README.md ends with the `hf upload` command. With
 stats fitted with --clusters K, the card also covers the local likelihood's columns and has a section on
@@ -18,7 +18,7 @@ log-likelihood in each cluster.
 example:
   wclip card --scores scores/ --stats stats.safetensors --output card/ --license cc-by-4.0
   # card/scores/*.parquet are copies of the score files, card/README.md points the viewer at them
-  hf upload USER/NAME card/ . --repo-type dataset --exclude '*/.wclip/*'
+  hf upload USER/NAME card/ . --repo-type dataset --exclude '*.wclip/*'
 """
 
 

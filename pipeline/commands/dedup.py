@@ -21,7 +21,7 @@ smallest key hashes). Pairs across clusters are not compared (SemDeDup's approxi
 
 outputs in OUTPUT/: <name>.parquet per score file (key, shard, index, cluster, dup_group, dup_size, kept;
 dup_group is the position of the group's kept row, counting rows over the score files in name order),
-.wclip/dedup.json (settings, the scores' identity, the summary). Rerun the same command to resume.
+and beside it OUTPUT.wclip/dedup.json (settings, the scores' identity, the summary). Rerun the same command to resume.
 
 example:
   wclip score --input 'data/{00000..00127}.tar' --stats stats.safetensors --output scores/ --save-embeddings

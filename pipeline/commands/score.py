@@ -1,6 +1,7 @@
 """`wclip score`: per-sample likelihood columns, one Parquet file per input shard (or embedding file)."""
 
 from pipeline.commands import _common
+from pipeline.whitening.kernels import BACKENDS
 
 HELP = "score shards or precomputed embeddings with fitted whitening statistics; writes DIR/<name>.parquet (resumable)"
 
@@ -15,8 +16,12 @@ def add_arguments(p):
     g.add_argument("--overwrite", action="store_true", help="redo shards that are already complete")
     g.add_argument("--save-embeddings", action="store_true",
                    help="also write the embeddings, row-aligned with the scores, in clip-retrieval's layout under "
-                        "DIR/.wclip/embeddings/ (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, "
+                        "DIR.wclip/embeddings/ beside DIR (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, "
                         "metadata/metadata_N.parquet; N = the shard's name when it is a number), float32")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="--embeddings: how blocks are whitened and scored (auto: NumPy on the CPU, the tar path's "
+                        "fused CUDA kernel or torch on --device cuda; torch: float64 torch on --device, the CPU "
+                        "included). With --embeddings, --device defaults to the CPU and cuda scores on the GPU")
     norm = g.add_mutually_exclusive_group()
     norm.add_argument("--normalize", action="store_true", default=None,
                       help="L2-normalised embeddings (must match the fit; default: the fit's choice)")
@@ -44,9 +49,13 @@ def run(args):
 
 def _score_shards(args, stats) -> dict:
     from pipeline.config import ScoreConfig
+    from pipeline.errors import UserError
     from pipeline.runs.score import score
     from pipeline.sources.tars import refuse_embedding_stats
 
+    if args.backend != "auto":
+        raise UserError(f"--backend {args.backend} applies to --embeddings; the encoders of --input pick theirs "
+                        f"(the fused kernel on CUDA, else torch)")
     refuse_embedding_stats(stats.metadata)
     spec = _common.model_spec(args, default=stats.metadata)
     if args.normalize:

@@ -34,7 +34,7 @@ class DedupKept:
         self.folder = str(folder)
         made = storage.read_json(settings_path(folder)) if storage.exists(settings_path(folder)) else None
         if made is None:
-            raise ValueError(f"--dedup {folder} is not a `wclip dedup` folder (no .wclip/dedup.json)")
+            raise ValueError(f"--dedup {folder} is not a `wclip dedup` folder (no {settings_path(folder)})")
         recorded = ((made.get("provenance") or {}).get("scores") or {}).get("files") or {}
         self.files = {}
         for path in files:

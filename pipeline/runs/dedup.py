@@ -10,7 +10,7 @@ Four passes, each a map of file- or cluster-sized tasks on the command's executo
    search costs ``~ rows * cluster_rows`` products whatever the corpus size.
 2. ``spill``: per score file, its rows with status ``ok`` and a finite embedding, each given a cluster (the
    scores' ``<tower>_cluster``, or the nearest k-means centre by cosine), written sorted by cluster to
-   ``.wclip/work/``.
+   ``DEDUP.wclip/work/``.
 3. ``clusters``: per cluster, its rows gathered from every spill, the blocked pair search
    (:func:`find_groups`: memory bounded by a block and by the cluster, never by the corpus) and the rule.
 4. ``write``: per score file, a row per score row (:data:`OUTPUT_SCHEMA`): its cluster, ``dup_group`` (the
@@ -43,7 +43,7 @@ from pipeline.errors import ConfigError
 from pipeline.runs.dedup_io import file_vectors, npy_bytes, pair_embeddings, read_rows
 from pipeline.scores.dedup import OUTPUT_SCHEMA, settings_path, work_path, write_output
 from pipeline.scores.folder import append_failure
-from pipeline.scores.layout import list_score_files
+from pipeline.scores.layout import embeddings_folder, list_score_files
 from pipeline.scores.provenance import check_scores
 from pipeline.scores.table import ALL_SCORE_COLUMNS, file_schema, read_columns, table_bytes
 
@@ -90,7 +90,7 @@ def prepare(cfg: DedupConfig) -> Plan:
     names = [storage.basename(f)[: -len(".parquet")] for f in files]
     kind, paired = pair_embeddings(cfg.scores, names, cfg.embeddings, cfg.embedding_key)
     if not paired:
-        where = ", ".join(cfg.embeddings) or f"{cfg.scores}/.wclip/embeddings (score with --save-embeddings)"
+        where = ", ".join(cfg.embeddings) or f"{embeddings_folder(cfg.scores)} (score with --save-embeddings)"
         raise ConfigError(f"no embeddings file pairs with a score file of {cfg.scores} in {where}: name the "
                           f"embeddings that were scored with --embeddings PATH")
     cluster_column = column if cfg.clusters != "kmeans" and column in present else None
@@ -412,7 +412,7 @@ def _count(report: Report, task: ClusterTask, result: dict) -> None:
 
 
 def remove_work(out: str) -> None:
-    """Remove the spills this run wrote (``.wclip/work/``: only wclip writes there)."""
+    """Remove the spills this run wrote (``DEDUP.wclip/work/``: only wclip writes there)."""
     fs, path = storage.uncached(work_path(out))
     if fs.exists(path):
         fs.rm(path, recursive=True)

@@ -38,7 +38,7 @@ def _run(cfg, stats, source, made: dict, todo: list) -> dict:
     """The score job in a folder this run holds: open it, score ``todo``, record the failures."""
     names = source.names
     skipped = len(names) - len(todo)
-    open_folder(cfg.output, made, todo)
+    open_folder(cfg.output, made, todo, embeddings=source.needs_embeddings(cfg))
     if skipped:
         log.info("resuming: %d of %d %s already done in %s (--overwrite redoes them)", skipped, len(names),
                  source.units, cfg.output)

@@ -2,11 +2,11 @@
 
     DEDUP/<name>.parquet              one per score file (same name), a row per score row: key, shard, index,
                                       cluster, dup_group, dup_size, kept; provenance in the file's metadata
-    DEDUP/.wclip/run.json             what made the folder (as a scores folder's)
-    DEDUP/.wclip/dedup.json           the settings, the scores' identity and the run's summary
-    DEDUP/.wclip/shards/<name>.json   completion marker, written last
-    DEDUP/.wclip/failures.jsonl       score files that could not be deduplicated
-    DEDUP/.wclip/work/                spills between the passes (removed when the run ends)
+    DEDUP.wclip/run.json              what made the folder (as a scores folder's, beside it)
+    DEDUP.wclip/dedup.json            the settings, the scores' identity and the run's summary
+    DEDUP.wclip/shards/<name>.json    completion marker, written last
+    DEDUP.wclip/failures.jsonl        score files that could not be deduplicated
+    DEDUP.wclip/work/                 spills between the passes (removed when the run ends)
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ from pipeline.errors import ConfigError
 from pipeline.flow.read import shard_name
 from pipeline.scores.layout import (
     EMBEDDING_FILES,
+    LAYOUT,
     LOCK,
-    STATE_DIR,
+    SAVED_STAMP,
+    adopt_legacy_state,
     embeddings_folder,
     failures_path,
     file_sizes,
@@ -100,23 +102,25 @@ def claim_folder(out: str, stats_path, hold: bool = True, command: str = "score"
     says who holds the folder and the user reruns. Two runs with the same stats are excluded too: they would
     write the same shards and each clear the other's temporary files as a killed run's.
 
-    A local folder (or ``file://``) is held by ``flock`` on ``DIR/.wclip/lock`` (:func:`storage.exclusive`):
+    A local folder (or ``file://``) is held by ``flock`` on ``DIR.wclip/lock`` (:func:`storage.exclusive`):
     released by the operating system when the run ends in any way, ``kill -9`` included, so a crash never
     wedges the folder; the next run resumes. An object store (``s3://``, ``gs://``, ...) has no lock fsspec can
     take: there nothing excludes two runs started at the same moment (the check of ``run.json`` refuses a run
     started after another wrote it); run one ``wclip score`` per folder there.
 
-    A run refused before it opened a folder that had no ``.wclip/`` (files of another tool) leaves it as it
-    was: the lock file and the folders the claim made are removed while still held (a run that opened the
+    A run refused before it opened a folder that had no ``DIR.wclip/`` (files of another tool) leaves it as it
+    was: the lock file and the folder the claim made are removed while still held (a run that opened the
     removed file in that instant may hold it, but it meets the same files of another tool and is refused too).
+    A folder of wclip 0.1's layout is moved to this one first (:func:`~pipeline.scores.layout.adopt_legacy_state`).
     """
+    adopt_legacy_state(out)
     path = storage.local_file(out)
     if not hold or path is None:
         yield
         return
     holder = {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "stats_path": str(stats_path),
               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    made = [p for p in (path, state_path(path)) if not os.path.isdir(p)]  # what the claim creates
+    made = [p for p in (state_path(path),) if not os.path.isdir(p)]  # what the claim creates
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(storage.exclusive(state_path(path, LOCK), holder))
@@ -142,12 +146,20 @@ def _holder(made: dict) -> str:
     return f"pid {made.get('pid')} on {made.get('host')}, since {made.get('since')}, {what} {made.get('stats_path')}"
 
 
-def open_folder(out: str, made: dict, todo: list) -> None:
-    """Record what makes the folder and clear what a killed run left, before the outputs ``todo`` are made."""
+def open_folder(out: str, made: dict, todo: list, embeddings: bool = False) -> None:
+    """Record what makes the folder and clear what a killed run left, before the outputs ``todo`` are made;
+    ``embeddings`` (``--save-embeddings``): stamp the embeddings folder with the model that makes them
+    (:data:`~pipeline.scores.layout.SAVED_STAMP`), so ``wclip score --embeddings`` scores them as they are."""
     makedirs(out)
     write_json(run_path(out), {**identity(made), "stats_path": made["stats_path"],
-                               "wclip_version": pipeline.__version__, "layout": STATE_DIR,
+                               "wclip_version": pipeline.__version__, "layout": LAYOUT,
                                "updated": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    if embeddings:
+        write_json(join(embeddings_folder(out), SAVED_STAMP),
+                   {"format": "wclip-embeddings/1", "model": made.get("model"), "normalize": made.get("normalize"),
+                    "stats_digest": made.get("stats_digest"), "dtype": "float32",
+                    "names": "N: the shard's name when it is a number, else a hash of it; the metadata's shard "
+                             "column names each row's input"})
     keep_failures_except(out, set(todo))
     folders = [out, state_path(out, "shards")] + [join(embeddings_folder(out), sub) for sub, _, _ in
                                                   EMBEDDING_FILES.values()]

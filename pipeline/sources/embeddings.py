@@ -13,13 +13,14 @@ declared embeddings, and refuses any other; fitting records it as the stats' mod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Optional
 
 import pipeline
 from pipeline.errors import ConfigError
-from pipeline.executors import JobReport, summary_rows
+from pipeline.executors import JobReport, summary_rows, uses_ray
 from pipeline.models import (
     CHECKPOINT_WEIGHTS,
     HUB_WEIGHTS,
@@ -30,7 +31,7 @@ from pipeline.models import (
     embed_dim,
 )
 from pipeline.scores.sinks import ScoreSink
-from pipeline.sources.vector_tasks import FitFile, ScoreFile, TowerWhitening, fit_file, score_file, warm_up
+from pipeline.sources.vector_tasks import FitFile, ScoreFile, TowerScorer, fit_file, score_file, warm_up
 from pipeline.sources.vectors import NORM_STATE, NORM_TOLERANCE, array_name, discover, open_array, probe
 from pipeline.storage import exists, sha256
 
@@ -215,6 +216,18 @@ def _weight_fields(weights: str) -> dict:
             "random_init_seed": int(seed) if seed is not None else None}
 
 
+def _with_saved_model(run, files):
+    """``run``, declaring the model that made ``files`` when wclip saved them all with one model and the user
+    named none (``--embeddings-model`` wins): saved embeddings score with the stats that made them, as they are."""
+    made = files.saved_model
+    if run.model is not None or made is None:
+        return run
+    model = DeclaredModel(declare(made), made["model"], made["weights"])
+    log.info("the embeddings were saved by `wclip score --save-embeddings` with model %s: read as "
+             "--embeddings-model %s", _describe_kind(made), model.text)
+    return dataclasses.replace(run, model=model)
+
+
 class EmbeddingsSource:
     """Precomputed embedding files named by a job's :class:`~pipeline.config.EmbeddingRunConfig`, found as
     :func:`~pipeline.sources.vectors.discover` finds them (``files``: an :class:`EmbeddingSource`)."""
@@ -222,7 +235,7 @@ class EmbeddingsSource:
     units = "embedding files"
 
     def __init__(self, run, files):
-        self.run, self.files = run, files
+        self.run, self.files = _with_saved_model(run, files), files
         self.label = f"{files.label} embedding files"
         self._by_url = {f.url: f.name for f in files.files}
 
@@ -244,7 +257,15 @@ class EmbeddingsSource:
 
     # -- score ------------------------------------------------------------------------------------------
     def check_score(self, cfg, stats) -> None:
+        """Refuse stats of another kind, then make each tower's scorer on the run's device and backend (a
+        device or backend that cannot be had is refused here, before any work)."""
         check_kind(stats, self.files, probe(self.files.files[0]), self.run.model)
+        run = self.run
+        if run.device != "cpu" and uses_ray(run):
+            raise ConfigError(f"--device {run.device} scores embeddings in this machine's threads (--executor local); "
+                              f"on Ray they are scored on the CPU: leave --device out there")
+        self.scorers = {t: TowerScorer.of(ws, run.device, run.backend) for t, ws in stats.towers.items()
+                        if t in self.files.towers}
 
     def provenance(self, cfg, stats) -> dict:
         made = {"stats_digest": sha256(cfg.stats_path), "stats_path": str(cfg.stats_path),
@@ -261,8 +282,7 @@ class EmbeddingsSource:
         """Score the files named ``todo`` as tasks on ``executor``, each writing its outputs and marker."""
         todo = set(todo)
         sink = ScoreSink(cfg.output, provenance=made)
-        towers = {t: TowerWhitening.of(ws) for t, ws in stats.towers.items() if t in self.files.towers}
-        tasks = [ScoreFile(file=f, kind=self.files.kind, stats=towers, sink=sink, block_rows=self.run.block_rows,
+        tasks = [ScoreFile(file=f, kind=self.files.kind, stats=self.scorers, sink=sink, block_rows=self.run.block_rows,
                            normalized=bool(stats.metadata.get("normalize")))
                  for f in self.files.files if f.name in todo]
         warm_up()

@@ -1,6 +1,8 @@
 """The per-file work of the embeddings jobs (one task per :class:`~pipeline.sources.vectors.EmbeddingFile`):
-score a file into its Parquet table, or sum its reference moments. No model, no torch: NumPy on row blocks,
-float32 for the whitening (like ``((x - mu) @ W) ** 2``), float64 for the fit's moments.
+score a file into its Parquet table, or sum its reference moments. No model: row blocks, whitened (and scored
+against the mixture) by the tar path's backends through :class:`~pipeline.whitening.kernels.blocks.BlockScorer`:
+NumPy on the CPU by default (float32, like ``((x - mu) @ W) ** 2``, no torch), torch on ``--device cuda`` or
+``--backend torch``; float64 for the fit's moments.
 
 Tasks know nothing about where they run (:mod:`pipeline.executors`: threads of one process, or Ray tasks);
 their memory is bounded by ``block_rows`` plus the file's metadata and scores.
@@ -29,6 +31,7 @@ from pipeline.sources.vectors import (
 )
 from pipeline.whitening.clusters import ClusterWhitening
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
+from pipeline.whitening.kernels.blocks import BlockScorer
 from pipeline.whitening.moments import key_hashes
 
 BAD_ROW = "encode"  # status of a row whose embedding is NaN/inf: its encoding failed upstream
@@ -95,15 +98,6 @@ class NormRange:
                                  f"among the inputs (its rows are not scored)")
 
 
-def whitened_sqnorm(x: np.ndarray, mu: np.ndarray, w: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """``||(x - mu) w||^2`` per row in float32, with ``x`` (a float32 copy) centred in place and ``(x - mu) w``
-    written to ``out`` (float32, ``len(x)`` x ``m``) if given; NaN/inf where a row is not finite (a NaN or inf
-    anywhere in a row reaches its sum)."""
-    x -= mu
-    y = np.matmul(x, w, out=out)
-    return np.vecdot(y, y)
-
-
 class Scratch:
     """Float32 arrays a task's blocks pass through, allocated once per file and reused: fresh ones for every
     block were given back to the operating system and page-faulted in again (CPU per 100k x 64 file 113 vs
@@ -122,26 +116,26 @@ class Scratch:
 
 # -- scoring ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TowerWhitening:
-    """What a scoring task needs of one tower's stats, as plain float32 arrays for the whitening, with
-    :mod:`pipeline.whitening.stats`' formulas for the log-likelihood and the p-value."""
+class TowerScorer:
+    """What a scoring task needs of one tower's stats: its :class:`~pipeline.whitening.kernels.blocks.BlockScorer`
+    (the whitening and the mixture on the run's device and backend; NumPy on the CPU by default) and the
+    calibration, with :mod:`pipeline.whitening.formulas` for the log-likelihood and the p-value."""
 
-    mean: np.ndarray  # float32 (d,)
-    whitening: np.ndarray  # float32 (d, m)
+    scorer: BlockScorer
     calibration: np.ndarray  # float64 sorted held-out sqnorms (empty: no p-values)
-    clusters: Optional[ClusterWhitening] = None  # the local likelihood's mixture, when fitted
+    clusters: Optional[ClusterWhitening] = None  # the local likelihood's mixture (its p-values), when fitted
 
     @classmethod
-    def of(cls, ws) -> "TowerWhitening":
-        return cls(mean=ws.mean.astype(np.float32), whitening=np.ascontiguousarray(ws.whitening, dtype=np.float32),
-                   calibration=np.asarray(ws.calibration, dtype=np.float64), clusters=ws.clusters)
+    def of(cls, ws, device: str = "cpu", backend: str = "auto") -> "TowerScorer":
+        return cls(scorer=BlockScorer(ws, device, backend), calibration=np.asarray(ws.calibration, dtype=np.float64),
+                   clusters=ws.clusters)
 
     @property
     def dim(self) -> int:
-        return self.mean.size
+        return self.scorer.d
 
     def loglik(self, s: np.ndarray) -> np.ndarray:
-        return loglik_from_sqnorm(s, self.whitening.shape[1])
+        return loglik_from_sqnorm(s, self.scorer.m)
 
     def pvalue(self, s: np.ndarray) -> np.ndarray:
         """Share of held-out reference rows that were less likely (NaN without a calibration table)."""
@@ -156,7 +150,7 @@ class ScoreFile:
 
     file: EmbeddingFile
     kind: str  # CLIP_RETRIEVAL or DATACOMP (which metadata columns hold what)
-    stats: dict  # {tower: TowerWhitening}
+    stats: dict  # {tower: TowerScorer}
     sink: object  # pipeline.scores.sinks.ScoreSink
     block_rows: int  # pipeline.config.EmbeddingRunConfig.block_rows
     normalized: Optional[bool] = None  # the stats' normalisation, which every file must have (None: unchecked)
@@ -166,11 +160,11 @@ class _Columns:
     """A file's score arrays, filled block by block."""
 
     def __init__(self, task: ScoreFile, n: int):
-        self.params = {t: (ws.mean, ws.whitening) for t, ws in task.stats.items()}
-        self.sqnorm = {t: np.full(n, np.nan, dtype=np.float32) for t in self.params}
-        self.mixtures = {t: ws.clusters for t, ws in task.stats.items() if ws.clusters is not None}
+        self.scorers = {t: ts.scorer for t, ts in task.stats.items()}
+        self.sqnorm = {t: np.full(n, np.nan, dtype=np.float32) for t in self.scorers}
+        self.mixtures = {t: ts.clusters for t, ts in task.stats.items() if ts.clusters is not None}
         self.local = {t: (np.full(n, -1, np.int64), np.full(n, np.nan), np.full(n, np.nan)) for t in self.mixtures}
-        self.unscored = {t: np.ones(n, dtype=bool) for t, _, _ in task.file.towers if t not in self.params}
+        self.unscored = {t: np.ones(n, dtype=bool) for t, _, _ in task.file.towers if t not in self.scorers}
         self.clip = np.full(n, np.nan, dtype=np.float32)
         self.norms = NormRange()
         self.scratch = Scratch(task.block_rows)
@@ -183,17 +177,16 @@ class _Columns:
         if "image" in x32 and "text" in x32:
             self.clip[rows] = cosine(x32["image"], x32["text"], sq["image"], sq["text"])
         for tower, x in x32.items():
-            if tower not in self.params:
+            if tower not in self.scorers:
                 self.unscored[tower][rows] = np.isfinite(x).all(axis=1)
                 continue
             self.norms.add(tower, sq[tower])
-            mu, w = self.params[tower]
-            y = scratch.get(f"{tower}.w", k, w.shape[1])
-            self.sqnorm[tower][rows] = whitened_sqnorm(x, mu, w, y)
+            scorer = self.scorers[tower]  # x is the block's scratch copy: centred in place
+            work = [scratch.get(f"{tower}.mix{i}", k, shape[1]) for i, shape in enumerate(scorer.work_shapes(k))]
+            got = scorer.score(x, overwrite_x=True, out=scratch.get(f"{tower}.w", k, scorer.m), work=work)
+            self.sqnorm[tower][rows] = got.sqnorm
             if tower in self.mixtures:
-                mix = self.mixtures[tower]
-                work = [scratch.get(f"{tower}.mix{i}", k, shape[1]) for i, shape in enumerate(mix.work_shapes(k))]
-                for out, values in zip(self.local[tower], mix.mixture(y, self.sqnorm[tower][rows], work)):
+                for out, values in zip(self.local[tower], (got.cluster, got.local_loglik, got.s_own)):
                     out[rows] = values
 
 
@@ -234,11 +227,13 @@ def score_file(task: ScoreFile) -> dict:
 def scores_table(meta: pa.Table, url: str, bad: np.ndarray, errors: np.ndarray, scores: dict,
                  local: bool = False) -> pa.Table:
     """The scores table (:func:`pipeline.scores.table.scores_schema`, ``local``: with the local likelihood's columns)
-    of a file's rows, built column by column (a null where a score is not finite)."""
+    of a file's rows, built column by column (a null where a score is not finite). ``shard`` is ``url``, or the
+    metadata's ``shard`` where it has one (embeddings wclip saved: the tar shard each row came from)."""
     n = meta.num_rows
     any_bad = bool(bad.any())
     columns = {"key": meta["key"], "url": meta["url"], "uid": meta["uid"], "caption": meta["caption"],
-               "shard": pa.repeat(pa.scalar(url, pa.string()), n), "index": pa.array(np.arange(n, dtype=np.int32)),
+               "shard": meta["shard"] if "shard" in meta.column_names else pa.repeat(pa.scalar(url, pa.string()), n),
+               "index": pa.array(np.arange(n, dtype=np.int32)),
                "status": pc.if_else(pa.array(bad), BAD_ROW, "ok").cast(pa.string()) if any_bad
                else pa.repeat(pa.scalar("ok", pa.string()), n),
                "error": pa.array(errors, pa.string()) if any_bad else pa.nulls(n, pa.string())}

@@ -9,6 +9,11 @@ row-aligned parts per batch ``N``::
 DataComp ships ``{shard}.npz`` (arrays ``l14_img``, ``l14_txt``, ``b32_img``, ``b32_txt``) beside
 ``{shard}.parquet`` (``uid``, ``url``, ``text``). Each such set of row-aligned files is one
 :class:`EmbeddingFile`: the unit of work and of output (``metadata_N`` / ``{shard}``).
+
+Embeddings ``wclip score --save-embeddings`` saved (a clip-retrieval folder with wclip's ``wclip.json``,
+:data:`pipeline.scores.layout.SAVED_STAMP`) go round trip: each batch is named like the shard it came from
+(``00042``, as its scores are), its rows name that shard in the scores' ``shard`` column (the metadata's
+``shard``), and the stamp's model is the one that made them (:attr:`EmbeddingSource.saved_model`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.errors import ConfigError
+from pipeline.scores.layout import SAVED_STAMP, embedding_number
 
 CLIP_RETRIEVAL, DATACOMP = "clip-retrieval", "datacomp"
 CLIP_FOLDERS = {"image": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}  # folder, file prefix
@@ -45,6 +51,7 @@ class EmbeddingFile:
     url: str  # the input named in the scores' ``shard`` column: the metadata Parquet / the .npz
     metadata: str  # Parquet with the keys (and url, caption, uid)
     towers: tuple  # ((tower, url, member), ...): a .npy file (member "") or an array of a .npz
+    saved_by: Optional[tuple] = None  # (model, weights): saved by `wclip score --save-embeddings` with that model
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,15 @@ class EmbeddingSource:
     def towers(self) -> tuple:
         """The towers any file has (a clip-retrieval batch without metadata may have fewer)."""
         return tuple(dict.fromkeys(t for f in self.files for t, _, _ in f.towers))
+
+    @property
+    def saved_model(self) -> Optional[dict]:
+        """The model identity that made every file, when wclip saved them all with one model; else None."""
+        made = {f.saved_by for f in self.files}
+        if len(made) != 1 or None in made:
+            return None
+        model, weights = made.pop()
+        return {"model": model, "weights": weights}
 
 
 # -- finding the files --------------------------------------------------------------------------------
@@ -149,6 +165,7 @@ def _clip_retrieval_files(folder: str) -> list:
                           f"out of the folder")
     if not present:
         raise ConfigError(f"--embeddings {folder}: no img_emb/*.npy or text_emb/*.npy beside metadata/")
+    saved = _saved_by(folder)
     metadata = {}
     for meta in storage.list_files(storage.join(folder, "metadata"), ".parquet"):
         match = _METADATA_NAME.match(storage.basename(meta))
@@ -164,8 +181,38 @@ def _clip_retrieval_files(folder: str) -> list:
         meta = metadata.get(n, storage.join(folder, "metadata", f"metadata_{n}.parquet"))
         towers = tuple((tower, storage.join(folder, sub, f"{prefix}{n}.npy"), "")
                        for tower, (sub, prefix, numbers) in present.items() if n in numbers)
-        files.append(EmbeddingFile(name=f"metadata_{n}", url=meta, metadata=meta, towers=towers))
+        name = _shard_of(n, metadata.get(n)) if saved else f"metadata_{n}"
+        files.append(EmbeddingFile(name=name, url=meta, metadata=meta, towers=towers, saved_by=saved))
     return files
+
+
+def _saved_by(folder: str) -> Optional[tuple]:
+    """``(model, weights)`` of the run that saved the clip-retrieval folder ``folder`` (its ``wclip.json``), or
+    None: not saved by wclip (or not readable as saved by it)."""
+    path = storage.join(folder, SAVED_STAMP)
+    if not storage.exists(path):
+        return None
+    try:
+        made = storage.read_json(path).get("model") or {}
+    except (ValueError, OSError, AttributeError):
+        return None
+    return (made["model"], made["weights"]) if made.get("model") and made.get("weights") else None
+
+
+def _shard_of(n: str, metadata: Optional[str]) -> str:
+    """The name of the shard whose embeddings wclip saved as batch ``n``: ``n`` itself when the shard's name is a
+    number; else the name, read from the ``shard`` column of the batch's metadata, whose hash ``n`` is."""
+    if len(n) != 20 or metadata is None:
+        return n
+    from pipeline.flow.read import shard_name
+    from pipeline.scores.table import read_columns
+
+    try:
+        shards = read_columns(metadata, ["shard"], use_threads=False).column("shard")
+    except (ValueError, OSError, KeyError):
+        return n
+    name = shard_name(shards[0].as_py() or "") if len(shards) else ""
+    return name if name and embedding_number(name) == n else n
 
 
 def _batch_order(metadata: dict, present: dict) -> list:
@@ -292,7 +339,8 @@ def read_blocks(file: EmbeddingFile, total: int, block_rows: int, rows: Optional
 
 
 def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
-    """The file's rows as a table of string columns ``key``, ``url``, ``caption``, ``uid`` (null where absent)."""
+    """The file's rows as a table of string columns ``key``, ``url``, ``caption``, ``uid`` (null where absent),
+    and ``shard`` (the input each row was read from) for embeddings wclip saved."""
     from pipeline.scores.table import file_schema, read_columns
 
     if not storage.exists(file.metadata):
@@ -301,6 +349,8 @@ def read_metadata(file: EmbeddingFile, kind: str) -> pa.Table:
                          f"{'have' if len(arrays) > 1 else 'has'} no metadata (keys) beside "
                          f"{'them' if len(arrays) > 1 else 'it'}")
     wanted = METADATA_COLUMNS[kind]
+    if file.saved_by is not None:
+        wanted = {**wanted, "shard": ("shard",)}
     names = file_schema(file.metadata).names
     source = {out: next((c for c in cols if c in names), None) for out, cols in wanted.items()}
     if source["key"] is None:

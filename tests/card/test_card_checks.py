@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shardkit import state
 
 from pipeline.cli import main
 from pipeline.storage import sha256
@@ -153,8 +154,8 @@ def test_readme_header_has_license_and_configs_the_hub_reads(fits, tmp_path, cap
     repo = tmp_path / "repo"
     for s in range(2):
         write_scores(repo / "scores" / f"{s:05d}.parquet", n=15, provenance=made(a), seed=s)
-    (repo / "scores" / ".wclip" / "shards").mkdir(parents=True)
-    (repo / "scores" / ".wclip" / "shards" / "00000.json").write_text("{}")   # wclip's bookkeeping
+    (state(repo / "scores") / "shards").mkdir(parents=True)
+    (state(repo / "scores") / "shards" / "00000.json").write_text("{}")   # wclip's bookkeeping
     assert card(repo / "scores", a, repo, "--license", "cc-by-4.0") == 0
     hub = DatasetCard.load(repo / "README.md")
     header = hub.data.to_dict()
@@ -217,8 +218,8 @@ def test_the_card_folder_publishes_as_written(fits, tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     for s in range(3):
         write_scores(Path("scores") / f"{s:05d}.parquet", n=10 + s, provenance=made(a), seed=s)
-    (tmp_path / "scores" / ".wclip").mkdir()
-    (tmp_path / "scores" / ".wclip" / "run.json").write_text("{}")   # wclip's bookkeeping: not data
+    (state(tmp_path / "scores")).mkdir()
+    (state(tmp_path / "scores") / "run.json").write_text("{}")   # wclip's bookkeeping: not data
     assert card("scores/", a, "card/", "--license", "cc-by-4.0") == 0
     assert "copied the 3 score files to card/scores" in capsys.readouterr().err
     readme = (tmp_path / "card" / "README.md").read_text()
@@ -226,7 +227,7 @@ def test_the_card_folder_publishes_as_written(fits, tmp_path, monkeypatch, capsy
     assert loaded.num_rows == 33 and sorted(set(loaded["key"]))[:2] == ["00000-0", "00000-1"]
 
     line = _upload_line(readme)
-    assert line == "hf upload REPO_ID card/ . --repo-type dataset --exclude '*/.wclip/*'"
+    assert line == "hf upload REPO_ID card/ . --repo-type dataset --exclude '*.wclip/*'"
     argv = shlex.split(line.replace("REPO_ID", "someone/scores"))
     hf = Path(sys.executable).parent / "hf"
     out = subprocess.run([str(hf), *argv[1:]], capture_output=True, text=True, timeout=120,
@@ -234,7 +235,7 @@ def test_the_card_folder_publishes_as_written(fits, tmp_path, monkeypatch, capsy
                               "HF_HOME": str(tmp_path / "hf-home")})
     assert out.returncode == 1 and "offline mode" in out.stderr and "No such option" not in out.stderr, out.stderr
     files = [str(p.relative_to(tmp_path / "card")) for p in (tmp_path / "card").rglob("*") if p.is_file()]
-    uploaded = set(filter_repo_objects(files, ignore_patterns=["*/.wclip/*"]))
+    uploaded = set(filter_repo_objects(files, ignore_patterns=["*.wclip/*"]))
     assert {f for f in uploaded if f.endswith(".parquet")} == {f"scores/{s:05d}.parquet" for s in range(3)}
     assert {"README.md", "card.json"} <= uploaded
 

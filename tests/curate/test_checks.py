@@ -8,6 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shardkit import state
 
 from pipeline.cli import main
 
@@ -174,7 +175,7 @@ def test_a_scores_folder_that_lost_files_its_markers_record_is_refused_by_filter
     changed = scores / "metadata_0.parquet"                                      # replaced by other bytes
     pq.write_table(pq.read_table(changed).slice(0, 10), changed)
     size = changed.stat().st_size
-    recorded = json.loads((scores / ".wclip" / "shards" / "metadata_0.json").read_text())["parquet"]["bytes"]
+    recorded = json.loads((state(scores) / "shards" / "metadata_0.json").read_text())["parquet"]["bytes"]
     capsys.readouterr()
     out, card = tmp_path / "out", tmp_path / "card"
     for command, argv in (("filter", ["filter", "--scores", str(scores), "--output", str(out)]),

@@ -6,7 +6,7 @@ on ``--device cpu`` here; the ``gpu``-marked variant repeats it on CUDA."""
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shardkit import clean_shards, image_bytes, marker, sample, write_shard
+from shardkit import clean_shards, image_bytes, marker, sample, state, write_shard
 
 import pipeline
 from pipeline.config import InputConfig
@@ -162,7 +162,7 @@ def both_paths(request, tmp_path_factory, ray_local):
 
 def _load(folder, name):
     """A shard's scores and its saved embeddings (clip-retrieval's layout, numbered by the shard's name)."""
-    root = folder / ".wclip" / "embeddings"
+    root = state(folder) / "embeddings"
     embeddings = {"image": np.load(root / "img_emb" / f"img_emb_{name}.npy"),
                   "text": np.load(root / "text_emb" / f"text_emb_{name}.npy")}
     return pq.read_table(folder / f"{name}.parquet"), embeddings

@@ -7,7 +7,6 @@ import numpy as np
 import oracle
 import pytest
 
-from pipeline.flow.precomputed import whitened_sqnorm
 from pipeline.whitening import WhiteningStats
 from pipeline.whitening.formulas import loglik_from_sqnorm
 from pipeline.whitening.kernels import BACKENDS, make_mixture, make_whitener, reference_scores, resolve_backend
@@ -35,6 +34,14 @@ def block(dtype, rows=257, seed=3):
     x[7] = np.nan
     x[100, 3] = np.inf
     return x, x.astype(np.float32)
+
+
+def whitened_sqnorm(x, mu, w, out=None):
+    """The embeddings path's whitening before BlockScorer (pipeline/sources/vector_tasks.py then): ``x`` (a
+    float32 copy) centred in place, ``(x - mu) @ w`` into ``out``, its float32 row-wise squared norm."""
+    x -= mu
+    y = np.matmul(x, w, out=out)
+    return np.vecdot(y, y)
 
 
 def todays_embeddings_scores(stats, x32, work=True):
