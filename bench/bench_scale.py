@@ -27,7 +27,7 @@ Curves:
 * ``filter`` / ``card``: ``wclip filter --keep-fraction clip_score=0.3`` (as typed, and with ``--no-uids``)
   and ``wclip card --no-thumbnails`` on a scores folder written directly by this script (``--file-rows``
   rows per file, pipeline.scores.table's SCHEMA and encodings, the provenance of a real ``wclip score`` file,
-  ``.wclip/run.json``); the sizes are the first files of one folder (hard links). Neither command runs tasks
+  ``run.json``); the sizes are the first files of one folder (hard links). Neither command runs tasks
   without ``--input``, so there is no executor to choose.
 
 Every command runs from a snapshot of the library at a commit (``git archive``, default HEAD, under
@@ -116,6 +116,11 @@ def repeated(lib: Library, cmd: list, repeat: int, reset) -> dict:
             break
     runs.sort(key=lambda m: m["wall_s"])
     return dict(runs[len(runs) // 2], walls_s=[round(m["wall_s"], 2) for m in runs])
+
+
+def state(folder: Path) -> Path:
+    """wclip's bookkeeping of a scores folder: the sibling ``FOLDER.wclip/`` (run.json, markers, ...)."""
+    return folder.with_name(folder.name + ".wclip")
 
 
 def link_first(src: Path, dest: Path, names: list) -> None:
@@ -207,16 +212,20 @@ def shards_curve(lib: Library, sizes: list, executors) -> list:
         for size in sizes:
             out = WORK / "out-shards"
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(state(out), ignore_errors=True)
             cmd = lib.wclip("score", "--input", f"{shards}/{{000000..{size - 1:06d}}}.tar", "--stats", stats,
                             "--output", out, "--no-progress", "--executor", executor)
             first = measure(lib, cmd)
-            written = len(list((out / ".wclip" / "shards").glob("*.json")))
+            written = len(list((state(out) / "shards").glob("*.json")))
             assert written == size, (written, size)
             points.append(point(executor, size, first, samples=(first["summary"] or {}).get("rows")))
             again = measure(lib, cmd)
             points.append(point(executor + "-resume", size, again))
-            shutil.rmtree(WORK / f"done-shards-{size}", ignore_errors=True)
-            out.rename(WORK / f"done-shards-{size}")  # kept for --resume-only (a later library's resume)
+            done = WORK / f"done-shards-{size}"
+            shutil.rmtree(done, ignore_errors=True)
+            shutil.rmtree(state(done), ignore_errors=True)
+            out.rename(done)
+            state(out).rename(state(done))  # kept for --resume-only (a later library's resume)
     return points
 
 
@@ -229,13 +238,16 @@ def copied_folder(out: Path, size: int) -> None:
     names = sorted(p.stem for p in real.glob("*.parquet"))  # links to each in turn (a file takes 65,000 at most)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ".wclip" / "shards").mkdir(parents=True)
-    shutil.copy(real / ".wclip" / "run.json", tmp / ".wclip" / "run.json")
+    shutil.rmtree(state(tmp), ignore_errors=True)
+    (state(tmp) / "shards").mkdir(parents=True)
+    tmp.mkdir()
+    shutil.copy(state(real) / "run.json", state(tmp) / "run.json")
     for i in range(size):
         name = names[i % len(names)]
         os.link(real / f"{name}.parquet", tmp / f"{i:06d}.parquet")
-        os.link(real / ".wclip" / "shards" / f"{name}.json", tmp / ".wclip" / "shards" / f"{i:06d}.json")
+        os.link(state(real) / "shards" / f"{name}.json", state(tmp) / "shards" / f"{i:06d}.json")
     tmp.rename(out)
+    state(tmp).rename(state(out))
 
 
 def resume_curve(lib: Library, sizes: list) -> list:
@@ -256,18 +268,18 @@ def resume_curve(lib: Library, sizes: list) -> list:
 # -- curves: wclip filter and wclip card on a large scores folder -------------------------------------------------
 def template_scores(lib: Library) -> tuple:
     """A real scores folder (``wclip score --embeddings`` on 1000 rows at d = 64): the stats file, one score
-    file's provenance and the folder's .wclip/run.json, which the generated files copy."""
+    file's provenance and the folder's run.json (in its sibling state folder), which the generated files copy."""
     from bench_embeddings import make_folder
 
     folder, stats, out = WORK / "tiny-emb", WORK / "stats-tiny.safetensors", WORK / "tiny-scores"
-    if not (out / ".wclip" / "run.json").exists():
+    if not (state(out) / "run.json").exists():
         make_folder(folder, 1, 1000, 64)
         measure(lib, lib.wclip("fit", "--embeddings", folder, "--output", stats, "--no-progress"))
         measure(lib, lib.wclip("score", "--embeddings", folder, "--stats", stats, "--output", out, "--no-progress"))
     import pyarrow.parquet as pq
 
     made = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"wclip"])
-    return stats, made, out / ".wclip" / "run.json"
+    return stats, made, state(out) / "run.json"
 
 
 def hex_strings(raw: np.ndarray):
@@ -324,8 +336,9 @@ def scores_folders(lib: Library, sizes: list, file_rows: int) -> tuple:
     files = [max(1, size // file_rows) for size in sizes]
     base = WORK / f"scores-r{file_rows}"  # files are written atomically, numbered: a larger size adds files
     started = time.perf_counter()
-    (base / ".wclip").mkdir(parents=True, exist_ok=True)
-    shutil.copy(run_json, base / ".wclip" / "run.json")
+    base.mkdir(parents=True, exist_ok=True)
+    state(base).mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_json, state(base) / "run.json")
     for n in range(max(files)):
         path = base / f"{n:06d}.parquet"
         if not path.exists():
@@ -337,7 +350,8 @@ def scores_folders(lib: Library, sizes: list, file_rows: int) -> tuple:
     views = {}
     for n in files:
         views[n] = WORK / f"scores-r{file_rows}-n{n}"
-        link_first(base, views[n], [".wclip/run.json"] + [f"{i:06d}.parquet" for i in range(n)])
+        link_first(base, views[n], [f"{i:06d}.parquet" for i in range(n)])
+        link_first(state(base), state(views[n]), ["run.json"])
     return stats, views, files
 
 

@@ -122,7 +122,7 @@ def timeline(urls: list, stats: Path, out: Path, tag: str) -> dict:
                  "seconds": round(total - sum(r["seconds"] for r in rows), 3), "share": None})
     # reader tasks on the same clock, from the completion markers
     tasks = []
-    for marker in sorted(out.glob("*/shards/*.json")):  # the state folder (_wclip/ or .wclip/)
+    for marker in sorted(out.with_name(out.name + ".wclip").glob("shards/*.json")):  # the sibling state folder
         m = json.loads(marker.read_text())
         end = datetime.datetime.fromisoformat(m["provenance"]["written"]).timestamp()
         tasks.append({"shard": m["name"], "start": end - m["duration_s"], "end": end, "rows": m["rows"]})
