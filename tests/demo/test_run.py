@@ -102,7 +102,7 @@ def test_small_demo_finds_the_planted_duplicates_and_keeps_the_faithful_copy(sum
     faithful = [s for c, s in hits if kept[group[s]] == s]
     assert d["faithful_kept"] == len(faithful) and d["faithful_share"] >= 0.9, d
     assert all(clip[kept[group[s]]] >= clip[s] for _, s in hits)   # the rule: the highest clip_score is kept
-    removed = json.loads((work / "dedup" / ".wclip" / "dedup.json").read_text())["summary"]["removed"]
+    removed = json.loads((work / "dedup.wclip" / "dedup.json").read_text())["summary"]["removed"]  # beside dedup/
     assert d["rows_removed"] == removed == sum(not r["kept"] for r in rows)
     assert json.loads((work / "summary.json").read_text())["dedup"] == d and summary["timings"]["dedup_s"] > 0
     assert (f"of 15 planted duplicate pairs, recall {d['recall']:.3f}, precision {d['normal']['precision']:.3f} "
