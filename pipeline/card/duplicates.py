@@ -75,7 +75,8 @@ def duplicates_lines(section: dict | None, _table, _pct) -> list:
                 f"duplicates; each group keeps one row by `{d['keep']}`. {d['compared']:,} of {d['rows']:,} rows "
                 f"were compared; {d['groups']:,} groups hold {d['duplicates']:,} rows and {d['removed']:,} rows "
                 f"({_pct(d['removed'], d['rows'])}) were removed as duplicates.", ""]
-        out += _table(["group size", "groups"], [[s, n] for s, n in (d.get("group_sizes") or {}).items()])
+        sizes = sorted((d.get("group_sizes") or {}).items(), key=lambda kv: int(kv[0]))  # JSON keys are strings
+        out += _table(["group size", "groups"], [[s, n] for s, n in sizes])
         if d.get("example"):
             out += ["The largest group:", ""]
             out += _table(["key", "shard", "index", "kept"],

@@ -184,5 +184,8 @@ def test_balance_splits_the_fraction_into_quotas_by_size_to_the_alpha(corpus, tm
     assert len(d["example"]) == 2 and sum(m["kept"] for m in d["example"]) == 1
     readme = (tmp_path / "card" / "README.md").read_text()
     assert "## Duplicates and balance" in readme and f"{summary['removed']:,} rows" in readme
+    shown = [int(line.split("|")[1]) for line in readme.split("| group size | groups |")[1].split("\n\n")[0]
+             .splitlines()[2:]]
+    assert shown == sorted(int(k) for k in d["group_sizes"]) and len(shown) >= 1  # numeric order, every size
     assert (tmp_path / "card" / card["duplicates"]["plot"]).exists()
     assert f"| 0 | {sizes[0]} | {want[0]} | {want[0]} |" in readme
