@@ -84,6 +84,21 @@ def add_run_arguments(p) -> None:
     g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 
+def add_task_arguments(p, task: str) -> None:
+    """The execution flags of a command whose work is file-sized tasks (``task``: what one is called, e.g. the
+    filter's "copy task"): threads of the command, or Ray tasks."""
+    tasks = task + "s"
+    r = p.add_argument_group("execution")
+    r.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help=f"where the {tasks} run: local (threads of this command, no Ray) or ray; auto: Ray for a "
+                        f"cluster (--address / RAY_ADDRESS), else local")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--num-cpus", type=int, help="CPUs to use on this machine")
+    r.add_argument("--max-in-flight", type=int, help=f"{tasks} at once (default: CPUs)")
+    r.add_argument("--retries", type=int, default=2, help=f"extra attempts for a failed {task}")
+    r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+
+
 def _exts(value: str) -> tuple:
     return tuple(e.strip().lstrip(".").lower() for e in value.split(",") if e.strip())
 

@@ -1,7 +1,8 @@
 """`wclip dedup`: near-duplicate groups of a scores folder's rows, and the one row each keeps, in a folder of
 its own (pipeline.runs.dedup); `wclip filter --dedup DIR` then keeps the kept rows only."""
 
-from pipeline.config import DEDUP_BLOCK, DEDUP_CLUSTER_ROWS, DEDUP_CLUSTERS, EMBEDDING_KEYS, EXECUTORS
+from pipeline.commands._common import add_task_arguments
+from pipeline.config import DEDUP_BLOCK, DEDUP_CLUSTER_ROWS, DEDUP_CLUSTERS, EMBEDDING_KEYS
 
 HELP = "find near-duplicate rows (cosine >= 1 - eps within a cluster) and keep one per group by a rule"
 
@@ -52,14 +53,7 @@ def add_arguments(p):
     g.add_argument("--block", type=int, default=DEDUP_BLOCK, help="rows per side of one block product")
     g.add_argument("--device", default="cpu", help="torch device of the pair search: cpu, cuda, cuda:1")
     g.add_argument("--overwrite", action="store_true", help="redo a dedup folder made with other settings")
-    r = p.add_argument_group("execution")
-    r.add_argument("--executor", choices=EXECUTORS, default="auto",
-                   help="local (threads of this command) or ray; auto: Ray for a cluster, else local")
-    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--num-cpus", type=int, help="CPUs to use on this machine")
-    r.add_argument("--max-in-flight", type=int, help="tasks at once (default: CPUs)")
-    r.add_argument("--retries", type=int, default=2, help="extra attempts for a failed task")
-    r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    add_task_arguments(p, "task")
 
 
 def _config(args):

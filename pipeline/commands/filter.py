@@ -1,7 +1,8 @@
 """`wclip filter`: keep the rows of a scores folder that pass thresholds; write kept rows,
 a DataComp uid list and, with ``--input``, new shards holding exactly the kept samples."""
 
-from pipeline.config import EXECUTORS, INPUT_FORMATS
+from pipeline.commands._common import add_task_arguments
+from pipeline.config import INPUT_FORMATS
 
 HELP = "select samples by score thresholds or top fractions; writes kept rows, uids.npy, new shards"
 
@@ -85,15 +86,7 @@ def add_arguments(p):
     o.add_argument("--dry-run", action="store_true",
                    help="check the flags and the scores, print what would be read and written; write nothing, "
                         "start no Ray")
-    r = p.add_argument_group("execution")
-    r.add_argument("--executor", choices=EXECUTORS, default="auto",
-                   help="where the copy tasks run: local (threads of this command, no Ray) or ray; auto: Ray for "
-                        "a cluster (--address / RAY_ADDRESS), else local")
-    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    r.add_argument("--num-cpus", type=int, help="CPUs to use on this machine")
-    r.add_argument("--max-in-flight", type=int, help="copy tasks at once (default: CPUs)")
-    r.add_argument("--retries", type=int, default=2, help="extra attempts for a failed copy task")
-    r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    add_task_arguments(p, "copy task")
 
 
 def run(args):
