@@ -25,8 +25,13 @@ from pipeline.whitening.kernels.numpy_backend import component_logp
 
 #: Shrinkage values tried on the held-out rows (1.0: the cluster keeps the global covariance).
 SHRINKAGE_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-#: Ranks of the per-cluster directions tried on the held-out rows (0: a diagonal covariance).
-RANK_GRID = (0, 1, 2, 4, 8)
+#: Ranks of the per-cluster directions tried on the held-out rows (0: a diagonal covariance), below ``m`` and
+#: within the scoring budget of :func:`max_rank`.
+RANK_GRID = (0, 1, 2, 4, 8, 16, 32, 64)
+#: Columns of the scoring GEMMs a mixture may have, ``K (2 + r)``, when ``m`` is smaller: at ``m = 768`` the
+#: mixture then costs at most one more whitening (the score at most twice the global one's); at smaller ``m``
+#: it may cost more than the whitening there, never more than a 768-column GEMM per row.
+MAX_MIXTURE_WIDTH = 768
 #: EM iterations at most per rank, and the gain of mean log-likelihood per row below which EM stops.
 EM_MAX_ITER = 25
 EM_TOL = 1e-3
@@ -169,29 +174,6 @@ def _split_merge_moves(z: np.ndarray, R: np.ndarray, mix: Mixture, seed: int, tr
     return moves
 
 
-def split_merge(z: np.ndarray, R: np.ndarray, seed: int, tries: int = 4, rounds: int = 8) -> tuple:
-    """``(mixture, R, moves)``: split-and-merge EM (after Ueda et al., 2000) at rank 0 from the converged
-    assignments ``R``: k-means and EM keep a cluster that covers two modes (its mean between them, where anomalies
-    lie) when another mode is covered by two clusters; a move merges such a pair and splits such a cluster, and is
-    kept when EM from it reaches a higher mean log-likelihood of the sample. At most ``rounds`` moves kept, each
-    the first of ``tries`` candidates that gains."""
-    mix, R, _ = run_em(z, R, 0, seed)
-    best = float(np.mean(responsibilities(mix.logp(z))[1]))
-    moves = 0
-    for _ in range(rounds):
-        for trial in _split_merge_moves(z, R, mix, seed, tries):
-            cand, cand_R, _ = run_em(z, trial, 0, seed)
-            if cand.weights.size != R.shape[1]:
-                continue
-            value = float(np.mean(responsibilities(cand.logp(z))[1]))
-            if value > best + EM_TOL:
-                mix, R, best, moves = cand, cand_R, value, moves + 1
-                break
-        else:
-            break
-    return mix, R, moves
-
-
 @dataclass(frozen=True)
 class Shrinkage:
     """The shrinkage chosen for a mixture on held-out rows."""
@@ -222,6 +204,30 @@ def choose_shrinkage(mix: Mixture, zh: np.ndarray) -> Shrinkage:
     return Shrinkage(own, shared, curve, own_loglik)
 
 
+def split_merge(z: np.ndarray, zh: np.ndarray, R: np.ndarray, seed: int, tries: int = 4, rounds: int = 8) -> tuple:
+    """``(mixture, R, moves)``: split-and-merge EM (after Ueda et al., 2000) at rank 0 from the converged
+    assignments ``R``: k-means and EM keep a cluster that covers two modes (its mean between them, where anomalies
+    lie) when another mode is covered by two clusters; a move merges such a pair and splits such a cluster, and is
+    kept when EM from it fits the held-out rows ``zh`` better (mean log-likelihood, shrinkage chosen on them: in
+    the sample, splitting a small cluster always looks better). At most ``rounds`` moves kept, each the first of
+    ``tries`` candidates that gains."""
+    mix, R, _ = run_em(z, R, 0, seed)
+    best = choose_shrinkage(mix, zh).loglik
+    moves = 0
+    for _ in range(rounds):
+        for trial in _split_merge_moves(z, R, mix, seed, tries):
+            cand, cand_R, _ = run_em(z, trial, 0, seed)
+            if cand.weights.size != R.shape[1]:
+                continue
+            value = choose_shrinkage(cand, zh).loglik
+            if value > best + EM_TOL:
+                mix, R, best, moves = cand, cand_R, value, moves + 1
+                break
+        else:
+            break
+    return mix, R, moves
+
+
 @dataclass(frozen=True)
 class FittedMixture:
     """:func:`fit_mixture`'s answer: the mixture, its shrinkage and how they were chosen."""
@@ -235,16 +241,22 @@ class FittedMixture:
     split_merge_moves: int  # split-and-merge moves kept (:func:`split_merge`)
 
 
+def max_rank(k: int, m: int) -> int:
+    """The largest rank ``r < m`` with ``K (2 + r) <= max(m, MAX_MIXTURE_WIDTH)`` (0 if none)."""
+    return max(0, min(m - 1, max(m, MAX_MIXTURE_WIDTH) // k - 2))
+
+
 def fit_mixture(z: np.ndarray, zh: np.ndarray, labels: np.ndarray, seed: int = 0,
                 ranks: tuple = RANK_GRID) -> FittedMixture:
     """EM of the mixture on whitened sample rows ``z`` from the k-means ``labels`` (``0 .. K - 1``, each used),
-    for each rank of ``ranks`` (below ``m``) in turn until one does worse on the held-out rows ``zh``."""
+    improved by :func:`split_merge`, then for each rank of ``ranks`` up to :func:`max_rank` in turn until one does
+    worse on the held-out rows ``zh``."""
     k = int(labels.max()) + 1
     R = np.zeros((z.shape[0], k))
     R[np.arange(z.shape[0]), labels] = 1.0
-    _, R, moves = split_merge(z, R, seed) if k > 2 else (None, R, 0)
+    _, R, moves = split_merge(z, zh, R, seed) if k > 2 else (None, R, 0)
     best, curve, iterations = None, {}, {}
-    for rank in (r for r in ranks if r < z.shape[1]):
+    for rank in (r for r in ranks if r <= max_rank(k, z.shape[1])):
         mix, R, iterations[rank] = run_em(z, R, rank, seed)
         choice = choose_shrinkage(mix, zh)
         curve[rank] = choice.loglik

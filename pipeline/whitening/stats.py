@@ -132,7 +132,8 @@ def _fit_clusters(k: int, fit_sample, held: np.ndarray, mean: np.ndarray, W: np.
                   seed: int) -> ClusterWhitening:
     """The local likelihood's mixture: spherical k-means of the centred fit sample (the direction every CLIP
     embedding shares removed, so that cosine separates the modes), then EM of the Gaussians in the whitened space;
-    for ``k`` = :data:`~pipeline.whitening.clusters.AUTO` the K of the grid with the best held-out log-likelihood."""
+    for ``k`` = :data:`~pipeline.whitening.clusters.AUTO` the K of the grid with the best held-out log-likelihood
+    (the grid is climbed until a K does worse than the best so far)."""
     if k == 1:
         return ClusterWhitening.single(W.shape[1], cal)
     centred = as_rows(fit_sample, "fit rows", dim=mean.size) - mean
@@ -146,6 +147,8 @@ def _fit_clusters(k: int, fit_sample, held: np.ndarray, mean: np.ndarray, W: np.
     for K in (K for K in AUTO_GRID if 1 < K and K * AUTO_MIN_ROWS <= z.shape[0]):
         fits[K] = ClusterWhitening.fit(z, zh, spherical_kmeans(centred, K, seed), K, cal, seed=seed)
         curve[K] = fits[K].diagnostics.get("heldout_loglik", curve[1]) if fits[K].k > 1 else curve[1]
+        if curve[K] < max(curve.values()):  # past the best K: larger ones only cost more
+            break
     best = max(curve, key=lambda K: (curve[K], -K))
     return replace(fits[best], diagnostics={**fits[best].diagnostics, "k_requested": "auto", "k_chosen": best,
                                             "k_curve": {str(K): v for K, v in curve.items()}})
