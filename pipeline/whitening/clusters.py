@@ -213,7 +213,8 @@ class ClusterWhitening:
                        "heldout_cluster_loglik": [p[0] for p in per_cluster],
                        "heldout_cluster_global_loglik": [p[1] for p in per_cluster],
                        "rank_curve": {str(r): v for r, v in fitted.rank_curve.items()},
-                       "em_iterations": {str(r): v for r, v in fitted.em_iterations.items()}}
+                       "em_iterations": {str(r): v for r, v in fitted.em_iterations.items()},
+                       "split_merge_moves": fitted.split_merge_moves, "fit_seconds": fitted.seconds}
         return replace(self, calibration=np.concatenate(tables), calibration_counts=np.array([t.size for t in tables]),
                        diagnostics=diagnostics)
 

@@ -14,6 +14,7 @@ low-rank-plus-diagonal covariance per cluster with the rank chosen on held-out r
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,6 +38,10 @@ EM_MAX_ITER = 25
 EM_TOL = 1e-3
 #: Smallest per-coordinate variance of a cluster during EM (the global variance is 1 in these coordinates).
 VARIANCE_FLOOR = 1e-3
+#: A split-and-merge move is kept only if every cluster keeps this many rows of mass and the held-out rows gain
+#: this many nats in all (less is within what choosing among moves on the same held-out rows can fake).
+SPLIT_MERGE_MIN_ROWS = 10.0
+SPLIT_MERGE_MIN_GAIN = 10.0
 #: A cluster whose EM mass falls below this many rows is dropped (it has nothing left to model).
 MIN_CLUSTER_MASS = 2.0
 #: Held-out mass a cluster needs for a shrinkage of its own (else it takes the shared one).
@@ -102,7 +107,7 @@ def m_step(z: np.ndarray, R: np.ndarray, rank: int, seed: int) -> Mixture:
             lam, V = _top_directions(Y, rank, np.random.default_rng([seed, j, rank]))
             rest = max(float(variances[j].sum() - lam.sum()) / max(m - rank, 1), 0.0)  # the average other variance
             factors[j] = V * np.sqrt(np.maximum(lam - rest, 0.0))
-            variances[j] = variances[j] - np.sum(factors[j] ** 2, axis=1)
+            variances[j] = variances[j] - np.sum(factors[j] ** 2, axis=1)  # the diagonal keeps what they leave
     return Mixture(weights=mass / mass.sum(), means=means, variances=np.maximum(variances, VARIANCE_FLOOR),
                    factors=factors)
 
@@ -208,19 +213,20 @@ def split_merge(z: np.ndarray, zh: np.ndarray, R: np.ndarray, seed: int, tries: 
     """``(mixture, R, moves)``: split-and-merge EM (after Ueda et al., 2000) at rank 0 from the converged
     assignments ``R``: k-means and EM keep a cluster that covers two modes (its mean between them, where anomalies
     lie) when another mode is covered by two clusters; a move merges such a pair and splits such a cluster, and is
-    kept when EM from it fits the held-out rows ``zh`` better (mean log-likelihood, shrinkage chosen on them: in
-    the sample, splitting a small cluster always looks better). At most ``rounds`` moves kept, each the first of
+    kept when EM from it fits the held-out rows ``zh`` better (by :data:`SPLIT_MERGE_MIN_GAIN` nats in all; mean
+    log-likelihood, shrinkage chosen on them: in the sample, splitting a small cluster always looks better) and
+    leaves every cluster :data:`SPLIT_MERGE_MIN_ROWS` rows. At most ``rounds`` moves kept, each the first of
     ``tries`` candidates that gains."""
     mix, R, _ = run_em(z, R, 0, seed)
     best = choose_shrinkage(mix, zh).loglik
-    moves = 0
+    moves, min_gain = 0, SPLIT_MERGE_MIN_GAIN / max(zh.shape[0], 1)
     for _ in range(rounds):
         for trial in _split_merge_moves(z, R, mix, seed, tries):
             cand, cand_R, _ = run_em(z, trial, 0, seed)
-            if cand.weights.size != R.shape[1]:
+            if cand.weights.size != R.shape[1] or cand_R.sum(axis=0).min() < SPLIT_MERGE_MIN_ROWS:
                 continue
             value = choose_shrinkage(cand, zh).loglik
-            if value > best + EM_TOL:
+            if value > best + min_gain:
                 mix, R, best, moves = cand, cand_R, value, moves + 1
                 break
         else:
@@ -239,6 +245,7 @@ class FittedMixture:
     em_iterations: dict  # r -> EM iterations
     clusters: int  # the k-means labels' clusters EM started from (more than the mixture's when EM emptied some)
     split_merge_moves: int  # split-and-merge moves kept (:func:`split_merge`)
+    seconds: dict  # wall time of each stage: split_merge (EM at rank 0 included), ranks
 
 
 def max_rank(k: int, m: int) -> int:
@@ -254,7 +261,9 @@ def fit_mixture(z: np.ndarray, zh: np.ndarray, labels: np.ndarray, seed: int = 0
     k = int(labels.max()) + 1
     R = np.zeros((z.shape[0], k))
     R[np.arange(z.shape[0]), labels] = 1.0
+    started = time.perf_counter()
     _, R, moves = split_merge(z, zh, R, seed) if k > 2 else (None, R, 0)
+    seconds = {"split_merge": time.perf_counter() - started}
     best, curve, iterations = None, {}, {}
     for rank in (r for r in ranks if r <= max_rank(k, z.shape[1])):
         mix, R, iterations[rank] = run_em(z, R, rank, seed)
@@ -263,5 +272,7 @@ def fit_mixture(z: np.ndarray, zh: np.ndarray, labels: np.ndarray, seed: int = 0
         if best is not None and choice.loglik <= best[1].loglik:
             break
         best = (mix, choice, rank)
+    seconds["ranks"] = time.perf_counter() - started - seconds["split_merge"]
     return FittedMixture(mixture=best[0], shrinkage=best[1], rank=best[2], rank_curve=curve,
-                         em_iterations=iterations, clusters=k, split_merge_moves=moves)
+                         em_iterations=iterations, clusters=k, split_merge_moves=moves,
+                         seconds={name: round(v, 3) for name, v in seconds.items()})

@@ -9,7 +9,8 @@ factors, ``r = 0`` a diagonal covariance). By Woodbury, with ``M_k = I + U_k^T d
     log N_k(z) + 0.5 m log 2pi = -0.5 sum_j log v_kj - sum_i log L_k,ii - 0.5 s_k(z)
 
 so every row's ``log pi_k + log N_k + 0.5 m log 2pi`` under every cluster is ``[z*z, z, 1] @ P`` plus
-``0.5 ||z @ B - b||^2`` summed per cluster over its ``r`` columns: two GEMMs of ``m x K`` and one of ``m x K r``.
+``0.5 ||z @ B - b||^2`` summed per cluster over its ``r`` columns: two GEMMs of ``m x K``, one of ``m x K r`` and
+a small one (``K r x K``) for the per-cluster sums.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class MixtureParameters(NamedTuple):
     log_norm: np.ndarray  # (K,): log pi_k - 0.5 log|C_k|, so that s_own = 2 (log_norm[own] - logp[own])
     directions: np.ndarray  # (m, K r): B_1 .. B_K side by side (no columns when r = 0)
     offsets: np.ndarray  # (K r,): B_k^T c_k
+    halves: np.ndarray  # (K r, K): 0.5 where column k's r rows are, so that (g * g) @ halves sums each cluster's r
     rank: int  # r
 
 
@@ -59,8 +61,9 @@ def mixture_parameters(weights: np.ndarray, means: np.ndarray, variances: np.nda
         offsets = np.einsum("km,kmr->kr", means, B).reshape(k * rank)
         directions = B.transpose(1, 0, 2).reshape(m, k * rank)
     P = np.concatenate([-0.5 * inv.T, (means * inv).T, (log_norm - 0.5 * np.sum(means ** 2 * inv, axis=1))[None, :]])
-    return MixtureParameters(*(np.ascontiguousarray(x, dtype=dtype) for x in (P, log_norm, directions, offsets)),
-                             rank)
+    halves = np.kron(np.eye(k), np.full((rank, 1), 0.5))
+    return MixtureParameters(*(np.ascontiguousarray(x, dtype=dtype) for x in (P, log_norm, directions, offsets,
+                                                                             halves)), rank)
 
 
 def covariances(variances: np.ndarray, factors: Optional[np.ndarray]) -> np.ndarray:

@@ -82,7 +82,7 @@ def component_logp(params, z: np.ndarray, work: Optional[tuple] = None) -> np.nd
         g = np.matmul(z, params.directions)
         g -= params.offsets
         g *= g
-        logp += 0.5 * g.reshape(n, k, params.rank).sum(axis=2)
+        logp += np.matmul(g, params.halves, out=linear)
     return logp
 
 

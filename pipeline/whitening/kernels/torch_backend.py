@@ -104,8 +104,8 @@ class TorchMixture:
         self.dtype = torch.float32 if self.device.type == "cuda" else torch.float64
         params = clusters.parameters(np.float64)
         self.rank = params.rank
-        self._P, self._log_norm, self._directions, self._offsets = (
-            torch.tensor(a, dtype=self.dtype, device=self.device) for a in params[:4])
+        self._P, self._log_norm, self._directions, self._offsets, self._halves = (
+            torch.tensor(a, dtype=self.dtype, device=self.device) for a in params[:5])
 
     def mixture(self, w: torch.Tensor, sqnorm: torch.Tensor, loglik: torch.Tensor) -> tuple:
         """``(cluster int64, local loglik, s_own)`` tensors for whitened rows ``w`` (B, m) whose global squared
@@ -119,7 +119,7 @@ class TorchMixture:
         logp = torch.cat([z * z, z, ones], dim=1) @ self._P  # log pi_k + log N_k + 0.5 m log 2pi, every cluster
         if self.rank:  # the clusters' own directions (pipeline.whitening.gaussians)
             g = z @ self._directions - self._offsets
-            logp = logp + 0.5 * (g * g).view(z.shape[0], self.k, self.rank).sum(dim=2)
+            logp = logp + (g * g) @ self._halves
         top, own = logp.max(dim=1)
         s_own = (2.0 * (self._log_norm[own] - top)).clamp_(min=0.0)
         local = top + torch.log(torch.exp(logp - top[:, None]).sum(dim=1)) - half_m_log_2pi(self.m)
