@@ -33,9 +33,12 @@ RANK_GRID = (0, 1, 2, 4, 8, 16, 32, 64)
 #: mixture then costs at most one more whitening (the score at most twice the global one's); at smaller ``m``
 #: it may cost more than the whitening there, never more than a 768-column GEMM per row.
 MAX_MIXTURE_WIDTH = 768
-#: EM iterations at most per rank, and the gain of mean log-likelihood per row below which EM stops.
+#: EM iterations at most from the k-means labels and in each split-and-merge trial, at most per rank after that
+#: (warm-started from the last rank's assignments, which rarely move), and the gain of mean log-likelihood per row
+#: and coordinate below which EM stops.
 EM_MAX_ITER = 25
-EM_TOL = 1e-3
+RANK_EM_MAX_ITER = 5
+EM_TOL = 1e-4
 #: Smallest per-coordinate variance of a cluster during EM (the global variance is 1 in these coordinates).
 VARIANCE_FLOOR = 1e-3
 #: A split-and-merge move is kept only if every cluster keeps this many rows of mass and the held-out rows gain
@@ -114,8 +117,9 @@ def m_step(z: np.ndarray, R: np.ndarray, rank: int, seed: int) -> Mixture:
 
 def run_em(z: np.ndarray, R: np.ndarray, rank: int, seed: int, max_iter: int = EM_MAX_ITER) -> tuple:
     """``(mixture, R, iterations)``: EM from the assignments ``R`` until the mean log-likelihood gains less than
-    :data:`EM_TOL` per row; clusters whose mass falls below :data:`MIN_CLUSTER_MASS` rows are dropped."""
-    previous, iterations = -np.inf, 0
+    :data:`EM_TOL` per row and coordinate; clusters whose mass falls below :data:`MIN_CLUSTER_MASS` rows are
+    dropped."""
+    previous, iterations, tol = -np.inf, 0, EM_TOL * z.shape[1]
     while True:
         keep = R.sum(axis=0) >= MIN_CLUSTER_MASS
         if not keep.all():  # the others' rows go where the next E-step puts them
@@ -126,7 +130,7 @@ def run_em(z: np.ndarray, R: np.ndarray, rank: int, seed: int, max_iter: int = E
         R, lse = responsibilities(mix.logp(z))
         iterations += 1
         current = float(np.mean(lse))
-        if current - previous < EM_TOL:
+        if current - previous < tol:
             return mix, R, iterations
         previous = current
 
@@ -266,7 +270,7 @@ def fit_mixture(z: np.ndarray, zh: np.ndarray, labels: np.ndarray, seed: int = 0
     seconds = {"split_merge": time.perf_counter() - started}
     best, curve, iterations = None, {}, {}
     for rank in (r for r in ranks if r <= max_rank(k, z.shape[1])):
-        mix, R, iterations[rank] = run_em(z, R, rank, seed)
+        mix, R, iterations[rank] = run_em(z, R, rank, seed, EM_MAX_ITER if rank == 0 else RANK_EM_MAX_ITER)
         choice = choose_shrinkage(mix, zh)
         curve[rank] = choice.loglik
         if best is not None and choice.loglik <= best[1].loglik:

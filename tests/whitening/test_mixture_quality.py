@@ -94,9 +94,7 @@ def assert_finds_the_modes(world: KnownMixture, cluster, local_loglik, pvalue, l
     assert sps.kstwo.sf(D, int(n_eff)) > 0.01, D
 
 
-SLOW = pytest.mark.slow  # over 20 s on two shared cores
-CASES = [(32, 4, 0), (32, 8, 1), (32, 8, 2), (32, 16, 3), pytest.param(32, 32, 4, marks=SLOW),
-         pytest.param(256, 16, 5, marks=SLOW)]
+CASES = [(32, 4, 0), (32, 8, 1), (32, 8, 2), (32, 16, 3), (32, 32, 4), (256, 16, 5)]
 
 
 @pytest.mark.parametrize("d,k,seed", CASES)
