@@ -154,11 +154,16 @@ class FitConfig:
     holdout: float = 0.1  # fraction held out (by key hash) for calibration
     max_samples: Optional[int] = None  # cap on reference samples (first shards first)
     seed: int = 0  # seed of the held-out hash
-    clusters: Optional[int] = None  # K for the local likelihood (pipeline.whitening.clusters); None: global only
+    clusters: Union[None, int, str] = None  # K for the local likelihood (pipeline.whitening.clusters), or "auto"
+    #                                         (K chosen on held-out rows; held as clusters.AUTO); None: global only
     max_heldout: int = MAX_HELDOUT  # held-out rows kept for calibration: those with the smallest key hashes
     cluster_sample: int = CLUSTER_SAMPLE  # fit rows the clusters are found on: those with the smallest key hashes
 
     def __post_init__(self):
+        if isinstance(self.clusters, str) and self.clusters == "auto":
+            from pipeline.whitening.clusters import AUTO  # an int (2) to every check of a cluster count below
+
+            object.__setattr__(self, "clusters", AUTO)
         _positive("clusters", self.clusters, allow_none=True)
         _positive("cluster_sample", self.cluster_sample)
         if self.clusters and self.clusters > self.cluster_sample:
@@ -338,7 +343,7 @@ class EmbeddingFitConfig:
     max_samples: Optional[int] = None  # cap on rows read (the first rows of the first files)
     max_heldout: int = MAX_HELDOUT  # as FitConfig.max_heldout
     seed: int = 0  # seed of the held-out hash
-    clusters: Optional[int] = None  # as FitConfig.clusters
+    clusters: Union[None, int, str] = None  # as FitConfig.clusters
     cluster_sample: int = CLUSTER_SAMPLE  # as FitConfig.cluster_sample
 
     def __post_init__(self):

@@ -37,9 +37,11 @@ def check_against_oracle(table, stats, embeddings: dict) -> None:
         clear = margin > 1e-3  # a near tie may go either way in float32
         assert np.sum(clear) >= 0.9 * len(clear) and np.array_equal(got[clear], want[clear])
         tables, pvalue = ws.clusters.tables(), column(table, f"{tower}_local_pvalue")[fine]
-        z = (x[fine] - ws.mean) @ ws.whitening
+        s_all = oracle.cluster_sqnorms(ws, x[fine])  # with the clusters' own directions, when fitted
+        pooled = ws.clusters.pooled_table()  # a cluster without held-out rows of its own takes every cluster's
+        tables = [t if t.size else pooled for t in tables]
         for i, c in enumerate(got.astype(int)):
-            s_own = np.sum((z[i] - ws.clusters.means[c]) ** 2 / ws.clusters.variances[c])
+            s_own = s_all[i, c]
             size = tables[c].size + 1.0  # p = (1 + #{table >= s_own}) / size, s_own to float32 rounding
             low = (1 + np.sum(tables[c] >= s_own * (1 + 1e-5))) / size
             high = (1 + np.sum(tables[c] >= s_own * (1 - 1e-5))) / size

@@ -208,10 +208,13 @@ def clustered_towers(sf, files) -> tuple[dict, list]:
 
 
 def clusters(sf, corpus: CorpusSummary) -> tuple[dict, list]:
-    """``({tower: section}, notes)`` for every tower with clusters in the stats: K, the chosen shrinkage and,
+    """``({tower: section}, notes)`` for every tower with clusters in the stats: K (with ``--clusters auto`` the
+    held-out log-likelihood of every K tried), the rank of the clusters' own directions, the chosen shrinkage and,
     per cluster, its weight, rows and held-out rows in the reference (the stats; ``n`` held-out rows make
-    ``1 / (n + 1)`` the smallest local p-value it can give; one without uses all clusters' held-out rows) and
-    its rows with status ok in the scored corpus, with its lowest-local-likelihood rows (``{}`` without clusters)."""
+    ``1 / (n + 1)`` the smallest local p-value it can give; one without uses all clusters' held-out rows), how well
+    it fits (the mean local and global log-likelihood of its held-out rows, its shrinkage; None for stats fitted
+    before these were recorded) and its rows with status ok in the scored corpus, with its
+    lowest-local-likelihood rows (``{}`` without clusters)."""
     section, notes = {}, []
     for tower, ws in sf.towers.items():
         if ws.clusters is None:
@@ -221,6 +224,9 @@ def clusters(sf, corpus: CorpusSummary) -> tuple[dict, list]:
         sizes = info.get("sizes") or [None] * k
         total = int(tally.counts.sum()) if tally is not None else None
         pooled = int(sum(info["calibration_counts"]))  # a cluster without held-out rows uses all of them
+        fit = {name: info.get(key) or [None] * k for name, key in (
+            ("heldout_loglik", "heldout_cluster_loglik"), ("heldout_global_loglik", "heldout_cluster_global_loglik"),
+            ("shrinkage", "shrinkages"))}
         rows = []
         for j, weight in enumerate(info["weights"]):
             n = int(tally.counts[j]) if tally is not None else None
@@ -228,10 +234,13 @@ def clusters(sf, corpus: CorpusSummary) -> tuple[dict, list]:
             heldout = info["calibration_counts"][j]
             rows.append({"cluster": j, "reference_weight": weight, "reference_rows": sizes[j],
                          "heldout_rows": heldout, "pvalue_floor": 1.0 / ((heldout or pooled) + 1) if pooled else None,
+                         **{name: values[j] for name, values in fit.items()},
                          "corpus_rows": n, "corpus_share": share,
                          "corpus_over_reference": None if share is None else share / weight,
                          "lowest": [dict(r, local_loglik=v) for v, r in tally.low[j]] if tally is not None else []})
-        section[tower] = {"k": k, "shrinkage": info["shrinkage"],
+        section[tower] = {"k": k, "shrinkage": info["shrinkage"], "rank": info.get("rank", 0),
+                          "k_curve": info.get("k_curve"), "heldout_loglik": info.get("heldout_loglik"),
+                          "heldout_global_loglik": info.get("heldout_global_loglik"),
                           "reference_rows": None if None in sizes else int(sum(sizes)),
                           "corpus_rows": total, "outside": tally.outside if tally is not None else None,
                           "examples_per_cluster": CLUSTER_EXAMPLES, "clusters": rows}

@@ -51,25 +51,63 @@ def loglik_histograms(out: str, histograms: dict) -> str | None:
 
 
 def cluster_sizes(out: str, section: dict) -> str | None:
-    """Per clustered tower: each cluster's share of the reference (its weight) and of the scored corpus."""
+    """Per clustered tower, one row of panels: each cluster's share of the reference (its weight) and of the scored
+    corpus; how well each cluster fits its held-out rows (mean local log-likelihood, beside their global one) when
+    the stats recorded it; and with ``--clusters auto`` the held-out log-likelihood of every K tried."""
     towers = [t for t, v in section.items() if v["clusters"]]
     if not towers:
         return None
     widest = max(section[t]["k"] for t in towers)
-    fig = _figure(min(4 + 0.35 * widest, 16), 2.8 * len(towers))
-    for ax, tower in zip(fig.subplots(len(towers), 1, squeeze=False)[:, 0], towers):
-        rows = section[tower]["clusters"]
+    fit = any(r.get("heldout_loglik") is not None for t in towers for r in section[t]["clusters"])
+    curve = any(section[t].get("k_curve") for t in towers)
+    panels = 1 + fit + curve
+    fig = _figure(min(4 + 0.35 * widest, 16) + 4 * (panels - 1), 2.8 * len(towers))
+    for axes, tower in zip(fig.subplots(len(towers), panels, squeeze=False), towers):
+        t = section[tower]
+        rows = t["clusters"]
         x = np.arange(len(rows))
+        ax = axes[0]
         ax.bar(x - 0.2, [r["reference_weight"] for r in rows], 0.4, label="reference")
-        if section[tower]["corpus_rows"]:
+        if t["corpus_rows"]:
             ax.bar(x + 0.2, [r["corpus_share"] for r in rows], 0.4, label="corpus (status ok)")
         ax.set_xlabel("cluster")
         ax.set_ylabel("share of rows")
         if len(rows) <= 40:
             ax.set_xticks(x)
-        ax.set_title(f"{tower}: {len(rows)} clusters (shrinkage {section[tower]['shrinkage']:g})")
+        ax.set_title(f"{tower}: {len(rows)} clusters (rank {t.get('rank', 0)}, shrinkage {t['shrinkage']:g})")
         ax.legend(fontsize=7)
+        if fit:
+            _cluster_fit(axes[1], rows)
+        if curve:
+            _k_curve(axes[-1], t.get("k_curve"), t["k"])
     return _save(fig, out, "cluster_sizes.png")
+
+
+def _cluster_fit(ax, rows: list) -> None:
+    """Each cluster's held-out rows: mean local log-likelihood, and their mean global one."""
+    kept = [(r["cluster"], r["heldout_loglik"], r["heldout_global_loglik"]) for r in rows
+            if r.get("heldout_loglik") is not None]
+    if kept:
+        x, local, glob = (np.array(v, dtype=float) for v in zip(*kept))
+        ax.plot(x, local, "o", ms=3, label="local (mixture)")
+        ax.plot(x, glob, "x", ms=3, color="C7", label="global")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("held-out mean log-likelihood")
+    ax.set_title("fit per cluster (held-out rows)")
+
+
+def _k_curve(ax, k_curve, chosen: int) -> None:
+    """Held-out mean log-likelihood of each K that --clusters auto tried, the chosen one marked."""
+    if k_curve:
+        ks = sorted(int(k) for k in k_curve)
+        ax.plot(ks, [k_curve[str(k)] for k in ks], "o-", ms=3)
+        ax.axvline(chosen, color="C3", lw=1, ls="--", label=f"chosen K = {chosen}")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    ax.set_xlabel("K")
+    ax.set_ylabel("held-out mean log-likelihood")
+    ax.set_title("--clusters auto: K by held-out rows" if k_curve else "K given (no curve)")
 
 
 def qq_plot(out: str, towers: dict) -> tuple[str | None, list]:

@@ -153,11 +153,13 @@ def render_readme(card: dict) -> str:
 MAX_CLUSTERS_SHOWN = 100  # clusters per tower listed in the README; card.json lists them all
 LOCAL_METHOD = (
     "The statistics also model each tower as a mixture of K clusters in the whitened space (spherical k-means "
-    "of the reference, a Gaussian per cluster whose variances are shrunk toward the global ones by the "
-    "shrinkage chosen on held-out rows). `<tower>_local_loglik` is a row's log-likelihood under that mixture "
-    "(in the units of `<tower>_loglik`), `<tower>_cluster` its most likely cluster and `<tower>_local_pvalue` "
-    "the share of that cluster's held-out reference rows that were less likely. A low local log-likelihood "
-    "marks a sample that is atypical even among its nearest kind, which the one global Gaussian cannot see.")
+    "of the reference with restarts, then EM of the mixture itself with split-and-merge moves; each cluster a "
+    "Gaussian with its own leading directions, their number (the rank) and each cluster's shrinkage toward the "
+    "global covariance chosen on held-out rows; with `--clusters auto` K too). `<tower>_local_loglik` is a row's "
+    "log-likelihood under that mixture (in the units of `<tower>_loglik`), `<tower>_cluster` its most likely "
+    "cluster and `<tower>_local_pvalue` the share of that cluster's held-out reference rows that were less likely. "
+    "A low local log-likelihood marks a sample that is atypical even among its nearest kind, which the one global "
+    "Gaussian cannot see.")
 
 
 def _text(value, width: int = 80) -> str:
@@ -179,11 +181,13 @@ def _cluster_lines(section: dict) -> list:
         more = [f"The first {len(shown)} of {len(rows)} clusters; card.json lists them all.", ""] \
             if len(rows) > len(shown) else []
         corpus = "" if t["corpus_rows"] is None else f", {t['corpus_rows']:,} corpus rows"
-        out += [f"### {tower} tower: {t['k']} clusters, shrinkage {t['shrinkage']:g}{corpus}", ""] + more
+        out += [f"### {tower} tower: {t['k']} clusters, shrinkage {t['shrinkage']:g}, rank {t.get('rank', 0)}"
+                f"{corpus}", ""] + _fit_lines(t) + more
         out += _table(["cluster", "reference rows", "reference share", "held-out rows", "smallest p-value",
-                       "corpus rows", "corpus share", "corpus / reference"],
+                       "held-out loglik (local / global)", "corpus rows", "corpus share", "corpus / reference"],
                       [[r["cluster"], r["reference_rows"], _share(r["reference_weight"]), r["heldout_rows"],
-                        r["pvalue_floor"], r["corpus_rows"], _share(r["corpus_share"]),
+                        r["pvalue_floor"], _pair(r.get("heldout_loglik"), r.get("heldout_global_loglik")),
+                        r["corpus_rows"], _share(r["corpus_share"]),
                         "–" if r["corpus_over_reference"] is None else f"{r['corpus_over_reference']:.2f}"]
                        for r in shown])
         listed = [[r["cluster"], e["key"], _text(e.get("caption")), _text(e.get("url"), 60), e["local_loglik"],
@@ -193,6 +197,22 @@ def _cluster_lines(section: dict) -> list:
                     f"with status `ok` per cluster):", ""]
             out += _table(["cluster", "key", "caption", "url", "local loglik", "local p-value"], listed)
     return out
+
+
+def _fit_lines(t: dict) -> list:
+    """How well the mixture fits the held-out rows, and with --clusters auto the K it chose from."""
+    lines = []
+    if t.get("heldout_loglik") is not None:
+        lines.append(f"Held-out mean log-likelihood: {t['heldout_loglik']:.2f} under the mixture, "
+                     f"{t['heldout_global_loglik']:.2f} under the global Gaussian.")
+    if t.get("k_curve"):
+        tried = ", ".join(f"K = {k}: {v:.2f}" for k, v in sorted(t["k_curve"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"K was chosen on the held-out rows (`--clusters auto`): {tried}.")
+    return lines + [""] if lines else []
+
+
+def _pair(a, b) -> str:
+    return "–" if a is None else f"{a:.2f} / {b:.2f}"
 
 
 def _share(x) -> str:

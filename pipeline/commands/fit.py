@@ -6,6 +6,11 @@ from pipeline.config import CLUSTER_SAMPLE, MAX_HELDOUT
 HELP = "fit whitening statistics (mean, whitening matrix, calibration) on reference shards or embeddings"
 
 
+def cluster_count(text: str):
+    """``--clusters``: ``auto`` or an integer (checked by the config)."""
+    return "auto" if text == "auto" else int(text)
+
+
 def _components(value: str):
     if value in ("auto", "all", "none", "None"):
         return "auto" if value == "auto" else None
@@ -29,9 +34,10 @@ def add_arguments(p):
                    help="held-out rows kept for calibration, per tower (those with the smallest key hashes), so "
                         "memory stays bounded whatever the corpus size")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    g.add_argument("--clusters", type=int, metavar="K",
+    g.add_argument("--clusters", type=cluster_count, metavar="K",
                    help="also fit the local likelihood: K clusters of the reference, a Gaussian each (the scores "
-                        "gain <tower>_cluster, <tower>_local_loglik and <tower>_local_pvalue); default: off")
+                        "gain <tower>_cluster, <tower>_local_loglik and <tower>_local_pvalue), or 'auto': K chosen "
+                        "on the held-out rows; default: off")
     g.add_argument("--cluster-sample", type=int, default=CLUSTER_SAMPLE,
                    help="fit rows the clusters are found on (those with the smallest key hashes), per tower")
     norm = g.add_mutually_exclusive_group()

@@ -4,23 +4,24 @@ The global fit whitens ``x`` to ``z = (x - mu) W`` (``m`` coordinates), where th
 ``N(0, I)``. A web corpus is a mixture of modes, so the fit also partitions the reference into ``K``
 clusters and gives each its own Gaussian in those coordinates:
 
-* **clusters**: spherical k-means (cosine; k-means++ seeding, Lloyd iterations, exact NumPy) of a sample
-  of fit rows, centred on the global mean (every CLIP embedding shares one large direction, which would
-  otherwise dominate every cosine). Exact NumPy rather than faiss: a sample of 10^5 rows
-  clusters in seconds, the result is deterministic for a seed, and no native dependency is added.
-* **per-cluster whitening**: mean ``c_k`` and per-coordinate variance of the cluster's ``z`` rows, shrunk
-  toward the global covariance (``I`` in these coordinates): ``v_k = (1 - a) var_k + a``. The covariance is
-  diagonal in the global eigenbasis, which is what makes every row's likelihood under *all* clusters one
-  GEMM (``[z*z, z] @ [1/v; -2c/v]``, ``2m x K``) instead of ``K`` whitenings.
-* **shrinkage ``a``**: chosen on the held-out rows, the value of :data:`SHRINKAGE_GRID` that maximises
-  their mean mixture log-likelihood (small clusters get noisy variances; the held-out rows say how much
-  to trust them).
-* **weights** ``pi_k``: the clusters' shares of the sample.
-* **calibration**: the held-out rows' ``s_k`` (squared norm in their most likely cluster's whitening),
-  sorted per cluster: a row's local p-value is the share of its cluster's held-out rows that were less likely.
+* **clusters**: spherical k-means with restarts (:mod:`pipeline.whitening.kmeans`) of a sample of fit rows,
+  centred on the global mean (every CLIP embedding shares one large direction, which would otherwise dominate
+  every cosine), then **EM of the mixture itself** on the sample (:mod:`pipeline.whitening.em`): soft
+  assignments, weights, means, variances and each cluster's own directions.
+* **per-cluster covariance**: ``C_k = diag(v_k) + U_k U_k^T`` in the global eigenbasis, ``U_k`` the cluster's
+  ``r`` leading directions (``r`` chosen on held-out rows over :data:`~pipeline.whitening.em.RANK_GRID`;
+  ``r = 0``: a diagonal covariance, the model of stats files before ``wclip-stats/4``), so that clusters
+  oriented differently from the global eigenbasis are modelled. Every row's likelihood under *all* clusters
+  stays a few GEMMs (:mod:`pipeline.whitening.gaussians`) instead of ``K`` whitenings.
+* **shrinkage per cluster** ``a_k``: ``(1 - a_k) C_k + a_k I`` (toward the global covariance), chosen on the
+  held-out rows (:func:`~pipeline.whitening.em.choose_shrinkage`); ``shrinkage`` is the best single value.
+* **weights** ``pi_k``: EM's; **K**: given, or ``auto`` (:data:`AUTO`): the K of :data:`AUTO_GRID` whose
+  mixture has the largest held-out mean log-likelihood (K = 1, the global Gaussian, included), the curve kept.
+* **calibration**: the held-out rows' ``s_k`` (squared Mahalanobis norm in their most likely cluster), sorted
+  per cluster: a row's local p-value is the share of its cluster's held-out rows that were less likely.
 
-Scores of a row (:meth:`ClusterWhitening.score`): ``s_k = sum_j (z_j - c_kj)^2 / v_kj``,
-``log N_k = -0.5 (m log 2pi + s_k) - 0.5 sum_j log v_kj``; ``cluster`` = the most likely component,
+Scores of a row (:meth:`ClusterWhitening.score`): ``s_k = (z - c_k)^T C_k^-1 (z - c_k)``,
+``log N_k = -0.5 (m log 2pi + s_k) - 0.5 log|C_k|``; ``cluster`` = the most likely component,
 ``local_loglik = log sum_k pi_k N_k(z)`` (log-sum-exp), in the units of the global log-likelihood: add the
 global ``log_det`` for the density of ``x`` in the kept subspace. One cluster *is* the global Gaussian
 (``c = 0``, ``v = 1``, the global calibration), and scores exactly as the global fit does.
@@ -34,71 +35,65 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.whitening.em import SHRINKAGE_GRID, fit_mixture
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
+from pipeline.whitening.gaussians import MixtureParameters, mixture_parameters, shrunk
 from pipeline.whitening.kernels.numpy_backend import NumpyMixture
+from pipeline.whitening.kmeans import KMEANS_MAX_ITER, SAME_DIRECTION, spherical_kmeans
 
-#: Shrinkage values tried on the held-out rows (1.0: every cluster keeps the global covariance).
-SHRINKAGE_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-#: Lloyd iterations of the spherical k-means at most (it stops when no assignment changes).
-KMEANS_MAX_ITER = 100
+__all__ = ["ClusterWhitening", "LocalScores", "AUTO", "AUTO_GRID", "check_clusters", "spherical_kmeans",
+           "SHRINKAGE_GRID", "KMEANS_MAX_ITER", "SAME_DIRECTION", "CLUSTER_TENSORS", "OPTIONAL_TENSORS"]
+
 #: Held-out rows a cluster needs before its local p-values are worth a warning-free fit (p >= 1/(n + 1)).
 MIN_HELDOUT_PER_CLUSTER = 100
-#: Cosine gap below which two unit rows count as one direction: k-means stops seeding when every row is this
-#: close to a chosen centre (there are no more distinct directions to make clusters of).
-SAME_DIRECTION = 1e-6
 #: Tensors of a clustered tower in a stats file, under ``{tower}.clusters.``.
 CLUSTER_TENSORS = ("means", "variances", "weights", "calibration", "calibration_counts")
+#: ... and those only a fit with per-cluster directions writes (``wclip-stats/4``).
+OPTIONAL_TENSORS = ("factors",)
+#: The K ``--clusters auto`` tries (those with at least :data:`AUTO_MIN_ROWS` sampled rows per cluster).
+AUTO_GRID = (1, 2, 4, 8, 16, 32, 64)
+AUTO_MIN_ROWS = 20
+
+
+class AutoClusters(int):
+    """``--clusters auto``: K chosen on held-out rows over :data:`AUTO_GRID`. An int (2, the smallest K above one
+    it can choose) so that every check of a requested cluster count treats it as clusters (held-out rows and a
+    fit sample are needed); it prints, and compares equal only, as ``auto``."""
+
+    def __new__(cls, _value=2):
+        return super().__new__(cls, 2)
+
+    def __repr__(self) -> str:
+        return "'auto'"
+
+    def __str__(self) -> str:
+        return "auto"
+
+    def __format__(self, spec: str) -> str:
+        return format("auto", spec)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AutoClusters) or other == "auto"
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash("auto")
+
+
+#: The one ``--clusters auto`` request.
+AUTO = AutoClusters()
 
 
 def check_clusters(k) -> int:
-    """``k`` as a cluster count (an int >= 1), or a ValueError naming the bad value."""
+    """``k`` as a cluster count (an int >= 1) or :data:`AUTO` (for ``"auto"``), or a ValueError naming the bad
+    value."""
+    if isinstance(k, AutoClusters) or (isinstance(k, str) and k == "auto"):
+        return AUTO
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"clusters must be an integer >= 1; got {k!r}")
+        raise ValueError(f"clusters must be an integer >= 1 or 'auto'; got {k!r}")
     return int(k)
-
-
-def spherical_kmeans(X: np.ndarray, k: int, seed: int = 0, max_iter: int = KMEANS_MAX_ITER) -> np.ndarray:
-    """Cluster labels (int64, one per row) of the rows of ``X`` by cosine: k-means++ seeding on ``1 - cos``,
-    then Lloyd iterations on the unit sphere until no label changes; an emptied cluster is reseeded with the
-    row farthest from its centre. Rows with fewer than ``k`` distinct directions (duplicates) get fewer
-    clusters: seeding stops when every row is a chosen centre (within :data:`SAME_DIRECTION`), so the labels
-    are ``0 .. j - 1`` with ``j`` the number of distinct directions."""
-    U = np.asarray(X, dtype=np.float64)
-    norms = np.linalg.norm(U, axis=1, keepdims=True)
-    U = (U / np.where(norms > 0, norms, 1.0)).astype(np.float32)  # cosines need no more; half the GEMMs' time
-    n = U.shape[0]
-    if n < k:
-        raise ValueError(f"cannot make {k} clusters of {n} rows: pass fewer clusters or more reference rows")
-    rng = np.random.default_rng(seed)
-    centres = np.empty((k, U.shape[1]), dtype=np.float32)
-    centres[0] = U[rng.integers(n)]
-    dist = np.maximum(1.0 - (U @ centres[0]).astype(np.float64), 0.0)
-    for j in range(1, k):
-        if dist.max() < SAME_DIRECTION:  # every row is one of the j centres: no distinct row left to seed
-            k, centres = j, centres[:j]
-            break
-        total = dist.sum()
-        pick = rng.choice(n, p=dist / total) if total > 0 else rng.integers(n)
-        centres[j] = U[pick]
-        dist = np.minimum(dist, np.maximum(1.0 - (U @ centres[j]).astype(np.float64), 0.0))
-    labels = None
-    for _ in range(max_iter):
-        cos = U @ centres.T
-        new = np.argmax(cos, axis=1)
-        if labels is not None and np.array_equal(new, labels):
-            break
-        labels = new
-        members = np.zeros((k, n), dtype=np.float32)
-        members[labels, np.arange(n)] = 1.0
-        sums = members @ U  # a GEMM: np.add.at takes seconds per iteration at 50k x 768
-        counts = np.bincount(labels, minlength=k)
-        for j in np.flatnonzero(counts == 0):  # reseed: the row least like its own centre
-            far = int(np.argmin(cos[np.arange(n), labels]))
-            sums[j], labels[far] = U[far], j
-            cos[far, :] = np.inf
-        lengths = np.linalg.norm(sums, axis=1, keepdims=True)
-        centres = sums / np.where(lengths > 0, lengths, 1.0)
-    return labels
 
 
 def _used_labels(labels: np.ndarray, k: int) -> tuple:
@@ -127,26 +122,22 @@ class ClusterWhitening:
     """Per-cluster Gaussians in the global whitened coordinates (see the module's docstring)."""
 
     means: np.ndarray  # (K, m) cluster means c_k
-    variances: np.ndarray  # (K, m) per-coordinate variances v_k, after shrinkage
+    variances: np.ndarray  # (K, m) the diagonal v_k of each covariance, after shrinkage
     weights: np.ndarray  # (K,) mixture weights, summing to 1
     calibration: np.ndarray  # sorted held-out s_k of cluster 0, then cluster 1, ...
     calibration_counts: np.ndarray  # (K,) held-out rows per cluster
-    shrinkage: float = 1.0  # a in v_k = (1 - a) var_k + a
+    shrinkage: float = 1.0  # the best single a in (1 - a) C_k + a I (each cluster's own: diagnostics["shrinkages"])
     diagnostics: dict = field(default_factory=dict)  # fit-time numbers (sizes, held-out log-likelihoods)
+    factors: Optional[np.ndarray] = None  # (K, m, r) each cluster's own directions U_k, after shrinkage (None: r = 0)
 
     def __post_init__(self):
-        for name in CLUSTER_TENSORS:
+        for name in CLUSTER_TENSORS + (("factors",) if self.factors is not None else ()):
             arr = np.array(getattr(self, name), dtype=np.float64, order="C")
             if not np.isfinite(arr).all():
                 raise ValueError(f"clusters.{name} contains NaN or infinite values")
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
-        k = self.weights.size
-        if self.means.ndim != 2 or self.means.shape[0] != k or self.variances.shape != self.means.shape \
-                or self.calibration_counts.shape != (k,) or self.calibration.ndim != 1 or k < 1:
-            raise ValueError(f"inconsistent cluster shapes: means {self.means.shape}, variances "
-                             f"{self.variances.shape}, weights {self.weights.shape}, calibration counts "
-                             f"{self.calibration_counts.shape}")
+        self._check_shapes()
         if np.any(self.variances <= 0) or np.any(self.weights <= 0) or abs(self.weights.sum() - 1.0) > 1e-9:
             raise ValueError("cluster variances and weights must be positive, and the weights sum to 1")
         counts = self.calibration_counts
@@ -159,6 +150,17 @@ class ClusterWhitening:
         object.__setattr__(self, "diagnostics", dict(self.diagnostics))
         object.__setattr__(self, "_cache", {})
 
+    def _check_shapes(self) -> None:
+        k, factors = self.weights.size, self.factors
+        if self.means.ndim != 2 or self.means.shape[0] != k or self.variances.shape != self.means.shape \
+                or self.calibration_counts.shape != (k,) or self.calibration.ndim != 1 or k < 1 \
+                or (factors is not None and (factors.ndim != 3 or factors.shape[:2] != self.means.shape
+                                             or factors.shape[2] < 1)):
+            raise ValueError(f"inconsistent cluster shapes: means {self.means.shape}, variances "
+                             f"{self.variances.shape}, weights {self.weights.shape}, calibration counts "
+                             f"{self.calibration_counts.shape}" + (f", factors {factors.shape}" if factors is not None
+                                                                    else ""))
+
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def single(cls, components: int, calibration: np.ndarray) -> "ClusterWhitening":
@@ -169,11 +171,12 @@ class ClusterWhitening:
 
     @classmethod
     def fit(cls, z_sample: np.ndarray, z_heldout: np.ndarray, labels: np.ndarray, k: int,
-            global_calibration: np.ndarray) -> "ClusterWhitening":
-        """Per-cluster Gaussians of whitened sample rows ``z_sample`` grouped by ``labels`` (from
-        :func:`spherical_kmeans`), with the shrinkage chosen and the calibration taken on ``z_heldout``.
-        Labels without rows (fewer distinct sample rows than ``k``) are dropped: the fit has fewer clusters,
-        and ``diagnostics["k_requested"]`` keeps ``k`` for :meth:`warnings`."""
+            global_calibration: np.ndarray, seed: int = 0, ranks: Optional[tuple] = None) -> "ClusterWhitening":
+        """The mixture of whitened sample rows ``z_sample`` by EM from ``labels`` (from :func:`spherical_kmeans`),
+        with its rank (over ``ranks``, default :data:`~pipeline.whitening.em.RANK_GRID`) and shrinkages chosen and
+        the calibration taken on ``z_heldout``. Labels without rows (fewer distinct sample rows than ``k``) and
+        clusters EM empties are dropped: the fit has fewer clusters, and ``diagnostics["k_requested"]`` keeps
+        ``k`` for :meth:`warnings`."""
         requested = check_clusters(k)
         m = z_sample.shape[1]
         labels, k = _used_labels(np.asarray(labels), requested)
@@ -184,32 +187,36 @@ class ClusterWhitening:
         if z_heldout.shape[0] == 0:
             raise ValueError("clusters choose their shrinkage on held-out rows, but there are none: use "
                              "holdout > 0 (e.g. 0.1)")
-        sizes = np.bincount(labels, minlength=k)
-        means = np.zeros((k, m))
-        raw = np.ones((k, m))
-        for j in range(k):
-            rows = z_sample[labels == j]
-            means[j] = rows.mean(axis=0)
-            if rows.shape[0] > 1:
-                raw[j] = rows.var(axis=0, ddof=1)
-        weights = sizes / sizes.sum()
-        heldout_loglik = {}
-        for a in SHRINKAGE_GRID:
-            trial = cls(means=means, variances=(1.0 - a) * raw + a, weights=weights, calibration=np.zeros(0),
-                        calibration_counts=np.zeros(k), shrinkage=a)
-            heldout_loglik[a] = float(np.mean(NumpyMixture(trial).terms(z_heldout)[0]))
-        best = max(SHRINKAGE_GRID, key=lambda a: (heldout_loglik[a], a))
-        variances = (1.0 - best) * raw + best
-        chosen = cls(means=means, variances=variances, weights=weights, calibration=np.zeros(0),
-                     calibration_counts=np.zeros(k), shrinkage=best)
-        _, own, s_own = NumpyMixture(chosen).terms(z_heldout)
+        fitted = fit_mixture(z_sample, z_heldout, labels, seed, **({"ranks": ranks} if ranks is not None else {}))
+        mix, choice = fitted.mixture, fitted.shrinkage
+        variances, factors = shrunk(mix.variances, mix.factors, choice.per_cluster)
+        chosen = cls(means=mix.means, variances=variances, weights=mix.weights, calibration=np.zeros(0),
+                     calibration_counts=np.zeros(mix.weights.size), shrinkage=choice.shared, factors=factors)
+        return chosen._calibrated(z_sample, z_heldout, requested, fitted)
+
+    def _calibrated(self, z_sample: np.ndarray, z_heldout: np.ndarray, requested: int, fitted) -> "ClusterWhitening":
+        """This mixture with its held-out calibration tables and the fit's diagnostics."""
+        k, m = self.k, self.components
+        local, own, s_own = NumpyMixture(self).terms(z_heldout)
         tables = [np.sort(s_own[own == j]) for j in range(k)]
-        diagnostics = {"sizes": sizes.tolist(), "heldout_sizes": [t.size for t in tables],
+        global_ll = loglik_from_sqnorm(np.sum(z_heldout ** 2, 1), m)
+        per_cluster = [(float(np.mean(local[own == j])), float(np.mean(global_ll[own == j]))) if t.size else
+                       (None, None) for j, t in enumerate(tables)]
+        diagnostics = {"sizes": np.bincount(NumpyMixture(self).terms(z_sample)[1], minlength=k).tolist(),
+                       "heldout_sizes": [t.size for t in tables],
                        **({"k_requested": requested} if requested != k else {}),
-                       "heldout_local_loglik": {str(a): v for a, v in heldout_loglik.items()},
-                       "heldout_global_loglik": float(np.mean(loglik_from_sqnorm(np.sum(z_heldout ** 2, 1), m)))}
-        return cls(means=means, variances=variances, weights=weights, calibration=np.concatenate(tables),
-                   calibration_counts=np.array([t.size for t in tables]), shrinkage=best, diagnostics=diagnostics)
+                       **({"k_distinct": fitted.clusters} if fitted.clusters != k else {}),
+                       "rank": fitted.rank, "shrinkages": fitted.shrinkage.per_cluster.tolist(),
+                       "heldout_local_loglik": {str(a): v for a, v in fitted.shrinkage.curve.items()},
+                       "heldout_loglik": float(np.mean(local)),
+                       "heldout_global_loglik": float(np.mean(global_ll)),
+                       "heldout_cluster_loglik": [p[0] for p in per_cluster],
+                       "heldout_cluster_global_loglik": [p[1] for p in per_cluster],
+                       "rank_curve": {str(r): v for r, v in fitted.rank_curve.items()},
+                       "em_iterations": {str(r): v for r, v in fitted.em_iterations.items()},
+                       "split_merge_moves": fitted.split_merge_moves, "fit_seconds": fitted.seconds}
+        return replace(self, calibration=np.concatenate(tables), calibration_counts=np.array([t.size for t in tables]),
+                       diagnostics=diagnostics)
 
     # ---- shape ----------------------------------------------------------------------------
     @property
@@ -229,17 +236,17 @@ class ClusterWhitening:
         ends = np.cumsum(self.calibration_counts.astype(np.int64))
         return np.split(self.calibration, ends[:-1])
 
-    def parameters(self, dtype) -> tuple:
-        """``(P (2m + 1, K), log_norm (K,))`` in ``dtype``: ``[z*z, z, 1] @ P`` is every cluster's
-        ``log pi_k + log N_k(z) + 0.5 m log 2pi = log_norm_k - 0.5 s_k`` at once (one GEMM), where ``log_norm_k
-        = log pi_k - 0.5 sum_j log v_kj``."""
+    @property
+    def rank(self) -> int:
+        """``r``: each cluster's own directions (0: diagonal covariances)."""
+        return 0 if self.factors is None else self.factors.shape[2]
+
+    def parameters(self, dtype) -> MixtureParameters:
+        """:func:`~pipeline.whitening.gaussians.mixture_parameters` in ``dtype`` (cached): ``[z*z, z, 1] @ P`` plus
+        the directions' term is every cluster's ``log pi_k + log N_k(z) + 0.5 m log 2pi = log_norm_k - 0.5 s_k``."""
         key = np.dtype(dtype).str
         if key not in self._cache:
-            inv = 1.0 / self.variances
-            log_norm = np.log(self.weights) - 0.5 * np.sum(np.log(self.variances), axis=1)
-            P = np.concatenate([-0.5 * inv.T, (self.means * inv).T,
-                                (log_norm - 0.5 * np.sum(self.means ** 2 * inv, axis=1))[None, :]])
-            self._cache[key] = (np.ascontiguousarray(P, dtype=dtype), np.ascontiguousarray(log_norm, dtype=dtype))
+            self._cache[key] = mixture_parameters(self.weights, self.means, self.variances, self.factors, dtype)
         return self._cache[key]
 
     # ---- scores ---------------------------------------------------------------------------
@@ -286,9 +293,14 @@ class ClusterWhitening:
         are too few for fine p-values (a cluster with n held-out rows gives no local p-value below 1 / (n + 1))."""
         lines = []
         requested = self.diagnostics.get("k_requested")
-        if requested and requested != self.k:
+        distinct = self.diagnostics.get("k_distinct", self.k)  # k-means' clusters, before EM emptied any
+        if requested and requested != "auto" and requested != distinct:
             lines.append(f"{tower}: asked for {requested} clusters, fitted {self.k}: the reference sample has only "
-                         f"{self.k} distinct direction(s), and a cluster of copies of one row cannot be calibrated")
+                         f"{distinct} distinct direction(s), and a cluster of copies of one row cannot be calibrated")
+        if distinct != self.k:
+            lines.append(f"{tower}: {distinct - self.k} of {distinct} clusters were left with (almost) no sample rows "
+                         f"by EM and dropped: the reference has fewer modes than clusters; --clusters auto chooses "
+                         f"K by the held-out rows")
         counts = self.calibration_counts.astype(int)
         empty = int(np.sum(counts == 0))
         if self.k > 1 and empty:
@@ -310,5 +322,6 @@ class ClusterWhitening:
                 "calibration_counts": [int(c) for c in self.calibration_counts], **self.diagnostics}
 
     def tensors(self) -> dict:
-        """The arrays a stats file stores (:data:`CLUSTER_TENSORS`)."""
-        return {name: getattr(self, name) for name in CLUSTER_TENSORS}
+        """The arrays a stats file stores (:data:`CLUSTER_TENSORS`, and ``factors`` with per-cluster directions)."""
+        return {name: getattr(self, name) for name in CLUSTER_TENSORS + OPTIONAL_TENSORS
+                if getattr(self, name) is not None}

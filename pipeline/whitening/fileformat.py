@@ -16,8 +16,10 @@ import numpy as np
 
 from pipeline.errors import StatsFileError
 
-FORMAT = "wclip-stats/3"  # /2: a digest ties the metadata to the tensors; /3: optional cluster tensors
-READABLE = ("wclip-stats/2", FORMAT)  # a /2 file is a /3 file without clusters
+FORMAT = "wclip-stats/4"  # /2: a digest ties the metadata to the tensors; /3: optional cluster tensors; /4: optional
+#                           per-cluster directions (clusters.factors)
+READABLE = ("wclip-stats/2", "wclip-stats/3", FORMAT)  # a /2 file is a /3 file without clusters, a /3 one a /4
+#                                                        file without factors
 REDO = "Re-run `wclip fit` to create a valid stats file."
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +36,17 @@ import numpy as np
 
 from pipeline.errors import StatsFileError
 from pipeline.whitening import fileformat
-from pipeline.whitening.clusters import CLUSTER_TENSORS, ClusterWhitening, LocalScores, check_clusters, spherical_kmeans
+from pipeline.whitening.clusters import (
+    AUTO,
+    AUTO_GRID,
+    AUTO_MIN_ROWS,
+    CLUSTER_TENSORS,
+    OPTIONAL_TENSORS,
+    ClusterWhitening,
+    LocalScores,
+    check_clusters,
+    spherical_kmeans,
+)
 from pipeline.whitening.diagnostics import normality_pass_rates
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
 from pipeline.whitening.moments import Moments, as_rows, check_fraction, holdout_mask
@@ -121,11 +131,27 @@ def _jsonable(value):
 def _fit_clusters(k: int, fit_sample, held: np.ndarray, mean: np.ndarray, W: np.ndarray, cal: np.ndarray,
                   seed: int) -> ClusterWhitening:
     """The local likelihood's mixture: spherical k-means of the centred fit sample (the direction every CLIP
-    embedding shares removed, so that cosine separates the modes), Gaussians in the whitened space."""
+    embedding shares removed, so that cosine separates the modes), then EM of the Gaussians in the whitened space;
+    for ``k`` = :data:`~pipeline.whitening.clusters.AUTO` the K of the grid with the best held-out log-likelihood
+    (the grid is climbed until a K does worse than the best so far)."""
     if k == 1:
         return ClusterWhitening.single(W.shape[1], cal)
     centred = as_rows(fit_sample, "fit rows", dim=mean.size) - mean
-    return ClusterWhitening.fit(centred @ W, (held - mean) @ W, spherical_kmeans(centred, k, seed), k, cal)
+    z, zh = centred @ W, (held - mean) @ W
+    if k != AUTO:
+        return ClusterWhitening.fit(z, zh, spherical_kmeans(centred, k, seed), k, cal, seed=seed)
+    if zh.shape[0] == 0:
+        raise ValueError("--clusters auto chooses K on held-out rows, but there are none: use holdout > 0 (e.g. 0.1)")
+    fits = {1: ClusterWhitening.single(W.shape[1], cal)}
+    curve = {1: float(np.mean(loglik_from_sqnorm(np.sum(zh ** 2, axis=1), W.shape[1])))}
+    for K in (K for K in AUTO_GRID if 1 < K and K * AUTO_MIN_ROWS <= z.shape[0]):
+        fits[K] = ClusterWhitening.fit(z, zh, spherical_kmeans(centred, K, seed), K, cal, seed=seed)
+        curve[K] = fits[K].diagnostics.get("heldout_loglik", curve[1]) if fits[K].k > 1 else curve[1]
+        if curve[K] < max(curve.values()):  # past the best K: larger ones only cost more
+            break
+    best = max(curve, key=lambda K: (curve[K], -K))
+    return replace(fits[best], diagnostics={**fits[best].diagnostics, "k_requested": "auto", "k_chosen": best,
+                                            "k_curve": {str(K): v for K, v in curve.items()}})
 
 
 @dataclass(frozen=True, eq=False)
@@ -365,7 +391,7 @@ class WhiteningStats:
         if any(name.startswith("clusters.") for name in arrays):
             info = summary["clusters"]
             clusters = ClusterWhitening(**{n: arrays[f"clusters.{n}"] for n in CLUSTER_TENSORS},
-                                        shrinkage=info["shrinkage"],
+                                        factors=arrays.get("clusters.factors"), shrinkage=info["shrinkage"],
                                         diagnostics={k: v for k, v in info.items()
                                                      if k not in ("k", "shrinkage", "weights", "calibration_counts")})
         ws = cls(**{n: arrays[n] for n in TENSORS}, n_fit=summary["n_fit"], shrinkage=summary["shrinkage"],
@@ -408,7 +434,7 @@ def read_towers(path, dim: int | None = None) -> tuple[dict, dict]:
     def expected(meta):
         towers = meta["towers"]
         return ({f"{t}.{n}" for t in towers for n in TENSORS},
-                {f"{t}.clusters.{n}" for t in towers for n in CLUSTER_TENSORS})
+                {f"{t}.clusters.{n}" for t in towers for n in CLUSTER_TENSORS + OPTIONAL_TENSORS})
 
     arrays, meta = fileformat.read(path, expected)
     towers = meta["towers"]

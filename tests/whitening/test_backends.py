@@ -134,7 +134,10 @@ def test_numpy_and_torch_backends_agree_to_float32_rounding(fitted):
     b = BlockScorer(stats, "cpu", "torch").score(x32)
     fine = np.isfinite(a.sqnorm)
     np.testing.assert_allclose(a.sqnorm[fine], b.sqnorm[fine], rtol=1e-5)
-    np.testing.assert_allclose(a.local_loglik[fine], b.local_loglik[fine], rtol=1e-5)
+    # float32 GEMMs against float64 ones: the mixture's terms cancel (|z B| and |B^T c| much larger than the
+    # difference), so its log-likelihood keeps about 5 digits, as the fp32 whitening's sqnorm keeps 6
+    assert stats.clusters.rank > 0
+    np.testing.assert_allclose(a.local_loglik[fine], b.local_loglik[fine], rtol=1e-4)
     assert np.mean(a.cluster == b.cluster) > 0.99
 
 

@@ -34,11 +34,9 @@ def test_local_loglik_matches_the_scipy_mixture(components):
     np.testing.assert_allclose(local.loglik, oracle.local_loglik(stats, Y), rtol=1e-11, atol=1e-9)
     # the cluster is the most likely component, s_own its squared norm, the p-value its table's share
     cw = stats.clusters
-    z = (Y - stats.mean) @ stats.whitening
-    s_all = np.stack([np.sum((z - cw.means[k]) ** 2 / cw.variances[k], axis=1) for k in range(cw.k)], axis=1)
-    post = np.log(cw.weights) - 0.5 * np.sum(np.log(cw.variances), axis=1) - 0.5 * s_all
-    np.testing.assert_array_equal(local.cluster, post.argmax(axis=1))
-    np.testing.assert_allclose(local.sqnorm, s_all[np.arange(len(Y)), local.cluster], rtol=1e-10)
+    s_all = oracle.cluster_sqnorms(stats, Y)
+    np.testing.assert_array_equal(local.cluster, oracle.most_likely_cluster(stats, Y)[0])
+    np.testing.assert_allclose(local.sqnorm, s_all[np.arange(len(Y)), local.cluster], rtol=1e-9)
     tables = cw.tables()
     for i, (c, s) in enumerate(zip(local.cluster, local.sqnorm)):
         assert local.pvalue[i] == pytest.approx((1 + np.sum(tables[c] >= s)) / (tables[c].size + 1))
@@ -234,8 +232,12 @@ def test_a_cluster_without_heldout_rows_takes_the_pooled_table():
     stats = WhiteningStats.fit(X, holdout=0.1, clusters=64)
     cw = stats.clusters
     empty = np.flatnonzero(cw.calibration_counts == 0)
-    assert cw.k == 64 and empty.size > 0   # the situation of the issue
-    assert f"image: {empty.size} of 64 clusters have no held-out row: their rows' local p-values are taken " \
+    assert cw.k >= 60 and empty.size > 0   # the situation of the issue (EM may empty a few of the 64)
+    if cw.k < 64:
+        assert f"image: {64 - cw.k} of 64 clusters were left with (almost) no sample rows by EM and dropped: the " \
+               "reference has fewer modes than clusters; --clusters auto chooses K by the held-out rows" \
+               in cw.warnings("image")
+    assert f"image: {empty.size} of {cw.k} clusters have no held-out row: their rows' local p-values are taken " \
            "against all clusters' held-out rows (pooled); use fewer --clusters, a larger --holdout or more " \
            "reference rows" in cw.warnings("image")
     Y = np.concatenate([X, base[rng.integers(20, size=2000)] + rng.normal(size=(2000, 8)) * 0.5])

@@ -2,9 +2,10 @@
 
 * :class:`NumpyWhitener`: ``w = (x - mu) @ W`` as one float32 GEMM and ``sqnorm = ||w||^2`` (float32), the
   log-likelihood from :func:`~pipeline.whitening.formulas.loglik_from_sqnorm` (float64).
-* :class:`NumpyMixture`: every row against every cluster in two GEMMs (``z*z @ P[:m]`` and ``z @ P[m:2m]``, the
-  matrices of :meth:`~pipeline.whitening.clusters.ClusterWhitening.parameters`), a row-wise max and a log-sum-exp,
-  in the whitened rows' own precision (float32 on the embeddings path, float64 in the fit).
+* :class:`NumpyMixture`: every row against every cluster in two GEMMs (``z*z @ P[:m]`` and ``z @ P[m:2m]``) plus,
+  with per-cluster directions, one more (``z @ B``): the matrices of :mod:`pipeline.whitening.gaussians`; a
+  row-wise max and a log-sum-exp, in the whitened rows' own precision (float32 on the embeddings path, float64 in
+  the fit).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from pipeline.whitening.formulas import half_m_log_2pi, loglik_from_sqnorm
 from pipeline.whitening.kernels.reference import check_parameters
 
-__all__ = ["NumpyWhitener", "NumpyMixture", "mixture_terms"]
+__all__ = ["NumpyWhitener", "NumpyMixture", "component_logp", "mixture_terms"]
 
 
 class NumpyWhitener:
@@ -64,11 +65,12 @@ class NumpyWhitener:
         return f"NumpyWhitener(d={self.d}, m={self.m})"
 
 
-def mixture_terms(P: np.ndarray, log_norm: np.ndarray, z: np.ndarray, work: Optional[tuple] = None) -> tuple:
-    """``(local loglik float64, own cluster, s_own float64)`` of whitened rows ``z`` (float32 or float64, as
-    given; ``P`` and ``log_norm`` in that dtype) against every cluster; ``work``: arrays of ``z``'s dtype to
-    compute in (``(n, m)``, ``(n, K)``, ``(n, K)``), reused by a caller that scores many blocks."""
+def component_logp(params, z: np.ndarray, work: Optional[tuple] = None) -> np.ndarray:
+    """``log pi_k + log N_k(z) + 0.5 m log 2pi`` of whitened rows ``z`` (n, m) under every cluster, (n, K) in
+    ``z``'s dtype (``params``: :class:`~pipeline.whitening.gaussians.MixtureParameters` in that dtype); ``work``:
+    arrays to compute in (``(n, m)``, ``(n, K)``, ``(n, K)``), the second one returned."""
     n, m = z.shape
+    P = params.P
     k = P.shape[1]
     squares, logp, linear = (np.empty(shape, z.dtype) for shape in ((n, m), (n, k), (n, k))) if work is None \
         else (w[:n] for w in work)
@@ -76,9 +78,22 @@ def mixture_terms(P: np.ndarray, log_norm: np.ndarray, z: np.ndarray, work: Opti
     np.matmul(squares, P[:m], out=logp)  # two GEMMs: stacking [z*z, z] first costs more at large m
     logp += np.matmul(z, P[m:2 * m], out=linear)
     logp += P[2 * m]
+    if params.rank:  # the clusters' own directions: + 0.5 ||z B_k - b_k||^2, one GEMM for all clusters
+        g = np.matmul(z, params.directions)
+        g -= params.offsets
+        g *= g
+        logp += np.matmul(g, params.halves, out=linear)
+    return logp
+
+
+def mixture_terms(params, z: np.ndarray, work: Optional[tuple] = None) -> tuple:
+    """``(local loglik float64, own cluster, s_own float64)`` of finite whitened rows ``z`` (float32 or float64,
+    as given; ``params`` in that dtype) against every cluster (see :func:`component_logp`)."""
+    m = z.shape[1]
+    logp = component_logp(params, z, work)
     own = np.argmax(logp, axis=1)
     top = np.take_along_axis(logp, own[:, None], axis=1)
-    s_own = np.maximum(2.0 * (log_norm[own].astype(np.float64) - top[:, 0]), 0.0)  # rounding: never < 0
+    s_own = np.maximum(2.0 * (params.log_norm[own].astype(np.float64) - top[:, 0]), 0.0)  # rounding: never < 0
     logp -= top
     np.exp(logp, out=logp)  # terms in (0, 1]: the largest is 1
     total = logp.sum(axis=1)
@@ -99,8 +114,7 @@ class NumpyMixture:
 
     def terms(self, z: np.ndarray, work: Optional[tuple] = None) -> tuple:
         """:func:`mixture_terms` of finite rows ``z`` with this mixture's parameters in ``z``'s dtype."""
-        P, log_norm = self.clusters.parameters(z.dtype)
-        return mixture_terms(P, log_norm, z, work)
+        return mixture_terms(self.clusters.parameters(z.dtype), z, work)
 
     def mixture(self, z: np.ndarray, sqnorm: np.ndarray, work: Optional[tuple] = None) -> tuple:
         """``(cluster, loglik, s_own)`` of whitened rows ``z`` (n, m; float32 or float64) whose global squared

@@ -6,7 +6,8 @@
 * :class:`TorchMixture`: the mixture of :meth:`pipeline.whitening.clusters.ClusterWhitening.mixture` on the
   whitened rows a whitener already made (:meth:`score_and_whiten`), so that on a GPU nothing goes back to the
   host but three numbers a row: one GEMM against every cluster at once (``[w*w, w, 1] @ P``, ``(2m + 1) x K``),
-  a row-wise max and a log-sum-exp; float32 on CUDA, float64 elsewhere.
+  one more for the clusters' own directions (``w @ B``, ``m x K r``), a row-wise max and a log-sum-exp; float32
+  on CUDA, float64 elsewhere.
 
 The whiteners share ``d``, ``m``, ``score(x) -> (sqnorm, loglik)`` (float32 tensors of shape ``(B,)`` on the
 whitener's device), ``whiten(x) -> (B, m)`` float32 and ``score_and_whiten(x)``; every log-likelihood comes from
@@ -101,8 +102,10 @@ class TorchMixture:
         self.device = torch.device(device)
         self.k, self.m = clusters.k, clusters.components
         self.dtype = torch.float32 if self.device.type == "cuda" else torch.float64
-        P, log_norm = clusters.parameters(np.float64)
-        self._P, self._log_norm = (torch.tensor(a, dtype=self.dtype, device=self.device) for a in (P, log_norm))
+        params = clusters.parameters(np.float64)
+        self.rank = params.rank
+        self._P, self._log_norm, self._directions, self._offsets, self._halves = (
+            torch.tensor(a, dtype=self.dtype, device=self.device) for a in params[:5])
 
     def mixture(self, w: torch.Tensor, sqnorm: torch.Tensor, loglik: torch.Tensor) -> tuple:
         """``(cluster int64, local loglik, s_own)`` tensors for whitened rows ``w`` (B, m) whose global squared
@@ -114,6 +117,9 @@ class TorchMixture:
         z = torch.where(bad[:, None], 0.0, w.to(self.dtype))
         ones = torch.ones((z.shape[0], 1), dtype=self.dtype, device=self.device)
         logp = torch.cat([z * z, z, ones], dim=1) @ self._P  # log pi_k + log N_k + 0.5 m log 2pi, every cluster
+        if self.rank:  # the clusters' own directions (pipeline.whitening.gaussians)
+            g = z @ self._directions - self._offsets
+            logp = logp + (g * g) @ self._halves
         top, own = logp.max(dim=1)
         s_own = (2.0 * (self._log_norm[own] - top)).clamp_(min=0.0)
         local = top + torch.log(torch.exp(logp - top[:, None]).sum(dim=1)) - half_m_log_2pi(self.m)
