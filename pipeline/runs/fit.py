@@ -15,6 +15,7 @@ from pipeline.executors import open_executor
 from pipeline.runs.reference import Reference
 from pipeline.sources import source_for
 from pipeline.whitening import StatsFile
+from pipeline.whitening.clusters import AutoClusters
 
 log = logging.getLogger("wclip")
 
@@ -77,7 +78,8 @@ def write_stats(cfg, towers: dict, ref: Reference, fields: dict) -> None:
     metadata = {
         **fields,
         "components_requested": cfg.components, "shrinkage": cfg.shrinkage, "holdout": cfg.holdout,
-        "clusters": cfg.clusters, "cluster_sample": cfg.cluster_sample if cfg.clusters else None,
+        "clusters": "auto" if isinstance(cfg.clusters, AutoClusters) else cfg.clusters,  # (AUTO is an int)
+        "cluster_sample": cfg.cluster_sample if cfg.clusters else None,
         "seed": cfg.seed, "n_reference": ref.usable, "max_heldout": cfg.max_heldout,
         "n_heldout": {t: ws.n_heldout for t, ws in towers.items()},
         "components": {t: ws.components for t, ws in towers.items()},

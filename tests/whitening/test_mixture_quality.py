@@ -164,6 +164,7 @@ def test_embeddings_fit_and_score_find_the_modes(tmp_path, clusters):
                  clusters, "--holdout", "0.2", "--components", "all", "--no-progress"]) == 0
     stats = StatsFile.load(stats_path)
     assert json.loads(json.dumps(stats.metadata))["format"] == "wclip-stats/4"
+    assert stats.metadata["clusters"] == (clusters if clusters == "auto" else int(clusters))  # as asked, not AUTO's int
     assert main(["score", "--embeddings", str(tmp_path / "target"), "--stats", str(stats_path), "--output",
                  str(tmp_path / "scores"), "--no-progress"]) == 0
     table = pq.read_table(sorted((tmp_path / "scores").glob("*.parquet")))
