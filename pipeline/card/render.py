@@ -70,17 +70,25 @@ def yaml_header(card: dict) -> str:
 
 
 def render_readme(card: dict) -> str:
-    prov, plots = card["provenance"], card.get("plots", {})
-    meta = prov["metadata"]
     rows = card["rows"]
     out = [yaml_header(card), "# Whitened CLIP likelihood card", "",
            f"{rows:,} rows in {card['score_files']} score files ({code(card['scores'])}), scored with "
            f"the statistics in {code(card['stats'])}. Numbers for machines: `card.json`.", ""]
-
     if card.get("hub"):
         out += ["## Data files", ""] + data_section(card["hub"])
+    out += _provenance_lines(card["provenance"]) + _count_lines(card) + _quantile_lines(card)
+    if card.get("clusters"):
+        out += _cluster_lines(card["clusters"])
+    out += ["## Filter", ""]
+    out += _filter_lines(card.get("filter"))
+    out += duplicates_lines(card.get("duplicates"), _table, _pct)
+    out += _normality_lines(card) + _plot_lines(card) + _method_lines()
+    return "\n".join(out)
 
-    out += ["## Provenance", ""]
+
+def _provenance_lines(prov: dict) -> list:
+    meta = prov["metadata"]
+    out = ["## Provenance", ""]
     checkpoint = f"checkpoint sha256 {meta['checkpoint_sha256']}" if meta.get("checkpoint_sha256") else None
     weights = (meta.get("model_identity") or {}).get("weights") or meta.get("pretrained") or checkpoint
     out += _table(["item", "value"], [
@@ -94,42 +102,46 @@ def render_readme(card: dict) -> str:
                    "held-out sqnorm/m", "log det W"],
                   [[t, v["dim"], v["components"], v["shrinkage"], v["n_fit"], v["n_heldout"],
                     v["heldout_sqnorm_over_m"], v["log_det"]] for t, v in prov["towers"].items()])
+    return out
 
-    out += ["## Counts", "", "By status:", ""]
+
+def _count_lines(card: dict) -> list:
+    rows = card["rows"]
+    out = ["## Counts", "", "By status:", ""]
     out += _table(["status", "rows", "share"],
                   [[s, n, _pct(n, rows)] for s, n in card["status_counts"].items()])
     if card["error_kinds"]:
         out += ["By error kind:", ""]
         out += _table(["status", "error kind", "rows"],
                       [[e["status"], e["kind"], e["count"]] for e in card["error_kinds"][:50]])
+    return out
 
+
+def _quantile_lines(card: dict) -> list:
     q = card["quantile_error"]
-    out += ["## Score quantiles", "",
-            f"Rows with status `ok`. Quantiles come from a streaming sketch: each is within a relative "
-            f"error of {q['rel_err']:g} of the exact order statistic of rank {q['rank']}.", ""]
+    out = ["## Score quantiles", "",
+           f"Rows with status `ok`. Quantiles come from a streaming sketch: each is within a relative "
+           f"error of {q['rel_err']:g} of the exact order statistic of rank {q['rank']}.", ""]
     levels = list(next(iter(card["quantiles"].values()))["q"])
-    out += _table(["column", "n", "mean", *levels],
-                  [[c, v["count"], v["mean"], *v["q"].values()] for c, v in card["quantiles"].items()])
+    return out + _table(["column", "n", "mean", *levels],
+                        [[c, v["count"], v["mean"], *v["q"].values()] for c, v in card["quantiles"].items()])
 
-    if card.get("clusters"):
-        out += _cluster_lines(card["clusters"])
 
-    out += ["## Filter", ""]
-    out += _filter_lines(card.get("filter"))
-    out += duplicates_lines(card.get("duplicates"), _table, _pct)
-
-    out += ["## Normality diagnostics", "",
-            "Fraction of whitened coordinates whose marginal is not rejected as normal (level 0.05), "
-            "on the fit rows (in-sample) and on the held-out rows.", ""]
+def _normality_lines(card: dict) -> list:
+    out = ["## Normality diagnostics", "",
+           "Fraction of whitened coordinates whose marginal is not rejected as normal (level 0.05), "
+           "on the fit rows (in-sample) and on the held-out rows.", ""]
     norm_rows = []
     for tower, splits in card["normality"].items():
         for split, values in splits.items():
             norm_rows.append([tower, split.replace("_", "-"), values.get("anderson_darling"),
                               values.get("dagostino_pearson"), values.get("n_samples")])
-    out += _table(["tower", "split", "Anderson–Darling pass rate", "D'Agostino–Pearson pass rate",
-                   "samples"], norm_rows)
+    return out + _table(["tower", "split", "Anderson–Darling pass rate", "D'Agostino–Pearson pass rate",
+                         "samples"], norm_rows)
 
-    out += ["## Plots", ""]
+
+def _plot_lines(card: dict) -> list:
+    plots, out = card.get("plots", {}), ["## Plots", ""]
     captions = {"loglik_histograms": "Log-likelihood histograms", "qq_heldout":
                 "Q–Q plot: held-out sqnorm against chi2(m)", "spectrum": "Eigenvalue spectrum",
                 "clipscore_vs_loglik": "CLIP score against image log-likelihood",
@@ -140,14 +152,16 @@ def render_readme(card: dict) -> str:
             out += [f"### {caption}", "", f"![{caption}]({plots[key]})", ""]
     if card.get("notes"):
         out += ["Notes:", ""] + [f"- {text(n)}" for n in card["notes"]] + [""]
+    return out
 
-    out += ["## Method", "", METHOD, "", f"Citation: {CITATION}.", "",
+
+def _method_lines() -> list:
+    return ["## Method", "", METHOD, "", f"Citation: {CITATION}.", "",
             "```bibtex", "@inproceedings{betser2025whitened,",
             "  title={Whitened CLIP as a Likelihood Surrogate of Images and Captions},",
             "  author={Betser, Roy and Levi, Meir Yossef and Gilboa, Guy},",
             "  booktitle={International Conference on Machine Learning (ICML)},",
             "  year={2025}, eprint={2505.06934}, archivePrefix={arXiv}}", "```", ""]
-    return "\n".join(out)
 
 
 MAX_CLUSTERS_SHOWN = 100  # clusters per tower listed in the README; card.json lists them all

@@ -1,7 +1,7 @@
 """The method: float64 moments, the whitening fit and its scores, stats files, normality diagnostics and
 the fast whitening kernels.
 
-``from pipeline.whitening import WhiteningStats, StatsFile`` is the public numerics API (DESIGN.md).
+``from pipeline.whitening import WhiteningStats, StatsFile`` is the public numerics API (docs/design.md).
 """
 
 from pipeline.whitening.clusters import ClusterWhitening, LocalScores

@@ -12,7 +12,7 @@ Conventions fixed here:
   ``components=None, shrinkage=0, holdout=0``, ``loglik(X) + log_det`` equals
   ``scipy.stats.multivariate_normal(mu, S).logpdf(X)``.
 * Shrinkage ``a`` in ``[0, 1)`` adds ``a * trace(S) / d`` to every eigenvalue
-  (``S + a tr(S)/d I``, DESIGN.md). Eigenvalues below zero (rounding) are clipped to 0.
+  (``S + a tr(S)/d I``, docs/design.md). Eigenvalues below zero (rounding) are clipped to 0.
 * The held-out split is deterministic: a seeded permutation, or :func:`holdout_mask` of
   the sample keys. Held-out rows are not used in ``mu``/``S``; their sorted sqnorms are the
   calibration table behind :meth:`WhiteningStats.pvalue`.
@@ -263,34 +263,10 @@ class WhiteningStats:
             shrinkage = _auto_shrinkage(np.mean(proj**2, axis=0), lam, base, float(tol))
         lam = lam + shrinkage * base
         usable = _usable(lam, n, shrinkage)
-        if components == "auto":
-            m = _auto_components(np.mean(proj[:, :usable]**2, axis=0) / lam[:usable], float(tol)) \
-                if usable else 1
-        elif components is None:
-            m = d
-        elif isinstance(components, numbers.Integral) and not isinstance(components, bool) \
-                and 1 <= components <= d:
-            m = int(components)
-        else:
-            raise ValueError(f"components must be None, 'auto' or an int in [1, {d}]; "
-                             f"got {components!r}")
-        if m > usable:
-            raise ValueError(f"cannot whiten {m} components: the covariance of the {n} fit rows has "
-                             f"only {usable} usable direction(s) (without shrinkage n_fit must exceed "
-                             f"m, and kept eigenvalues must exceed {SINGULAR_RTOL:g} x the largest). "
-                             f"Request components <= {usable}, add shrinkage (e.g. 0.1), or add "
-                             "reference rows.")
+        m = _components(components, proj, lam, usable, n, float(tol))
         W = V[:, :m] / np.sqrt(lam[:m])
         cal = np.sort(np.sum((proj[:, :m] / np.sqrt(lam[:m]))**2, axis=1))
-        diagnostics = {"fit_sqnorm_over_m": float(np.sum((moments.scatter @ W) * W)) / n / m}
-        rng = np.random.default_rng(seed)
-        for label, rows in (("fit", fit_sample), ("heldout", held)):
-            if rows is not None:
-                rows = as_rows(rows, f"{label} rows", dim=d)
-                if rows.shape[0] > DIAG_MAX_SAMPLES:
-                    rows = rows[np.sort(rng.choice(rows.shape[0], DIAG_MAX_SAMPLES, replace=False))]
-                diagnostics[f"normality_{label}"] = normality_pass_rates(
-                    (rows - moments.mean) @ W, max_features=DIAG_MAX_FEATURES)
+        diagnostics = _diagnostics(moments, W, fit_sample, held, seed)
         local = None if clusters is None else _fit_clusters(clusters, fit_sample, held, moments.mean, W, cal, seed)
         return cls(mean=moments.mean, whitening=W, eigenvalues=lam, calibration=cal, n_fit=n,
                    shrinkage=shrinkage, diagnostics=diagnostics, clusters=local)
@@ -452,3 +428,39 @@ def read_towers(path, dim: int | None = None) -> tuple[dict, dict]:
                                  "this model with `wclip fit`.")
         out[t] = ws
     return out, meta
+
+
+def _components(components, proj: np.ndarray, lam: np.ndarray, usable: int, n: int, tol: float) -> int:
+    """The components ``m`` a fit keeps: all, ``auto`` (chosen on the held-out rows' projections ``proj``), or
+    the int asked for; a ValueError when the covariance has fewer usable directions."""
+    d = lam.size
+    if components == "auto":
+        m = _auto_components(np.mean(proj[:, :usable]**2, axis=0) / lam[:usable], tol) if usable else 1
+    elif components is None:
+        m = d
+    elif isinstance(components, numbers.Integral) and not isinstance(components, bool) and 1 <= components <= d:
+        m = int(components)
+    else:
+        raise ValueError(f"components must be None, 'auto' or an int in [1, {d}]; got {components!r}")
+    if m > usable:
+        raise ValueError(f"cannot whiten {m} components: the covariance of the {n} fit rows has "
+                         f"only {usable} usable direction(s) (without shrinkage n_fit must exceed "
+                         f"m, and kept eigenvalues must exceed {SINGULAR_RTOL:g} x the largest). "
+                         f"Request components <= {usable}, add shrinkage (e.g. 0.1), or add "
+                         "reference rows.")
+    return m
+
+
+def _diagnostics(moments: Moments, W: np.ndarray, fit_sample, held: np.ndarray, seed: int) -> dict:
+    """In-sample ``sqnorm / m`` and the normality pass rates of (a sample of) the fit and held-out rows."""
+    n, m = moments.count, W.shape[1]
+    diagnostics = {"fit_sqnorm_over_m": float(np.sum((moments.scatter @ W) * W)) / n / m}
+    rng = np.random.default_rng(seed)
+    for label, rows in (("fit", fit_sample), ("heldout", held)):
+        if rows is not None:
+            rows = as_rows(rows, f"{label} rows", dim=moments.dim)
+            if rows.shape[0] > DIAG_MAX_SAMPLES:
+                rows = rows[np.sort(rng.choice(rows.shape[0], DIAG_MAX_SAMPLES, replace=False))]
+            diagnostics[f"normality_{label}"] = normality_pass_rates(
+                (rows - moments.mean) @ W, max_features=DIAG_MAX_FEATURES)
+    return diagnostics
