@@ -59,7 +59,10 @@ def write_shard(path, samples, truncate_to: int = None) -> str:
 
 
 def clean_shards(folder, shards: int, per_shard: int, start: int = 0) -> list:
-    """Several clean shards named 00000.tar, 00001.tar, ... with globally unique keys."""
+    """Several clean shards named 00000.tar, 00001.tar, ... with globally unique keys, in ``folder`` (made if
+    missing)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     urls = []
     for s in range(shards):
         samples = [sample(start + s * per_shard + j) for j in range(per_shard)]

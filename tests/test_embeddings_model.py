@@ -27,8 +27,6 @@ RUN = ["--executor", "local", "--no-progress"]
 def demo(tmp_path_factory):
     """A wclip-demo fit on two reference shards, and two other shards scored with their embeddings saved."""
     root = tmp_path_factory.mktemp("coco")
-    (root / "reference").mkdir()
-    (root / "targets").mkdir()
     reference = clean_shards(root / "reference", 2, 24)
     targets = clean_shards(root / "targets", 2, 24, start=1000)
     stats = str(root / "stats.safetensors")

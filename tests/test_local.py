@@ -27,8 +27,6 @@ PER_SHARD = 12
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("local")
-    (folder / "ref").mkdir()
-    (folder / "tgt").mkdir()
     refs = clean_shards(folder / "ref", shards=2, per_shard=40)
     targets = clean_shards(folder / "tgt", shards=4, per_shard=PER_SHARD, start=1000)
     stats = str(folder / "stats.safetensors")

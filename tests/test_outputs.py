@@ -23,7 +23,6 @@ from pipeline.whitening import StatsFile
 def corpus(tmp_path_factory, ray_local):
     """Two stats files of the same model (two fits) and one of another model, and three target shards."""
     folder = tmp_path_factory.mktemp("outputs")
-    (folder / "ref").mkdir()
     ref = clean_shards(folder / "ref", shards=2, per_shard=30, start=5000)
     stats = {}
     for name, seed, model_seed in (("a", 0, 0), ("b", 1, 0), ("other_model", 0, 1)):
@@ -31,7 +30,6 @@ def corpus(tmp_path_factory, ray_local):
         run = tiny_run(ref, model=ModelSpec("wclip-tiny", random_init=True, seed=model_seed))
         fit(FitConfig(run=run, output=path, components=8, holdout=0.2, seed=seed))
         stats[name] = path
-    (folder / "target").mkdir()
     targets = clean_shards(folder / "target", shards=3, per_shard=12)
     return folder, stats, targets
 

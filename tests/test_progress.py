@@ -40,8 +40,6 @@ for start in range(0, len(data), step):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("progress")
-    (folder / "ref").mkdir()
-    (folder / "tgt").mkdir()
     refs = clean_shards(folder / "ref", shards=1, per_shard=40)
     targets = clean_shards(folder / "tgt", shards=2, per_shard=PER_SHARD, start=1000)
     stats = str(folder / "stats.safetensors")

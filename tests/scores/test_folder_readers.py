@@ -28,8 +28,6 @@ def folders(tmp_path_factory):
     """A fit with clusters; target shards scored with saved embeddings (2 shards, then all 3: a resume), without
     them, and the saved embeddings scored again; each folder's score files as pyarrow reads them one by one."""
     root = tmp_path_factory.mktemp("readers")
-    (root / "reference").mkdir()
-    (root / "targets").mkdir()
     reference = clean_shards(root / "reference", 2, 24)
     targets = clean_shards(root / "targets", 3, 10, start=1000)
     stats = str(root / "stats.safetensors")
