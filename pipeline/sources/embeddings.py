@@ -32,7 +32,7 @@ from pipeline.models import (
 )
 from pipeline.scores.sinks import ScoreSink
 from pipeline.sources.vector_tasks import FitFile, ScoreFile, TowerScorer, fit_file, score_file, warm_up
-from pipeline.sources.vectors import NORM_STATE, NORM_TOLERANCE, array_name, discover, open_array, probe
+from pipeline.sources.vectors import NORM_STATE, array_name, discover, open_array, probe, unit_norms
 from pipeline.storage import exists, sha256
 
 log = logging.getLogger("wclip")
@@ -42,7 +42,7 @@ BATCH_PER_SLOT = 2  # fit: files per task slot merged at a time (bounds the driv
 
 def _normalized(norms: dict):
     """L2-normalised vectors (every norm within 1e-2 of 1), from ``{tower: [min, max]}``."""
-    return all(abs(lo - 1.0) <= NORM_TOLERANCE and abs(hi - 1.0) <= NORM_TOLERANCE for lo, hi in norms.values())
+    return all(unit_norms(lo, hi) for lo, hi in norms.values())
 
 
 def _describe_kind(identity: dict) -> str:

@@ -22,12 +22,12 @@ from pipeline.runs.reference import ReferencePart
 from pipeline.scores.table import score_array, scores_schema
 from pipeline.sources.vectors import (
     NORM_STATE,
-    NORM_TOLERANCE,
     EmbeddingFile,
     array_name,
     as_float32,
     read_blocks,
     read_metadata,
+    unit_norms,
 )
 from pipeline.whitening.clusters import ClusterWhitening
 from pipeline.whitening.formulas import loglik_from_sqnorm, pvalue_from_sqnorm
@@ -70,8 +70,8 @@ def cosine(a: np.ndarray, b: np.ndarray, aa: Optional[np.ndarray] = None,
 
 class NormRange:
     """The smallest and largest squared L2 norm of each tower's finite rows, over a file's blocks: whether the
-    whole file is L2-normalised (every finite row of unit norm within ``NORM_TOLERANCE``, the rule of
-    :func:`~pipeline.sources.vectors.is_normalized` and of the fit)."""
+    whole file is L2-normalised (:func:`~pipeline.sources.vectors.unit_norms`, the rule the probe and the fit
+    apply too)."""
 
     def __init__(self):
         self.ranges: dict = {}
@@ -86,7 +86,8 @@ class NormRange:
         """None: no finite row to tell."""
         if tower not in self.ranges:
             return None
-        return all(abs(np.sqrt(v) - 1.0) <= NORM_TOLERANCE for v in self.ranges[tower])
+        lo, hi = self.ranges[tower]
+        return unit_norms(float(np.sqrt(lo)), float(np.sqrt(hi)))
 
     def check(self, file: EmbeddingFile, towers, normalized: bool) -> None:
         """A ValueError naming the first of ``towers`` whose rows are not ``normalized`` as the stats' are."""

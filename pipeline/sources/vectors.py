@@ -378,9 +378,16 @@ NORM_TOLERANCE = 1e-2  # |norm - 1| of an L2-normalised row stored in float16 st
 NORM_STATE = {True: "L2-normalised", False: "raw"}  # how messages name is_normalized's answer
 
 
+def unit_norms(lo: float, hi: float) -> bool:
+    """Whether rows whose L2 norms lie in ``[lo, hi]`` are L2-normalised (both ends within
+    :data:`NORM_TOLERANCE` of 1): the one rule the probe, the fit and every scored file apply."""
+    return abs(lo - 1.0) <= NORM_TOLERANCE and abs(hi - 1.0) <= NORM_TOLERANCE
+
+
 def is_normalized(rows: np.ndarray) -> Optional[bool]:
     """True when every finite row has unit L2 norm (None: no finite row to tell)."""
     rows = rows[np.isfinite(rows).all(axis=1)]
     if not len(rows):
         return None
-    return bool(np.abs(np.linalg.norm(rows, axis=1) - 1.0).max() <= NORM_TOLERANCE)
+    norms = np.linalg.norm(rows, axis=1)
+    return unit_norms(float(norms.min()), float(norms.max()))
